@@ -1,0 +1,139 @@
+"""DeepSpeed configs built from the project's dataclasses (pure, unit-tested), and
+the engines built from them.
+
+The config builders import nothing heavy; `train_engine` / `frozen_engine` import
+DeepSpeed when called, inside a training worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _precision(dtype: str) -> dict[str, Any]:
+    # DeepSpeed, the model weights and any LoRA adapters must agree on one dtype, or the
+    # forward fails with "expected scalar type BFloat16 but found Float"; models.py
+    # loads every model in this same dtype.
+    return {"bf16": {"enabled": dtype == "bf16"},
+            "fp16": {"enabled": dtype == "fp16", "initial_scale_power": 16}}
+
+
+def train_config(*, zero_stage: int, dtype: str, micro_batch_size: int,
+                 grad_accum: int, world_size: int, max_grad_norm: float,
+                 offload_optimizer: bool = False, offload_params: bool = False,
+                 learning_rate: float = 0.0, weight_decay: float = 0.0) -> dict[str, Any]:
+    """DeepSpeed config of a trained model (policy, later critic / reward model).
+
+    Batch sizes count sequences *pairs* as DeepSpeed's "samples": only their product
+    matters to DeepSpeed's bookkeeping. With offload_optimizer the optimizer is
+    DeepSpeed's CPU Adam (declared here); otherwise the caller passes a torch AdamW.
+    """
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True,
+                    reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+    if zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=1e4,
+                    stage3_max_live_parameters=1e9, stage3_prefetch_bucket_size=5e7,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        **_precision(dtype),
+    }
+    if dtype != "fp32":
+        # Keep gradients and the data-parallel reduction in fp32: bf16 all-reduce of
+        # small gradients loses the digits DPO's margins live in.
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = "fp32"
+    if offload_optimizer:
+        cfg["optimizer"] = {"type": "AdamW", "params": {
+            "lr": learning_rate, "betas": [0.9, 0.999], "eps": 1e-8,
+            "weight_decay": weight_decay}}
+        cfg["zero_force_ds_cpu_optimizer"] = True
+    return cfg
+
+
+def frozen_config(*, zero_stage: int, dtype: str, micro_batch_size: int, world_size: int,
+                  offload_params: bool = False) -> dict[str, Any]:
+    """DeepSpeed config of a frozen model (reference, later reward): no optimizer.
+
+    Sharded only under ZeRO-3, where the policy is sharded too; otherwise a full copy
+    per worker is cheaper than gathering it on every forward.
+    """
+    zero: dict[str, Any] = {"stage": 3 if zero_stage == 3 else 0}
+    if zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=1e4, stage3_prefetch_bucket_size=5e7)
+        if offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        **_precision(dtype),
+    }
+
+
+def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    import math
+
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_engine(model, ds_config: dict[str, Any], *, learning_rate: float,
+                 weight_decay: float, total_steps: int, warmup_steps: int, schedule: str):
+    """Wrap a model in a DeepSpeed training engine with AdamW and the LR schedule."""
+    import functools
+
+    import deepspeed
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in ds_config:
+        # A client optimizer: DeepSpeed's fused Adam needs CUDA, torch's runs anywhere.
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay,
+                                      betas=(0.9, 0.999), eps=1e-8)
+    fn = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps,
+                           schedule=schedule)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+    engine, _, _, sched = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer,
+        lr_scheduler=scheduler, config=ds_config)
+    return engine, sched
+
+
+def frozen_engine(model, ds_config: dict[str, Any]):
+    import deepspeed
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine

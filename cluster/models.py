@@ -1,0 +1,174 @@
+"""Load the policy and reference models (HF, peft LoRA, one dtype, gradient
+checkpointing) and export a trained model in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import BUILTIN_MODEL, ConfigError
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_model_path(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """builtin:tiny-llama -> its cached folder (built on first use); a folder must exist."""
+    if name_or_path == BUILTIN_MODEL:
+        from rlhf.demo import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}={name_or_path}: folder has no config.json, so it is not "
+                              "a Hugging Face model folder.")
+        return str(path.resolve())
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1:
+        raise ConfigError(f"{key}={name_or_path}: no such model folder. Give a local "
+                          f"Hugging Face model folder, a hub id like org/name, or "
+                          f"{BUILTIN_MODEL}.")
+    return name_or_path  # a hub id: transformers resolves (or fails to download) it
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.model_max_length = 10**9  # truncation is ours, counted; silence transformers
+    return tok
+
+
+def check_reference(policy_path: str, ref_path: str) -> list[str]:
+    """Warnings for a separately given reference; raises if it cannot be compared."""
+    pol, ref = load_tokenizer(policy_path), load_tokenizer(ref_path)
+    if pol.get_vocab() != ref.get_vocab():
+        raise ConfigError(
+            f"model.ref_name_or_path={ref_path} has another vocabulary than the policy "
+            f"{policy_path} ({len(ref)} vs {len(pol)} tokens): log-prob ratios between them "
+            "are meaningless. Leave ref_name_or_path empty to use the policy's own base.")
+    notes = []
+    probe = "\n\nHuman: Hello there!\n\nAssistant: Hi."
+    if pol(probe)["input_ids"] != ref(probe)["input_ids"]:
+        raise ConfigError(f"model.ref_name_or_path={ref_path} tokenises text differently "
+                          "from the policy; use the policy's base as the reference.")
+    if (getattr(pol, "chat_template", None) or "") != (getattr(ref, "chat_template", None) or ""):
+        notes.append("reference and policy have different chat templates")
+    notes.append(f"the reference {ref_path} is not the policy's base: DPO assumes the "
+                 "reference is the model the policy starts from (usually its SFT model)")
+    return notes
+
+
+def load_causal_lm(path: str, model_cfg: Any, *, trainable: bool, use_gpu: bool):
+    """A causal LM in the configured dtype; with LoRA (trainable) wrapped by peft."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, TORCH_DTYPES[model_cfg.dtype])
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
+    lora = model_cfg.lora
+    if trainable and lora.load_in_4bit:
+        if not use_gpu or not torch.cuda.is_available():
+            raise ConfigError("model.lora.load_in_4bit needs a CUDA GPU (bitsandbytes).")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False
+    if not trainable:
+        model.eval()
+        return model
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.enabled:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if lora.load_in_4bit:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
+        elif model_cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+        # peft creates adapters in fp32; cast them so every weight shares one dtype.
+        for name, p in model.named_parameters():
+            if "lora_" in name and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
+
+
+def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
+    """peft LoRA state dict -> plain base-model state dict with W + scaling * B @ A.
+
+    Keys come in peft's form ("base_model.model.<name>.base_layer.weight",
+    "...lora_A.default.weight", "...lora_B.default.weight") and leave as "<name>.weight".
+    Pure tensor work: no model object is needed, so this runs on any size of model.
+    """
+    prefix = "base_model.model."
+    out, lora_a, lora_b = {}, {}, {}
+    for key, value in state_dict.items():
+        key = key[len(prefix):] if key.startswith(prefix) else key
+        if ".lora_A." in key:
+            lora_a[key.split(".lora_A.")[0]] = value
+        elif ".lora_B." in key:
+            lora_b[key.split(".lora_B.")[0]] = value
+        else:
+            out[key.replace(".base_layer.", ".")] = value
+    for module, a in lora_a.items():
+        w = out[module + ".weight"]
+        delta = (lora_b[module].float() @ a.float()) * scaling
+        out[module + ".weight"] = (w.float() + delta).to(w.dtype)
+    return out
+
+
+def adapter_state_dict(state_dict: dict) -> dict:
+    """The LoRA weights of a peft state dict, keyed as peft's save_pretrained does."""
+    return {k.replace(".default.", "."): v for k, v in state_dict.items() if ".lora_" in k}
+
+
+def export_hf(state_dict: dict, path: str, out_dir: Path, model_cfg: Any, tokenizer) -> None:
+    """Write a trained model as a Hugging Face folder (safetensors + tokenizer).
+
+    state_dict: full (gathered) weights of the trained module, on CPU; under LoRA the
+    keys are peft's. LoRA is merged into the base weights unless merge_on_export is off,
+    in which case only the adapter is saved, in peft's format.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lora = model_cfg.lora
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.from_pretrained(path)
+    config.use_cache = True
+    if lora.enabled and not lora.merge_on_export:
+        from peft import LoraConfig
+
+        LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                   target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+                   base_model_name_or_path=path).save_pretrained(out_dir)
+        tensors = {k: v.contiguous() for k, v in adapter_state_dict(state_dict).items()}
+        save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    else:
+        if lora.enabled:
+            state_dict = merge_lora_state_dict(state_dict, lora.alpha / lora.r)
+        config.dtype = TORCH_DTYPES[model_cfg.dtype]
+        with torch.device("meta"):  # a skeleton for names and config; weights come from sd
+            skeleton = AutoModelForCausalLM.from_config(config)
+        expected = set(skeleton.state_dict().keys())
+        missing = sorted(expected - set(state_dict))
+        if missing:
+            raise RuntimeError(f"export: weights missing from the trained model: {missing[:5]}")
+        skeleton.save_pretrained(out_dir, state_dict={k: state_dict[k].contiguous()
+                                                      for k in expected},
+                                 safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "rlhf_export.json").write_text(json.dumps({
+        "base": path, "dtype": model_cfg.dtype, "lora": lora.enabled,
+        "merged": (not lora.enabled) or lora.merge_on_export}, indent=2))

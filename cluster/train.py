@@ -1,0 +1,392 @@
+"""Ray Train plumbing shared by the training entry points.
+
+Driver side: start or join Ray, build the TorchTrainer (scaling, failure, storage,
+an uneven data split), and a run-log actor that writes metrics where the driver is.
+Worker side: a synchronised feed of micro-batches (every worker runs the same number of
+forward passes, so ZeRO-3 collectives never wait on a worker that ran out of data),
+all-reduced metric sums, checkpoints with the data position, and weight gathering for
+export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+# --------------------------------------------------------------------------- driver
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-dataset progress logs drown the training progress line."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def connect(cluster_cfg: Any) -> None:
+    """Join the configured Ray cluster, or start a local one sized for this job.
+
+    A local Ray gets CPUs for the workers plus `data_cpus` for the Ray Data pipeline:
+    with exactly the workers' CPUs the pipeline never gets a CPU and training waits
+    forever (ENVIRONMENT.md).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():
+        return
+    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}
+    if os.environ.get("RLHF_CACHE"):
+        env_vars["RLHF_CACHE"] = os.environ["RLHF_CACHE"]
+    env = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return
+    need = cluster_cfg.num_workers * cluster_cfg.cpus_per_worker + cluster_cfg.data_cpus
+    ray.init(num_cpus=max(int(math.ceil(need)), os.cpu_count() or 1),
+             runtime_env=env, log_to_driver=True)
+
+
+def check_resources(cluster_cfg: Any) -> None:
+    """Fail early, with numbers, when the cluster can never host the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cluster_cfg.num_workers * cluster_cfg.cpus_per_worker
+    need_gpu = cluster_cfg.num_workers if cluster_cfg.use_gpu else 0
+    autoscaling = bool(os.environ.get("RAY_ADDRESS") or cluster_cfg.address)
+    if autoscaling:
+        return  # an autoscaler may add nodes; Ray Train waits for them
+    if total.get("CPU", 0) < need_cpu + 1 or total.get("GPU", 0) < need_gpu:
+        raise RuntimeError(
+            f"The local Ray cluster has {total.get('CPU', 0):g} CPUs and "
+            f"{total.get('GPU', 0):g} GPUs; {cluster_cfg.num_workers} workers need "
+            f"{need_cpu:g} CPUs (+1 for the data pipeline) and {need_gpu} GPUs. Lower "
+            "cluster.num_workers or cluster.cpus_per_worker.")
+
+
+def uneven_data_config():
+    """Ray Train's DataConfig splits with equal=True, which silently drops up to
+    num_workers - 1 rows; this one splits with equal=False and the feed below evens out
+    the step count instead, so every row is trained on."""
+    from ray.train import DataConfig
+
+    class UnevenDataConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    output[i][name] = split
+            return output
+
+    return UnevenDataConfig()
+
+
+def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, name: str,
+                 storage_path: str, keep_checkpoints: int):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cluster_cfg.cpus_per_worker}
+    if cluster_cfg.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cluster_cfg.num_workers,
+                                     use_gpu=cluster_cfg.use_gpu,
+                                     resources_per_worker=resources),
+        # A lost peer must surface as an error naming it, not a silent hang.
+        torch_config=TorchConfig(timeout_s=1800),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cluster_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, keep_checkpoints)),
+            worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
+        datasets=datasets,
+        dataset_config=uneven_data_config(),
+    )
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost user-facing error of a failed Ray Train run."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = None
+        for attr in ("worker_failures", "errors"):
+            group = getattr(exc, attr, None)
+            if isinstance(group, dict) and group:
+                nxt = next(iter(group.values()))
+                break
+        nxt = nxt or getattr(exc, "cause", None) or exc.__cause__
+        if nxt is None:
+            break
+        exc = nxt
+    return exc
+
+
+class RunLog:
+    """Ray actor (on the driver's node) that writes metrics.jsonl and TensorBoard
+    events into the run directory and prints the progress line."""
+
+    def __init__(self, run_dir: str, total_steps: int):
+        self.run_dir = Path(run_dir)
+        self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.total = total_steps
+        self.t0 = time.time()
+        self.first_step: int | None = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency; tolerate its absence
+            self.tb = None
+
+    def log(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if "train/loss" in record:
+            if self.first_step is None:
+                self.first_step, self.t0 = step, time.time()
+            done = step - self.first_step
+            eta = (time.time() - self.t0) / done * (self.total - step) if done else float("nan")
+            print(f"step {step}/{self.total}  loss {record['train/loss']:.4f}  "
+                  f"acc {record['train/rewards/accuracy']:.2f}  "
+                  f"margin {record['train/rewards/margin']:+.4f}  "
+                  f"lr {record['train/learning_rate']:.2e}  "
+                  f"{record['train/tokens_per_s']:.0f} tok/s  ETA {_hms(eta)}", flush=True)
+        eval_keys = [k for k in record if k.startswith("eval/")]
+        if eval_keys:
+            print(f"eval @ step {step}: loss {record.get('eval/loss', float('nan')):.4f}  "
+                  f"reward accuracy {record.get('eval/rewards/accuracy', float('nan')):.3f}  "
+                  f"margin {record.get('eval/rewards/margin', float('nan')):+.4f}  "
+                  f"({record.get('eval/pairs', 0)} pairs)", flush=True)
+
+    def set_summary(self, summary: dict) -> None:
+        self._summary = summary
+
+    def summary(self) -> dict:
+        return dict(getattr(self, "_summary", {}))
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def start_run_log(run_dir: Path, total_steps: int):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0)(RunLog).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+    ).remote(str(run_dir), total_steps)
+    return actor
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum a vector of floats over all workers (float64, so counts stay exact)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _identity(batch):
+    return batch
+
+
+class PairFeed:
+    """One worker's shard as steps of micro-batches, in lock-step with the others.
+
+    Each step every worker gets exactly `accum` micro-batches; a worker that has run
+    out gets empty ones (the caller runs a zero-weight dummy forward for those, which
+    ZeRO-3 needs to take part in the parameter gathers). Rows whose id is in `skip`
+    (trained before a resume) are passed over uncounted; rows with a drop reason are
+    counted and left out. A step is "committed" by the caller after the optimizer
+    step, which moves its ids into the consumed set saved with checkpoints.
+    """
+
+    def __init__(self, shard, micro: int, accum: int, skip: set[int] | None = None,
+                 shuffle_buffer: int = 0, seed: int = 0):
+        self.shard, self.micro, self.accum = shard, micro, accum
+        self.skip = skip or set()
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.consumed: list[int] = []
+        self.counts: Counter = Counter()
+
+    def _rows(self, epoch: int) -> Iterator[dict]:
+        kwargs: dict[str, Any] = {}
+        if self.shuffle_buffer:
+            kwargs = {"local_shuffle_buffer_size": self.shuffle_buffer,
+                      "local_shuffle_seed": self.seed + epoch}
+        for batch in self.shard.iter_torch_batches(batch_size=self.micro * 4,
+                                                   collate_fn=_identity, **kwargs):
+            for i in range(len(batch["id"])):
+                yield {k: batch[k][i] for k in batch}
+
+    def steps(self, epoch: int = 0) -> Iterator[tuple[list[list[dict]], list[int], Counter]]:
+        """Yields (micro-batches, ids used, counts) until every worker is out of rows."""
+        rows = self._rows(epoch)
+        exhausted = False
+        while True:
+            micro_batches, ids, counts = [], [], Counter()
+            for _ in range(self.accum):
+                mb: list[dict] = []
+                while len(mb) < self.micro and not exhausted:
+                    row = next(rows, None)
+                    if row is None:
+                        exhausted = True
+                        break
+                    rid = int(row["id"])
+                    if rid in self.skip:
+                        continue
+                    ids.append(rid)
+                    if row["drop"]:
+                        counts[f"dropped: {row['drop']}"] += 1
+                        continue
+                    counts["prompt truncated"] += int(bool(row["prompt_truncated"]))
+                    counts["response truncated"] += int(bool(row["response_truncated"]))
+                    mb.append(row)
+                micro_batches.append(mb)
+            local = sum(len(mb) for mb in micro_batches)
+            (total,) = all_sum([float(local)])
+            if total == 0:
+                # Rows dropped in this last look still count.
+                self.commit(ids, counts)
+                return
+            yield micro_batches, ids, counts
+
+    def commit(self, ids: list[int], counts: Counter) -> None:
+        self.consumed.extend(ids)
+        self.counts.update(counts)
+
+    def eval_steps(self) -> Iterator[list[list[dict]]]:
+        """Whole held-out shard, in lock-step; nothing is recorded."""
+        for micro_batches, _, _ in self.steps():
+            yield micro_batches
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(engine, worker_state: dict, metrics: dict, step: int,
+                    extra=None) -> None:
+    """Every rank: DeepSpeed's sharded state + this rank's data position -> Ray Train.
+
+    Ray Train merges the ranks' folders into one checkpoint. `extra(folder)` may add
+    files (the final export).
+    """
+    import tempfile
+
+    import ray.train
+
+    rank, _ = rank_world()
+    with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as tmp:
+        # Frozen weights (a LoRA base) are reloaded from the model path, not saved.
+        engine.save_checkpoint(tmp, tag="deepspeed", exclude_frozen_parameters=True)
+        if extra is not None:
+            extra(Path(tmp))
+        state = dict(worker_state)
+        consumed = np.asarray(state.pop("consumed"), dtype=np.int64)
+        np.save(Path(tmp) / f"consumed_rank{rank}.npy", consumed)
+        (Path(tmp) / f"state_rank{rank}.json").write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{step:07d}")
+
+
+def load_checkpoint(engine, path: str) -> dict:
+    """Restore engine state; return {"consumed": set of ids, "states": [per-rank dicts]}."""
+    engine.load_checkpoint(path, tag="deepspeed", load_module_strict=False)
+    root = Path(path)
+    consumed: set[int] = set()
+    for f in sorted(root.glob("consumed_rank*.npy")):
+        consumed.update(int(x) for x in np.load(f))
+    states = [json.loads(f.read_text()) for f in sorted(root.glob("state_rank*.json"))]
+    return {"consumed": consumed, "states": states}
+
+
+def gather_state_dict(engine, zero_stage: int) -> dict | None:
+    """Full weights of the engine's module on rank 0's CPU (None on other ranks).
+
+    Under ZeRO-3 the parameters are gathered one at a time, so no rank ever holds more
+    than one unsharded parameter beyond what it already has.
+    """
+    import torch
+
+    rank, _ = rank_world()
+    module = engine.module
+    out: dict[str, torch.Tensor] = {}
+    if zero_stage == 3:
+        import deepspeed
+
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if rank == 0:
+                    out[name] = p.data.detach().cpu().clone()
+        if rank == 0:
+            for name, b in module.named_buffers():
+                if name in module.state_dict():
+                    out[name] = b.detach().cpu().clone()
+    elif rank == 0:
+        out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return out if rank == 0 else None
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

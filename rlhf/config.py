@@ -1,0 +1,481 @@
+"""Typed, nested dataclass configs and the one loader that every entry point uses.
+
+A config is a tree of dataclasses. Each field's help text is the string literal written
+right under it (an attribute docstring, as in litgpt), read from the source with `ast`, so
+the help and the code cannot drift apart. Values come, in order, from the dataclass
+defaults, an optional YAML recipe (`--config FILE`), then `key.sub=value` overrides on
+the command line. Unknown keys and values of the wrong type fail at once with a message
+that says what to change.
+
+This module holds the generic loader and the DPO config; the other entry points (SFT,
+reward model, PPO) reuse the sections defined here.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+BUILTIN_DATA = "builtin:demo"
+
+
+class ConfigError(ValueError):
+    """A config value or combination is wrong; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft LoRA) instead of all weights. The reference model is
+    then the policy with its adapters disabled: no second copy of the model in memory."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    """Names of the linear modules that get adapters."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes). GPU only."""
+    merge_on_export: bool = True
+    """Merge the adapters into the base weights when exporting `model/`. False saves the
+    adapter alone (peft format) next to the tokenizer."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = BUILTIN_MODEL
+    """Policy to start from: a local Hugging Face model folder, a hub id (only where the
+    hub is reachable), or `builtin:tiny-llama`, a 0.7M-parameter Llama with a byte-level
+    BPE tokenizer that the project builds itself (deterministic, cached)."""
+    ref_name_or_path: str | None = None
+    """Reference model. Empty means the same base as the policy (the usual choice). A
+    different model is allowed but must share the tokenizer; you will be warned."""
+    dtype: str = "fp32"
+    """Weights and compute dtype for every model and adapter: fp32, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, eager or flash_attention_2 (GPU)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA settings."""
+
+
+@dataclass
+class ColumnsConfig:
+    prompt: str = "prompt"
+    """Column holding the prompt (explicit format). Absent -> implicit prompt format."""
+    chosen: str = "chosen"
+    """Column holding the preferred response (or whole preferred dialogue)."""
+    rejected: str = "rejected"
+    """Column holding the dispreferred response (or whole dialogue)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = BUILTIN_DATA
+    """Training pairs: a .jsonl/.json/.parquet/.csv file (.gz allowed for JSON), a folder
+    of them, a folder written by `datasets.save_to_disk`, or `builtin:demo` (pairs the
+    project generates, with a held-out split of unseen topics)."""
+    eval_path: str | None = None
+    """Held-out pairs, same forms as `path`. Empty: a `test` split of a saved DatasetDict,
+    the demo's own held-out split, or else `eval_fraction` of `path`, chosen by a hash of
+    each row's position (stable across runs)."""
+    eval_fraction: float = 0.05
+    """Share of `path` held out for evaluation when no held-out data is given."""
+    format: str = "auto"
+    """explicit (prompt/chosen/rejected), implicit (two whole dialogues; the prompt is
+    their shared prefix up to the last assistant marker), conversational (lists of
+    {role, content} messages, rendered with the chat template), or auto (detect)."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """Column names in the source; e.g. data.columns.chosen=preferred."""
+    assistant_marker: str = "\n\nAssistant:"
+    """Implicit format: the text that opens an assistant turn (hh-rlhf's marker)."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens; longer prompts lose their beginning."""
+    truncation: str = "truncate"
+    """What to do with pairs over the limits: truncate (prompt from the left, responses
+    from the right) or drop. Either way the count is reported."""
+    demo_pairs: int = 2400
+    """builtin:demo only: number of training pairs to generate."""
+    demo_eval_pairs: int = 256
+    """builtin:demo only: number of held-out pairs (topics unseen in training)."""
+
+
+@dataclass
+class LossConfig:
+    type: str = "sigmoid"
+    """sigmoid (DPO), ipo, hinge, or simpo (reference-free, length-normalised)."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference (DPO's beta); 0.1 is the usual start,
+    raise to 0.2-0.5 if the model drifts or repeats itself."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (cDPO): assumed probability that a label is flipped, in [0, 0.5)."""
+    rpo_alpha: float = 0.0
+    """Weight of an NLL term on the chosen response (RPO); 0 disables it."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin, as a fraction of beta (TRL's gamma_beta_ratio)."""
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float | None = None
+    """Peak learning rate. Empty: 5e-7 (the usual DPO setting for a pretrained model), or
+    1e-3 for builtin:tiny-llama, which starts from random weights."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run the epochs)."""
+    micro_batch_size: int = 4
+    """Pairs per worker per forward pass (each pass holds 2x this many sequences)."""
+    global_batch_size: int = 8
+    """Pairs per optimizer step over all workers; gradient accumulation makes up the
+    rest: global = micro_batch_size x workers x accumulation steps."""
+    warmup_ratio: float = 0.1
+    """Share of the steps spent warming the learning rate up linearly from 0."""
+    lr_scheduler: str = "cosine"
+    """After warm-up: cosine, linear (both decay to 0) or constant."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    seed: int = 42
+    """Seed for weights of new parts (LoRA), dropout and the eval split."""
+    eval_every: int = 100
+    """Evaluate on the held-out pairs every N steps (and always at the end); 0: only at
+    the end."""
+    checkpoint_every: int = 200
+    """Save a resumable checkpoint every N steps (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    resume: bool = False
+    """Continue the run named output.name (or the newest run in output.dir) from its last
+    checkpoint, without repeating or skipping pairs."""
+    log_every: int = 1
+    """Print and record training metrics every N steps."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    """Ray cluster to join. Empty: the one in RAY_ADDRESS (set by `ray job submit`) or
+    else a new local Ray started by this process. `auto` joins a running local cluster."""
+    num_workers: int = 2
+    """Training workers (one per GPU on GPU clusters)."""
+    use_gpu: bool = False
+    """Give each worker one GPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per training worker."""
+    data_cpus: float = 2.0
+    """Logical CPUs added for the Ray Data pipeline when this process starts Ray itself;
+    without them the pipeline cannot run beside the workers and training waits forever."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3 (shards parameters too)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO 1-3; uses DeepSpeed's CPU Adam)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
+    max_failures: int = 0
+    """Restart the workers from the last checkpoint this many times after a failure."""
+    storage_path: str | None = None
+    """Where Ray Train writes checkpoints. Empty: inside the run directory (fine on one
+    machine); multi-node runs need storage every node reaches (s3://, gs://, NFS)."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    """Folder that holds one sub-folder per run."""
+    name: str | None = None
+    """Run name. Empty: dpo-<date>-<time> (with train.resume: the newest run in `dir`)."""
+
+
+@dataclass
+class DPOConfig:
+    """Direct Preference Optimisation on Ray Train + DeepSpeed, data through Ray Data."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (and reference) model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs and how they are tokenised."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation schedule, evaluation and checkpoints."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The preference loss."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray and DeepSpeed."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results land."""
+
+    def __post_init__(self) -> None:
+        check_dpo(self)
+
+
+# ------------------------------------------------------------------- cross-field checks
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}.")
+
+
+def check_common(cfg: Any) -> None:
+    """Checks shared by every entry point that has model/data/train/cluster sections."""
+    m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.cluster
+    _one_of("model.dtype", m.dtype, ("fp32", "bf16", "fp16"))
+    _one_of("model.attn_implementation", m.attn_implementation,
+            ("sdpa", "eager", "flash_attention_2"))
+    _one_of("data.format", d.format, ("auto", "explicit", "implicit", "conversational"))
+    _one_of("data.truncation", d.truncation, ("truncate", "drop"))
+    _one_of("train.lr_scheduler", t.lr_scheduler, ("cosine", "linear", "constant"))
+    _one_of("cluster.zero_stage", c.zero_stage, (0, 1, 2, 3))
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length={d.max_prompt_length} leaves no room for a response "
+            f"within data.max_length={d.max_length}: lower max_prompt_length or raise "
+            "max_length.")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
+    if c.num_workers < 1:
+        raise ConfigError(f"cluster.num_workers={c.num_workers} must be at least 1.")
+    if t.micro_batch_size < 1:
+        raise ConfigError("train.micro_batch_size must be at least 1.")
+    per_step = t.micro_batch_size * c.num_workers
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x cluster.num_workers = {t.micro_batch_size} x "
+            f"{c.num_workers} = {per_step}: set train.global_batch_size to a multiple of "
+            f"{per_step} (e.g. {max(per_step, t.global_batch_size // per_step * per_step)}).")
+    if c.offload_params and c.zero_stage != 3:
+        raise ConfigError("cluster.offload_params needs cluster.zero_stage=3.")
+    if c.offload_optimizer and c.zero_stage == 0:
+        raise ConfigError("cluster.offload_optimizer needs cluster.zero_stage 1, 2 or 3.")
+    if m.dtype == "fp16" and not c.use_gpu:
+        raise ConfigError("model.dtype=fp16 needs GPUs (cluster.use_gpu=true); on CPU use "
+                          "fp32 or bf16.")
+    if m.lora.load_in_4bit and not m.lora.enabled:
+        raise ConfigError("model.lora.load_in_4bit (QLoRA) trains adapters only: also set "
+                          "model.lora.enabled=true.")
+    if m.lora.load_in_4bit and not c.use_gpu:
+        raise ConfigError("model.lora.load_in_4bit needs GPUs: bitsandbytes 4-bit kernels do "
+                          "not run on CPU. Set cluster.use_gpu=true on a GPU cluster, or "
+                          "drop load_in_4bit (plain LoRA works on CPU).")
+    if m.lora.load_in_4bit and c.zero_stage == 3:
+        raise ConfigError("4-bit weights cannot be sharded by ZeRO-3: use "
+                          "cluster.zero_stage=2 with model.lora.load_in_4bit.")
+    if t.learning_rate is not None and t.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate={t.learning_rate} must be positive.")
+
+
+def check_dpo(cfg: DPOConfig) -> None:
+    check_common(cfg)
+    lo = cfg.loss
+    _one_of("loss.type", lo.type, ("sigmoid", "ipo", "hinge", "simpo"))
+    if lo.beta <= 0:
+        raise ConfigError(f"loss.beta={lo.beta} must be positive (0.1 is the usual value).")
+    if not 0.0 <= lo.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing={lo.label_smoothing} must be in [0, 0.5).")
+    if lo.label_smoothing and lo.type not in ("sigmoid", "simpo"):
+        raise ConfigError(f"loss.label_smoothing only applies to sigmoid and simpo, not "
+                          f"loss.type={lo.type}: set it to 0.")
+    if cfg.model.ref_name_or_path and cfg.model.lora.enabled:
+        raise ConfigError("model.ref_name_or_path and model.lora.enabled together: under "
+                          "LoRA the reference is the policy with adapters disabled. Drop "
+                          "one of them.")
+
+
+def resolved_learning_rate(cfg: Any) -> float:
+    """The learning rate a run uses (see TrainConfig.learning_rate)."""
+    if cfg.train.learning_rate is not None:
+        return cfg.train.learning_rate
+    return 1e-3 if cfg.model.name_or_path == BUILTIN_MODEL else 5e-7
+
+
+# ----------------------------------------------------------------- loading and help
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: {field name: the string literal under it}."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) one value against its annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "null", "none")):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}.")
+        return [_coerce(key, v, item) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key} must be an integer, got {value!r}.")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}.") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}.") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} must be a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate a nested dataclass from a nested dict; unknown keys fail."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = [n for n in names if n.startswith(key[:3])]
+            hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(f"Unknown config key '{full}'. Known keys here: "
+                              f"{', '.join(prefix + n for n in names)}.{hint}")
+        tp = hints[key]
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{full}' is a section; give its keys, e.g. "
+                                  f"{full}.{dataclasses.fields(tp)[0].name}=...")
+            kwargs[key] = _build(tp, value, full + ".")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"'{dotted}': '{p}' is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def help_text(cls: type, prog: str) -> str:
+    lines = [f"usage: python -m {prog} [--config RECIPE.yaml] [key.sub=value ...]", "",
+             (cls.__doc__ or "").strip(), "",
+             "Every field, with its default:"]
+
+    def walk(c: type, prefix: str, default: Any) -> None:
+        docs, hints = field_docs(c), _hints(c)
+        for f in dataclasses.fields(c):
+            val = getattr(default, f.name)
+            if _is_section(hints[f.name]):
+                lines.append(f"\n  [{prefix}{f.name}] {docs.get(f.name, '')}")
+                walk(hints[f.name], f"{prefix}{f.name}.", val)
+            else:
+                lines.append(f"  {prefix}{f.name} = {val!r}")
+                lines.append(textwrap.fill(docs.get(f.name, ""), 88, initial_indent=" " * 6,
+                                           subsequent_indent=" " * 6))
+
+    walk(cls, "", cls())
+    return "\n".join(lines)
+
+
+def parse_args(cls: type, argv: list[str], prog: str) -> Any:
+    """`--config FILE` and `a.b=value` arguments -> a checked config instance.
+
+    Raises ConfigError with a message meant for the user; prints help and exits on -h.
+    """
+    import yaml
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(cls, prog))
+        raise SystemExit(0)
+    tree: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config" or arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1] if "=" in arg else next(it, ""))
+            if not path.is_file():
+                raise ConfigError(f"--config {path}: no such file.")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: a recipe must be a mapping of sections.")
+            tree = _merge(tree, loaded)
+        elif "=" in arg and not arg.startswith("-"):
+            key, raw = arg.split("=", 1)
+            _set_dotted(overrides, key.lstrip("-"), yaml.safe_load(raw) if raw else None)
+        else:
+            raise ConfigError(f"Cannot read argument '{arg}': use --config FILE or "
+                              "key.sub=value (see --help).")
+    try:
+        return _build(cls, _merge(tree, overrides))
+    except TypeError as e:  # a dataclass rejected something _build let through
+        raise ConfigError(str(e)) from None
+
+
+def load_yaml_config(cls: type, path: str | Path) -> Any:
+    return parse_args(cls, ["--config", str(path)], prog="")

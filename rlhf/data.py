@@ -1,0 +1,629 @@
+"""Preference pairs through Ray Data: read, normalise, template, tokenise, truncate, count.
+
+    source (files | save_to_disk folder | datasets.Dataset | ray Dataset | builtin:demo)
+      -> read with a stable row id per pair (file index, line)        [read tasks]
+      -> normalise to prompt / chosen / rejected (+ drop reason)      [same tasks]
+      -> chat template, tokenise, truncate, count                     [map_batches]
+      -> train workers: get_dataset_shard(...).iter_torch_batches(...)
+
+Rows that cannot be used are not filtered out silently: they travel with a `drop`
+reason so the training workers count them, and the driver's first pass counts them
+before training starts. Row ids make resumption exact: a checkpoint records the ids
+already trained on, and a resumed run skips exactly those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlhf.config import BUILTIN_DATA, DataConfig
+
+READABLE = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
+ROWS_PER_BLOCK = 512
+FILE_SHIFT = 40  # row id = file index << 40 | row number in that file
+
+# Drop reasons, as they appear in summaries.
+DROP_MISSING = "missing column"
+DROP_EMPTY = "empty or non-string value"
+DROP_IDENTICAL = "chosen identical to rejected"
+DROP_NO_MARKER = "no assistant marker in the shared prefix"
+DROP_TOO_LONG = "longer than max_length (truncation=drop)"
+DROP_PROMPT_TOO_LONG = "prompt fills max_length, no room for a response"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source, row or column, and the fix."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Source:
+    """Where one split's rows come from."""
+
+    kind: str  # "demo", "files", "hf" or "ray"
+    name: str  # shown in messages
+    files: tuple[str, ...] = ()
+    obj: Any = None
+    demo_split: str = "train"
+
+
+def _data_files(folder: Path) -> list[str]:
+    files = sorted(str(p) for p in folder.rglob("*")
+                   if p.is_file() and p.name.endswith(READABLE) and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{folder}: no data files in this folder (looked for "
+                        f"{', '.join(READABLE)}).")
+    return files
+
+
+def _saved_dataset_files(folder: Path) -> list[str]:
+    state = json.loads((folder / "state.json").read_text())
+    return [str(folder / f["filename"]) for f in state["_data_files"]]
+
+
+def resolve_sources(cfg: DataConfig, dataset: Any = None, eval_dataset: Any = None
+                    ) -> tuple[Source, Source | None]:
+    """Config (or in-memory datasets) -> (train source, held-out source or None).
+
+    None for held-out means: hold out cfg.eval_fraction of the training source.
+    """
+    if dataset is not None:
+        train = _object_source(dataset, "the training dataset")
+        held = _object_source(eval_dataset, "the eval dataset") if eval_dataset is not None else None
+        return train, held
+    if cfg.path == BUILTIN_DATA:
+        return (Source("demo", BUILTIN_DATA, demo_split="train"),
+                Source("demo", BUILTIN_DATA + " (held-out topics)", demo_split="eval"))
+    train, held = _path_source(cfg.path, "data.path")
+    if cfg.eval_path:
+        held, _ = _path_source(cfg.eval_path, "data.eval_path")
+    return train, held
+
+
+def _object_source(obj: Any, what: str) -> Source:
+    import datasets
+    import ray.data
+
+    if isinstance(obj, datasets.Dataset):
+        return Source("hf", what, obj=obj)
+    if isinstance(obj, ray.data.Dataset):
+        return Source("ray", what, obj=obj)
+    raise DataError(f"{what} is a {type(obj).__name__}; pass a datasets.Dataset, a "
+                    "ray.data.Dataset, or a path in data.path.")
+
+
+def _path_source(path_str: str, key: str) -> tuple[Source, Source | None]:
+    path = Path(path_str).expanduser()
+    if not path.exists():
+        raise DataError(f"{key}={path_str}: no such file or folder. Give a .jsonl/.json/"
+                        ".parquet/.csv file, a folder of them, a datasets.save_to_disk "
+                        f"folder, or {BUILTIN_DATA}.")
+    path = path.resolve()
+    if path.is_file():
+        if not path.name.endswith(READABLE):
+            raise DataError(f"{key}={path_str}: cannot read this file type; use one of "
+                            f"{', '.join(READABLE)}.")
+        return Source("files", str(path), files=(str(path),)), None
+    if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if "train" not in splits:
+            raise DataError(f"{key}={path_str}: saved DatasetDict has splits {splits}, "
+                            "none named 'train'; point data.path at one split's folder.")
+        train = Source("files", f"{path}/train",
+                       files=tuple(_saved_dataset_files(path / "train")))
+        held = next((s for s in ("test", "validation", "eval") if s in splits), None)
+        held_src = (Source("files", f"{path}/{held}",
+                           files=tuple(_saved_dataset_files(path / held))) if held else None)
+        return train, held_src
+    if (path / "state.json").is_file():  # Dataset.save_to_disk
+        return Source("files", str(path), files=tuple(_saved_dataset_files(path))), None
+    return Source("files", str(path), files=tuple(_data_files(path))), None
+
+
+# ------------------------------------------------------------------ raw rows from files
+
+
+def _iter_file_rows(f: Any, path: str):
+    """Yield (row number, row dict) from one open file; errors name file and line."""
+    name = path[:-3] if path.endswith(".gz") else path
+    if name.endswith((".jsonl", ".json")):
+        text = io.TextIOWrapper(f, encoding="utf-8")
+        first = ""
+        lines = iter(text)
+        for first in lines:
+            if first.strip():
+                break
+        if name.endswith(".json") and first.lstrip().startswith("["):
+            whole = first + "".join(lines)
+            try:
+                rows = json.loads(whole)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}). "
+                                "Fix the file or convert it to JSON lines.") from None
+            for i, row in enumerate(rows):
+                yield i, row
+            return
+        lineno = 0
+        for line in _chain_first(first, lines):
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}). "
+                    "Fix or delete that line.") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object with the "
+                                f"pair's columns, got {type(row).__name__}.")
+            yield lineno, row
+    elif name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        n = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    elif name.endswith(".csv"):
+        import pyarrow.csv as pcsv
+
+        n = 0
+        reader = pcsv.open_csv(f, convert_options=pcsv.ConvertOptions(strings_can_be_null=False))
+        for batch in reader:
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    elif name.endswith(".arrow"):
+        import pyarrow as pa
+
+        n = 0
+        for batch in pa.ipc.open_stream(f):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+    else:
+        raise DataError(f"{path}: cannot read this file type.")
+
+
+def _chain_first(first: str, rest):
+    if first:
+        yield first
+    yield from rest
+
+
+def peek_rows(source: Source, n: int = 1) -> list[dict]:
+    """The first n raw rows of a source, read directly (no Ray), for format detection."""
+    if source.kind == "demo":
+        from rlhf.demo import demo_pair
+
+        return [demo_pair(i, source.demo_split) for i in range(n)]
+    if source.kind == "hf":
+        return [source.obj[i] for i in range(min(n, len(source.obj)))]
+    if source.kind == "ray":
+        return source.obj.take(n)
+    import pyarrow.fs as pafs
+
+    rows: list[dict] = []
+    for path in source.files:
+        fs = pafs.LocalFileSystem()
+        compression = "gzip" if path.endswith(".gz") else None
+        opener = fs.open_input_file if path.endswith(".parquet") else (
+            lambda p: fs.open_input_stream(p, compression=compression))
+        with opener(path) as f:
+            for _, row in _iter_file_rows(f, path):
+                rows.append(row)
+                if len(rows) >= n:
+                    return rows
+    return rows
+
+
+# --------------------------------------------------------------------- normalisation
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to turn a raw row into prompt / chosen / rejected."""
+
+    format: str  # explicit | implicit
+    chat: bool  # values are lists of {role, content} messages
+    prompt: str
+    chosen: str
+    rejected: str
+    marker: str
+
+
+def _is_messages(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in v))
+
+
+def detect_layout(row: dict, cfg: DataConfig, source_name: str) -> Layout:
+    """Pick the format from the first row and the config; missing columns fail here."""
+    cols = cfg.columns
+    found = list(row.keys())
+    missing = [c for c in (cols.chosen, cols.rejected) if c not in row]
+    if missing:
+        guesses = [c for c in found if any(w in c.lower() for w in (
+            "chosen", "rejected", "prefer", "accept", "better", "worse", "good", "bad",
+            "response", "win", "lose"))]
+        fix = " ".join(f"data.columns.{k}=<column>" for k, v in
+                       (("chosen", cols.chosen), ("rejected", cols.rejected)) if v in missing)
+        raise DataError(
+            f"Could not find column(s) {', '.join(repr(m) for m in missing)} in "
+            f"{source_name}. Columns found: {', '.join(found) or '(none)'}. Tell the "
+            f"pipeline which columns hold the pair with {fix}"
+            + (f" (candidates: {', '.join(guesses)})." if guesses else "."))
+    has_prompt = cols.prompt in row
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "explicit" if has_prompt else "implicit"
+        chat = _is_messages(row[cols.chosen])
+    elif fmt == "conversational":
+        chat = True
+        fmt = "explicit" if has_prompt else "implicit"
+    else:
+        chat = _is_messages(row[cols.chosen])
+    if fmt == "explicit" and not has_prompt:
+        raise DataError(
+            f"data.format=explicit but {source_name} has no column {cols.prompt!r} "
+            f"(columns found: {', '.join(found)}). Set data.columns.prompt=<column>, or "
+            "data.format=implicit if chosen/rejected hold whole dialogues.")
+    if cfg.format == "conversational" and not _is_messages(row[cols.chosen]):
+        raise DataError(
+            f"data.format=conversational but {source_name}'s {cols.chosen!r} holds "
+            f"{type(row[cols.chosen]).__name__}, not a list of {{role, content}} messages.")
+    return Layout(fmt, chat, cols.prompt, cols.chosen, cols.rejected, cfg.assistant_marker)
+
+
+def _common_prefix_len(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def normalise_row(row: dict, lay: Layout) -> tuple[str, str, str, bool, str]:
+    """Raw row -> (prompt, chosen, rejected, is_chat, drop reason or "").
+
+    Chat values come back JSON-encoded (lists of messages) and are templated later,
+    where the tokenizer is loaded.
+    """
+    for col in ((lay.prompt,) if lay.format == "explicit" else ()) + (lay.chosen, lay.rejected):
+        if col not in row:
+            return "", "", "", lay.chat, DROP_MISSING
+    c, r = row[lay.chosen], row[lay.rejected]
+    if lay.chat:
+        if not (_is_messages(c) and _is_messages(r)):
+            return "", "", "", True, DROP_EMPTY
+        k = _common_prefix_len(c, r)
+        if k or lay.format == "implicit":
+            # Shared leading messages are the prompt (UltraFeedback style repeats the
+            # user turn in both; the implicit format has nothing else).
+            p, c, r = c[:k], c[k:], r[k:]
+        else:
+            p = row[lay.prompt]
+            if isinstance(p, str):
+                p = [{"role": "user", "content": p}]
+            if not _is_messages(p):
+                return "", "", "", True, DROP_EMPTY
+        if not c or not r or any(not isinstance(m["content"], str) or not m["content"].strip()
+                                 for m in c + r):
+            return "", "", "", True, DROP_EMPTY
+        if c == r:
+            return "", "", "", True, DROP_IDENTICAL
+        return json.dumps(p), json.dumps(c), json.dumps(r), True, ""
+    if not isinstance(c, str) or not isinstance(r, str) or not c.strip() or not r.strip():
+        return "", "", "", False, DROP_EMPTY
+    if lay.format == "explicit":
+        p = row[lay.prompt]
+        if not isinstance(p, str):
+            return "", "", "", False, DROP_EMPTY
+    else:
+        if c == r:
+            return "", "", "", False, DROP_IDENTICAL
+        shared = c[: _common_prefix_len(list(c), list(r))]
+        cut = shared.rfind(lay.marker)
+        if cut < 0:
+            return "", "", "", False, DROP_NO_MARKER
+        cut += len(lay.marker)
+        p, c, r = c[:cut], c[cut:], r[cut:]
+    if not c.strip() or not r.strip():
+        return "", "", "", False, DROP_EMPTY
+    if c == r:
+        return "", "", "", False, DROP_IDENTICAL
+    return p, c, r, False, ""
+
+
+NORMALISED_COLUMNS = ("id", "prompt", "chosen", "rejected", "chat", "drop")
+
+
+def _normalised_table(ids: list[int], rows: list[dict], lay: Layout):
+    import pyarrow as pa
+
+    out = [normalise_row(r, lay) for r in rows]
+    return pa.table({
+        "id": pa.array(ids, pa.int64()),
+        "prompt": pa.array([o[0] for o in out], pa.string()),
+        "chosen": pa.array([o[1] for o in out], pa.string()),
+        "rejected": pa.array([o[2] for o in out], pa.string()),
+        "chat": pa.array([o[3] for o in out], pa.bool_()),
+        "drop": pa.array([o[4] for o in out], pa.string()),
+    })
+
+
+def _datasource_class():
+    from ray.data.datasource import FileBasedDatasource
+
+    class PairFiles(FileBasedDatasource):
+        """Streams pairs out of files, normalised, with row ids (file index, row)."""
+
+        def __init__(self, files: list[str], layout: Layout):
+            super().__init__(files)
+            self._file_index = {os.path.abspath(p): i for i, p in enumerate(files)}
+            self._layout = layout
+
+        def _open_input_source(self, filesystem, path, **open_args):
+            if path.endswith(".parquet"):  # needs random access, not a stream
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
+        def _read_stream(self, f, path):
+            base = self._file_index[os.path.abspath(path)] << FILE_SHIFT
+            ids, rows = [], []
+            for n, row in _iter_file_rows(f, path):
+                ids.append(base | n)
+                rows.append(row)
+                if len(rows) == ROWS_PER_BLOCK:
+                    yield _normalised_table(ids, rows, self._layout)
+                    ids, rows = [], []
+            if rows:
+                yield _normalised_table(ids, rows, self._layout)
+
+    return PairFiles
+
+
+def _demo_rows(batch: dict[str, np.ndarray], split: str, layout: Layout):
+    from rlhf.demo import demo_pair
+
+    ids = [int(i) for i in batch["id"]]
+    return _normalised_table(ids, [demo_pair(i, split) for i in ids], layout)
+
+
+def _rows_with_ids(batch, layout: Layout, id_column: str | None):
+    """map_batches body for in-memory sources: normalise, keep or derive ids."""
+    import pyarrow as pa
+
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch)
+    rows = table.to_pylist()
+    if id_column:
+        ids = [int(r[id_column]) for r in rows]
+    else:  # content hash: stable across runs whatever the block order
+        ids = [int.from_bytes(hashlib.blake2b(json.dumps(r, sort_keys=True, default=str)
+                                              .encode(), digest_size=8).digest(), "little") >> 1
+               for r in rows]
+    return _normalised_table(ids, rows, layout)
+
+
+def read_normalised(source: Source, layout: Layout, demo_pairs: int = 0):
+    """Source -> Ray Dataset with NORMALISED_COLUMNS, streamed."""
+    import ray.data
+
+    if source.kind == "demo":
+        ds = ray.data.range(demo_pairs, override_num_blocks=max(1, demo_pairs // ROWS_PER_BLOCK))
+        return ds.map_batches(_demo_rows, fn_kwargs={"split": source.demo_split,
+                                                     "layout": layout},
+                              batch_format="numpy", batch_size=ROWS_PER_BLOCK)
+    if source.kind == "files":
+        return ray.data.read_datasource(_datasource_class()(list(source.files), layout))
+    if source.kind == "hf":
+        hf = source.obj.add_column("__row_id", list(range(len(source.obj))))
+        ds = ray.data.from_huggingface(hf)
+        return ds.map_batches(_rows_with_ids, fn_kwargs={"layout": layout,
+                                                         "id_column": "__row_id"},
+                              batch_format="pyarrow", batch_size=ROWS_PER_BLOCK)
+    return source.obj.map_batches(_rows_with_ids, fn_kwargs={"layout": layout,
+                                                             "id_column": None},
+                                  batch_format="pyarrow", batch_size=ROWS_PER_BLOCK)
+
+
+def _in_eval_split(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    # Stable hash of the row id, independent of block boundaries and run.
+    with np.errstate(over="ignore"):  # wrap-around multiplication is the point
+        x = ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
+    h = x >> np.uint64(24)
+    return (h % np.uint64(1_000_000)) < np.uint64(round(fraction * 1_000_000))
+
+
+def _split_filter(batch: dict[str, np.ndarray], fraction: float, seed: int, held: bool):
+    keep = _in_eval_split(batch["id"], fraction, seed)
+    keep = keep if held else ~keep
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def split_held_out(ds, fraction: float, seed: int):
+    """(train, held-out) views of one normalised dataset, by a hash of the row id."""
+    kw = {"batch_format": "numpy", "batch_size": ROWS_PER_BLOCK}
+    return (ds.map_batches(_split_filter, fn_kwargs={"fraction": fraction, "seed": seed,
+                                                     "held": False}, **kw),
+            ds.map_batches(_split_filter, fn_kwargs={"fraction": fraction, "seed": seed,
+                                                     "held": True}, **kw))
+
+
+# ------------------------------------------------------------------------ tokenising
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: str):
+    # One load per Ray worker process, not per batch.
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZERS[path]
+
+
+def tokenize_pair(tok, prompt: str, chosen: str, rejected: str, chat: bool,
+                  max_length: int, max_prompt_length: int, truncation: str):
+    """Strings (or JSON message lists) -> token ids, as TRL 1.16's DPOTrainer does it.
+
+    The prompt is tokenised alone and again joined with each response (+ EOS for plain
+    text; the chat template closes chat turns itself); the split point is the common
+    prefix, so tokens that merge across the boundary are handled. Then truncation:
+    the prompt keeps its last `max_prompt_length` tokens, and each response is cut so
+    that prompt + response fits `max_length`.
+
+    Returns (prompt_ids, chosen_ids, rejected_ids, prompt_truncated,
+    response_truncated, drop reason or "").
+    """
+    if chat:
+        p_msgs, c_msgs, r_msgs = json.loads(prompt), json.loads(chosen), json.loads(rejected)
+        prompt = tok.apply_chat_template(p_msgs, tokenize=False, add_generation_prompt=True)
+        full_c = tok.apply_chat_template(p_msgs + c_msgs, tokenize=False)
+        full_r = tok.apply_chat_template(p_msgs + r_msgs, tokenize=False)
+    else:
+        eos = tok.eos_token or ""
+        full_c = prompt + chosen + ("" if chosen.endswith(eos) else eos)
+        full_r = prompt + rejected + ("" if rejected.endswith(eos) else eos)
+    p_ids = tok(prompt)["input_ids"]
+    pc, pr = tok(full_c)["input_ids"], tok(full_r)["input_ids"]
+    n = min(_common_prefix_len(p_ids, pc), _common_prefix_len(p_ids, pr))
+    p_ids, c_ids, r_ids = p_ids[:n], pc[n:], pr[n:]
+    p_cut = len(p_ids) > max_prompt_length
+    room = max_length - min(len(p_ids), max_prompt_length)
+    r_cut = len(c_ids) > room or len(r_ids) > room
+    if truncation == "drop" and (p_cut or len(p_ids) + max(len(c_ids), len(r_ids)) > max_length):
+        return [], [], [], False, False, DROP_TOO_LONG
+    if p_cut:
+        p_ids = p_ids[-max_prompt_length:]
+    c_ids, r_ids = c_ids[:room], r_ids[:room]
+    if not c_ids or not r_ids:
+        return [], [], [], p_cut, r_cut, DROP_PROMPT_TOO_LONG
+    return p_ids, c_ids, r_ids, p_cut, r_cut, ""
+
+
+TOKENISED_COLUMNS = ("id", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated",
+                     "response_truncated", "drop")
+
+
+def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_length: int,
+                   max_prompt_length: int, truncation: str) -> Any:
+    """map_batches body: normalised rows -> token ids (list<int32> columns)."""
+    import pyarrow as pa
+
+    tok = _tokenizer(tokenizer_path)
+    out = {k: [] for k in TOKENISED_COLUMNS}
+    for i in range(len(batch["id"])):
+        drop = str(batch["drop"][i])
+        if drop:
+            res = ([], [], [], False, False, drop)
+        else:
+            res = tokenize_pair(tok, str(batch["prompt"][i]), str(batch["chosen"][i]),
+                                str(batch["rejected"][i]), bool(batch["chat"][i]),
+                                max_length, max_prompt_length, truncation)
+        out["id"].append(int(batch["id"][i]))
+        for key, val in zip(TOKENISED_COLUMNS[1:], res):
+            out[key].append(val)
+    ids = pa.list_(pa.int32())
+    return pa.table({
+        "id": pa.array(out["id"], pa.int64()),
+        "prompt_ids": pa.array(out["prompt_ids"], ids),
+        "chosen_ids": pa.array(out["chosen_ids"], ids),
+        "rejected_ids": pa.array(out["rejected_ids"], ids),
+        "prompt_truncated": pa.array(out["prompt_truncated"], pa.bool_()),
+        "response_truncated": pa.array(out["response_truncated"], pa.bool_()),
+        "drop": pa.array(out["drop"], pa.string()),
+    })
+
+
+def tokenize(ds, tokenizer_path: str, cfg: DataConfig):
+    return ds.map_batches(
+        tokenize_batch, batch_format="numpy", batch_size=ROWS_PER_BLOCK,
+        fn_kwargs={"tokenizer_path": tokenizer_path, "max_length": cfg.max_length,
+                   "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation})
+
+
+# ------------------------------------------------------------------- driver-side scan
+
+
+def _count_drops(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    reasons, counts = np.unique(batch["drop"].astype(str), return_counts=True)
+    return {"drop": reasons, "n": counts}
+
+
+def scan(ds) -> Counter:
+    """One streamed pass (no tokenising) counting rows by drop reason ("" = usable).
+
+    Also surfaces malformed files before any worker starts.
+    """
+    totals: Counter = Counter()
+    for batch in ds.select_columns(["drop"]).map_batches(
+            _count_drops, batch_format="numpy", batch_size=4096).iter_batches(
+            batch_format="numpy", batch_size=None):
+        for reason, n in zip(batch["drop"], batch["n"]):
+            totals[str(reason)] += int(n)
+    return totals
+
+
+@dataclass
+class Pipelines:
+    """What an entry point needs: streamed, tokenised splits and their first counts."""
+
+    train: Any
+    eval: Any
+    train_counts: Counter
+    eval_counts: Counter
+    layout: Layout
+
+
+def build(cfg: DataConfig, tokenizer_path: str, seed: int, dataset: Any = None,
+          eval_dataset: Any = None) -> Pipelines:
+    """Config -> tokenised train/eval Ray Datasets, with a counting pass over both."""
+    train_src, held_src = resolve_sources(cfg, dataset, eval_dataset)
+    first = peek_rows(train_src, 1)
+    if not first:
+        raise DataError(f"{train_src.name}: the data set is empty (no rows).")
+    layout = detect_layout(first[0], cfg, train_src.name)
+    train = read_normalised(train_src, layout, cfg.demo_pairs)
+    if held_src is None:
+        if cfg.eval_fraction <= 0:
+            raise DataError("No held-out data: set data.eval_path or data.eval_fraction > 0.")
+        train, held = split_held_out(train, cfg.eval_fraction, seed)
+    else:
+        held_first = peek_rows(held_src, 1)
+        if not held_first:
+            raise DataError(f"{held_src.name}: the held-out data set is empty.")
+        held = read_normalised(held_src, detect_layout(held_first[0], cfg, held_src.name),
+                               cfg.demo_eval_pairs)
+    train_counts, eval_counts = scan(train), scan(held)
+    if train_counts[""] == 0:
+        raise DataError(f"{train_src.name}: no usable pairs ({describe_counts(train_counts)}).")
+    if eval_counts[""] == 0:
+        raise DataError(f"held-out data: no usable pairs ({describe_counts(eval_counts)}).")
+    return Pipelines(tokenize(train, tokenizer_path, cfg), tokenize(held, tokenizer_path, cfg),
+                     train_counts, eval_counts, layout)
+
+
+def describe_counts(counts: Counter) -> str:
+    total = sum(counts.values())
+    dropped = {k: v for k, v in counts.items() if k}
+    text = f"{total} rows, {counts['']} usable"
+    if dropped:
+        text += "; dropped: " + ", ".join(f"{v} {k}" for k, v in sorted(dropped.items()))
+    return text

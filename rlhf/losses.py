@@ -1,0 +1,96 @@
+"""Preference losses as pure tensor functions (torch only).
+
+Every function takes per-example tensors and returns per-example tensors; the caller
+decides how to reduce (the DPO loop divides by the global pair count so that the result
+does not depend on how a batch was split over workers and micro-batches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PreferenceOutput:
+    """Per-pair results, all of shape (B,)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    """Implicit reward of the chosen response: beta * (log pi - log pi_ref) (DPO), or
+    beta * mean token log pi (SimPO). Detached."""
+    rejected_rewards: torch.Tensor
+    """Same for the rejected response. Detached."""
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    simpo_gamma: float = 0.5,
+) -> PreferenceOutput:
+    """The DPO family of losses on summed sequence log-probs.
+
+    policy_*/ref_*: (B,) sums of response-token log-probs under the policy and the frozen
+    reference. *_lengths: (B,) response token counts, needed by ipo and simpo.
+    ref_* may be None only for simpo, which has no reference.
+
+    sigmoid  (Rafailov et al. 2023, eq. 7; cDPO label smoothing, Mitchell 2023):
+        h = (pc - rc) - (pr - rr)
+        loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+    hinge    (SLiC, Zhao et al. 2023): loss = relu(1 - beta h)
+    ipo      (Azar et al. 2023, eq. 17), with each side's log-ratio divided by its
+             length as TRL does: loss = (h_avg - 1 / (2 beta))^2
+    simpo    (Meng et al. 2024, eq. 6): length-normalised, reference-free:
+        h = pc / |yc| - pr / |yr| - gamma_beta_ratio
+        loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+    """
+    if loss_type == "simpo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("simpo needs chosen_lengths and rejected_lengths")
+        avg_c = policy_chosen / chosen_lengths.clamp(min=1)
+        avg_r = policy_rejected / rejected_lengths.clamp(min=1)
+        h = avg_c - avg_r - simpo_gamma
+        losses = (-F.logsigmoid(beta * h) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * h) * label_smoothing)
+        return PreferenceOutput(losses, (beta * avg_c).detach(), (beta * avg_r).detach())
+
+    if ref_chosen is None or ref_rejected is None:
+        raise ValueError(f"loss_type={loss_type} needs reference log-probs")
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    if loss_type == "sigmoid":
+        h = chosen_ratio - rejected_ratio
+        losses = (-F.logsigmoid(beta * h) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * h) * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("ipo needs chosen_lengths and rejected_lengths")
+        h = (chosen_ratio / chosen_lengths.clamp(min=1)
+             - rejected_ratio / rejected_lengths.clamp(min=1))
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return PreferenceOutput(losses, (beta * chosen_ratio).detach(),
+                            (beta * rejected_ratio).detach())
+
+
+def nll_per_token(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term (Pang et al. 2024): mean negative log-likelihood per chosen token.
+
+    policy_chosen: (B,) summed log-probs; chosen_lengths: (B,) token counts.
+    Returns (B,) per-pair values of -sum log p / len. The caller weights by rpo_alpha;
+    a batch's term is the token-weighted mean, sum(-logp) / sum(len).
+    """
+    return -policy_chosen / chosen_lengths.clamp(min=1)

@@ -1,0 +1,165 @@
+"""Normalisation, tokenisation and readers, without Ray."""
+
+import gzip
+import json
+
+import pytest
+
+from rlhf import data
+from rlhf.config import ColumnsConfig, DataConfig
+
+EXPLICIT = data.Layout("explicit", False, "prompt", "chosen", "rejected", "\n\nAssistant:")
+IMPLICIT = data.Layout("implicit", False, "prompt", "chosen", "rejected", "\n\nAssistant:")
+
+
+def test_implicit_prompt_is_shared_prefix_to_last_marker():
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?\n\nAssistant: Sure, here.",
+           "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?\n\nAssistant: No."}
+    p, c, r, chat, drop = data.normalise_row(row, IMPLICIT)
+    assert drop == "" and not chat
+    assert p == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?\n\nAssistant:"
+    assert c == " Sure, here." and r == " No."
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"chosen": "same", "rejected": "same"}, data.DROP_IDENTICAL),
+    ({"chosen": "Human: a", "rejected": "Human: b"}, data.DROP_NO_MARKER),
+    ({"chosen": "", "rejected": "x"}, data.DROP_EMPTY),
+    ({"chosen": 3, "rejected": "x"}, data.DROP_EMPTY),
+    ({"chosen": None, "rejected": "x"}, data.DROP_EMPTY),
+    ({"rejected": "x"}, data.DROP_MISSING),
+])
+def test_bad_rows_get_a_reason(row, reason):
+    assert data.normalise_row(row, IMPLICIT)[4] == reason
+
+
+def test_explicit_and_conversational():
+    p, c, r, chat, drop = data.normalise_row({"prompt": "Q", "chosen": " a", "rejected": " b"}, EXPLICIT)
+    assert (p, c, r, chat, drop) == ("Q", " a", " b", False, "")
+    conv = data.Layout("explicit", True, "prompt", "chosen", "rejected", "")
+    row = {"prompt": [{"role": "user", "content": "hi"}],
+           "chosen": [{"role": "assistant", "content": "hello"}],
+           "rejected": [{"role": "assistant", "content": "go away"}]}
+    p, c, r, chat, drop = data.normalise_row(row, conv)
+    assert chat and drop == "" and json.loads(c)[0]["content"] == "hello"
+    implicit_conv = data.Layout("implicit", True, "prompt", "chosen", "rejected", "")
+    row = {"chosen": row["prompt"] + row["chosen"], "rejected": row["prompt"] + row["rejected"]}
+    p, c, r, chat, drop = data.normalise_row(row, implicit_conv)
+    assert json.loads(p) == [{"role": "user", "content": "hi"}] and drop == ""
+
+
+def test_missing_columns_name_the_fix():
+    with pytest.raises(data.DataError) as e:
+        data.detect_layout({"question": "q", "preferred": "a", "worse": "b"}, DataConfig(), "f.jsonl")
+    msg = str(e.value)
+    assert "'chosen'" in msg and "'rejected'" in msg and "question, preferred, worse" in msg
+    assert "data.columns.chosen=<column>" in msg and "candidates: preferred, worse" in msg
+    lay = data.detect_layout({"question": "q", "preferred": "a", "worse": "b"},
+                             DataConfig(columns=ColumnsConfig("question", "preferred", "worse")), "f")
+    assert lay.format == "explicit"
+
+
+def test_detects_formats():
+    cfg = DataConfig()
+    assert data.detect_layout({"chosen": "a", "rejected": "b"}, cfg, "x").format == "implicit"
+    msgs = [{"role": "user", "content": "x"}]
+    assert data.detect_layout({"chosen": msgs, "rejected": msgs}, cfg, "x").chat
+
+
+def test_tokenize_pair_matches_trl_scheme(tokenizer):
+    tok = tokenizer
+    p, c, r, pc, rc, drop = data.tokenize_pair(tok, "\n\nHuman: hi\n\nAssistant:", " Sure.", " No.",
+                                               False, 1024, 512, "truncate")
+    assert drop == "" and not pc and not rc
+    assert p + c == tok("\n\nHuman: hi\n\nAssistant: Sure." + tok.eos_token)["input_ids"]
+    assert c[-1] == tok.eos_token_id and r[-1] == tok.eos_token_id
+
+
+def test_truncation_counts_and_drop_policy(tokenizer):
+    long_prompt = "word " * 200
+    p, c, r, pc, rc, drop = data.tokenize_pair(tokenizer, long_prompt, " yes " * 50, " no",
+                                               False, 64, 32, "truncate")
+    assert pc and rc and drop == ""
+    assert len(p) == 32 and len(p) + len(c) == 64 and len(p) + len(r) <= 64
+    *_, drop = data.tokenize_pair(tokenizer, long_prompt, " yes", " no", False, 64, 32, "drop")
+    assert drop == data.DROP_TOO_LONG
+
+
+def test_chat_template_rendering(tokenizer):
+    msgs = json.dumps([{"role": "user", "content": "hi"}])
+    p, c, r, *_ = data.tokenize_pair(tokenizer, msgs, json.dumps([{"role": "assistant", "content": "hello"}]),
+                                     json.dumps([{"role": "assistant", "content": "bye"}]), True, 1024, 512, "truncate")
+    assert tokenizer.decode(p).endswith("<|assistant|>\n")
+    assert tokenizer.decode(c) == "hello<|end|>\n"
+
+
+def _write_jsonl(path, rows, compress=False):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if compress:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+
+
+def test_readers_peek_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3
+    _write_jsonl(tmp_path / "a.jsonl", rows)
+    _write_jsonl(tmp_path / "b.jsonl.gz", rows, compress=True)
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    pcsv.write_csv(pa.Table.from_pylist(rows), tmp_path / "e.csv")
+    for name in ("a.jsonl", "b.jsonl.gz", "c.json", "d.parquet", "e.csv"):
+        src, held = data.resolve_sources(DataConfig(path=str(tmp_path / name)))
+        assert data.peek_rows(src, 2) == rows[:2], name
+        assert held is None
+    src, _ = data.resolve_sources(DataConfig(path=str(tmp_path)))
+    assert len(src.files) == 5
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"chosen": "a", "rejected": "b"}\n\n{"chosen": "a", "rejected": \n')
+    src, _ = data.resolve_sources(DataConfig(path=str(f)))
+    with pytest.raises(data.DataError, match=r"bad.jsonl, line 3: not valid JSON"):
+        data.peek_rows(src, 5)
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(data.DataError, match="no such file or folder"):
+        data.resolve_sources(DataConfig(path=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(data.DataError, match="no data files"):
+        data.resolve_sources(DataConfig(path=str(tmp_path)))
+
+
+def test_saved_dataset_dict_gives_train_and_test(tmp_path):
+    import datasets
+
+    rows = {"prompt": ["p"] * 4, "chosen": ["a"] * 4, "rejected": ["b"] * 4}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict(rows)}).save_to_disk(tmp_path / "dd")
+    train, held = data.resolve_sources(DataConfig(path=str(tmp_path / "dd")))
+    assert train.files[0].endswith(".arrow") and held is not None
+    assert data.peek_rows(train, 1) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+
+
+def test_eval_split_is_stable_and_sized():
+    import numpy as np
+
+    ids = np.arange(100_000, dtype=np.int64)
+    a = data._in_eval_split(ids, 0.05, 42)
+    assert 0.045 < a.mean() < 0.055
+    assert (a == data._in_eval_split(ids, 0.05, 42)).all()
+    assert (a != data._in_eval_split(ids, 0.05, 7)).any()
+
+
+def test_demo_pairs_are_deterministic_and_held_out_topics_unseen():
+    from rlhf.demo import EVAL_TOPICS, TRAIN_TOPICS, demo_pair
+
+    assert demo_pair(7) == demo_pair(7)
+    assert not set(EVAL_TOPICS) & set(TRAIN_TOPICS)
+    assert any(t in demo_pair(3, "eval")["prompt"] for t in EVAL_TOPICS)

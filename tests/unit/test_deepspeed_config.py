@@ -1,0 +1,37 @@
+import pytest
+
+from cluster.deepspeed import frozen_config, lr_lambda, train_config
+
+
+def test_batch_arithmetic_and_precision():
+    cfg = train_config(zero_stage=2, dtype="bf16", micro_batch_size=4, grad_accum=2,
+                       world_size=8, max_grad_norm=1.0)
+    assert cfg["train_batch_size"] == 64
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["zero_optimization"]["stage"] == 2
+    assert cfg["communication_data_type"] == "fp32"
+    assert "optimizer" not in cfg  # torch AdamW passed in as a client optimizer
+
+
+def test_offload_declares_cpu_adam():
+    cfg = train_config(zero_stage=3, dtype="fp32", micro_batch_size=1, grad_accum=1,
+                       world_size=2, max_grad_norm=0.0, offload_optimizer=True,
+                       offload_params=True, learning_rate=1e-5)
+    z = cfg["zero_optimization"]
+    assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert cfg["optimizer"]["params"]["lr"] == 1e-5
+
+
+def test_frozen_reference_is_sharded_only_under_zero3():
+    assert frozen_config(zero_stage=2, dtype="fp32", micro_batch_size=2,
+                         world_size=2)["zero_optimization"]["stage"] == 0
+    assert frozen_config(zero_stage=3, dtype="fp32", micro_batch_size=2,
+                         world_size=2)["zero_optimization"]["stage"] == 3
+
+
+def test_schedule_shapes():
+    f = lambda s, kind: lr_lambda(s, total_steps=10, warmup_steps=2, schedule=kind)  # noqa: E731
+    assert f(0, "cosine") == pytest.approx(1 / 3) and f(1, "cosine") == pytest.approx(2 / 3)
+    assert f(2, "cosine") == pytest.approx(1.0) and f(10, "cosine") == pytest.approx(0.0)
+    assert f(6, "linear") == pytest.approx(0.5) and f(6, "cosine") == pytest.approx(0.5)
+    assert f(9, "constant") == 1.0
