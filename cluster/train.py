@@ -79,25 +79,6 @@ def check_resources(cluster_cfg: Any) -> None:
             "cluster.num_workers or cluster.cpus_per_worker.")
 
 
-def uneven_data_config():
-    """Ray Train's DataConfig splits with equal=True, which silently drops up to
-    num_workers - 1 rows; this one splits with equal=False and the feed below evens out
-    the step count instead, so every row is trained on."""
-    from ray.train import DataConfig
-
-    class UnevenDataConfig(DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output = [{} for _ in range(world_size)]
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
-                    output[i][name] = split
-            return output
-
-    return UnevenDataConfig()
-
-
 def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, name: str,
                  storage_path: str, keep_checkpoints: int):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -119,8 +100,10 @@ def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, n
             failure_config=FailureConfig(max_failures=cluster_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, keep_checkpoints)),
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
+        # Ray's default split (equal=True) gives every worker the same number of rows,
+        # leaving out at most num_workers - 1 at the end of an epoch (reported in the
+        # summary); an uneven split starves workers when the data has few blocks.
         datasets=datasets,
-        dataset_config=uneven_data_config(),
     )
 
 
@@ -214,6 +197,19 @@ def start_run_log(run_dir: Path, total_steps: int):
 
 
 # --------------------------------------------------------------------------- worker
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO; DeepSpeed logs its config."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # these two loggers are named after their file, not their module
+        from ray.train.v2._internal.execution import context, storage
+
+        for mod in (context, storage):
+            logging.getLogger(mod.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def rank_world() -> tuple[int, int]:

@@ -424,7 +424,7 @@ def read_normalised(source: Source, layout: Layout, demo_pairs: int = 0):
     import ray.data
 
     if source.kind == "demo":
-        ds = ray.data.range(demo_pairs, override_num_blocks=max(1, demo_pairs // ROWS_PER_BLOCK))
+        ds = ray.data.range(demo_pairs, override_num_blocks=max(4, demo_pairs // 256))
         return ds.map_batches(_demo_rows, fn_kwargs={"split": source.demo_split,
                                                      "layout": layout},
                               batch_format="numpy", batch_size=ROWS_PER_BLOCK)
@@ -582,6 +582,35 @@ def scan(ds) -> Counter:
 
 
 @dataclass
+class Plan:
+    """Sources and their layouts, checked on the driver before Ray starts."""
+
+    train: Source
+    held: Source | None
+    train_layout: Layout
+    held_layout: Layout | None
+
+
+def inspect(cfg: DataConfig, dataset: Any = None, eval_dataset: Any = None) -> Plan:
+    """Resolve sources and detect their format from the first row, without Ray: missing
+    files, empty data and missing columns fail here, in a second, with the fix named."""
+    train_src, held_src = resolve_sources(cfg, dataset, eval_dataset)
+    first = peek_rows(train_src, 1)
+    if not first:
+        raise DataError(f"{train_src.name}: the data set is empty (no rows).")
+    layout = detect_layout(first[0], cfg, train_src.name)
+    held_layout = None
+    if held_src is not None:
+        held_first = peek_rows(held_src, 1)
+        if not held_first:
+            raise DataError(f"{held_src.name}: the held-out data set is empty.")
+        held_layout = detect_layout(held_first[0], cfg, held_src.name)
+    elif cfg.eval_fraction <= 0:
+        raise DataError("No held-out data: set data.eval_path or data.eval_fraction > 0.")
+    return Plan(train_src, held_src, layout, held_layout)
+
+
+@dataclass
 class Pipelines:
     """What an entry point needs: streamed, tokenised splits and their first counts."""
 
@@ -589,35 +618,22 @@ class Pipelines:
     eval: Any
     train_counts: Counter
     eval_counts: Counter
-    layout: Layout
 
 
-def build(cfg: DataConfig, tokenizer_path: str, seed: int, dataset: Any = None,
-          eval_dataset: Any = None) -> Pipelines:
-    """Config -> tokenised train/eval Ray Datasets, with a counting pass over both."""
-    train_src, held_src = resolve_sources(cfg, dataset, eval_dataset)
-    first = peek_rows(train_src, 1)
-    if not first:
-        raise DataError(f"{train_src.name}: the data set is empty (no rows).")
-    layout = detect_layout(first[0], cfg, train_src.name)
-    train = read_normalised(train_src, layout, cfg.demo_pairs)
-    if held_src is None:
-        if cfg.eval_fraction <= 0:
-            raise DataError("No held-out data: set data.eval_path or data.eval_fraction > 0.")
+def build(plan: Plan, cfg: DataConfig, tokenizer_path: str, seed: int) -> Pipelines:
+    """Plan -> tokenised train/eval Ray Datasets, after one counting pass over both."""
+    train = read_normalised(plan.train, plan.train_layout, cfg.demo_pairs)
+    if plan.held is None:
         train, held = split_held_out(train, cfg.eval_fraction, seed)
     else:
-        held_first = peek_rows(held_src, 1)
-        if not held_first:
-            raise DataError(f"{held_src.name}: the held-out data set is empty.")
-        held = read_normalised(held_src, detect_layout(held_first[0], cfg, held_src.name),
-                               cfg.demo_eval_pairs)
+        held = read_normalised(plan.held, plan.held_layout, cfg.demo_eval_pairs)
     train_counts, eval_counts = scan(train), scan(held)
     if train_counts[""] == 0:
-        raise DataError(f"{train_src.name}: no usable pairs ({describe_counts(train_counts)}).")
+        raise DataError(f"{plan.train.name}: no usable pairs ({describe_counts(train_counts)}).")
     if eval_counts[""] == 0:
         raise DataError(f"held-out data: no usable pairs ({describe_counts(eval_counts)}).")
     return Pipelines(tokenize(train, tokenizer_path, cfg), tokenize(held, tokenizer_path, cfg),
-                     train_counts, eval_counts, layout)
+                     train_counts, eval_counts)
 
 
 def describe_counts(counts: Counter) -> str:

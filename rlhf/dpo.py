@@ -127,7 +127,6 @@ def _evaluate(engine, ref_engine, shard, cfg, device, pad_id, dummy, micro) -> d
 
 def train_loop_per_worker(lc: dict) -> None:
     """Runs on every Ray Train worker. Everything it needs comes in `lc`."""
-    import logging
     import random
 
     import numpy as np
@@ -137,11 +136,12 @@ def train_loop_per_worker(lc: dict) -> None:
     from cluster import deepspeed as dsc
     from cluster.models import load_causal_lm, load_tokenizer
     from cluster.train import (PairFeed, all_gather_objects, all_sum, gather_state_dict,
-                               load_checkpoint, rank_world, save_checkpoint)
+                               load_checkpoint, quiet_worker_logs, rank_world,
+                               save_checkpoint)
 
     cfg: DPOConfig = _build(DPOConfig, lc["config"])
     t, c = cfg.train, cfg.cluster
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    quiet_worker_logs()
     rank, world = rank_world()
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
@@ -196,17 +196,22 @@ def train_loop_per_worker(lc: dict) -> None:
     engine.train()
     last_eval: dict = {}
 
+    def merged(feed: PairFeed) -> dict:
+        out = Counter(counts)
+        out.update(feed.counts)  # update keeps zero counts; `+` would drop them
+        return dict(out)
+
     def worker_state(feed: PairFeed, epoch_done: bool) -> dict:
         return {"step": step, "epoch": epoch, "samples": samples, "tokens": tokens_seen,
-                "epoch_done": epoch_done, "counts": dict(counts + feed.counts),
+                "epoch_done": epoch_done, "counts": merged(feed),
                 "consumed": ([] if epoch_done else
                              (sorted(skip) if rank == 0 else []) + feed.consumed)}
 
     def total_counts(feed: PairFeed) -> dict:
-        merged: Counter = Counter()
-        for part in all_gather_objects(dict(counts + feed.counts)):
-            merged.update(part)
-        return dict(merged)
+        total: Counter = Counter({"prompt truncated": 0, "response truncated": 0})
+        for part in all_gather_objects(merged(feed)):
+            total.update(part)
+        return dict(total)
 
     feed = PairFeed(train_shard, t.micro_batch_size, accum)
     epoch = epoch0
@@ -242,6 +247,12 @@ def train_loop_per_worker(lc: dict) -> None:
                 sums = [a + b for a, b in zip(sums, _sums(out, pc, pr, nc, w))]
             feed.commit(ids, step_counts)
             step += 1
+            fault = lc.get("crash_once_at_step")
+            if fault and step == fault["step"] and rank == world - 1:
+                marker = Path(fault["marker"])
+                if not marker.exists():  # a hard death, as when a node is lost
+                    marker.write_text(str(step))
+                    os._exit(1)
             samples += int(n_global)
             tokens_seen += int(tok_global)
             g = all_sum(sums)
@@ -325,9 +336,14 @@ def _run_dir(cfg: DPOConfig) -> Path:
     return run
 
 
-def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None) -> Path:
+def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
+        crash_once_at_step: int | None = None) -> Path:
     """Train; returns the run directory. `dataset` may be an in-memory
-    datasets.Dataset or ray.data.Dataset (then data.path is ignored)."""
+    datasets.Dataset or ray.data.Dataset (then data.path is ignored).
+
+    crash_once_at_step: fault-injection for tests: the last worker process exits hard
+    after that step, once, to exercise Ray Train's restart from the last checkpoint.
+    """
     import ray
     import yaml
 
@@ -346,6 +362,7 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None) -> Path:
         for n in notes:
             print(f"warning: {n}", file=sys.stderr)
     load_tokenizer(model_path)  # fail here, not in a worker, if it cannot load
+    plan = data.inspect(cfg.data, dataset, eval_dataset)
     run_dir = _run_dir(cfg)
 
     started_ray = not ray.is_initialized()
@@ -355,7 +372,7 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None) -> Path:
         check_resources(cfg.cluster)
         print(f"reading pairs from {cfg.data.path if dataset is None else 'memory'} ...",
               flush=True)
-        pipes = data.build(cfg.data, model_path, cfg.train.seed, dataset, eval_dataset)
+        pipes = data.build(plan, cfg.data, model_path, cfg.train.seed)
         print(f"train: {data.describe_counts(pipes.train_counts)}\n"
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
         t, c = cfg.train, cfg.cluster
@@ -372,7 +389,9 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None) -> Path:
         trainer = make_trainer(
             train_loop_per_worker,
             {"config": to_dict(cfg), "model_path": model_path, "ref_path": ref_path,
-             "total_steps": total, "run_log": run_log},
+             "total_steps": total, "run_log": run_log,
+             "crash_once_at_step": crash_once_at_step and {
+                 "step": crash_once_at_step, "marker": str(run_dir / ".crash-injected")}},
             c, {"train": pipes.train, "eval": pipes.eval},
             name="checkpoints" if not c.storage_path else run_dir.name,
             storage_path=storage, keep_checkpoints=t.keep_checkpoints)
@@ -392,10 +411,19 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None) -> Path:
             shutil.copytree(Path(d) / "model", run_dir / "model")
         summary.update({
             "wall_time_s": round(time.time() - t_start, 1),
-            "tokens_per_s": summary["tokens"] / max(time.time() - t_start, 1e-9),
-            "data": {"train": dict(pipes.train_counts), "eval": dict(pipes.eval_counts)},
+            "tokens_per_s_overall": summary["tokens"] / max(time.time() - t_start, 1e-9),
+            "data": {split: {"rows": sum(cnt.values()), "usable": cnt[""],
+                             "dropped": {k: v for k, v in cnt.items() if k}}
+                     for split, cnt in (("train", pipes.train_counts),
+                                        ("eval", pipes.eval_counts))},
             "warnings": notes, "model": str(run_dir / "model"),
             "checkpoint": result.checkpoint.path})
+        if cfg.train.max_steps <= 0 or summary["steps"] < cfg.train.max_steps:
+            # Whole epochs ran: every usable pair was trained on, dropped by a worker
+            # (counted), or left out by the equal split across workers (< num_workers).
+            worker_drops = sum(v for k, v in summary["counts"].items() if k.startswith("dropped"))
+            summary["pairs_left_out_by_split"] = (
+                pipes.train_counts[""] * cfg.train.epochs - summary["samples"] - worker_drops)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         _plot(run_dir)
         return run_dir

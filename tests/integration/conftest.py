@@ -1,0 +1,40 @@
+"""Integration tests: a real local Ray cluster (4 logical CPUs: 2 training workers
+plus the Ray Data pipeline), real DeepSpeed engines, the tiny model, CPU only."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from cluster.train import connect, quiet_ray_data
+    from rlhf.config import ClusterConfig
+
+    connect(ClusterConfig(num_workers=2, cpus_per_worker=1, data_cpus=2))
+    quiet_ray_data()
+    yield
+    ray.shutdown()
+
+
+SMALL = ["data.demo_pairs=96", "data.demo_eval_pairs=32", "train.eval_every=6",
+         "train.checkpoint_every=0", "train.log_every=1"]
+
+
+def dpo(tmp_path: Path, *overrides: str, **kwargs) -> Path:
+    from rlhf.config import DPOConfig, parse_args
+    from rlhf.dpo import run
+
+    cfg = parse_args(DPOConfig, [f"output.dir={tmp_path}", *SMALL, *overrides], "rlhf.dpo")
+    return run(cfg, **kwargs)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
