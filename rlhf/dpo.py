@@ -252,6 +252,10 @@ def train_loop_per_worker(lc: dict) -> None:
                 marker = Path(fault["marker"])
                 if not marker.exists():  # a hard death, as when a node is lost
                     marker.write_text(str(step))
+                    # Ray Train's controller collects reported checkpoints on its 2 s
+                    # health-check poll; in a real run minutes pass between a checkpoint
+                    # and a crash, so let it see the last one first.
+                    time.sleep(5)
                     os._exit(1)
             samples += int(n_global)
             tokens_seen += int(tok_global)
