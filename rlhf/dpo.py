@@ -472,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(DPOConfig, argv, prog="rlhf.dpo")
         run_dir = run(cfg)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A DataError raised inside a Ray Data task arrives wrapped with its traceback.
+        inner = getattr(e, "cause", None)
+        print(f"error: {inner if isinstance(inner, DataError) else e}", file=sys.stderr)
         return 2
     except TrainingError as e:
         print(f"error: training failed: {e}", file=sys.stderr)

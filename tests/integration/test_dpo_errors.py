@@ -1,0 +1,66 @@
+"""Bad input through the command line: a clear message, a non-zero exit, no hang."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rlhf.demo import demo_pair
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(tmp_path, *args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "rlhf.dpo", f"output.dir={tmp_path / 'runs'}",
+                           "cluster.num_workers=2", *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=timeout)
+
+
+def test_missing_columns(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "preferred": "a", "dispreferred": "b"}) + "\n")
+    out = cli(tmp_path, f"data.path={f}")
+    assert out.returncode == 2
+    assert "Could not find column(s) 'chosen', 'rejected'" in out.stderr
+    assert "Columns found: prompt, preferred, dispreferred" in out.stderr
+    assert "data.columns.chosen=<column>" in out.stderr
+
+
+def test_empty_file_and_missing_model(tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("\n")
+    out = cli(tmp_path, f"data.path={f}")
+    assert out.returncode == 2 and "the data set is empty" in out.stderr
+    out = cli(tmp_path, "model.name_or_path=/no/such/model")
+    assert out.returncode == 2 and "no such model folder" in out.stderr
+
+
+def test_unknown_key_and_contradiction(tmp_path):
+    out = cli(tmp_path, "train.lr=1e-5")
+    assert out.returncode == 2 and "Unknown config key 'train.lr'" in out.stderr
+    out = cli(tmp_path, "train.global_batch_size=12")
+    assert out.returncode == 2 and "multiple of" in out.stderr
+
+
+def test_malformed_json_line_deep_in_the_file(tmp_path):
+    lines = [json.dumps(demo_pair(i)) for i in range(40)]
+    lines[30] = "{not json"
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    out = cli(tmp_path, f"data.path={f}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"{f}, line 31: not valid JSON" in out.stderr
+
+
+def test_nan_loss_stops_with_advice_and_keeps_last_checkpoint(tmp_path):
+    out = cli(tmp_path, "data.demo_pairs=160", "data.demo_eval_pairs=16",
+              "train.learning_rate=1e15", "train.max_grad_norm=0", "train.warmup_ratio=0",
+              "train.checkpoint_every=1", "train.eval_every=0", "output.name=nan")
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "loss became nan" in out.stderr.lower() or "loss became inf" in out.stderr.lower()
+    assert "learning rate too high" in out.stderr
+    ckpts = list((tmp_path / "runs" / "nan" / "checkpoints").glob("step_*"))
+    assert ckpts  # the steps before the NaN were checkpointed and kept
