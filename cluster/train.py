@@ -243,8 +243,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def _identity(batch):
-    return batch
+def _rows_collate():
+    """Collate that keeps numpy rows as they are: variable-length token lists are padded
+    per micro-batch by the entry point, after bad rows are counted and left out."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class KeepNumpy(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return batch
+
+    return KeepNumpy()
 
 
 class PairFeed:
@@ -272,7 +280,7 @@ class PairFeed:
             kwargs = {"local_shuffle_buffer_size": self.shuffle_buffer,
                       "local_shuffle_seed": self.seed + epoch}
         for batch in self.shard.iter_torch_batches(batch_size=self.micro * 4,
-                                                   collate_fn=_identity, **kwargs):
+                                                   collate_fn=_rows_collate(), **kwargs):
             for i in range(len(batch["id"])):
                 yield {k: batch[k][i] for k in batch}
 

@@ -221,8 +221,8 @@ def train_loop_per_worker(lc: dict) -> None:
         epoch_finished = False
         feed = PairFeed(train_shard, t.micro_batch_size, accum,
                         skip=skip if epoch == epoch0 else None)
+        t0 = time.time()  # step time includes waiting for data: tokens/s is end to end
         for micro_batches, ids, step_counts in feed.steps(epoch):
-            t0 = time.time()
             n_local = sum(len(mb) for mb in micro_batches)
             tok_local = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) +
                             len(r["rejected_ids"]) for mb in micro_batches for r in mb)
@@ -286,6 +286,7 @@ def train_loop_per_worker(lc: dict) -> None:
             if last:
                 done = True
                 break
+            t0 = time.time()
         else:
             epoch_finished = True
             epoch += 1

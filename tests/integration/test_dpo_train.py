@@ -62,11 +62,15 @@ def test_zero3_matches_zero2_first_steps(ray_cluster, tmp_path):
     _load(b / "model")
 
 
-def test_lora_merged_export(ray_cluster, tmp_path, tiny_model_path):
-    run_dir = dpo(tmp_path, "model.lora.enabled=true", "model.lora.r=8",
-                  "train.learning_rate=1e-2", "train.max_steps=4")
+def test_lora_bf16_merged_export(ray_cluster, tmp_path, tiny_model_path):
+    """bf16 weights, bf16 adapters, DeepSpeed bf16, gradient checkpointing: one dtype."""
+    run_dir = dpo(tmp_path, "model.lora.enabled=true", "model.lora.r=8", "model.dtype=bf16",
+                  "model.gradient_checkpointing=true", "train.learning_rate=1e-2",
+                  "train.max_steps=4")
     model, _ = _load(run_dir / "model")
+    assert model.dtype == torch.bfloat16
     base, _ = _load(tiny_model_path)
+    base = base.to(torch.bfloat16)
     names = [n for n, _ in model.named_parameters()]
     assert not any("lora" in n for n in names)
     changed = {n for (n, a), b in zip(model.named_parameters(), base.parameters())
