@@ -194,7 +194,6 @@ def train_loop_per_worker(lc: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     engine.train()
-    last_eval: dict = {}
 
     def merged(feed: PairFeed) -> dict:
         out = Counter(counts)
@@ -274,11 +273,11 @@ def train_loop_per_worker(lc: dict) -> None:
                 "train/samples": samples, "train/epoch": epoch + 1,
                 "train/step_time_s": elapsed})
             last = step >= total
-            if t.eval_every and step % t.eval_every == 0 and not last:
-                last_eval = _evaluate(engine, ref_engine, eval_shard, cfg, device, pad_id,
-                                      dummy, t.micro_batch_size)
-                metrics.update(last_eval)
-            if rank == 0 and (step % t.log_every == 0 or last or last_eval):
+            evaluated = bool(t.eval_every and step % t.eval_every == 0 and not last)
+            if evaluated:
+                metrics.update(_evaluate(engine, ref_engine, eval_shard, cfg, device, pad_id,
+                                         dummy, t.micro_batch_size))
+            if rank == 0 and (step % t.log_every == 0 or last or evaluated):
                 run_log.log.remote({"step": step, **metrics})
             if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
                 save_checkpoint(engine, worker_state(feed, False),
@@ -290,6 +289,8 @@ def train_loop_per_worker(lc: dict) -> None:
         else:
             epoch_finished = True
             epoch += 1
+            counts.update(feed.counts)  # keep this epoch's counts; the next feed starts at 0
+            feed = PairFeed(train_shard, t.micro_batch_size, accum)
 
     # Final: evaluate, then one checkpoint holding the resumable state and the export.
     final_eval = _evaluate(engine, ref_engine, eval_shard, cfg, device, pad_id, dummy,

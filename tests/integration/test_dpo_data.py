@@ -118,3 +118,14 @@ def test_malformed_line_stops_the_scan_with_file_and_line(ray_cluster, tmp_path,
     f.write_text("\n".join(lines) + "\n")
     with pytest.raises(Exception, match=r"bad.jsonl, line 18: not valid JSON"):
         _build(DataConfig(path=str(f)), tiny_model_path)
+
+
+def test_ray_dataset_source_gets_content_ids(ray_cluster, tiny_model_path):
+    import ray.data
+
+    train = ray.data.from_items([demo_pair(i) for i in range(30)])
+    held = ray.data.from_items([demo_pair(i, "eval") for i in range(6)])
+    _, pipes = _build(DataConfig(), tiny_model_path, dataset=train, eval_dataset=held)
+    assert pipes.train_counts == {"": 30} and pipes.eval_counts == {"": 6}
+    ids = sorted(r["id"] for r in _rows(pipes.train))
+    assert len(set(ids)) == 30 and ids == sorted(r["id"] for r in _rows(pipes.train))

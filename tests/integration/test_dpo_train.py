@@ -89,3 +89,12 @@ def test_lora_zero3_adapter_only_export(ray_cluster, tmp_path, tiny_model_path):
     peft_model = PeftModel.from_pretrained(base, run_dir / "model")
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (B starts at 0)
+
+
+def test_two_epochs_count_every_pair_twice(ray_cluster, tmp_path):
+    run_dir = dpo(tmp_path, "data.demo_pairs=48", "train.epochs=2", "train.eval_every=0")
+    s = summary(run_dir)
+    assert s["steps"] == 12 and s["samples"] == 96
+    assert s["pairs_left_out_by_split"] == 0
+    epochs = [r["train/epoch"] for r in metrics(run_dir) if "train/loss" in r]
+    assert epochs == [1] * 6 + [2] * 6
