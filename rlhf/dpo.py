@@ -34,12 +34,27 @@ NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half)
 # ============================================================================ worker
 
 
-def _pair_batch(rows: list[dict], pad_id: int):
-    from rlhf.logprobs import pad_pairs
+def _pair_batch(rows: list[dict], pad_id: int, cfg: DPOConfig | None = None):
+    """Token rows -> a padded batch, or a packed one when cfg.data.packing is on."""
+    import torch
 
-    return pad_pairs([r["prompt_ids"].tolist() for r in rows],
-                     [r["chosen_ids"].tolist() for r in rows],
-                     [r["rejected_ids"].tolist() for r in rows], pad_id)
+    from rlhf.logprobs import pack_pairs, pad_pairs
+
+    prompts = [r["prompt_ids"].tolist() for r in rows]
+    chosen = [r["chosen_ids"].tolist() for r in rows]
+    rejected = [r["rejected_ids"].tolist() for r in rows]
+    if cfg is None or not cfg.data.packing:
+        return pad_pairs(prompts, chosen, rejected, pad_id)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    varlen = cfg.model.attn_implementation == "flash_attention_2"
+    # With a dense block-diagonal mask, rows as wide as the longest sequence keep the
+    # attention cost at or below the padded layout's while the padding goes; flash
+    # attention's varlen path has no mask, so everything goes into one row.
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
+    capacity = sum(len(p) * 2 + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)) \
+        if varlen else longest
+    return pack_pairs(prompts, chosen, rejected, capacity=capacity,
+                      float_dtype=dtype[cfg.model.dtype], with_mask=not varlen)
 
 
 def _dummy_rows(tok) -> list[dict]:
@@ -53,12 +68,16 @@ def _logps(engine, batch: dict, device, adapters_off: bool = False):
     """(2B,) summed response log-probs and token counts of a pad_pairs batch."""
     import contextlib
 
-    from rlhf.logprobs import sequence_logprobs
+    from rlhf.logprobs import packed_sequence_logprobs, sequence_logprobs
 
     ctx = engine.module.disable_adapter() if adapters_off else contextlib.nullcontext()
+    packed = "seq_index" in batch
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")
+              if k in batch}
     with ctx:
-        out = engine(input_ids=batch["input_ids"].to(device),
-                     attention_mask=batch["attention_mask"].to(device))
+        out = engine(**inputs)
+    if packed:
+        return packed_sequence_logprobs(out.logits, batch)
     return sequence_logprobs(out.logits, batch["input_ids"].to(device),
                              batch["loss_mask"].to(device))
 
@@ -111,7 +130,7 @@ def _evaluate(engine, ref_engine, shard, cfg, device, pad_id, dummy, micro) -> d
         for micro_batches in PairFeed(shard, micro, 1).eval_steps():
             for mb in micro_batches:
                 out, pc, pr, nc = _pair_forward(engine, ref_engine,
-                                                _pair_batch(mb or dummy, pad_id), cfg,
+                                                _pair_batch(mb or dummy, pad_id, cfg), cfg,
                                                 device, grad=False)
                 w = 1.0 if mb else 0.0
                 s = _sums(out, pc, pr, nc, w) + [w * len(mb), w * float(nc.sum())]
@@ -233,7 +252,7 @@ def train_loop_per_worker(lc: dict) -> None:
             scale = world * accum / n_global
             sums = [0.0] * len(METRIC_KEYS)
             for mb in micro_batches:
-                batch = _pair_batch(mb or dummy, pad_id)
+                batch = _pair_batch(mb or dummy, pad_id, cfg)
                 out, pc, pr, nc = _pair_forward(engine, ref_engine, batch, cfg, device,
                                                 grad=True)
                 w = 1.0 if mb else 0.0
