@@ -136,6 +136,10 @@ class LossConfig:
     """Conservative DPO (cDPO): assumed probability that a label is flipped, in [0, 0.5)."""
     rpo_alpha: float = 0.0
     """Weight of an NLL term on the chosen response (RPO); 0 disables it."""
+    precompute_reference: bool = False
+    """Compute the reference log-probs once, in a Ray Data pass over an actor pool
+    (cluster.reference_actors), and stream them with the pairs: the training workers
+    then hold no reference model and run no reference forward."""
     simpo_gamma: float = 0.5
     """SimPO target reward margin, as a fraction of beta (TRL's gamma_beta_ratio)."""
 
@@ -198,6 +202,10 @@ class ClusterConfig:
     """Keep optimizer states in CPU memory (ZeRO 1-3; uses DeepSpeed's CPU Adam)."""
     offload_params: bool = False
     """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
+    reference_actors: int = 1
+    """loss.precompute_reference: Ray Data actors holding the reference model."""
+    reference_gpus_per_actor: float = 0.0
+    """loss.precompute_reference: GPUs per reference actor (0 on CPU)."""
     max_failures: int = 0
     """Restart the workers from the last checkpoint this many times after a failure."""
     storage_path: str | None = None
@@ -302,6 +310,12 @@ def check_dpo(cfg: DPOConfig) -> None:
     if lo.label_smoothing and lo.type not in ("sigmoid", "simpo"):
         raise ConfigError(f"loss.label_smoothing only applies to sigmoid and simpo, not "
                           f"loss.type={lo.type}: set it to 0.")
+    if lo.precompute_reference and lo.type == "simpo":
+        raise ConfigError("loss.type=simpo uses no reference: drop loss.precompute_reference.")
+    if lo.precompute_reference and cfg.model.lora.load_in_4bit:
+        raise ConfigError("loss.precompute_reference loads the reference in model.dtype; with "
+                          "4-bit QLoRA the on-the-fly reference (adapters off) is the exact "
+                          "one: drop loss.precompute_reference.")
     if cfg.model.ref_name_or_path and cfg.model.lora.enabled:
         raise ConfigError("model.ref_name_or_path and model.lora.enabled together: under "
                           "LoRA the reference is the policy with adapters disabled. Drop "

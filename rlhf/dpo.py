@@ -61,7 +61,8 @@ def _dummy_rows(tok) -> list[dict]:
     import numpy as np
 
     one = np.array([tok.eos_token_id], dtype=np.int32)
-    return [{"prompt_ids": one, "chosen_ids": one, "rejected_ids": one}]
+    return [{"prompt_ids": one, "chosen_ids": one, "rejected_ids": one,
+             "ref_chosen": 0.0, "ref_rejected": 0.0}]
 
 
 def _logps(engine, batch: dict, device, adapters_off: bool = False):
@@ -82,7 +83,7 @@ def _logps(engine, batch: dict, device, adapters_off: bool = False):
                              batch["loss_mask"].to(device))
 
 
-def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool):
+def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list[dict]):
     """Policy (and reference) forward on one micro-batch -> losses and rewards (B,)."""
     import torch
 
@@ -92,7 +93,10 @@ def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool):
     with torch.set_grad_enabled(grad):
         logps, ntok = _logps(engine, batch, device)
     ref_c = ref_r = None
-    if cfg.loss.type != "simpo":
+    if cfg.loss.precompute_reference:  # streamed in with the pairs: no forward here
+        ref_c = torch.tensor([float(r["ref_chosen"]) for r in rows], device=logps.device)
+        ref_r = torch.tensor([float(r["ref_rejected"]) for r in rows], device=logps.device)
+    elif cfg.loss.type != "simpo":
         with torch.no_grad():
             if ref_engine is not None:
                 ref_logps, _ = _logps(ref_engine, batch, device)
@@ -131,7 +135,7 @@ def _evaluate(engine, ref_engine, shard, cfg, device, pad_id, dummy, micro) -> d
             for mb in micro_batches:
                 out, pc, pr, nc = _pair_forward(engine, ref_engine,
                                                 _pair_batch(mb or dummy, pad_id, cfg), cfg,
-                                                device, grad=False)
+                                                device, grad=False, rows=mb or dummy)
                 w = 1.0 if mb else 0.0
                 s = _sums(out, pc, pr, nc, w) + [w * len(mb), w * float(nc.sum())]
                 totals = [a + b for a, b in zip(totals, s)]
@@ -182,7 +186,8 @@ def train_loop_per_worker(lc: dict) -> None:
                                  warmup_steps=int(t.warmup_ratio * total),
                                  schedule=t.lr_scheduler)
     ref_engine = None
-    if cfg.loss.type != "simpo" and not cfg.model.lora.enabled:
+    if (cfg.loss.type != "simpo" and not cfg.model.lora.enabled
+            and not cfg.loss.precompute_reference):
         ref = load_causal_lm(lc["ref_path"], cfg.model, trainable=False, use_gpu=c.use_gpu)
         ref_engine = dsc.frozen_engine(ref, dsc.frozen_config(
             zero_stage=c.zero_stage, dtype=cfg.model.dtype,
@@ -254,7 +259,7 @@ def train_loop_per_worker(lc: dict) -> None:
             for mb in micro_batches:
                 batch = _pair_batch(mb or dummy, pad_id, cfg)
                 out, pc, pr, nc = _pair_forward(engine, ref_engine, batch, cfg, device,
-                                                grad=True)
+                                                grad=True, rows=mb or dummy)
                 w = 1.0 if mb else 0.0
                 loss = out.losses.sum() * scale
                 if cfg.loss.rpo_alpha:
@@ -386,7 +391,7 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         notes = check_reference(model_path, ref_path)
         for n in notes:
             print(f"warning: {n}", file=sys.stderr)
-    load_tokenizer(model_path)  # fail here, not in a worker, if it cannot load
+    pad_id = load_tokenizer(model_path).pad_token_id  # fails here, not in a worker
     plan = data.inspect(cfg.data, dataset, eval_dataset)
     run_dir = _run_dir(cfg)
 
@@ -398,6 +403,15 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         print(f"reading pairs from {cfg.data.path if dataset is None else 'memory'} ...",
               flush=True)
         pipes = data.build(plan, cfg.data, model_path, cfg.train.seed)
+        if cfg.loss.precompute_reference:
+            from rlhf.reference import add_reference_logps
+
+            kw = dict(model_path=ref_path, model_cfg=cfg.model, pad_id=pad_id,
+                      micro_batch_size=cfg.train.micro_batch_size, packing=cfg.data.packing,
+                      actors=cfg.cluster.reference_actors,
+                      gpus_per_actor=cfg.cluster.reference_gpus_per_actor)
+            pipes.train = add_reference_logps(pipes.train, **kw)
+            pipes.eval = add_reference_logps(pipes.eval, **kw)
         print(f"train: {data.describe_counts(pipes.train_counts)}\n"
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
         t, c = cfg.train, cfg.cluster

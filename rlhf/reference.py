@@ -1,0 +1,85 @@
+"""Reference log-probs computed once, in a Ray Data pass, instead of on every step.
+
+With loss.precompute_reference the tokenised pairs flow through an actor pool that
+holds the frozen reference model; each row leaves with `ref_chosen` and `ref_rejected`
+(summed response log-probs), and the training workers hold no reference model at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class ReferenceLogps:
+    """map_batches callable (one instance per actor): tokenised rows -> + ref columns."""
+
+    def __init__(self, model_path: str, dtype: str, attn_implementation: str, pad_id: int,
+                 micro_batch_size: int, packing: bool):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from cluster.models import TORCH_DTYPES
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = getattr(torch, TORCH_DTYPES[dtype])
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, attn_implementation=attn_implementation
+        ).to(self.device).eval()
+        self.pad_id, self.micro, self.packing = pad_id, micro_batch_size, packing
+        self.varlen = attn_implementation == "flash_attention_2"
+
+    def _score(self, rows: list[int], batch: dict[str, np.ndarray]):
+        import torch
+
+        from rlhf.logprobs import (pack_pairs, packed_sequence_logprobs, pad_pairs,
+                                   sequence_logprobs, split_pairs)
+
+        p = [batch["prompt_ids"][i].tolist() for i in rows]
+        c = [batch["chosen_ids"][i].tolist() for i in rows]
+        r = [batch["rejected_ids"][i].tolist() for i in rows]
+        with torch.no_grad():
+            if self.packing:
+                longest = max(len(a) + max(len(b), len(d)) for a, b, d in zip(p, c, r))
+                cap = sum(len(a) * 2 + len(b) + len(d) for a, b, d in zip(p, c, r)) \
+                    if self.varlen else longest
+                t = pack_pairs(p, c, r, capacity=cap, float_dtype=self.dtype,
+                               with_mask=not self.varlen)
+                inputs = {k: t[k].to(self.device) for k in
+                          ("input_ids", "position_ids", "attention_mask") if k in t}
+                lp, _ = packed_sequence_logprobs(self.model(**inputs).logits, t)
+            else:
+                t = pad_pairs(p, c, r, self.pad_id)
+                out = self.model(input_ids=t["input_ids"].to(self.device),
+                                 attention_mask=t["attention_mask"].to(self.device))
+                lp, _ = sequence_logprobs(out.logits, t["input_ids"].to(self.device),
+                                          t["loss_mask"].to(self.device))
+        rc, rr = split_pairs(lp.float().cpu())
+        return rc.numpy(), rr.numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["id"])
+        ref_c = np.full(n, np.nan, dtype=np.float32)
+        ref_r = np.full(n, np.nan, dtype=np.float32)
+        good = [i for i in range(n) if not batch["drop"][i]]
+        for at in range(0, len(good), self.micro):
+            rows = good[at:at + self.micro]
+            ref_c[rows], ref_r[rows] = self._score(rows, batch)
+        return {**batch, "ref_chosen": ref_c, "ref_rejected": ref_r}
+
+
+def add_reference_logps(ds, *, model_path: str, model_cfg: Any, pad_id: int,
+                        micro_batch_size: int, packing: bool, actors: int,
+                        gpus_per_actor: float):
+    """Tokenised pairs -> the same rows with ref_chosen / ref_rejected, streamed."""
+    import ray.data
+
+    return ds.map_batches(
+        ReferenceLogps, batch_format="numpy", batch_size=micro_batch_size * 8,
+        fn_constructor_kwargs={"model_path": model_path, "dtype": model_cfg.dtype,
+                               "attn_implementation": model_cfg.attn_implementation,
+                               "pad_id": pad_id, "micro_batch_size": micro_batch_size,
+                               "packing": packing},
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+        num_gpus=gpus_per_actor or None)
