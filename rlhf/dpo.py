@@ -151,6 +151,7 @@ def _evaluate(engine, ref_engine, shard, cfg, device, pad_id, dummy, micro) -> d
 def train_loop_per_worker(lc: dict) -> None:
     """Runs on every Ray Train worker. Everything it needs comes in `lc`."""
     import random
+    import resource
 
     import numpy as np
     import ray.train
@@ -295,7 +296,9 @@ def train_loop_per_worker(lc: dict) -> None:
                 "train/learning_rate": engine.get_lr()[0],
                 "train/tokens_per_s": tok_global / elapsed,
                 "train/samples": samples, "train/epoch": epoch + 1,
-                "train/step_time_s": elapsed})
+                "train/step_time_s": elapsed,
+                # Peak resident memory of this worker process (rank 0 reports its own).
+                "train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
             last = step >= total
             evaluated = bool(t.eval_every and step % t.eval_every == 0 and not last)
             if evaluated:

@@ -1,0 +1,225 @@
+"""DPO throughput, this project vs TRL 1.16's DPOTrainer, side by side in one invocation.
+
+Same machine, same model config (Llama: hidden 512, 8 layers, 8 heads, vocab ~4096,
+random init, built here), the same hh-rlhf pairs from ../shared/data/hh-rlhf, the same
+batch of 8 pairs, max_length 256, fp32, the same number of measured steps after a
+warm-up. Each trainer runs in its own process, so peak memory is its own.
+
+    .venv/bin/python bench/dpo_vs_trl.py                    # ~6 min on 2 cores
+    .venv/bin/python bench/dpo_vs_trl.py --record           # also append to bench/RESULTS.md
+
+Prints, for both: real (non-pad) tokens/s, s/step, peak resident memory per training
+process, useful FLOP/s (8 x non-embedding parameters x real tokens: policy forward and
+backward plus reference forward) as a share of a 2048x2048 fp32 matmul measured in the
+same run, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+MODEL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+             num_attention_heads=8, num_key_value_heads=8)
+
+
+def build_model(out: Path, vocab: int = 4096) -> None:
+    """Random-init Llama + byte-level BPE trained on the hh-rlhf text itself."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [json.loads(x)["chosen"] for x in gzip.open(HH, "rt")]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|pad|>", "<|eos|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>",
+                                  eos_token="<|eos|>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False,
+                                         pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id, **MODEL))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def write_pairs(out: Path, n: int) -> None:
+    rows = [x for x in gzip.open(HH, "rt")][: n + 16]
+    (out / "train.jsonl").write_text("".join(rows[:n]))
+    (out / "eval.jsonl").write_text("".join(rows[n:]))
+
+
+def matmul_flops(seconds: float = 3.0) -> float:
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    best, t_end = 0.0, time.time() + seconds
+    while time.time() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - t0))
+    return best
+
+
+def useful_params(model_dir: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    return sum(p.numel() for p in m.parameters()) - m.get_input_embeddings().weight.numel()
+
+
+# ------------------------------------------------------------------------------- TRL
+
+
+def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int) -> dict:
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TQDM_DISABLE="1",
+                      WANDB_DISABLED="true")
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ds = load_dataset("json", data_files=f"{data_dir}/train.jsonl", split="train")
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
+                     max_length=256, bf16=False, fp16=False, use_cpu=True,
+                     gradient_checkpointing=False, report_to="none", max_steps=steps + warmup,
+                     save_strategy="no", logging_steps=10**6, disable_tqdm=True,
+                     dataloader_num_workers=0, dataloader_pin_memory=False, seed=0,
+                     learning_rate=5e-7)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                         ref_model=AutoModelForCausalLM.from_pretrained(model_dir),
+                         args=args, train_dataset=ds, processing_class=tok)
+    real_tokens: list[int] = []
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        out = collate(features)
+        real_tokens.append(int(out["attention_mask"].sum()))
+        return out
+
+    trainer.data_collator = counting_collator
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return {"step_s": times[warmup:], "tokens": real_tokens[warmup:len(times)],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_trl(model_dir: Path, data_dir: Path, a) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--trl-child", str(model_dir),
+                          str(data_dir), str(a.steps), str(a.warmup), str(a.batch)],
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        raise RuntimeError(f"TRL run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------- ours
+
+
+def run_ours(model_dir: Path, data_dir: Path, a, extra: list[str]) -> dict:
+    runs = Path(tempfile.mkdtemp())
+    cmd = [sys.executable, "-m", "rlhf.dpo", f"model.name_or_path={model_dir}",
+           f"data.path={data_dir / 'train.jsonl'}", f"data.eval_path={data_dir / 'eval.jsonl'}",
+           "data.max_length=256", "data.max_prompt_length=128",
+           f"train.global_batch_size={a.batch}", f"train.micro_batch_size={a.batch // 2}",
+           "cluster.num_workers=2", f"train.max_steps={a.steps + a.warmup}",
+           "train.eval_every=0", "train.checkpoint_every=0", "train.learning_rate=5e-7",
+           f"output.dir={runs}", "output.name=bench", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode:
+        raise RuntimeError(f"our run failed:\n{out.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (runs / "bench" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/step_time_s" in r][a.warmup:]
+    return {"step_s": [r["train/step_time_s"] for r in train],
+            "tokens": [r["train/tokens_per_s"] * r["train/step_time_s"] for r in train],
+            "peak_rss_mb": max(r["train/peak_rss_mb"] for r in train)}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarise(name: str, r: dict, params: int, ceiling: float, per_token: int = 8) -> dict:
+    """per_token: 6 (policy forward + backward) + 2 (reference forward) FLOPs per
+    parameter and token, or 6 where the reference ran before the measured steps."""
+    step = statistics.median(r["step_s"])
+    tok_s = sum(r["tokens"]) / sum(r["step_s"])
+    flops = per_token * params * tok_s
+    return {"name": name, "s_per_step": step, "tokens_per_s": tok_s,
+            "peak_rss_mb": r["peak_rss_mb"], "flops": flops, "mfu": flops / ceiling}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--trl-child":
+        _, _, model_dir, data_dir, steps, warmup, batch = sys.argv
+        print(json.dumps(trl_child(model_dir, data_dir, int(steps), int(warmup), int(batch))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=10, help="measured steps")
+    ap.add_argument("--warmup", type=int, default=2, help="steps not measured")
+    ap.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
+    build_model(work / "model")
+    write_pairs(work, (a.steps + a.warmup) * a.batch)
+    params = useful_params(work / "model")
+    ceiling = matmul_flops()
+    print(f"model: {params / 1e6:.1f}M non-embedding parameters; matmul ceiling "
+          f"{ceiling / 1e9:.0f} GFLOP/s", flush=True)
+    results = [
+        summarise("TRL 1.16 DPOTrainer", run_trl(work / "model", work, a), params, ceiling),
+        summarise("rlhf.dpo (packing)", run_ours(work / "model", work, a, []), params, ceiling),
+        summarise("rlhf.dpo (packing, precomputed reference)",
+                  run_ours(work / "model", work, a, ["loss.precompute_reference=true"]),
+                  params, ceiling, per_token=6),
+    ]
+    base = results[0]
+    lines = ["| trainer | s/step | real tokens/s | vs TRL | peak RSS / process (MB) | "
+             "useful FLOP/s | of matmul ceiling |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['name']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+                     f"{r['peak_rss_mb']:.0f} | {r['flops'] / 1e9:.1f} G | {r['mfu']:.0%} |")
+    table = "\n".join(lines)
+    print(table)
+    if a.record:
+        head = (f"\n## {date.today()} - {platform.node() or 'machine'}: {os.cpu_count()} CPUs, "
+                f"{platform.processor() or platform.machine()}\n\n"
+                f"`.venv/bin/python bench/dpo_vs_trl.py --steps {a.steps} --warmup "
+                f"{a.warmup} --batch {a.batch} --record`; {params / 1e6:.1f}M non-embedding "
+                f"parameters, matmul ceiling {ceiling / 1e9:.0f} GFLOP/s.\n\n")
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(head + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
