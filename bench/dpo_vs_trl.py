@@ -7,6 +7,7 @@ warm-up. Each trainer runs in its own process, so peak memory is its own.
 
     .venv/bin/python bench/dpo_vs_trl.py                    # ~6 min on 2 cores
     .venv/bin/python bench/dpo_vs_trl.py --record           # also append to bench/RESULTS.md
+    .venv/bin/python bench/dpo_vs_trl.py --gpu --record     # GPU machine (make setup EXTRA=gpu)
 
 Prints, for both: real (non-pad) tokens/s, s/step, peak resident memory per training
 process, useful FLOP/s (8 x non-embedding parameters x real tokens: policy forward and
@@ -34,9 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 MODEL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=8)
+# --gpu: a Qwen2-0.5B-shaped model (its vocabulary size too; token ids above the BPE's
+# own vocabulary are simply never used), bf16, max_length 2048, one GPU per trainer.
+GPU_MODEL = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, vocab_size=151936)
 
 
-def build_model(out: Path, vocab: int = 4096) -> None:
+def build_model(out: Path, vocab: int = 4096, shape: dict | None = None) -> None:
     """Random-init Llama + byte-level BPE trained on the hh-rlhf text itself."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -52,9 +57,11 @@ def build_model(out: Path, vocab: int = 4096) -> None:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>",
                                   eos_token="<|eos|>")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False,
+    shape = dict(shape or MODEL)
+    shape.setdefault("vocab_size", len(tok))
+    model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False,
                                          pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id, **MODEL))
+                                         eos_token_id=tok.eos_token_id, **shape))
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
@@ -65,18 +72,24 @@ def write_pairs(out: Path, n: int) -> None:
     (out / "eval.jsonl").write_text("".join(rows[n:]))
 
 
-def matmul_flops(seconds: float = 3.0) -> float:
+def matmul_flops(seconds: float = 3.0, gpu: bool = False) -> float:
+    """Best FLOP/s of a square matmul: 2048 fp32 on CPU, 8192 bf16 on a GPU."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n = 8192 if gpu else 2048
+    kw = {"device": "cuda", "dtype": torch.bfloat16} if gpu else {}
+    a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     best, t_end = 0.0, time.time() + seconds
     while time.time() < t_end:
         t0 = time.perf_counter()
         for _ in range(5):
             a @ b
-        best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - t0))
+        sync()
+        best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t0))
     return best
 
 
@@ -90,7 +103,8 @@ def useful_params(model_dir: Path) -> int:
 # ------------------------------------------------------------------------------- TRL
 
 
-def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int) -> dict:
+def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int,
+              gpu: bool = False) -> dict:
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TQDM_DISABLE="1",
                       WANDB_DISABLED="true")
     from datasets import load_dataset
@@ -100,13 +114,14 @@ def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int
     tok = AutoTokenizer.from_pretrained(model_dir)
     ds = load_dataset("json", data_files=f"{data_dir}/train.jsonl", split="train")
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
-                     max_length=256, bf16=False, fp16=False, use_cpu=True,
+                     max_length=2048 if gpu else 256, bf16=gpu, fp16=False, use_cpu=not gpu,
                      gradient_checkpointing=False, report_to="none", max_steps=steps + warmup,
                      save_strategy="no", logging_steps=10**6, disable_tqdm=True,
                      dataloader_num_workers=0, dataloader_pin_memory=False, seed=0,
                      learning_rate=5e-7)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
-                         ref_model=AutoModelForCausalLM.from_pretrained(model_dir),
+    dtype = "bfloat16" if gpu else "float32"
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+                         ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
                          args=args, train_dataset=ds, processing_class=tok)
     real_tokens: list[int] = []
     collate = trainer.data_collator
@@ -124,17 +139,27 @@ def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            if gpu:
+                import torch
+
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
     trainer.add_callback(Clock())
     trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if gpu:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**20
     return {"step_s": times[warmup:], "tokens": real_tokens[warmup:len(times)],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak}
 
 
 def run_trl(model_dir: Path, data_dir: Path, a) -> dict:
     out = subprocess.run([sys.executable, __file__, "--trl-child", str(model_dir),
-                          str(data_dir), str(a.steps), str(a.warmup), str(a.batch)],
+                          str(data_dir), str(a.steps), str(a.warmup), str(a.batch),
+                          "gpu" if a.gpu else "cpu"],
                          capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"TRL run failed:\n{out.stderr[-3000:]}")
@@ -148,9 +173,13 @@ def run_ours(model_dir: Path, data_dir: Path, a, extra: list[str]) -> dict:
     runs = Path(tempfile.mkdtemp())
     cmd = [sys.executable, "-m", "rlhf.dpo", f"model.name_or_path={model_dir}",
            f"data.path={data_dir / 'train.jsonl'}", f"data.eval_path={data_dir / 'eval.jsonl'}",
-           "data.max_length=256", "data.max_prompt_length=128",
-           f"train.global_batch_size={a.batch}", f"train.micro_batch_size={a.batch // 2}",
-           "cluster.num_workers=2", f"train.max_steps={a.steps + a.warmup}",
+           *(["data.max_length=2048", "data.max_prompt_length=1024", "model.dtype=bf16",
+              "cluster.use_gpu=true", "cluster.num_workers=1",
+              f"train.micro_batch_size={a.batch}", "cluster.reference_gpus_per_actor=0.2"]
+             if a.gpu else
+             ["data.max_length=256", "data.max_prompt_length=128", "cluster.num_workers=2",
+              f"train.micro_batch_size={a.batch // 2}"]),
+           f"train.global_batch_size={a.batch}", f"train.max_steps={a.steps + a.warmup}",
            "train.eval_every=0", "train.checkpoint_every=0", "train.learning_rate=5e-7",
            f"output.dir={runs}", "output.name=bench", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
@@ -179,20 +208,24 @@ def summarise(name: str, r: dict, params: int, ceiling: float, per_token: int = 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--trl-child":
-        _, _, model_dir, data_dir, steps, warmup, batch = sys.argv
-        print(json.dumps(trl_child(model_dir, data_dir, int(steps), int(warmup), int(batch))))
+        _, _, model_dir, data_dir, steps, warmup, batch, device = sys.argv
+        print(json.dumps(trl_child(model_dir, data_dir, int(steps), int(warmup), int(batch),
+                                   gpu=device == "gpu")))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="measured steps")
     ap.add_argument("--warmup", type=int, default=2, help="steps not measured")
     ap.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     ap.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    ap.add_argument("--gpu", action="store_true",
+                    help="GPU comparison: Qwen2-0.5B-shaped model, bf16, max_length 2048, "
+                         "one GPU each (peak memory column = peak GPU memory)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
-    build_model(work / "model")
+    build_model(work / "model", shape=GPU_MODEL if a.gpu else MODEL)
     write_pairs(work, (a.steps + a.warmup) * a.batch)
     params = useful_params(work / "model")
-    ceiling = matmul_flops()
+    ceiling = matmul_flops(gpu=a.gpu)
     print(f"model: {params / 1e6:.1f}M non-embedding parameters; matmul ceiling "
           f"{ceiling / 1e9:.0f} GFLOP/s", flush=True)
     results = [
@@ -212,10 +245,14 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if a.record:
-        head = (f"\n## {date.today()} - {platform.node() or 'machine'}: {os.cpu_count()} CPUs, "
-                f"{platform.processor() or platform.machine()}\n\n"
-                f"`.venv/bin/python bench/dpo_vs_trl.py --steps {a.steps} --warmup "
-                f"{a.warmup} --batch {a.batch} --record`; {params / 1e6:.1f}M non-embedding "
+        device = f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+        if a.gpu:
+            import torch
+
+            device = f"{torch.cuda.get_device_name(0)}, {device}"
+        head = (f"\n## {date.today()} - {platform.node() or 'machine'}: {device}\n\n"
+                f"`.venv/bin/python bench/dpo_vs_trl.py {'--gpu ' if a.gpu else ''}--steps "
+                f"{a.steps} --warmup {a.warmup} --batch {a.batch} --record`; {params / 1e6:.1f}M non-embedding "
                 f"parameters, matmul ceiling {ceiling / 1e9:.0f} GFLOP/s.\n\n")
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(head + table + "\n")
