@@ -111,6 +111,9 @@ class DataConfig:
     """Longest prompt + response in tokens."""
     max_prompt_length: int = 512
     """Longest prompt in tokens; longer prompts lose their beginning."""
+    preserve_order: bool = False
+    """Keep the source order through the pipeline: with one worker, batches (and so runs)
+    are reproducible step for step. Costs some pipelining."""
     packing: bool = True
     """Pack each micro-batch's chosen and rejected sequences into rows as wide as its
     longest sequence, attention kept inside each sequence by a block-diagonal mask (one

@@ -378,6 +378,7 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
     after that step, once, to exercise Ray Train's restart from the last checkpoint.
     """
     import ray
+    import ray.data
     import yaml
 
     from cluster.models import check_reference, load_tokenizer, resolve_model_path
@@ -401,6 +402,9 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
     started_ray = not ray.is_initialized()
     connect(cfg.cluster)
     quiet_ray_data()
+    # Ray Train carries the driver's ordering choice into each worker's shard.
+    ray.data.DataContext.get_current().execution_options.preserve_order = \
+        cfg.data.preserve_order
     try:
         check_resources(cfg.cluster)
         print(f"reading pairs from {cfg.data.path if dataset is None else 'memory'} ...",
