@@ -34,27 +34,19 @@ NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half)
 # ============================================================================ worker
 
 
-def _pair_batch(rows: list[dict], pad_id: int, cfg: DPOConfig | None = None):
-    """Token rows -> a padded batch, or a packed one when cfg.data.packing is on."""
+def _pair_batch(rows: list[dict], pad_id: int, cfg: DPOConfig):
+    """Token rows -> model input, padded or packed (cfg.data.packing)."""
     import torch
 
-    from rlhf.logprobs import pack_pairs, pad_pairs
+    from rlhf.logprobs import pair_batch
 
-    prompts = [r["prompt_ids"].tolist() for r in rows]
-    chosen = [r["chosen_ids"].tolist() for r in rows]
-    rejected = [r["rejected_ids"].tolist() for r in rows]
-    if cfg is None or not cfg.data.packing:
-        return pad_pairs(prompts, chosen, rejected, pad_id)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    varlen = cfg.model.attn_implementation == "flash_attention_2"
-    # With a dense block-diagonal mask, rows as wide as the longest sequence keep the
-    # attention cost at or below the padded layout's while the padding goes; flash
-    # attention's varlen path has no mask, so everything goes into one row.
-    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected))
-    capacity = sum(len(p) * 2 + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)) \
-        if varlen else longest
-    return pack_pairs(prompts, chosen, rejected, capacity=capacity,
-                      float_dtype=dtype[cfg.model.dtype], with_mask=not varlen)
+    return pair_batch([r["prompt_ids"].tolist() for r in rows],
+                      [r["chosen_ids"].tolist() for r in rows],
+                      [r["rejected_ids"].tolist() for r in rows], pad_id=pad_id,
+                      packing=cfg.data.packing,
+                      varlen=cfg.model.attn_implementation == "flash_attention_2",
+                      float_dtype=dtype[cfg.model.dtype])
 
 
 def _dummy_rows(tok) -> list[dict]:
@@ -66,21 +58,15 @@ def _dummy_rows(tok) -> list[dict]:
 
 
 def _logps(engine, batch: dict, device, adapters_off: bool = False):
-    """(2B,) summed response log-probs and token counts of a pad_pairs batch."""
+    """(2B,) summed response log-probs and token counts of a `pair_batch` (either layout)."""
     import contextlib
 
-    from rlhf.logprobs import packed_sequence_logprobs, sequence_logprobs
+    from rlhf.logprobs import model_inputs, pair_logprobs
 
     ctx = engine.module.disable_adapter() if adapters_off else contextlib.nullcontext()
-    packed = "seq_index" in batch
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")
-              if k in batch}
     with ctx:
-        out = engine(**inputs)
-    if packed:
-        return packed_sequence_logprobs(out.logits, batch)
-    return sequence_logprobs(out.logits, batch["input_ids"].to(device),
-                             batch["loss_mask"].to(device))
+        out = engine(**model_inputs(batch, device))
+    return pair_logprobs(out.logits, batch)
 
 
 def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list[dict]):

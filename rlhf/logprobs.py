@@ -165,3 +165,43 @@ def packed_sequence_logprobs(
     counts = torch.zeros(n, dtype=mask.dtype, device=logits.device).index_add(
         0, target, mask.reshape(-1))
     return sums, counts
+
+
+def pair_batch(
+    prompts: Sequence[Sequence[int]],
+    chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    packing: bool,
+    varlen: bool = False,
+    float_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The model input for a pair batch: `pad_pairs`, or `pack_pairs` when packing.
+
+    With a dense block-diagonal mask, rows as wide as the longest sequence keep the
+    attention cost at or below the padded layout's while the padding goes; flash
+    attention's varlen path (`varlen`) needs no mask, so everything goes into one row.
+    """
+    if not packing:
+        return pad_pairs(prompts, chosen, rejected, pad_id)
+    lengths = [(len(p), len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)]
+    capacity = (sum(2 * p + c + r for p, c, r in lengths) if varlen
+                else max(p + max(c, r) for p, c, r in lengths))
+    return pack_pairs(prompts, chosen, rejected, capacity=capacity, float_dtype=float_dtype,
+                      with_mask=not varlen)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The keyword arguments of a causal LM forward for a `pair_batch` result."""
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")
+            if k in batch}
+
+
+def pair_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B,) summed response log-probs and token counts, for either layout."""
+    if "seq_index" in batch:
+        return packed_sequence_logprobs(logits, batch)
+    return sequence_logprobs(logits, batch["input_ids"].to(logits.device),
+                             batch["loss_mask"].to(logits.device))

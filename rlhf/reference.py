@@ -33,28 +33,14 @@ class ReferenceLogps:
     def _score(self, rows: list[int], batch: dict[str, np.ndarray]):
         import torch
 
-        from rlhf.logprobs import (pack_pairs, packed_sequence_logprobs, pad_pairs,
-                                   sequence_logprobs, split_pairs)
+        from rlhf.logprobs import model_inputs, pair_batch, pair_logprobs, split_pairs
 
-        p = [batch["prompt_ids"][i].tolist() for i in rows]
-        c = [batch["chosen_ids"][i].tolist() for i in rows]
-        r = [batch["rejected_ids"][i].tolist() for i in rows]
+        t = pair_batch([batch["prompt_ids"][i].tolist() for i in rows],
+                       [batch["chosen_ids"][i].tolist() for i in rows],
+                       [batch["rejected_ids"][i].tolist() for i in rows], pad_id=self.pad_id,
+                       packing=self.packing, varlen=self.varlen, float_dtype=self.dtype)
         with torch.no_grad():
-            if self.packing:
-                longest = max(len(a) + max(len(b), len(d)) for a, b, d in zip(p, c, r))
-                cap = sum(len(a) * 2 + len(b) + len(d) for a, b, d in zip(p, c, r)) \
-                    if self.varlen else longest
-                t = pack_pairs(p, c, r, capacity=cap, float_dtype=self.dtype,
-                               with_mask=not self.varlen)
-                inputs = {k: t[k].to(self.device) for k in
-                          ("input_ids", "position_ids", "attention_mask") if k in t}
-                lp, _ = packed_sequence_logprobs(self.model(**inputs).logits, t)
-            else:
-                t = pad_pairs(p, c, r, self.pad_id)
-                out = self.model(input_ids=t["input_ids"].to(self.device),
-                                 attention_mask=t["attention_mask"].to(self.device))
-                lp, _ = sequence_logprobs(out.logits, t["input_ids"].to(self.device),
-                                          t["loss_mask"].to(self.device))
+            lp, _ = pair_logprobs(self.model(**model_inputs(t, self.device)).logits, t)
         rc, rr = split_pairs(lp.float().cpu())
         return rc.numpy(), rr.numpy()
 
