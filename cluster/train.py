@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -390,7 +389,3 @@ def gather_state_dict(engine, zero_stage: int) -> dict | None:
     elif rank == 0:
         out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     return out if rank == 0 else None
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
