@@ -9,10 +9,13 @@ warm-up. Each trainer runs in its own process, so peak memory is its own.
     .venv/bin/python bench/dpo_vs_trl.py --record           # also append to bench/RESULTS.md
     .venv/bin/python bench/dpo_vs_trl.py --gpu --record     # GPU machine (make setup EXTRA=gpu)
 
-Prints, for both: real (non-pad) tokens/s, s/step, peak resident memory per training
-process, useful FLOP/s (8 x non-embedding parameters x real tokens: policy forward and
-backward plus reference forward) as a share of a 2048x2048 fp32 matmul measured in the
-same run, and the ratios.
+Prints, for both: real (non-pad) tokens/s (prompt+chosen and prompt+rejected, what
+TRL runs less its padding: the ratio is the ratio of pairs/s), s/step, peak resident
+memory per training process, useful FLOP/s as a share of a 2048x2048 fp32 matmul
+measured in the same run, and the ratios. Useful FLOPs are the work a pair needs:
+8 x non-embedding parameters (policy forward and backward, reference forward; 6 x when
+the reference ran before the measured steps) x its tokens counted once each
+(prompt + chosen + rejected); padding and a second pass over the prompt are not useful.
 """
 
 from __future__ import annotations
@@ -128,7 +131,9 @@ def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int
 
     def counting_collator(features):
         out = collate(features)
-        real_tokens.append(int(out["attention_mask"].sum()))
+        real = int(out["attention_mask"].sum())
+        prompts = real - int(out["completion_mask"].sum())  # every prompt twice
+        real_tokens.append((real, real - prompts // 2))
         return out
 
     trainer.data_collator = counting_collator
@@ -152,8 +157,9 @@ def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int
         import torch
 
         peak = torch.cuda.max_memory_allocated() / 2**20
-    return {"step_s": times[warmup:], "tokens": real_tokens[warmup:len(times)],
-            "peak_rss_mb": peak}
+    kept = real_tokens[warmup:len(times)]
+    return {"step_s": times[warmup:], "tokens": [a for a, _ in kept],
+            "unique_tokens": [b for _, b in kept], "peak_rss_mb": peak}
 
 
 def run_trl(model_dir: Path, data_dir: Path, a) -> dict:
@@ -169,16 +175,24 @@ def run_trl(model_dir: Path, data_dir: Path, a) -> dict:
 # ------------------------------------------------------------------------------- ours
 
 
-def run_ours(model_dir: Path, data_dir: Path, a, extra: list[str]) -> dict:
+def run_ours(model_dir: Path, data_dir: Path, a, extra: list[str], workers: int = 1) -> dict:
+    """CPU: `workers` Ray Train workers sharing the machine's cores (TRL gets them all in
+    one process); GPU: one worker on one GPU."""
     runs = Path(tempfile.mkdtemp())
+    cpus = max(1, (os.cpu_count() or 2) // workers)
+    # One worker has nothing to shard: ZeRO-0 skips ZeRO-2's gradient and parameter
+    # partition copies (~0.15 s a step here). Two workers keep the default ZeRO-2.
+    stage = 0 if workers == 1 else 2
     cmd = [sys.executable, "-m", "rlhf.dpo", f"model.name_or_path={model_dir}",
            f"data.path={data_dir / 'train.jsonl'}", f"data.eval_path={data_dir / 'eval.jsonl'}",
            *(["data.max_length=2048", "data.max_prompt_length=1024", "model.dtype=bf16",
               "cluster.use_gpu=true", "cluster.num_workers=1",
               f"train.micro_batch_size={a.batch}", "cluster.reference_gpus_per_actor=0.2"]
              if a.gpu else
-             ["data.max_length=256", "data.max_prompt_length=128", "cluster.num_workers=2",
-              f"train.micro_batch_size={a.batch // 2}"]),
+             ["data.max_length=256", "data.max_prompt_length=128",
+              f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={cpus}",
+              f"cluster.zero_stage={stage}",
+              f"train.micro_batch_size={a.batch // workers}"]),
            f"train.global_batch_size={a.batch}", f"train.max_steps={a.steps + a.warmup}",
            "train.eval_every=0", "train.checkpoint_every=0", "train.learning_rate=5e-7",
            f"output.dir={runs}", "output.name=bench", *extra]
@@ -190,6 +204,8 @@ def run_ours(model_dir: Path, data_dir: Path, a, extra: list[str]) -> dict:
     train = [r for r in rows if "train/step_time_s" in r][a.warmup:]
     return {"step_s": [r["train/step_time_s"] for r in train],
             "tokens": [r["train/tokens_per_s"] * r["train/step_time_s"] for r in train],
+            "unique_tokens": [r["train/unique_tokens_per_s"] * r["train/step_time_s"]
+                              for r in train],
             "peak_rss_mb": max(r["train/peak_rss_mb"] for r in train)}
 
 
@@ -201,7 +217,7 @@ def summarise(name: str, r: dict, params: int, ceiling: float, per_token: int = 
     parameter and token, or 6 where the reference ran before the measured steps."""
     step = statistics.median(r["step_s"])
     tok_s = sum(r["tokens"]) / sum(r["step_s"])
-    flops = per_token * params * tok_s
+    flops = per_token * params * sum(r["unique_tokens"]) / sum(r["step_s"])
     return {"name": name, "s_per_step": step, "tokens_per_s": tok_s,
             "peak_rss_mb": r["peak_rss_mb"], "flops": flops, "mfu": flops / ceiling}
 
@@ -228,13 +244,16 @@ def main() -> None:
     ceiling = matmul_flops(gpu=a.gpu)
     print(f"model: {params / 1e6:.1f}M non-embedding parameters; matmul ceiling "
           f"{ceiling / 1e9:.0f} GFLOP/s", flush=True)
+    m, pre = work / "model", ["loss.precompute_reference=true"]
     results = [
-        summarise("TRL 1.16 DPOTrainer", run_trl(work / "model", work, a), params, ceiling),
-        summarise("rlhf.dpo (packing)", run_ours(work / "model", work, a, []), params, ceiling),
-        summarise("rlhf.dpo (packing, precomputed reference)",
-                  run_ours(work / "model", work, a, ["loss.precompute_reference=true"]),
+        summarise("TRL 1.16 DPOTrainer", run_trl(m, work, a), params, ceiling),
+        summarise("rlhf.dpo (packing)", run_ours(m, work, a, []), params, ceiling),
+        summarise("rlhf.dpo (packing, precomputed reference)", run_ours(m, work, a, pre),
                   params, ceiling, per_token=6),
     ]
+    if not a.gpu:  # data parallel on one machine: what the all-reduce costs
+        results.append(summarise("rlhf.dpo (packing), 2 workers x 1 CPU, ZeRO-2",
+                                 run_ours(m, work, a, [], workers=2), params, ceiling))
     base = results[0]
     lines = ["| trainer | s/step | real tokens/s | vs TRL | peak RSS / process (MB) | "
              "useful FLOP/s | of matmul ceiling |", "|---|---|---|---|---|---|---|"]

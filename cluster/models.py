@@ -62,13 +62,37 @@ def check_reference(policy_path: str, ref_path: str) -> list[str]:
     return notes
 
 
-def load_causal_lm(path: str, model_cfg: Any, *, trainable: bool, use_gpu: bool):
-    """A causal LM in the configured dtype; with LoRA (trainable) wrapped by peft."""
+def attention_implementation(model_cfg: Any, packing: bool) -> str:
+    """The attn_implementation to load a model with.
+
+    Packed batches (rlhf.logprobs.pack_pairs) need a varlen kernel: flash attention 2
+    where configured, else the project's (rlhf/attention.py), registered here with
+    transformers under its own name so that it is used for exactly these models.
+    """
+    if not packing or model_cfg.attn_implementation == "flash_attention_2":
+        return model_cfg.attn_implementation
+    from transformers import AttentionInterface
+
+    from rlhf import attention
+
+    # No mask function is registered with it, so transformers builds no (N, N) mask
+    # for a packed row: the kernel reads the sequence boundaries from the batch.
+    AttentionInterface.register(attention.NAME, attention.attention_forward)
+    return attention.NAME
+
+
+def load_causal_lm(path: str, model_cfg: Any, *, trainable: bool, use_gpu: bool,
+                   packing: bool = False):
+    """A causal LM in the configured dtype; with LoRA (trainable) wrapped by peft.
+
+    packing: the model will read packed batches (see `attention_implementation`).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, TORCH_DTYPES[model_cfg.dtype])
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_cfg.attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": dtype,
+                              "attn_implementation": attention_implementation(model_cfg, packing)}
     lora = model_cfg.lora
     if trainable and lora.load_in_4bit:
         if not use_gpu or not torch.cuda.is_available():

@@ -328,6 +328,31 @@ class PairFeed:
 # ---------------------------------------------------------------------- checkpoints
 
 
+class StepTimer:
+    """Seconds per phase of a training step, for the metrics: where a step's time goes.
+
+    `mark(phase)` books the time since the previous mark to `phase`. On a GPU each mark
+    synchronises first, so a phase holds its kernels' time, not just their launches.
+    """
+
+    def __init__(self, cuda: bool):
+        import torch
+
+        self._sync = torch.cuda.synchronize if cuda else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.times: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        if self._sync is not None:
+            self._sync()
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
 def save_checkpoint(engine, worker_state: dict, metrics: dict, step: int,
                     extra=None) -> None:
     """Every rank: DeepSpeed's sharded state + this rank's data position -> Ray Train.

@@ -72,7 +72,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers: sdpa, eager or flash_attention_2 (GPU)."""
+    """Attention kernel passed to transformers: sdpa, eager or flash_attention_2 (GPU).
+    With data.packing, sdpa and eager give way to the project's packed kernel."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA / QLoRA settings."""
 
@@ -115,10 +116,10 @@ class DataConfig:
     """Keep the source order through the pipeline: with one worker, batches (and so runs)
     are reproducible step for step. Costs some pipelining."""
     packing: bool = True
-    """Pack each micro-batch's chosen and rejected sequences into rows as wide as its
-    longest sequence, attention kept inside each sequence by a block-diagonal mask (one
-    row with restarting position ids under flash_attention_2): less compute spent on
-    padding, the same log-probs as the padded layout."""
+    """Put each micro-batch's chosen and rejected sequences back to back in one row with
+    no padding; attention stays inside each sequence (flash_attention_2's varlen kernel
+    on a GPU, otherwise the project's per-sequence SDPA kernel, which replaces sdpa or
+    eager). Same log-probs as the padded layout, no compute spent on padding."""
     truncation: str = "truncate"
     """What to do with pairs over the limits: truncate (prompt from the left, responses
     from the right) or drop. Either way the count is reported."""

@@ -36,17 +36,13 @@ NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half)
 
 def _pair_batch(rows: list[dict], pad_id: int, cfg: DPOConfig):
     """Token rows -> model input, padded or packed (cfg.data.packing)."""
-    import torch
-
     from rlhf.logprobs import pair_batch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     return pair_batch([r["prompt_ids"].tolist() for r in rows],
                       [r["chosen_ids"].tolist() for r in rows],
                       [r["rejected_ids"].tolist() for r in rows], pad_id=pad_id,
                       packing=cfg.data.packing,
-                      varlen=cfg.model.attn_implementation == "flash_attention_2",
-                      float_dtype=dtype[cfg.model.dtype])
+                      attn_implementation=cfg.model.attn_implementation)
 
 
 def _dummy_rows(tok) -> list[dict]:
@@ -69,7 +65,8 @@ def _logps(engine, batch: dict, device, adapters_off: bool = False):
     return pair_logprobs(out.logits, batch)
 
 
-def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list[dict]):
+def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list[dict],
+                  timer=None):
     """Policy (and reference) forward on one micro-batch -> losses and rewards (B,)."""
     import torch
 
@@ -78,6 +75,8 @@ def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list
 
     with torch.set_grad_enabled(grad):
         logps, ntok = _logps(engine, batch, device)
+    if timer:
+        timer.mark("forward")
     ref_c = ref_r = None
     if cfg.loss.precompute_reference:  # streamed in with the pairs: no forward here
         ref_c = torch.tensor([float(r["ref_chosen"]) for r in rows], device=logps.device)
@@ -89,6 +88,8 @@ def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list
             else:  # LoRA: the base model is the policy with its adapters off
                 ref_logps, _ = _logps(engine, batch, device, adapters_off=True)
         ref_c, ref_r = split_pairs(ref_logps)
+        if timer:
+            timer.mark("reference")
     pc, pr = split_pairs(logps)
     nc, nr = split_pairs(ntok)
     out = dpo_loss(pc, pr, ref_c, ref_r, loss_type=cfg.loss.type, beta=cfg.loss.beta,
@@ -145,9 +146,9 @@ def train_loop_per_worker(lc: dict) -> None:
 
     from cluster import deepspeed as dsc
     from cluster.models import load_causal_lm, load_tokenizer
-    from cluster.train import (PairFeed, all_gather_objects, all_sum, gather_state_dict,
-                               load_checkpoint, quiet_worker_logs, rank_world,
-                               save_checkpoint)
+    from cluster.train import (PairFeed, StepTimer, all_gather_objects, all_sum,
+                               gather_state_dict, load_checkpoint, quiet_worker_logs,
+                               rank_world, save_checkpoint)
 
     cfg: DPOConfig = _build(DPOConfig, lc["config"])
     t, c = cfg.train, cfg.cluster
@@ -161,7 +162,9 @@ def train_loop_per_worker(lc: dict) -> None:
 
     tok = load_tokenizer(lc["model_path"])
     pad_id, dummy = tok.pad_token_id, _dummy_rows(tok)
-    policy = load_causal_lm(lc["model_path"], cfg.model, trainable=True, use_gpu=c.use_gpu)
+    packing = cfg.data.packing
+    policy = load_causal_lm(lc["model_path"], cfg.model, trainable=True, use_gpu=c.use_gpu,
+                            packing=packing)
     ds_cfg = dsc.train_config(
         zero_stage=c.zero_stage, dtype=cfg.model.dtype, micro_batch_size=t.micro_batch_size,
         grad_accum=accum, world_size=world, max_grad_norm=t.max_grad_norm,
@@ -175,7 +178,8 @@ def train_loop_per_worker(lc: dict) -> None:
     ref_engine = None
     if (cfg.loss.type != "simpo" and not cfg.model.lora.enabled
             and not cfg.loss.precompute_reference):
-        ref = load_causal_lm(lc["ref_path"], cfg.model, trainable=False, use_gpu=c.use_gpu)
+        ref = load_causal_lm(lc["ref_path"], cfg.model, trainable=False, use_gpu=c.use_gpu,
+                             packing=packing)
         ref_engine = dsc.frozen_engine(ref, dsc.frozen_config(
             zero_stage=c.zero_stage, dtype=cfg.model.dtype,
             micro_batch_size=t.micro_batch_size, world_size=world,
@@ -232,12 +236,16 @@ def train_loop_per_worker(lc: dict) -> None:
         feed = PairFeed(train_shard, t.micro_batch_size, accum,
                         skip=skip if epoch == epoch0 else None)
         t0 = time.time()  # step time includes waiting for data: tokens/s is end to end
+        timer = StepTimer(cuda=str(device).startswith("cuda"))
         for micro_batches, ids, step_counts in feed.steps(epoch):
+            timer.mark("data")
             n_local = sum(len(mb) for mb in micro_batches)
             tok_local = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) +
                             len(r["rejected_ids"]) for mb in micro_batches for r in mb)
             ctok_local = sum(len(r["chosen_ids"]) for mb in micro_batches for r in mb)
-            n_global, tok_global, ctok_global = all_sum([n_local, tok_local, ctok_local])
+            ptok_local = sum(len(r["prompt_ids"]) for mb in micro_batches for r in mb)
+            n_global, tok_global, ctok_global, ptok_global = all_sum(
+                [n_local, tok_local, ctok_local, ptok_local])
             # DeepSpeed divides by accum and averages over workers; scaling by
             # world * accum / n_global makes the update the mean over the global batch
             # however it was split.
@@ -245,15 +253,18 @@ def train_loop_per_worker(lc: dict) -> None:
             sums = [0.0] * len(METRIC_KEYS)
             for mb in micro_batches:
                 batch = _pair_batch(mb or dummy, pad_id, cfg)
+                timer.mark("batching")
                 out, pc, pr, nc = _pair_forward(engine, ref_engine, batch, cfg, device,
-                                                grad=True, rows=mb or dummy)
+                                                grad=True, rows=mb or dummy, timer=timer)
                 w = 1.0 if mb else 0.0
                 loss = out.losses.sum() * scale
                 if cfg.loss.rpo_alpha:
                     nll = -pc.sum() * (world * accum / max(ctok_global, 1))
                     loss = loss + cfg.loss.rpo_alpha * nll
-                engine.backward(loss * w)
+                engine.backward(loss * w)  # with the gradient all-reduce at the boundary
+                timer.mark("backward")
                 engine.step()
+                timer.mark("optimizer")
                 sums = [a + b for a, b in zip(sums, _sums(out, pc, pr, nc, w))]
             feed.commit(ids, step_counts)
             step += 1
@@ -276,15 +287,21 @@ def train_loop_per_worker(lc: dict) -> None:
                 raise FloatingPointError(
                     f"DPO loss became {metrics['train/loss']} at step {step}. {NAN_ADVICE}")
             grad_norm = engine.get_global_grad_norm()
+            timer.mark("other")
             elapsed = max(time.time() - t0, 1e-9)
             metrics.update({
                 "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "train/learning_rate": engine.get_lr()[0],
+                # Tokens of prompt+chosen and prompt+rejected (what a padded trainer
+                # runs, less its padding), and of prompt+chosen+rejected: the work a
+                # pair needs when the prompt is run once (data.packing shares it).
                 "train/tokens_per_s": tok_global / elapsed,
+                "train/unique_tokens_per_s": (tok_global - ptok_global) / elapsed,
                 "train/samples": samples, "train/epoch": epoch + 1,
                 "train/step_time_s": elapsed,
                 # Peak resident memory of this worker process (rank 0 reports its own).
-                "train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                "train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                **{f"time/{k}_s": v for k, v in timer.times.items()}})
             last = step >= total
             evaluated = bool(t.eval_every and step % t.eval_every == 0 and not last)
             if evaluated:
@@ -299,6 +316,7 @@ def train_loop_per_worker(lc: dict) -> None:
                 done = True
                 break
             t0 = time.time()
+            timer.reset()
         else:
             epoch_finished = True
             epoch += 1

@@ -80,90 +80,93 @@ def pack_pairs(
     prompts: Sequence[Sequence[int]],
     chosen: Sequence[Sequence[int]],
     rejected: Sequence[Sequence[int]],
-    capacity: int,
-    float_dtype: torch.dtype = torch.float32,
-    with_mask: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Padding-free layout of a pair batch: the 2B sequences packed into rows.
+    share_prompt: bool = True,
+) -> dict:
+    """Padding-free layout of a pair batch: everything back to back in one row.
 
-    Sequence i < B is prompt+chosen of pair i, B + i its prompt+rejected (the same order
-    as `pad_pairs`). Sequences are placed first-fit-decreasing into rows of at most
-    `capacity` tokens (a sequence longer than that gets a row of its own), so padding is
-    only at the end of rows.
+    With `share_prompt` pair i is laid out once as [prompt | chosen | rejected] (the
+    prompt goes through the model once; rlhf/attention.py keeps the rejected tokens
+    from seeing the chosen ones, read from `packed_blocks`). Without it, as flash
+    attention's varlen kernel needs, the 2B sequences prompt+chosen (0..B-1) and
+    prompt+rejected (B..2B-1) follow each other, their boundaries in `cu_seq_lens_q/k`.
+    Either way position ids count from 0 through prompt and response, as in the padded
+    layout, and sequence i < B is prompt+chosen of pair i, B + i its prompt+rejected.
 
-    Returns (R rows, width T):
-      input_ids (R, T), position_ids (R, T) restarting at 0 for every sequence,
-      loss_mask (R, T) 1 on response tokens, seq_index (R, T) the sequence each token
-      belongs to (-1 on padding), and, with `with_mask`, attention_mask (R, 1, T, T): an
-      additive float mask, 0 where a token may attend (earlier tokens of its own sequence)
-      and the dtype's minimum elsewhere, so attention never crosses sequences. Without
-      it (flash-attention varlen on GPU) the restarting position_ids mark the boundaries.
+    Only the logits that score a response token are computed (`logits_to_keep`).
+    Returns, for N tokens in the row, S = 2B sequences, K kept and M scored positions:
+      input_ids, position_ids: (1, N); logits_to_keep: (K,) row positions;
+      score_at: (M,) index into the kept logits of the position predicting each response
+      token; score_ids: (M,) that token; score_seq: (M,) its sequence (0..S-1);
+      n_seqs: 0-d; and packed_blocks (list of (start, prompt, (chosen, rejected))) or
+      cu_seq_lens_q = cu_seq_lens_k ((S + 1,) int32) with max_length_q/k.
     """
-    seqs, masks = [], []
-    for side in (chosen, rejected):
-        for p, c in zip(prompts, side):
-            seqs.append(list(p) + list(c))
-            masks.append([0] * len(p) + [1] * len(c))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = len(seqs[i])
-        for r, free in enumerate(room):
-            if free >= n:
-                rows[r].append(i)
-                room[r] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(max(capacity, n) - n)
-    width = max(sum(len(seqs[i]) for i in row) for row in rows)
-    shape = (len(rows), width)
-    input_ids = torch.zeros(shape, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    loss_mask = torch.zeros(shape, dtype=torch.long)
-    seq_index = torch.full(shape, -1, dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            n = len(seqs[i])
-            input_ids[r, at:at + n] = torch.tensor(seqs[i], dtype=torch.long)
-            position_ids[r, at:at + n] = torch.arange(n)
-            loss_mask[r, at:at + n] = torch.tensor(masks[i], dtype=torch.long)
-            seq_index[r, at:at + n] = i
-            at += n
-    out = {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask,
-           "seq_index": seq_index, "n_seqs": torch.tensor(len(seqs))}
-    if with_mask:
-        same = seq_index.unsqueeze(2) == seq_index.unsqueeze(1)  # (R, T, T)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        # Padding rows attend to themselves only, which keeps softmax finite.
-        allowed = (same & causal & (seq_index >= 0).unsqueeze(2)) | torch.eye(width, dtype=torch.bool)
-        mask = torch.zeros((len(rows), 1, width, width), dtype=float_dtype)
-        mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(float_dtype).min)
-        out["attention_mask"] = mask
+    ids: list[int] = []
+    pos: list[int] = []
+    score_pos: list[int] = []
+    score_ids: list[int] = []
+    score_seq: list[int] = []
+    blocks, lengths = [], []
+    n = len(prompts)
+
+    def scored(prompt_start: int, prompt_len: int, response: Sequence[int], seq: int):
+        # Token j of a response is predicted at the position before it: the last prompt
+        # token for j = 0, else response token j - 1 (at len(ids) + j - 1, called before
+        # the response is appended). After an empty prompt nothing predicts the first
+        # token, as in the padded layout.
+        at = len(ids)
+        for j, t in enumerate(response):
+            if j == 0 and prompt_len == 0:
+                continue
+            score_pos.append(prompt_start + prompt_len - 1 if j == 0 else at + j - 1)
+            score_ids.append(t)
+            score_seq.append(seq)
+
+    if share_prompt:
+        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+            start = len(ids)
+            ids.extend(p)
+            pos.extend(range(len(p)))
+            for resp, seq in ((c, i), (r, n + i)):
+                scored(start, len(p), resp, seq)
+                ids.extend(resp)
+                pos.extend(range(len(p), len(p) + len(resp)))
+            blocks.append((start, len(p), (len(c), len(r))))
+    else:
+        for side, offset in ((chosen, 0), (rejected, n)):
+            for i, (p, resp) in enumerate(zip(prompts, side)):
+                start = len(ids)
+                ids.extend(p)
+                scored(start, len(p), resp, offset + i)
+                ids.extend(resp)
+                pos.extend(range(len(p) + len(resp)))
+                lengths.append(len(p) + len(resp))
+    keep, score_at = torch.unique(torch.tensor(score_pos), return_inverse=True)
+    out = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
+           "logits_to_keep": keep, "score_at": score_at,
+           "score_ids": torch.tensor(score_ids), "score_seq": torch.tensor(score_seq),
+           "n_seqs": torch.tensor(2 * n)}
+    if share_prompt:
+        out["packed_blocks"] = blocks
+    else:
+        cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                   max_length_k=max(lengths))
     return out
 
 
-def packed_sequence_logprobs(
-    logits: torch.Tensor, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_sequence_logprobs(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of response log-probs from a `pack_pairs` batch.
 
-    logits: (R, T, V). Returns (sum_logps (S,), n_tokens (S,)) in the `pad_pairs` order,
-    S = batch["n_seqs"]. A position predicts the next one only inside its own sequence.
+    logits: (1, K, V) at the batch's `logits_to_keep` positions. Returns
+    (sum_logps (S,), n_tokens (S,)) in the `pad_pairs` order, S = batch["n_seqs"].
     """
-    seq = batch["seq_index"].to(logits.device)
-    ids = batch["input_ids"].to(logits.device)
-    same_next = (seq[:, 1:] == seq[:, :-1]) & (seq[:, 1:] >= 0)
-    mask = batch["loss_mask"].to(logits.device)[:, 1:].float() * same_next.float()
-    per_token = token_logprobs(logits[:, :-1], ids[:, 1:]) * mask
-    n = int(batch["n_seqs"])
-    target = seq[:, 1:].clamp(min=0).reshape(-1)
-    sums = torch.zeros(n, dtype=per_token.dtype, device=logits.device).index_add(
-        0, target, per_token.reshape(-1))
-    counts = torch.zeros(n, dtype=mask.dtype, device=logits.device).index_add(
-        0, target, mask.reshape(-1))
+    dev = logits.device
+    picked = logits[0].index_select(0, batch["score_at"].to(dev))  # (M, V)
+    per_token = token_logprobs(picked, batch["score_ids"].to(dev))
+    seq, n = batch["score_seq"].to(dev), int(batch["n_seqs"])
+    sums = torch.zeros(n, dtype=per_token.dtype, device=dev).index_add(0, seq, per_token)
+    counts = torch.zeros(n, dtype=per_token.dtype, device=dev).index_add(
+        0, seq, torch.ones_like(per_token))
     return sums, counts
 
 
@@ -174,34 +177,35 @@ def pair_batch(
     *,
     pad_id: int,
     packing: bool,
-    varlen: bool = False,
-    float_dtype: torch.dtype = torch.float32,
-) -> dict[str, torch.Tensor]:
-    """The model input for a pair batch: `pad_pairs`, or `pack_pairs` when packing.
+    attn_implementation: str = "sdpa",
+) -> dict:
+    """The model input for a pair batch: `pack_pairs` when packing, else `pad_pairs`.
 
-    With a dense block-diagonal mask, rows as wide as the longest sequence keep the
-    attention cost at or below the padded layout's while the padding goes; flash
-    attention's varlen path (`varlen`) needs no mask, so everything goes into one row.
+    A packed batch needs a model loaded with a packed attention kernel
+    (cluster.models.load_causal_lm(packing=True)); the prompt is shared between chosen
+    and rejected except under flash attention, whose varlen kernel cannot express that.
     """
-    if not packing:
-        return pad_pairs(prompts, chosen, rejected, pad_id)
-    lengths = [(len(p), len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)]
-    capacity = (sum(2 * p + c + r for p, c, r in lengths) if varlen
-                else max(p + max(c, r) for p, c, r in lengths))
-    return pack_pairs(prompts, chosen, rejected, capacity=capacity, float_dtype=float_dtype,
-                      with_mask=not varlen)
+    if packing:
+        return pack_pairs(prompts, chosen, rejected,
+                          share_prompt=attn_implementation != "flash_attention_2")
+    return pad_pairs(prompts, chosen, rejected, pad_id)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "logits_to_keep",
+              "packed_blocks", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+              "max_length_k")
+
+
+def model_inputs(batch: dict, device) -> dict:
     """The keyword arguments of a causal LM forward for a `pair_batch` result."""
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids")
-            if k in batch}
+    return {k: batch[k].to(device) if isinstance(batch[k], torch.Tensor) else batch[k]
+            for k in MODEL_KEYS if k in batch}
 
 
 def pair_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B,) summed response log-probs and token counts, for either layout."""
-    if "seq_index" in batch:
+    if "score_seq" in batch:
         return packed_sequence_logprobs(logits, batch)
     return sequence_logprobs(logits, batch["input_ids"].to(logits.device),
                              batch["loss_mask"].to(logits.device))

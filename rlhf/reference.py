@@ -15,20 +15,18 @@ import numpy as np
 class ReferenceLogps:
     """map_batches callable (one instance per actor): tokenised rows -> + ref columns."""
 
-    def __init__(self, model_path: str, dtype: str, attn_implementation: str, pad_id: int,
-                 micro_batch_size: int, packing: bool):
+    def __init__(self, model_path: str, model_cfg: Any, pad_id: int, micro_batch_size: int,
+                 packing: bool):
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from cluster.models import TORCH_DTYPES
+        from cluster.models import load_causal_lm
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dtype = getattr(torch, TORCH_DTYPES[dtype])
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=attn_implementation
-        ).to(self.device).eval()
+        use_gpu = torch.cuda.is_available()
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model = load_causal_lm(model_path, model_cfg, trainable=False, use_gpu=use_gpu,
+                                    packing=packing).to(self.device)
         self.pad_id, self.micro, self.packing = pad_id, micro_batch_size, packing
-        self.varlen = attn_implementation == "flash_attention_2"
+        self.attn = model_cfg.attn_implementation
 
     def _score(self, rows: list[int], batch: dict[str, np.ndarray]):
         import torch
@@ -38,7 +36,7 @@ class ReferenceLogps:
         t = pair_batch([batch["prompt_ids"][i].tolist() for i in rows],
                        [batch["chosen_ids"][i].tolist() for i in rows],
                        [batch["rejected_ids"][i].tolist() for i in rows], pad_id=self.pad_id,
-                       packing=self.packing, varlen=self.varlen, float_dtype=self.dtype)
+                       packing=self.packing, attn_implementation=self.attn)
         with torch.no_grad():
             lp, _ = pair_logprobs(self.model(**model_inputs(t, self.device)).logits, t)
         rc, rr = split_pairs(lp.float().cpu())
@@ -63,8 +61,7 @@ def add_reference_logps(ds, *, model_path: str, model_cfg: Any, pad_id: int,
 
     return ds.map_batches(
         ReferenceLogps, batch_format="numpy", batch_size=micro_batch_size * 8,
-        fn_constructor_kwargs={"model_path": model_path, "dtype": model_cfg.dtype,
-                               "attn_implementation": model_cfg.attn_implementation,
+        fn_constructor_kwargs={"model_path": model_path, "model_cfg": model_cfg,
                                "pad_id": pad_id, "micro_batch_size": micro_batch_size,
                                "packing": packing},
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,

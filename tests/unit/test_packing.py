@@ -1,63 +1,156 @@
-"""Padding-free packing: layout by hand, and the same log-probs as the padded path."""
+"""Padding-free packing: layout by hand, the varlen kernel, and the same log-probs and
+gradients as the padded path."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from rlhf.logprobs import (pack_pairs, packed_sequence_logprobs, pad_pairs, sequence_logprobs,
-                           token_logprobs)
-
-
-def test_layout_by_hand():
-    b = pack_pairs([[1, 2], [3]], [[4], [5, 6, 7]], [[8, 9], [10]], capacity=6)
-    # lengths: c0=3, c1=4, r0=4, r1=2 -> first-fit-decreasing into rows of 6:
-    # row 0: c1(4) + r1(2); row 1: r0(4); row 2: c0(3)
-    assert b["input_ids"].tolist() == [[3, 5, 6, 7, 3, 10], [1, 2, 8, 9, 0, 0], [1, 2, 4, 0, 0, 0]]
-    assert b["seq_index"].tolist() == [[1, 1, 1, 1, 3, 3], [2, 2, 2, 2, -1, -1], [0, 0, 0, -1, -1, -1]]
-    assert b["position_ids"].tolist()[0] == [0, 1, 2, 3, 0, 1]
-    m = b["attention_mask"][0, 0] == 0  # allowed
-    assert m[5].tolist() == [False, False, False, False, True, True]  # r1 sees only itself
-    assert m[3].tolist() == [True, True, True, True, False, False]
+from rlhf.attention import block_attention, blocks_from_cu_seq_lens
+from rlhf.config import ModelConfig
+from rlhf.logprobs import (model_inputs, pack_pairs, packed_sequence_logprobs, pad_pairs,
+                           sequence_logprobs, token_logprobs)
 
 
-def test_boundary_token_is_not_scored():
-    # Two sequences in one row; logits favour token 9 everywhere, so a leak across the
-    # boundary (position 1 predicting position 2) would add log p(9) to sequence 0.
-    b = pack_pairs([[1], [1]], [[9]], [[9]], capacity=8)
-    logits = torch.zeros(1, 4, 10)
-    s, n = packed_sequence_logprobs(logits, b)
-    assert n.tolist() == [1.0, 1.0]
-    assert torch.allclose(s, torch.full((2,), -torch.log(torch.tensor(10.0))))
+def test_layout_by_hand_shared_prompt():
+    b = pack_pairs([[1, 2], [3]], [[4], [5, 6, 7]], [[8, 9], [10]])
+    # pair i once as [prompt | chosen | rejected]; rejected positions continue the prompt
+    assert b["input_ids"].tolist() == [[1, 2, 4, 8, 9, 3, 5, 6, 7, 10]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 2, 3, 0, 1, 2, 3, 1]]
+    assert b["packed_blocks"] == [(0, 2, (1, 2)), (5, 1, (3, 1))]
+    # each response token with the position that predicts it (sequences: chosen 0, 1
+    # are 0, 1; rejected 0, 1 are 2, 3); the first rejected token is predicted by the
+    # last prompt token, like the first chosen one
+    kept = b["logits_to_keep"][b["score_at"]]
+    assert kept.tolist() == [1, 1, 3, 5, 6, 7, 5]
+    assert b["score_ids"].tolist() == [4, 8, 9, 5, 6, 7, 10]
+    assert b["score_seq"].tolist() == [0, 2, 2, 1, 1, 1, 3]
+    assert b["logits_to_keep"].tolist() == [1, 3, 5, 6, 7]  # no logits for the rest
+    assert int(b["n_seqs"]) == 4 and "cu_seq_lens_q" not in b
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_equals_padded(tiny_model_path, tokenizer, attn):
-    from transformers import AutoModelForCausalLM
+def test_layout_by_hand_separate_sequences():
+    b = pack_pairs([[1, 2], [3]], [[4], [5, 6, 7]], [[8, 9], [10]], share_prompt=False)
+    assert b["input_ids"].tolist() == [[1, 2, 4, 3, 5, 6, 7, 1, 2, 8, 9, 3, 10]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
+    assert b["cu_seq_lens_q"].tolist() == [0, 3, 7, 11, 13]
+    assert b["cu_seq_lens_q"].dtype == torch.int32  # what flash attention's varlen reads
+    assert b["max_length_q"] == 4 and "packed_blocks" not in b
+    assert b["logits_to_keep"][b["score_at"]].tolist() == [1, 3, 4, 5, 8, 9, 11]
+    assert b["score_seq"].tolist() == [0, 1, 1, 1, 2, 2, 3]
 
+
+def test_empty_prompt_scores_like_the_padded_layout():
+    # nothing predicts a sequence's first token: 1 scored token for [4, 5], 0 for [6]
+    P, C, R = [[]], [[4, 5]], [[6]]
+    logits = torch.randn(1, 3, 10)
+    padded = pad_pairs(P, C, R, 0)
+    _, n_pad = sequence_logprobs(torch.randn(2, 2, 10), padded["input_ids"],
+                                 padded["loss_mask"])
+    for share in (True, False):
+        b = pack_pairs(P, C, R, share_prompt=share)
+        _, n = packed_sequence_logprobs(logits[:, :len(b["logits_to_keep"])], b)
+        assert n.tolist() == n_pad.tolist() == [1.0, 0.0]
+
+
+def _reference_attention(q, k, v, allowed):
+    """Explicit softmax attention; allowed: (Nq, Nk) bool."""
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return F.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+
+
+def test_block_kernel_equals_attention_on_each_sequence():
+    torch.manual_seed(0)
+    # block 0: prompt 3, chosen 2, rejected 4; block 1: one plain sequence of 5
+    blocks = [(0, 3, (2, 4)), (9, 5, ())]
+    q = torch.randn(1, 4, 14, 8)
+    k, v = torch.randn(1, 2, 14, 8), torch.randn(1, 2, 14, 8)  # GQA 4:2
+    out = block_attention(q, k, v, blocks)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+
+    def causal(n):
+        return torch.ones(n, n, dtype=torch.bool).tril()
+
+    # prompt + chosen: a causal sequence of 5
+    assert torch.allclose(out[:, :, :5], _reference_attention(q[:, :, :5], kk[:, :, :5],
+                                                              vv[:, :, :5], causal(5)), atol=1e-6)
+    # rejected: its own sequence prompt + rejected, i.e. rows 0-2 then 5-8
+    idx = torch.tensor([0, 1, 2, 5, 6, 7, 8])
+    want = _reference_attention(q[:, :, idx], kk[:, :, idx], vv[:, :, idx], causal(7))
+    assert torch.allclose(out[:, :, 5:9], want[:, :, 3:], atol=1e-6)
+    assert torch.allclose(out[:, :, 9:], _reference_attention(q[:, :, 9:], kk[:, :, 9:],
+                                                              vv[:, :, 9:], causal(5)), atol=1e-6)
+    # and the plain-sequence form
+    assert torch.allclose(block_attention(q, k, v, blocks_from_cu_seq_lens([0, 9, 14]))[:, :, 9:],
+                          out[:, :, 9:], atol=1e-6)
+
+
+def _pairs(tokenizer, n):
     from rlhf.data import tokenize_pair
     from rlhf.demo import demo_pair
 
     toks = [tokenize_pair(tokenizer, d["prompt"], d["chosen"], d["rejected"], False, 1024, 512,
-                          "truncate") for d in (demo_pair(i) for i in range(6))]
-    P, C, R = ([t[k] for t in toks] for k in range(3))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=attn)
+                          "truncate") for d in (demo_pair(i) for i in range(n))]
+    return ([t[k] for t in toks] for k in range(3))
+
+
+@pytest.mark.parametrize("attn,share", [("sdpa", True), ("eager", True), ("sdpa", False)])
+def test_packed_equals_padded(tiny_model_path, tokenizer, attn, share):
+    """Log-probs per token within 1e-5 and gradients of the summed log-probs within
+    fp32 rounding, padded model (SDPA/eager with a padding mask) vs packed model."""
+    from cluster.models import load_causal_lm
+
+    P, C, R = _pairs(tokenizer, 6)
+    cfg = ModelConfig(attn_implementation=attn)
+    padded_model = load_causal_lm(tiny_model_path, cfg, trainable=True, use_gpu=False)
+    packed_model = load_causal_lm(tiny_model_path, cfg, trainable=True, use_gpu=False,
+                                  packing=True)
+    assert packed_model.config._attn_implementation == "rlhf_varlen"
     padded = pad_pairs(P, C, R, tokenizer.pad_token_id)
-    packed = pack_pairs(P, C, R, capacity=96)
-    assert packed["input_ids"].numel() < padded["input_ids"].numel()
-    with torch.no_grad():
-        lp_pad = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
-        lp_pack = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                        attention_mask=packed["attention_mask"]).logits
+    packed = pack_pairs(P, C, R, share_prompt=share)
+    real = int(padded["attention_mask"].sum())
+    assert packed["input_ids"].numel() == (real - sum(map(len, P)) if share else real)
+    lp_pad = padded_model(**model_inputs(padded, "cpu")).logits
+    lp_pack = packed_model(**model_inputs(packed, "cpu")).logits
+    assert lp_pack.shape[1] == len(packed["logits_to_keep"])
     s_pad, n_pad = sequence_logprobs(lp_pad, padded["input_ids"], padded["loss_mask"])
     s_pack, n_pack = packed_sequence_logprobs(lp_pack, packed)
     assert torch.equal(n_pad, n_pack)
-    # per token: within 1e-5
-    tok_pad = token_logprobs(lp_pad[:, :-1], padded["input_ids"][:, 1:])
-    tok_pack = token_logprobs(lp_pack[:, :-1], packed["input_ids"][:, 1:])
+    tok_pad = token_logprobs(lp_pad[:, :-1], padded["input_ids"][:, 1:]).detach()
+    tok_pack = token_logprobs(lp_pack[0, packed["score_at"]], packed["score_ids"]).detach()
     for i in range(len(P) * 2):
         a = tok_pad[i][padded["loss_mask"][i, 1:].bool()]
-        r, c = (packed["seq_index"] == i).nonzero(as_tuple=True)
-        m = packed["loss_mask"][r, c].bool()
-        b = tok_pack[r[0], c[m] - 1]  # token at c was predicted at c - 1
-        assert torch.allclose(a, b, atol=1e-5), i
+        assert torch.allclose(a, tok_pack[packed["score_seq"] == i], atol=1e-5), i
     # per sequence (sums of ~40 terms of magnitude ~5): fp32 summation-order rounding only
     assert torch.allclose(s_pad, s_pack, rtol=1e-6, atol=1e-4)
+    s_pad.sum().backward()
+    s_pack.sum().backward()
+    grads = dict(packed_model.named_parameters())
+    for name, p in padded_model.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5), name
+
+
+def test_packed_model_still_reads_padded_batches(tiny_model_path, tokenizer):
+    """Without packed keywords the kernel is causal attention per row: right for the
+    right-padded layout (real tokens never attend to the padding after them)."""
+    from cluster.models import load_causal_lm
+
+    P, C, R = _pairs(tokenizer, 3)
+    padded = pad_pairs(P, C, R, tokenizer.pad_token_id)
+    with torch.no_grad():
+        a = load_causal_lm(tiny_model_path, ModelConfig(), trainable=False,
+                           use_gpu=False)(**model_inputs(padded, "cpu")).logits
+        b = load_causal_lm(tiny_model_path, ModelConfig(), trainable=False, use_gpu=False,
+                           packing=True)(**model_inputs(padded, "cpu")).logits
+    real = padded["attention_mask"].bool()
+    assert torch.allclose(a[real], b[real], atol=1e-5)
+
+
+def test_sliding_window_longer_than_a_sequence_is_refused():
+    from types import SimpleNamespace
+
+    from rlhf.attention import attention_forward
+
+    module = SimpleNamespace(sliding_window=4, config=SimpleNamespace())
+    q = torch.randn(1, 2, 10, 8)
+    with pytest.raises(NotImplementedError, match="data.packing=false"):
+        attention_forward(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 10]))
