@@ -94,3 +94,30 @@ def nll_per_token(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> 
     a batch's term is the token-weighted mean, sum(-logp) / sum(len).
     """
     return -policy_chosen / chosen_lengths.clamp(min=1)
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    center_coefficient: float = 0.0,
+) -> torch.Tensor:
+    """Reward-model loss on scalar scores (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1).
+
+    chosen_rewards, rejected_rewards: (B,) scores r(x, y_c), r(x, y_r).
+    margin: optional (B,) how much better the chosen response is (Llama 2, Touvron et al.
+    2023, eq. 2): the chosen score must exceed the rejected one by at least that much.
+    center_coefficient: reward centering (Eisenstein et al. 2023), a penalty
+    c * (r_c + r_r)^2 that keeps the mean reward near zero without changing preferences.
+    Returns (B,) per-pair losses:
+        -log sigma(r_c - r_r - margin) + c * (r_c + r_r)^2
+    The batch loss is their mean (as TRL's RewardTrainer computes it).
+    """
+    h = chosen_rewards - rejected_rewards
+    if margin is not None:
+        h = h - margin
+    losses = -F.logsigmoid(h)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen_rewards + rejected_rewards) ** 2
+    return losses

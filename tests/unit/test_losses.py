@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import dpo_loss, nll_per_token
+from rlhf.losses import bradley_terry_loss, dpo_loss, nll_per_token
 
 
 def logsig(x):
@@ -79,3 +79,24 @@ def test_gradient_flows_to_policy_only():
     assert pc.grad.tolist() == pytest.approx(
         [-0.1 / (1 + math.exp(0.15)), -0.1 / (1 + math.exp(-0.2))])
     assert not out.chosen_rewards.requires_grad
+
+
+def test_bradley_terry_by_hand():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # h = (1, -1): log(1 + e^-1) = 0.3132617, log(1 + e) = 1.3132617
+    assert bradley_terry_loss(rc, rr).tolist() == pytest.approx([0.3132617, 1.3132617], abs=1e-6)
+    # margin 0.5 on the first pair: h = 0.5 -> log(1 + e^-0.5) = 0.4740770
+    got = bradley_terry_loss(rc, rr, margin=torch.tensor([0.5, 0.0]))
+    assert got.tolist() == pytest.approx([0.4740770, 1.3132617], abs=1e-6)
+    # centering 0.01 * (rc + rr)^2 = 0.09 and 0.01
+    got = bradley_terry_loss(rc, rr, center_coefficient=0.01)
+    assert got.tolist() == pytest.approx([0.4032617, 1.3232617], abs=1e-6)
+
+
+def test_bradley_terry_gradient_pushes_scores_apart():
+    rc = torch.zeros(3, requires_grad=True)
+    rr = torch.zeros(3, requires_grad=True)
+    bradley_terry_loss(rc, rr).mean().backward()
+    # d/dh of -log sigma(h) at 0 is -1/2, over B = 3
+    assert torch.allclose(rc.grad, torch.full((3,), -1 / 6))
+    assert torch.allclose(rr.grad, torch.full((3,), 1 / 6))
