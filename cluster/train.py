@@ -414,3 +414,85 @@ def gather_state_dict(engine, zero_stage: int) -> dict | None:
     elif rank == 0:
         out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     return out if rank == 0 else None
+
+
+# --------------------------------------------------------------------------- driver
+
+
+class TrainingError(RuntimeError):
+    """Training failed in a worker; the message is the worker's error."""
+
+
+def make_run_dir(output_cfg: Any, resume: bool, prefix: str) -> Path:
+    """The run directory: output.dir/output.name, or a new `{prefix}-<time>`; with resume,
+    the named run or the newest `{prefix}-*` run holding a config.yaml."""
+    from datetime import datetime
+
+    from rlhf.config import ConfigError
+
+    root = Path(output_cfg.dir).expanduser().resolve()
+    if resume:
+        if output_cfg.name:
+            run = root / output_cfg.name
+        else:
+            runs = sorted((p for p in root.glob(f"{prefix}-*") if (p / "config.yaml").is_file()),
+                          key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise ConfigError(f"train.resume=true but {root} holds no earlier {prefix} "
+                                  "run; set output.name to the run to continue.")
+            run = runs[-1]
+        if not run.is_dir():
+            raise ConfigError(f"train.resume=true but {run} does not exist.")
+        return run
+    run = root / (output_cfg.name or datetime.now().strftime(f"{prefix}-%Y%m%d-%H%M%S"))
+    if run.exists() and any(run.iterdir()):
+        raise ConfigError(f"{run} already holds a run: pick another output.name, or set "
+                          "train.resume=true to continue it.")
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def fit(trainer, run_log, run_dir: Path):
+    """trainer.fit(); on failure a TrainingError with the worker's own error. The final
+    checkpoint's exported model is copied to run_dir/model. Returns (result, summary)."""
+    import shutil
+
+    import ray
+
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - report the worker's own error
+        cause = root_cause(e)
+        raise TrainingError(f"{type(cause).__name__}: {cause}") from None
+    summary = ray.get(run_log.summary.remote())
+    ray.get(run_log.close.remote())
+    with result.checkpoint.as_directory() as d:
+        if (run_dir / "model").exists():
+            shutil.rmtree(run_dir / "model")
+        shutil.copytree(Path(d) / "model", run_dir / "model")
+    return result, summary
+
+
+def plot_curves(run_dir: Path, keys: tuple[str, ...]) -> None:
+    """curves.png: train and eval curves of `keys` from metrics.jsonl (skipped without
+    matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            pts = [(r["step"], r[f"{split}/{key}"]) for r in rows if f"{split}/{key}" in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=split)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)

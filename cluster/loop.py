@@ -1,0 +1,235 @@
+"""The Ray Train worker loop that every trained model shares (DPO, reward model, SFT).
+
+An entry point supplies a task object; this module owns what is the same for all:
+seeds, the DeepSpeed training engine, resume from a Ray Train checkpoint, the lock-step
+feed of micro-batches, exact global-batch normalisation inputs, per-phase timings,
+metrics to the run log, held-out evaluation, checkpoints with the data position, a NaN
+stop, fault injection for tests, and the final export.
+
+A task (plain object, duck-typed; see rlhf/dpo.py's DPOTask) provides:
+    cfg                      the entry point's config (train, cluster, model sections)
+    name                     what a row is called in messages ("pairs")
+    nan_advice               what to try when the loss stops being finite
+    trainable(lc)            the model to train (before DeepSpeed wraps it)
+    prepare(engine, lc, world, accum)   anything else (frozen models, tokenizer)
+    step_counts(micro_batches) -> dict  local per-step counts; "samples", "tokens" and
+                             "unique_tokens" are read by the loop, all are summed over
+                             workers and handed to micro_step and metrics
+    micro_step(engine, rows, totals, grad, timer) -> (loss or None, sums dict)
+                             one micro-batch; rows == [] means a zero-weight dummy forward
+                             (ZeRO-3 needs every rank in every gather); the loss must be
+                             normalised so that the update is the global-batch mean
+    metrics(sums, totals, split) -> dict   "{split}/..." values from summed sums
+    export(full_state_dict, out_dir)        write the final model (rank 0)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+
+def _add(into: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+    for k, v in more.items():
+        into[k] = into.get(k, 0.0) + v
+    return into
+
+
+def _all_sum_dict(d: dict[str, float]) -> dict[str, float]:
+    from cluster.train import all_sum
+
+    keys = sorted(d)
+    return dict(zip(keys, all_sum([float(d[k]) for k in keys])))
+
+
+def evaluate(task, engine, shard) -> dict:
+    """Held-out metrics over the whole eval shard, in lock-step across workers."""
+    import torch
+
+    from cluster.train import PairFeed
+
+    engine.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for micro_batches in PairFeed(shard, task.cfg.train.micro_batch_size, 1).eval_steps():
+            for mb in micro_batches:
+                _, s = task.micro_step(engine, mb, None, grad=False, timer=None)
+                _add(sums, s)
+    engine.train()
+    return task.metrics(_all_sum_dict(sums), None, "eval")
+
+
+def train_loop(lc: dict, task) -> None:
+    """Runs on every Ray Train worker. Everything it needs comes in `lc` and `task`."""
+    import random
+    import resource
+
+    import numpy as np
+    import ray.train
+    import torch
+
+    from cluster import deepspeed as dsc
+    from cluster.train import (PairFeed, StepTimer, all_gather_objects, gather_state_dict,
+                               load_checkpoint, quiet_worker_logs, rank_world,
+                               save_checkpoint)
+
+    cfg = task.cfg
+    t, c = cfg.train, cfg.cluster
+    quiet_worker_logs()
+    rank, world = rank_world()
+    random.seed(t.seed + rank)
+    np.random.seed(t.seed + rank)
+    torch.manual_seed(t.seed)  # same LoRA / head init on every rank
+    accum = t.global_batch_size // (t.micro_batch_size * world)
+    lr = lc["learning_rate"]
+    total = lc["total_steps"]
+
+    model = task.trainable(lc)
+    ds_cfg = dsc.train_config(
+        zero_stage=c.zero_stage, dtype=cfg.model.dtype, micro_batch_size=t.micro_batch_size,
+        grad_accum=accum, world_size=world, max_grad_norm=t.max_grad_norm,
+        offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
+        learning_rate=lr, weight_decay=t.weight_decay)
+    engine, _ = dsc.train_engine(model, ds_cfg, learning_rate=lr,
+                                 weight_decay=t.weight_decay, total_steps=total,
+                                 warmup_steps=int(t.warmup_ratio * total),
+                                 schedule=t.lr_scheduler)
+    task.prepare(engine, lc, world, accum)
+    device = engine.device
+
+    step, epoch0, samples, tokens_seen = 0, 0, 0, 0
+    skip: set[int] = set()
+    counts: Counter = Counter()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            restored = load_checkpoint(engine, d)
+        head = restored["states"][0]
+        step, epoch0 = head["step"], head["epoch"]
+        samples, tokens_seen = head["samples"], head["tokens"]
+        skip = restored["consumed"] if not head.get("epoch_done") else set()
+        epoch0 += int(bool(head.get("epoch_done")))
+        if rank == 0:
+            for s in restored["states"]:
+                counts.update(s["counts"])
+            print(f"resumed at step {step} (epoch {epoch0 + 1}, {len(skip)} {task.name} of "
+                  "this epoch already trained)", flush=True)
+
+    run_log = lc["run_log"]
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+    engine.train()
+
+    def merged(feed: PairFeed) -> dict:
+        out = Counter(counts)
+        out.update(feed.counts)  # update keeps zero counts; `+` would drop them
+        return dict(out)
+
+    def worker_state(feed: PairFeed, epoch_done: bool) -> dict:
+        return {"step": step, "epoch": epoch, "samples": samples, "tokens": tokens_seen,
+                "epoch_done": epoch_done, "counts": merged(feed),
+                "consumed": ([] if epoch_done else
+                             (sorted(skip) if rank == 0 else []) + feed.consumed)}
+
+    def total_counts(feed: PairFeed) -> dict:
+        total_: Counter = Counter({"prompt truncated": 0, "response truncated": 0})
+        for part in all_gather_objects(merged(feed)):
+            total_.update(part)
+        return dict(total_)
+
+    feed = PairFeed(train_shard, t.micro_batch_size, accum)
+    epoch = epoch0
+    done = step >= total
+    epoch_finished = False
+    while not done and epoch < t.epochs:
+        epoch_finished = False
+        feed = PairFeed(train_shard, t.micro_batch_size, accum,
+                        skip=skip if epoch == epoch0 else None)
+        t0 = time.time()  # step time includes waiting for data: tokens/s is end to end
+        timer = StepTimer(cuda=str(device).startswith("cuda"))
+        for micro_batches, ids, step_counts in feed.steps(epoch):
+            timer.mark("data")
+            totals = _all_sum_dict(task.step_counts(micro_batches))
+            sums: dict[str, float] = {}
+            for mb in micro_batches:
+                loss, s = task.micro_step(engine, mb, totals, grad=True, timer=timer)
+                engine.backward(loss)  # with the gradient all-reduce at the boundary
+                timer.mark("backward")
+                engine.step()
+                timer.mark("optimizer")
+                _add(sums, s)
+            feed.commit(ids, step_counts)
+            step += 1
+            fault = lc.get("crash_once_at_step")
+            if fault and step == fault["step"] and rank == world - 1:
+                marker = Path(fault["marker"])
+                if not marker.exists():  # a hard death, as when a node is lost
+                    marker.write_text(str(step))
+                    # Ray Train's controller collects reported checkpoints on its 2 s
+                    # health-check poll; in a real run minutes pass between a checkpoint
+                    # and a crash, so let it see the last one first.
+                    time.sleep(5)
+                    os._exit(1)
+            samples += int(totals["samples"])
+            tokens_seen += int(totals["tokens"])
+            metrics = task.metrics(_all_sum_dict(sums), totals, "train")
+            if not math.isfinite(metrics["train/loss"]):
+                raise FloatingPointError(
+                    f"The loss became {metrics['train/loss']} at step {step}. "
+                    f"{task.nan_advice}")
+            grad_norm = engine.get_global_grad_norm()
+            timer.mark("other")
+            elapsed = max(time.time() - t0, 1e-9)
+            metrics.update({
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "train/learning_rate": engine.get_lr()[0],
+                "train/tokens_per_s": totals["tokens"] / elapsed,
+                "train/unique_tokens_per_s": totals["unique_tokens"] / elapsed,
+                "train/samples": samples, "train/epoch": epoch + 1,
+                "train/step_time_s": elapsed,
+                # Peak resident memory of this worker process (rank 0 reports its own).
+                "train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                **{f"time/{k}_s": v for k, v in timer.times.items()}})
+            last = step >= total
+            evaluated = bool(t.eval_every and step % t.eval_every == 0 and not last)
+            if evaluated:
+                metrics.update(evaluate(task, engine, eval_shard))
+            if rank == 0 and (step % t.log_every == 0 or last or evaluated):
+                run_log.log.remote({"step": step, **metrics})
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
+                save_checkpoint(engine, worker_state(feed, False),
+                                {"step": step, **metrics}, step)
+            if last:
+                done = True
+                break
+            t0 = time.time()
+            timer.reset()
+        else:
+            epoch_finished = True
+            epoch += 1
+            counts.update(feed.counts)  # keep this epoch's counts; the next feed starts at 0
+            feed = PairFeed(train_shard, t.micro_batch_size, accum)
+
+    # Final: evaluate, then one checkpoint holding the resumable state and the export.
+    final_eval = evaluate(task, engine, eval_shard)
+    counts_all = total_counts(feed)
+    full = gather_state_dict(engine, c.zero_stage)
+    if rank == 0:
+        import ray
+
+        run_log.log.remote({"step": step, **final_eval})
+        ray.get(run_log.set_summary.remote({"steps": step, "samples": samples,
+                                            "tokens": tokens_seen, "counts": counts_all,
+                                            **final_eval}))
+
+    def export(tmp: Path) -> None:
+        if rank == 0:
+            task.export(full, tmp / "model")
+
+    if epoch_finished:
+        epoch -= 1  # the state names the epoch that just ended, marked done
+    save_checkpoint(engine, worker_state(feed, epoch_finished), {"step": step, **final_eval},
+                    step, extra=export)
