@@ -1,4 +1,4 @@
-"""Load the policy and reference models (HF, peft LoRA, one dtype, gradient
+"""Load the policy, reference and reward models (HF, peft LoRA, one dtype, gradient
 checkpointing) and export a trained model in Hugging Face format.
 """
 
@@ -82,13 +82,16 @@ def attention_implementation(model_cfg: Any, packing: bool) -> str:
 
 
 def load_causal_lm(path: str, model_cfg: Any, *, trainable: bool, use_gpu: bool,
-                   packing: bool = False):
+                   packing: bool = False, reward_head: bool = False):
     """A causal LM in the configured dtype; with LoRA (trainable) wrapped by peft.
 
     packing: the model will read packed batches (see `attention_implementation`).
+    reward_head: the backbone with a scalar head instead of the LM head
+    (AutoModelForSequenceClassification, num_labels=1); a causal LM checkpoint gets a
+    freshly initialised head, a reward-model export its trained one.
     """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = getattr(torch, TORCH_DTYPES[model_cfg.dtype])
     kwargs: dict[str, Any] = {"dtype": dtype,
@@ -102,7 +105,13 @@ def load_causal_lm(path: str, model_cfg: Any, *, trainable: bool, use_gpu: bool,
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if reward_head:
+        kwargs["num_labels"] = 1
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        if model.config.pad_token_id is None:  # its pooling looks for the padding
+            model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     if not trainable:
         model.eval()
@@ -119,7 +128,9 @@ def load_causal_lm(path: str, model_cfg: Any, *, trainable: bool, use_gpu: bool,
             model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+            target_modules=list(lora.target_modules),
+            # SEQ_CLS also trains the (new) scalar head in full ("modules_to_save").
+            task_type="SEQ_CLS" if reward_head else "CAUSAL_LM"))
         # peft creates adapters in fp32; cast them so every weight shares one dtype.
         for name, p in model.named_parameters():
             if "lora_" in name and p.dtype != dtype:
@@ -138,6 +149,9 @@ def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
     out, lora_a, lora_b = {}, {}, {}
     for key, value in state_dict.items():
         key = key[len(prefix):] if key.startswith(prefix) else key
+        if ".original_module." in key:  # peft's frozen copy of a fully trained module
+            continue
+        key = key.replace(".modules_to_save.default.", ".")
         if ".lora_A." in key:
             lora_a[key.split(".lora_A.")[0]] = value
         elif ".lora_B." in key:
@@ -151,27 +165,44 @@ def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
     return out
 
 
+def score_head(model):
+    """The scalar head of a reward model, through DeepSpeed's and peft's wrappers."""
+    m = getattr(model, "module", model)  # DeepSpeed engine
+    if hasattr(m, "get_base_model"):  # peft: the head is its trained "modules_to_save" copy
+        m = m.get_base_model()
+    for name in ("score", "classifier"):
+        if hasattr(m, name):
+            return getattr(m, name)
+    raise ValueError(f"{type(m).__name__} has no score/classifier head")
+
+
 def adapter_state_dict(state_dict: dict) -> dict:
     """The LoRA weights of a peft state dict, keyed as peft's save_pretrained does."""
     return {k.replace(".default.", "."): v for k, v in state_dict.items() if ".lora_" in k}
 
 
-def export_hf(state_dict: dict, path: str, out_dir: Path, model_cfg: Any, tokenizer) -> None:
+def export_hf(state_dict: dict, path: str, out_dir: Path, model_cfg: Any, tokenizer,
+              reward_head: bool = False) -> None:
     """Write a trained model as a Hugging Face folder (safetensors + tokenizer).
 
     state_dict: full (gathered) weights of the trained module, on CPU; under LoRA the
     keys are peft's. LoRA is merged into the base weights unless merge_on_export is off,
-    in which case only the adapter is saved, in peft's format.
+    in which case only the adapter is saved, in peft's format. reward_head: the model is
+    an AutoModelForSequenceClassification with one label (always merged).
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import (AutoConfig, AutoModelForCausalLM,
+                              AutoModelForSequenceClassification)
 
     lora = model_cfg.lora
     out_dir.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.from_pretrained(path)
     config.use_cache = True
-    if lora.enabled and not lora.merge_on_export:
+    if reward_head:
+        config.num_labels = 1
+        config.pad_token_id = tokenizer.pad_token_id
+    if lora.enabled and not lora.merge_on_export and not reward_head:
         from peft import LoraConfig
 
         LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -184,7 +215,8 @@ def export_hf(state_dict: dict, path: str, out_dir: Path, model_cfg: Any, tokeni
             state_dict = merge_lora_state_dict(state_dict, lora.alpha / lora.r)
         config.dtype = TORCH_DTYPES[model_cfg.dtype]
         with torch.device("meta"):  # a skeleton for names and config; weights come from sd
-            skeleton = AutoModelForCausalLM.from_config(config)
+            cls = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
+            skeleton = cls.from_config(config)
         expected = set(skeleton.state_dict().keys())
         missing = sorted(expected - set(state_dict))
         if missing:

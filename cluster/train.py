@@ -153,16 +153,11 @@ class RunLog:
                 self.first_step, self.t0 = step, time.time()
             done = step - self.first_step
             eta = (time.time() - self.t0) / done * (self.total - step) if done else float("nan")
-            print(f"step {step}/{self.total}  loss {record['train/loss']:.4f}  "
-                  f"acc {record['train/rewards/accuracy']:.2f}  "
-                  f"margin {record['train/rewards/margin']:+.4f}  "
+            print(f"step {step}/{self.total}  {_brief(record, 'train')}  "
                   f"lr {record['train/learning_rate']:.2e}  "
                   f"{record['train/tokens_per_s']:.0f} tok/s  ETA {_hms(eta)}", flush=True)
-        eval_keys = [k for k in record if k.startswith("eval/")]
-        if eval_keys:
-            print(f"eval @ step {step}: loss {record.get('eval/loss', float('nan')):.4f}  "
-                  f"reward accuracy {record.get('eval/rewards/accuracy', float('nan')):.3f}  "
-                  f"margin {record.get('eval/rewards/margin', float('nan')):+.4f}  "
+        if any(k.startswith("eval/") for k in record):
+            print(f"eval @ step {step}: {_brief(record, 'eval')}  "
                   f"({record.get('eval/pairs', 0)} pairs)", flush=True)
 
     def set_summary(self, summary: dict) -> None:
@@ -175,6 +170,19 @@ class RunLog:
         self.metrics.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _brief(record: dict, split: str) -> str:
+    """loss, and accuracy and margin where the entry point logs them."""
+    parts = []
+    for label, keys, fmt in (("loss", ("loss",), ".4f"),
+                             ("acc", ("rewards/accuracy", "accuracy"), ".3f"),
+                             ("margin", ("rewards/margin",), "+.4f")):
+        for k in keys:
+            if f"{split}/{k}" in record:
+                parts.append(f"{label} {record[f'{split}/{k}']:{fmt}}")
+                break
+    return "  ".join(parts)
 
 
 def _hms(seconds: float) -> str:

@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:demo"
@@ -151,8 +151,8 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     learning_rate: float | None = None
-    """Peak learning rate. Empty: 5e-7 (the usual DPO setting for a pretrained model), or
-    1e-3 for builtin:tiny-llama, which starts from random weights."""
+    """Peak learning rate. Empty: the usual setting for a pretrained model (DPO 5e-7,
+    reward model 1e-5), or 1e-3 for builtin:tiny-llama, which starts from random weights."""
     epochs: int = 1
     """Passes over the training pairs."""
     max_steps: int = -1
@@ -229,6 +229,8 @@ class OutputConfig:
 class DPOConfig:
     """Direct Preference Optimisation on Ray Train + DeepSpeed, data through Ray Data."""
 
+    PRETRAINED_LR: ClassVar[float] = 5e-7
+
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy (and reference) model."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -244,6 +246,37 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         check_dpo(self)
+
+
+@dataclass
+class RMLossConfig:
+    center_coefficient: float = 0.0
+    """Reward centering (Eisenstein et al. 2023): weight of a (r_chosen + r_rejected)^2
+    penalty that keeps the mean reward near zero; 0.01 is the usual value, 0 disables."""
+
+
+@dataclass
+class RMConfig:
+    """A reward model (causal LM backbone + scalar head, Bradley-Terry loss) on Ray Train
+    + DeepSpeed, preference pairs through Ray Data."""
+
+    PRETRAINED_LR: ClassVar[float] = 1e-5
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone the reward model starts from (usually the SFT model)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference pairs and how they are tokenised."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation schedule, evaluation and checkpoints."""
+    loss: RMLossConfig = field(default_factory=RMLossConfig)
+    """The Bradley-Terry loss and its options."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray and DeepSpeed."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results land."""
+
+    def __post_init__(self) -> None:
+        check_rm(self)
 
 
 # ------------------------------------------------------------------- cross-field checks
@@ -326,11 +359,18 @@ def check_dpo(cfg: DPOConfig) -> None:
                           "one of them.")
 
 
+def check_rm(cfg: RMConfig) -> None:
+    check_common(cfg)
+    if cfg.loss.center_coefficient < 0:
+        raise ConfigError(f"loss.center_coefficient={cfg.loss.center_coefficient} must be "
+                          ">= 0 (0.01 is the usual value, 0 disables centering).")
+
+
 def resolved_learning_rate(cfg: Any) -> float:
     """The learning rate a run uses (see TrainConfig.learning_rate)."""
     if cfg.train.learning_rate is not None:
         return cfg.train.learning_rate
-    return 1e-3 if cfg.model.name_or_path == BUILTIN_MODEL else 5e-7
+    return 1e-3 if cfg.model.name_or_path == BUILTIN_MODEL else cfg.PRETRAINED_LR
 
 
 # ----------------------------------------------------------------- loading and help

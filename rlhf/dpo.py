@@ -14,16 +14,12 @@ with rlhf.rm and rlhf.sft.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import (ConfigError, DPOConfig, _build, parse_args, resolved_learning_rate,
-                         to_dict)
+from rlhf.config import DPOConfig, _build
 
 NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half), a beta "
               "too small, or fp16 overflow (use bf16 or fp32). The last good checkpoint is "
@@ -31,25 +27,6 @@ NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half)
 
 
 # ============================================================================ worker
-
-
-def _pair_batch(rows: list[dict], pad_id: int, cfg: DPOConfig):
-    """Token rows -> model input, padded or packed (cfg.data.packing)."""
-    from rlhf.logprobs import pair_batch
-
-    return pair_batch([r["prompt_ids"].tolist() for r in rows],
-                      [r["chosen_ids"].tolist() for r in rows],
-                      [r["rejected_ids"].tolist() for r in rows], pad_id=pad_id,
-                      packing=cfg.data.packing,
-                      attn_implementation=cfg.model.attn_implementation)
-
-
-def _dummy_rows(tok) -> list[dict]:
-    import numpy as np
-
-    one = np.array([tok.eos_token_id], dtype=np.int32)
-    return [{"prompt_ids": one, "chosen_ids": one, "rejected_ids": one,
-             "ref_chosen": 0.0, "ref_rejected": 0.0}]
 
 
 def _logps(engine, batch: dict, device, adapters_off: bool = False):
@@ -120,9 +97,10 @@ class DPOTask:
 
     def trainable(self, lc: dict):
         from cluster.models import load_causal_lm, load_tokenizer
+        from rlhf.logprobs import dummy_pair_rows
 
         self.tok = load_tokenizer(lc["model_path"])
-        self.pad_id, self.dummy = self.tok.pad_token_id, _dummy_rows(self.tok)
+        self.pad_id, self.dummy = self.tok.pad_token_id, dummy_pair_rows(self.tok.eos_token_id)
         self.model_path = lc["model_path"]
         return load_causal_lm(lc["model_path"], self.cfg.model, trainable=True,
                               use_gpu=self.cfg.cluster.use_gpu, packing=self.cfg.data.packing)
@@ -153,8 +131,12 @@ class DPOTask:
                 "chosen_tokens": c}
 
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
+        from rlhf.logprobs import rows_pair_batch
+
         cfg = self.cfg
-        batch = _pair_batch(rows or self.dummy, self.pad_id, cfg)
+        batch = rows_pair_batch(rows or self.dummy, pad_id=self.pad_id,
+                                packing=cfg.data.packing,
+                                attn_implementation=cfg.model.attn_implementation)
         if timer:
             timer.mark("batching")
         out, pc, pr, nc = _pair_forward(engine, self.ref_engine, batch, cfg, engine.device,
@@ -201,127 +183,45 @@ def train_loop_per_worker(lc: dict) -> None:
 
 def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         crash_once_at_step: int | None = None) -> Path:
-    """Train; returns the run directory. `dataset` may be an in-memory
-    datasets.Dataset or ray.data.Dataset (then data.path is ignored).
+    """Train; returns the run directory (see rlhf.runner.run_training for the arguments)."""
+    from cluster.models import check_reference, resolve_model_path
+    from rlhf.runner import run_training
 
-    crash_once_at_step: fault-injection for tests: the last worker process exits hard
-    after that step, once, to exercise Ray Train's restart from the last checkpoint.
-    """
-    import ray
-    import ray.data
-    import yaml
-
-    from cluster.models import check_reference, load_tokenizer, resolve_model_path
-    from cluster.train import (check_resources, connect, fit, make_run_dir, make_trainer,
-                               plot_curves, quiet_ray_data, start_run_log)
-    from rlhf import data
-
-    t_start = time.time()
-    model_path = resolve_model_path(cfg.model.name_or_path)
-    ref_path = model_path
+    ref_path = resolve_model_path(cfg.model.name_or_path)
     notes: list[str] = []
     if cfg.model.ref_name_or_path:
         ref_path = resolve_model_path(cfg.model.ref_name_or_path, "model.ref_name_or_path")
-        notes = check_reference(model_path, ref_path)
+        notes = check_reference(resolve_model_path(cfg.model.name_or_path), ref_path)
         for n in notes:
             print(f"warning: {n}", file=sys.stderr)
-    pad_id = load_tokenizer(model_path).pad_token_id  # fails here, not in a worker
-    plan = data.inspect(cfg.data, dataset, eval_dataset)
-    run_dir = make_run_dir(cfg.output, cfg.train.resume, "dpo")
 
-    started_ray = not ray.is_initialized()
-    connect(cfg.cluster)
-    quiet_ray_data()
-    # Ray Train carries the driver's ordering choice into each worker's shard.
-    ray.data.DataContext.get_current().execution_options.preserve_order = \
-        cfg.data.preserve_order
-    try:
-        check_resources(cfg.cluster)
-        print(f"reading pairs from {cfg.data.path if dataset is None else 'memory'} ...",
-              flush=True)
-        pipes = data.build(plan, cfg.data, model_path, cfg.train.seed)
-        if cfg.loss.precompute_reference:
-            from rlhf.reference import add_reference_logps
+    def reference_pass(pipes, model_path: str) -> None:
+        if not cfg.loss.precompute_reference:
+            return
+        from cluster.models import load_tokenizer
+        from rlhf.reference import add_reference_logps
 
-            kw = dict(model_path=ref_path, model_cfg=cfg.model, pad_id=pad_id,
-                      micro_batch_size=cfg.train.micro_batch_size, packing=cfg.data.packing,
-                      actors=cfg.cluster.reference_actors,
-                      gpus_per_actor=cfg.cluster.reference_gpus_per_actor)
-            pipes.train = add_reference_logps(pipes.train, **kw)
-            pipes.eval = add_reference_logps(pipes.eval, **kw)
-        print(f"train: {data.describe_counts(pipes.train_counts)}\n"
-              f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
-        t, c = cfg.train, cfg.cluster
-        steps_per_epoch = math.ceil(pipes.train_counts[""] / t.global_batch_size)
-        total = steps_per_epoch * t.epochs
-        if t.max_steps > 0:
-            total = min(total, t.max_steps)
-        resolved = to_dict(cfg)
-        resolved["train"]["learning_rate"] = resolved_learning_rate(cfg)
-        if not cfg.train.resume:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        run_log = start_run_log(run_dir, total)
-        storage = c.storage_path or str(run_dir)
-        trainer = make_trainer(
-            train_loop_per_worker,
-            {"config": to_dict(cfg), "model_path": model_path, "ref_path": ref_path,
-             "total_steps": total, "run_log": run_log,
-             "learning_rate": resolved["train"]["learning_rate"],
-             "crash_once_at_step": crash_once_at_step and {
-                 "step": crash_once_at_step, "marker": str(run_dir / ".crash-injected")}},
-            c, {"train": pipes.train, "eval": pipes.eval},
-            name="checkpoints" if not c.storage_path else run_dir.name,
-            storage_path=storage, keep_checkpoints=t.keep_checkpoints)
-        print(f"training: {c.num_workers} workers, ZeRO-{c.zero_stage}, {total} steps of "
-              f"{t.global_batch_size} pairs, lr {resolved['train']['learning_rate']:g}, "
-              f"run directory {run_dir}", flush=True)
-        result, summary = fit(trainer, run_log, run_dir)
-        summary.update({
-            "wall_time_s": round(time.time() - t_start, 1),
-            "tokens_per_s_overall": summary["tokens"] / max(time.time() - t_start, 1e-9),
-            "data": {split: {"rows": sum(cnt.values()), "usable": cnt[""],
-                             "dropped": {k: v for k, v in cnt.items() if k}}
-                     for split, cnt in (("train", pipes.train_counts),
-                                        ("eval", pipes.eval_counts))},
-            "warnings": notes, "model": str(run_dir / "model"),
-            "checkpoint": result.checkpoint.path})
-        if cfg.train.max_steps <= 0 or summary["steps"] < cfg.train.max_steps:
-            # Whole epochs ran: every usable pair was trained on, dropped by a worker
-            # (counted), or left out by the equal split across workers (< num_workers).
-            worker_drops = sum(v for k, v in summary["counts"].items() if k.startswith("dropped"))
-            summary["pairs_left_out_by_split"] = (
-                pipes.train_counts[""] * cfg.train.epochs - summary["samples"] - worker_drops)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_curves(run_dir, ("loss", "rewards/accuracy"))
-        return run_dir
-    finally:
-        if started_ray:
-            ray.shutdown()
+        kw = dict(model_path=ref_path, model_cfg=cfg.model,
+                  pad_id=load_tokenizer(model_path).pad_token_id,
+                  micro_batch_size=cfg.train.micro_batch_size, packing=cfg.data.packing,
+                  actors=cfg.cluster.reference_actors,
+                  gpus_per_actor=cfg.cluster.reference_gpus_per_actor)
+        pipes.train = add_reference_logps(pipes.train, **kw)
+        pipes.eval = add_reference_logps(pipes.eval, **kw)
+
+    return run_training(cfg, prefix="dpo", loop=train_loop_per_worker, dataset=dataset,
+                        eval_dataset=eval_dataset, loop_config={"ref_path": ref_path},
+                        add_to_pipelines=reference_pass, notes=notes,
+                        plot_keys=("loss", "rewards/accuracy"),
+                        crash_once_at_step=crash_once_at_step)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster.train import TrainingError
-    from rlhf.data import DataError
+    from rlhf import runner
 
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = parse_args(DPOConfig, argv, prog="rlhf.dpo")
-        run_dir = run(cfg)
-    except (ConfigError, DataError) as e:
-        # A DataError raised inside a Ray Data task arrives wrapped with its traceback.
-        inner = getattr(e, "cause", None)
-        print(f"error: {inner if isinstance(inner, DataError) else e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: training failed: {e}", file=sys.stderr)
-        return 1
-    summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"\ndone in {summary['wall_time_s']:.0f} s: held-out reward accuracy "
-          f"{summary['eval/rewards/accuracy']:.3f}, margin {summary['eval/rewards/margin']:+.3f}"
-          f" over {summary['eval/pairs']} pairs")
-    print(f"run directory: {run_dir}\n  model: {run_dir / 'model'}\n  metrics: "
-          f"{run_dir / 'metrics.jsonl'}\n  summary: {run_dir / 'summary.json'}")
-    return 0
+    return runner.main(DPOConfig, "rlhf.dpo", run, lambda s: (
+        f"held-out reward accuracy {s['eval/rewards/accuracy']:.3f}, margin "
+        f"{s['eval/rewards/margin']:+.3f} over {s['eval/pairs']} pairs"), argv)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def pack_pairs(
       input_ids, position_ids: (1, N); logits_to_keep: (K,) row positions;
       score_at: (M,) index into the kept logits of the position predicting each response
       token; score_ids: (M,) that token; score_seq: (M,) its sequence (0..S-1);
-      n_seqs: 0-d; and packed_blocks (list of (start, prompt, (chosen, rejected))) or
+      n_seqs: 0-d; seq_end: (S,) row position of each sequence's last token; and
+      packed_blocks (list of (start, prompt, (chosen, rejected))) or
       cu_seq_lens_q = cu_seq_lens_k ((S + 1,) int32) with max_length_q/k.
     """
     ids: list[int] = []
@@ -107,6 +108,7 @@ def pack_pairs(
     score_seq: list[int] = []
     blocks, lengths = [], []
     n = len(prompts)
+    ends = [0] * (2 * n)
 
     def scored(prompt_start: int, prompt_len: int, response: Sequence[int], seq: int):
         # Token j of a response is predicted at the position before it: the last prompt
@@ -131,6 +133,7 @@ def pack_pairs(
                 ids.extend(resp)
                 pos.extend(range(len(p), len(p) + len(resp)))
             blocks.append((start, len(p), (len(c), len(r))))
+            ends[i], ends[n + i] = start + len(p) + len(c) - 1, len(ids) - 1
     else:
         for side, offset in ((chosen, 0), (rejected, n)):
             for i, (p, resp) in enumerate(zip(prompts, side)):
@@ -140,11 +143,12 @@ def pack_pairs(
                 ids.extend(resp)
                 pos.extend(range(len(p) + len(resp)))
                 lengths.append(len(p) + len(resp))
+                ends[offset + i] = len(ids) - 1
     keep, score_at = torch.unique(torch.tensor(score_pos), return_inverse=True)
     out = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
            "logits_to_keep": keep, "score_at": score_at,
            "score_ids": torch.tensor(score_ids), "score_seq": torch.tensor(score_seq),
-           "n_seqs": torch.tensor(2 * n)}
+           "n_seqs": torch.tensor(2 * n), "seq_end": torch.tensor(ends)}
     if share_prompt:
         out["packed_blocks"] = blocks
     else:
@@ -191,6 +195,24 @@ def pair_batch(
     return pad_pairs(prompts, chosen, rejected, pad_id)
 
 
+def rows_pair_batch(rows: Sequence[dict], *, pad_id: int, packing: bool,
+                    attn_implementation: str = "sdpa") -> dict:
+    """`pair_batch` of tokenised pipeline rows (prompt_ids, chosen_ids, rejected_ids)."""
+    def ids(key: str) -> list[list[int]]:  # numpy arrays from Ray Data, or lists
+        return [r[key].tolist() if hasattr(r[key], "tolist") else list(r[key]) for r in rows]
+
+    return pair_batch(ids("prompt_ids"), ids("chosen_ids"), ids("rejected_ids"),
+                      pad_id=pad_id, packing=packing, attn_implementation=attn_implementation)
+
+
+def dummy_pair_rows(token_id: int) -> list[dict]:
+    """One minimal pair (every part a single token) for a zero-weight forward: a worker
+    out of data still joins every collective (ZeRO-3 gathers), see cluster.train.PairFeed."""
+    one = [token_id]
+    return [{"prompt_ids": one, "chosen_ids": one, "rejected_ids": one,
+             "ref_chosen": 0.0, "ref_rejected": 0.0}]
+
+
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "logits_to_keep",
               "packed_blocks", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
               "max_length_k")
@@ -200,6 +222,32 @@ def model_inputs(batch: dict, device) -> dict:
     """The keyword arguments of a causal LM forward for a `pair_batch` result."""
     return {k: batch[k].to(device) if isinstance(batch[k], torch.Tensor) else batch[k]
             for k in MODEL_KEYS if k in batch}
+
+
+def sequence_end_values(values: torch.Tensor, batch: dict,
+                        pad_id: int | None = None) -> torch.Tensor:
+    """(S,) the value at each sequence's last token (a reward model's score is read
+    there), for either layout, in the `pad_pairs` order.
+
+    values: (R, T) per-position values of a `pad_pairs` batch (R = S rows, right-padded)
+    or (1, N) of a `pack_pairs` batch. With pad_id, the last token that is not pad_id,
+    as transformers' AutoModelForSequenceClassification reads it (this matters when a
+    tokenizer pads with its EOS token: the score then comes from the token before it).
+    """
+    dev = values.device
+    packed = "seq_end" in batch
+    if packed:
+        rows = torch.zeros_like(batch["seq_end"]).to(dev)
+        ends = batch["seq_end"].to(dev)
+    else:
+        rows = torch.arange(values.shape[0], device=dev)
+        ends = batch["attention_mask"].to(dev).sum(-1) - 1
+    if pad_id is not None:
+        ids = batch["input_ids"].to(dev)
+        pos = torch.arange(ids.shape[1], device=dev).expand_as(ids)
+        last_real = torch.where(ids != pad_id, pos, torch.zeros_like(pos)).cummax(-1).values
+        ends = last_real[rows, ends]
+    return values[rows, ends]
 
 
 def pair_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]

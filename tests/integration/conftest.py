@@ -38,3 +38,11 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def rm(tmp_path: Path, *overrides: str, **kwargs) -> Path:
+    from rlhf.config import RMConfig, parse_args
+    from rlhf.rm import run
+
+    cfg = parse_args(RMConfig, [f"output.dir={tmp_path}", *SMALL, *overrides], "rlhf.rm")
+    return run(cfg, **kwargs)

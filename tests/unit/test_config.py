@@ -62,7 +62,10 @@ def test_every_field_has_help():
             if is_dataclass(default):
                 walk(type(default))
 
+    from rlhf.config import RMConfig
+
     walk(DPOConfig)
+    walk(RMConfig)
     text = help_text(DPOConfig, "rlhf.dpo")
     assert "loss.beta = 0.1" in text and "train.learning_rate = None" in text
 
@@ -80,3 +83,17 @@ def test_every_recipe_loads():
         if r.name.startswith("dpo"):
             cfg = parse_args(DPOConfig, ["--config", str(r)], "x")
             assert cfg.train.learning_rate is not None, r
+
+
+def test_reward_model_config():
+    from rlhf.config import RMConfig, resolved_learning_rate
+
+    cfg = parse_args(RMConfig, ["loss.center_coefficient=0.01"], "rlhf.rm")
+    assert cfg.loss.center_coefficient == 0.01
+    assert resolved_learning_rate(cfg) == 1e-3  # the built-in tiny model
+    cfg = parse_args(RMConfig, ["model.name_or_path=org/model"], "rlhf.rm")
+    assert resolved_learning_rate(cfg) == 1e-5  # pretrained: a reward model's usual rate
+    with pytest.raises(ConfigError, match="center_coefficient"):
+        parse_args(RMConfig, ["loss.center_coefficient=-1"], "rlhf.rm")
+    with pytest.raises(ConfigError, match="loss.beta"):  # DPO's loss has no place here
+        parse_args(RMConfig, ["loss.beta=0.2"], "rlhf.rm")

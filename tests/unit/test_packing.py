@@ -26,6 +26,7 @@ def test_layout_by_hand_shared_prompt():
     assert b["score_seq"].tolist() == [0, 2, 2, 1, 1, 1, 3]
     assert b["logits_to_keep"].tolist() == [1, 3, 5, 6, 7]  # no logits for the rest
     assert int(b["n_seqs"]) == 4 and "cu_seq_lens_q" not in b
+    assert b["seq_end"].tolist() == [2, 8, 4, 9]  # last tokens: 4, 7, 9, 10
 
 
 def test_layout_by_hand_separate_sequences():
@@ -37,6 +38,7 @@ def test_layout_by_hand_separate_sequences():
     assert b["max_length_q"] == 4 and "packed_blocks" not in b
     assert b["logits_to_keep"][b["score_at"]].tolist() == [1, 3, 4, 5, 8, 9, 11]
     assert b["score_seq"].tolist() == [0, 1, 1, 1, 2, 2, 3]
+    assert b["seq_end"].tolist() == [2, 6, 10, 12]
 
 
 def test_empty_prompt_scores_like_the_padded_layout():

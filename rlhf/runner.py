@@ -1,0 +1,132 @@
+"""The driver every preference-pair training entry point shares (rlhf.dpo, rlhf.rm).
+
+config -> Ray -> pipelines (counts printed) -> TorchTrainer -> fit -> model copied to
+the run directory -> summary.json, curves.png. The entry point supplies its worker
+loop, what it adds to the pipelines (DPO's reference pass) and its final message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import ConfigError, parse_args, resolved_learning_rate, to_dict
+
+
+def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
+                 eval_dataset: Any = None, loop_config: dict | None = None,
+                 add_to_pipelines: Callable | None = None, notes: list[str] | None = None,
+                 plot_keys: tuple[str, ...] = ("loss",),
+                 crash_once_at_step: int | None = None) -> Path:
+    """Train; returns the run directory.
+
+    dataset / eval_dataset: in-memory datasets.Dataset or ray.data.Dataset (then
+    data.path is ignored). loop_config: extra keys for the worker (model_path,
+    total_steps, learning_rate, run_log and config are always there).
+    add_to_pipelines(pipes, model_path): a last stage on the pipelines, before training.
+    crash_once_at_step: fault injection for tests; the last worker exits hard once
+    after that step, to exercise Ray Train's restart from the last checkpoint.
+    """
+    import ray
+    import ray.data
+    import yaml
+
+    from cluster.models import load_tokenizer, resolve_model_path
+    from cluster.train import (check_resources, connect, fit, make_run_dir, make_trainer,
+                               plot_curves, quiet_ray_data, start_run_log)
+    from rlhf import data
+
+    t_start = time.time()
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    load_tokenizer(model_path)  # a bad path or tokenizer fails here, not in a worker
+    plan = data.inspect(cfg.data, dataset, eval_dataset)
+    run_dir = make_run_dir(cfg.output, cfg.train.resume, prefix)
+
+    started_ray = not ray.is_initialized()
+    connect(cfg.cluster)
+    quiet_ray_data()
+    # Ray Train carries the driver's ordering choice into each worker's shard.
+    ray.data.DataContext.get_current().execution_options.preserve_order = \
+        cfg.data.preserve_order
+    try:
+        check_resources(cfg.cluster)
+        print(f"reading pairs from {cfg.data.path if dataset is None else 'memory'} ...",
+              flush=True)
+        pipes = data.build(plan, cfg.data, model_path, cfg.train.seed)
+        if add_to_pipelines:
+            add_to_pipelines(pipes, model_path)
+        print(f"train: {data.describe_counts(pipes.train_counts)}\n"
+              f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
+        t, c = cfg.train, cfg.cluster
+        total = math.ceil(pipes.train_counts[""] / t.global_batch_size) * t.epochs
+        if t.max_steps > 0:
+            total = min(total, t.max_steps)
+        resolved = to_dict(cfg)
+        lr = resolved["train"]["learning_rate"] = resolved_learning_rate(cfg)
+        if not cfg.train.resume:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        run_log = start_run_log(run_dir, total)
+        trainer = make_trainer(
+            loop,
+            {"config": to_dict(cfg), "model_path": model_path, "total_steps": total,
+             "run_log": run_log, "learning_rate": lr, **(loop_config or {}),
+             "crash_once_at_step": crash_once_at_step and {
+                 "step": crash_once_at_step, "marker": str(run_dir / ".crash-injected")}},
+            c, {"train": pipes.train, "eval": pipes.eval},
+            name="checkpoints" if not c.storage_path else run_dir.name,
+            storage_path=c.storage_path or str(run_dir), keep_checkpoints=t.keep_checkpoints)
+        print(f"training: {c.num_workers} workers, ZeRO-{c.zero_stage}, {total} steps of "
+              f"{t.global_batch_size} pairs, lr {lr:g}, run directory {run_dir}", flush=True)
+        result, summary = fit(trainer, run_log, run_dir)
+        summary.update({
+            "wall_time_s": round(time.time() - t_start, 1),
+            "tokens_per_s_overall": summary["tokens"] / max(time.time() - t_start, 1e-9),
+            "data": {split: {"rows": sum(cnt.values()), "usable": cnt[""],
+                             "dropped": {k: v for k, v in cnt.items() if k}}
+                     for split, cnt in (("train", pipes.train_counts),
+                                        ("eval", pipes.eval_counts))},
+            "warnings": notes or [], "model": str(run_dir / "model"),
+            "checkpoint": result.checkpoint.path})
+        if t.max_steps <= 0 or summary["steps"] < t.max_steps:
+            # Whole epochs ran: every usable pair was trained on, dropped by a worker
+            # (counted), or left out by the equal split across workers (< num_workers).
+            worker_drops = sum(v for k, v in summary["counts"].items() if k.startswith("dropped"))
+            summary["pairs_left_out_by_split"] = (
+                pipes.train_counts[""] * t.epochs - summary["samples"] - worker_drops)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_curves(run_dir, plot_keys)
+        return run_dir
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def main(cfg_cls: type, prog: str, run: Callable, done: Callable[[dict], str],
+         argv: list[str] | None = None) -> int:
+    """parse -> run -> print where the results are; clean messages and exit codes
+    (2: bad config or data, 1: training failed)."""
+    from cluster.train import TrainingError
+    from rlhf.data import DataError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(cfg_cls, argv, prog=prog)
+        run_dir = run(cfg)
+    except (ConfigError, DataError) as e:
+        # A DataError raised inside a Ray Data task arrives wrapped with its traceback.
+        inner = getattr(e, "cause", None)
+        print(f"error: {inner if isinstance(inner, DataError) else e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"\ndone in {summary['wall_time_s']:.0f} s: {done(summary)}")
+    print(f"run directory: {run_dir}\n  model: {run_dir / 'model'}\n  metrics: "
+          f"{run_dir / 'metrics.jsonl'}\n  summary: {run_dir / 'summary.json'}")
+    return 0

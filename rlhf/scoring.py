@@ -1,0 +1,80 @@
+"""Score (prompt, response) pairs with a reward model exported by rlhf.rm.
+
+    from rlhf.scoring import RewardScorer
+    scorer = RewardScorer("runs/rm-.../model")
+    scorer.score(["\\n\\nHuman: hi\\n\\nAssistant:"], [" Hello! How can I help?"])
+
+Texts are tokenised exactly as in training (rlhf.data.tokenize_pair: prompt + response
++ EOS, or the chat template for message lists, truncated to the limits recorded in the
+export's rlhf_reward.json), and the score is read where training read it: the head's
+output at the last token, through transformers' own AutoModelForSequenceClassification.
+Batches are sorted by length so that little padding is computed. For use from Ray
+(PPO, evaluation) see cluster/scoring.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+class RewardScorer:
+    def __init__(self, path: str, *, dtype: str = "fp32", device: str | None = None,
+                 batch_size: int = 16):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        meta_file = Path(path) / "rlhf_reward.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(
+                f"{path} has no rlhf_reward.json: not a reward model exported by rlhf.rm "
+                "(train one with python -m rlhf.rm, then use its run directory's model/).")
+        self.meta = json.loads(meta_file.read_text())
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16",
+                                        "fp16": "float16"}[dtype])).to(self.device).eval()
+        self.batch_size = batch_size
+
+    def tokenize(self, prompt: Any, response: Any) -> list[int]:
+        """The token ids training scored: prompt + response (+ EOS), truncated alike.
+        Message lists (conversational data) go through the chat template."""
+        from rlhf.data import tokenize_pair
+
+        chat = not isinstance(prompt, str)
+        if chat:
+            prompt, response = json.dumps(list(prompt)), json.dumps(list(response))
+        p, r, _, _, _, drop = tokenize_pair(
+            self.tok, prompt, response, response, chat, self.meta["max_length"],
+            self.meta["max_prompt_length"], "truncate")
+        if drop:
+            raise ValueError(f"cannot score this pair: {drop}")
+        return p + r
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[float]:
+        """One float per (prompt, response), in the order given."""
+        import torch
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        seqs = [self.tokenize(p, r) for p, r in zip(prompts, responses)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = [0.0] * len(seqs)
+        pad = self.tok.pad_token_id
+        for at in range(0, len(order), self.batch_size):
+            idx = order[at:at + self.batch_size]
+            width = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(idx):
+                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                mask[row, :len(seqs[i])] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self.device),
+                                    attention_mask=mask.to(self.device)).logits
+            for row, i in enumerate(idx):
+                out[i] = float(logits[row, 0])
+        return out
