@@ -79,10 +79,12 @@ def test_help_from_the_command_line():
 def test_every_recipe_loads():
     recipes = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
     assert recipes, "no recipes"
+    from rlhf.config import RMConfig
+
     for r in recipes:
-        if r.name.startswith("dpo"):
-            cfg = parse_args(DPOConfig, ["--config", str(r)], "x")
-            assert cfg.train.learning_rate is not None, r
+        cls = {"dpo": DPOConfig, "rm": RMConfig}[r.name.split("-")[0]]
+        cfg = parse_args(cls, ["--config", str(r)], "x")
+        assert cfg.train.learning_rate is not None, r
 
 
 def test_reward_model_config():
