@@ -86,6 +86,10 @@ class ColumnsConfig:
     """Column holding the preferred response (or whole preferred dialogue)."""
     rejected: str = "rejected"
     """Column holding the dispreferred response (or whole dialogue)."""
+    margin: str = ""
+    """Optional numeric column: how much better the chosen response is. The reward model
+    then needs its score ahead by at least that much (Llama 2's margin loss); DPO ignores
+    it. Empty: no margin. Rows where it is missing or not a number are dropped, counted."""
 
 
 @dataclass

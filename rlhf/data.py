@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ DROP_IDENTICAL = "chosen identical to rejected"
 DROP_NO_MARKER = "no assistant marker in the shared prefix"
 DROP_TOO_LONG = "longer than max_length (truncation=drop)"
 DROP_PROMPT_TOO_LONG = "prompt fills max_length, no room for a response"
+DROP_MARGIN = "margin missing or not a number"
 
 
 # --------------------------------------------------------------------- normalisation
@@ -52,6 +54,7 @@ class Layout:
     chosen: str
     rejected: str
     marker: str
+    margin: str = ""  # optional numeric column (reward model), "" for none
 
 
 def _is_messages(v: Any) -> bool:
@@ -94,7 +97,8 @@ def detect_layout(row: dict, cfg: DataConfig, source_name: str) -> Layout:
         raise DataError(
             f"data.format=conversational but {source_name}'s {cols.chosen!r} holds "
             f"{type(row[cols.chosen]).__name__}, not a list of {{role, content}} messages.")
-    return Layout(fmt, chat, cols.prompt, cols.chosen, cols.rejected, cfg.assistant_marker)
+    return Layout(fmt, chat, cols.prompt, cols.chosen, cols.rejected, cfg.assistant_marker,
+                  cols.margin)
 
 
 def _common_prefix_len(a: list, b: list) -> int:
@@ -158,14 +162,30 @@ def normalise_row(row: dict, lay: Layout) -> tuple[str, str, str, bool, str]:
     return p, c, r, False, ""
 
 
-NORMALISED_COLUMNS = ("id", "prompt", "chosen", "rejected", "chat", "drop")
+NORMALISED_COLUMNS = ("id", "prompt", "chosen", "rejected", "chat", "drop", "margin")
+
+
+def row_margin(row: dict, lay: Layout) -> float | None:
+    """The row's margin (0.0 without a margin column), or None when it is unusable."""
+    if not lay.margin:
+        return 0.0
+    v = row.get(lay.margin)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _normalised_table(ids: list[int], rows: list[dict], lay: Layout):
     import pyarrow as pa
 
     out = [normalise_row(r, lay) for r in rows]
+    margins = [row_margin(r, lay) for r in rows]
+    out = [o if m is not None or o[4] else (*o[:4], DROP_MARGIN)
+           for o, m in zip(out, margins)]
     return pa.table({
+        "margin": pa.array([m if m is not None else 0.0 for m in margins], pa.float64()),
         "id": pa.array(ids, pa.int64()),
         "prompt": pa.array([o[0] for o in out], pa.string()),
         "chosen": pa.array([o[1] for o in out], pa.string()),
@@ -358,6 +378,7 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_length
         "prompt_truncated": pa.array(out["prompt_truncated"], pa.bool_()),
         "response_truncated": pa.array(out["response_truncated"], pa.bool_()),
         "drop": pa.array(out["drop"], pa.string()),
+        "margin": pa.array(np.asarray(batch["margin"], dtype=np.float64)),
     })
 
 

@@ -93,7 +93,11 @@ class RMTask:
             rc, rr = self.rewards(engine, rows or self.dummy)
         if timer:
             timer.mark("forward")
-        losses = bradley_terry_loss(rc, rr, center_coefficient=self.cfg.loss.center_coefficient)
+        margin = None
+        if self.cfg.data.columns.margin and rows:
+            margin = torch.tensor([float(r["margin"]) for r in rows], device=rc.device)
+        losses = bradley_terry_loss(rc, rr, margin=margin,
+                                    center_coefficient=self.cfg.loss.center_coefficient)
         w = 1.0 if rows else 0.0
         c, r = rc.detach(), rr.detach()
         sums = {k: w * float(v) for k, v in zip(METRIC_KEYS, (

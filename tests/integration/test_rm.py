@@ -59,3 +59,20 @@ def test_zero3_lora_runs_and_exports_merged(ray_cluster, tmp_path):
     scores = RewardScorer(str(run_dir / "model")).score(["\n\nHuman: hi\n\nAssistant:"],
                                                          [" Hello!"])
     assert len(scores) == 1 and abs(scores[0]) < 1e6
+
+
+def test_margin_column_reaches_the_loss_and_bad_margins_are_counted(ray_cluster, tmp_path):
+    from datasets import Dataset
+
+    from rlhf.demo import demo_pair
+
+    rows = [{**demo_pair(i), "gap": 100.0} for i in range(63)]
+    rows.append({**demo_pair(63), "gap": None})  # a missing value
+    run_dir = rm(tmp_path, "data.columns.margin=gap", "data.eval_fraction=0.25",
+                 "train.max_steps=2", "train.eval_every=0", dataset=Dataset.from_list(rows))
+    s = summary(run_dir)
+    dropped = {**s["data"]["train"]["dropped"], **s["data"]["eval"]["dropped"]}
+    assert dropped == {"margin missing or not a number": 1}
+    # a margin of 100 on fresh scores: the loss is about 100 (-log sigma(-100)), not 0.69
+    first = next(r for r in metrics(run_dir) if "train/loss" in r)
+    assert first["train/loss"] > 50

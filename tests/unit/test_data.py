@@ -163,3 +163,17 @@ def test_demo_pairs_are_deterministic_and_held_out_topics_unseen():
     assert demo_pair(7) == demo_pair(7)
     assert not set(EVAL_TOPICS) & set(TRAIN_TOPICS)
     assert any(t in demo_pair(3, "eval")["prompt"] for t in EVAL_TOPICS)
+
+
+def test_margin_column_is_read_and_bad_values_dropped():
+    lay = data.Layout("explicit", False, "prompt", "chosen", "rejected", "\n\nAssistant:",
+                      margin="score_gap")
+    rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "score_gap": 1.5},
+            {"prompt": "Q", "chosen": " a", "rejected": " b", "score_gap": "n/a"},
+            {"prompt": "Q", "chosen": " a", "rejected": " b"},
+            {"prompt": "Q", "chosen": "", "rejected": " b", "score_gap": 2}]
+    t = data._normalised_table([0, 1, 2, 3], rows, lay).to_pydict()
+    assert t["margin"] == [1.5, 0.0, 0.0, 2.0]
+    # an unusable margin drops the row (counted); an earlier reason is kept
+    assert t["drop"] == ["", data.DROP_MARGIN, data.DROP_MARGIN, data.DROP_EMPTY]
+    assert data._normalised_table([0], rows[:1], EXPLICIT).to_pydict()["margin"] == [0.0]

@@ -62,7 +62,9 @@ def test_matches_trl_reward_trainer(reward_model, tokenizer, tiny_model_path, pa
     from rlhf.rm import RMTask
 
     data = _rows()
-    ds = Dataset.from_dict({k: [r[k] for r in data] for k in ("prompt", "chosen", "rejected")})
+    margins = [0.5, 0.0, 1.0, 0.2, 0.0]  # Llama 2's margin term, as TRL reads it
+    ds = Dataset.from_dict({**{k: [r[k] for r in data] for k in ("prompt", "chosen", "rejected")},
+                            "margin": margins})
     args = trl.RewardConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(data),
                             bf16=False, fp16=False, use_cpu=True, report_to="none",
                             max_length=1024, disable_tqdm=True, dataloader_pin_memory=False,
@@ -92,7 +94,8 @@ def test_matches_trl_reward_trainer(reward_model, tokenizer, tiny_model_path, pa
     with torch.no_grad():
         rc, rr = task.rewards(model, rows)
     assert torch.allclose(rc, trl_c, atol=1e-5) and torch.allclose(rr, trl_r, atol=1e-5)
-    ours = bradley_terry_loss(rc, rr, center_coefficient=0.01).mean()
+    ours = bradley_terry_loss(rc, rr, margin=torch.tensor(margins),
+                              center_coefficient=0.01).mean()
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-5)
     m = trainer._metrics["train"]
     assert (rc > rr).float().mean().item() == pytest.approx(m["accuracy"][-1], abs=1e-6)
