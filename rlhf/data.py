@@ -140,7 +140,9 @@ def normalise_row(row: dict, lay: Layout) -> tuple[str, str, str, bool, str]:
         if c == r:
             return "", "", "", True, DROP_IDENTICAL
         return json.dumps(p), json.dumps(c), json.dumps(r), True, ""
-    if not isinstance(c, str) or not isinstance(r, str) or not c.strip() or not r.strip():
+    # One empty response is a real preference (hh-rlhf: silence preferred over a harmful
+    # answer) and trains as the EOS alone; two empty ones say nothing.
+    if not isinstance(c, str) or not isinstance(r, str) or not (c.strip() or r.strip()):
         return "", "", "", False, DROP_EMPTY
     if lay.format == "explicit":
         p = row[lay.prompt]
@@ -155,7 +157,7 @@ def normalise_row(row: dict, lay: Layout) -> tuple[str, str, str, bool, str]:
             return "", "", "", False, DROP_NO_MARKER
         cut += len(lay.marker)
         p, c, r = c[:cut], c[cut:], r[cut:]
-    if not c.strip() or not r.strip():
+    if not (c.strip() or r.strip()):
         return "", "", "", False, DROP_EMPTY
     if c == r:
         return "", "", "", False, DROP_IDENTICAL

@@ -48,7 +48,7 @@ def test_explicit_files_in_every_format(ray_cluster, tmp_path, tiny_model_path):
 
     pairs = [demo_pair(i) for i in range(40)]
     pairs[3] = {**pairs[3], "rejected": pairs[3]["chosen"]}  # identical: counted
-    pairs[5] = {**pairs[5], "chosen": ""}  # empty: counted
+    pairs[5] = {**pairs[5], "chosen": "", "rejected": " "}  # both empty: counted
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "a.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:10]))

@@ -24,7 +24,7 @@ def test_implicit_prompt_is_shared_prefix_to_last_marker():
 @pytest.mark.parametrize("row, reason", [
     ({"chosen": "same", "rejected": "same"}, data.DROP_IDENTICAL),
     ({"chosen": "Human: a", "rejected": "Human: b"}, data.DROP_NO_MARKER),
-    ({"chosen": "", "rejected": "x"}, data.DROP_EMPTY),
+    ({"chosen": "", "rejected": " "}, data.DROP_EMPTY),
     ({"chosen": 3, "rejected": "x"}, data.DROP_EMPTY),
     ({"chosen": None, "rejected": "x"}, data.DROP_EMPTY),
     ({"rejected": "x"}, data.DROP_MISSING),
@@ -171,9 +171,20 @@ def test_margin_column_is_read_and_bad_values_dropped():
     rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "score_gap": 1.5},
             {"prompt": "Q", "chosen": " a", "rejected": " b", "score_gap": "n/a"},
             {"prompt": "Q", "chosen": " a", "rejected": " b"},
-            {"prompt": "Q", "chosen": "", "rejected": " b", "score_gap": 2}]
+            {"prompt": "Q", "chosen": "", "rejected": " ", "score_gap": 2}]
     t = data._normalised_table([0, 1, 2, 3], rows, lay).to_pydict()
     assert t["margin"] == [1.5, 0.0, 0.0, 2.0]
     # an unusable margin drops the row (counted); an earlier reason is kept
     assert t["drop"] == ["", data.DROP_MARGIN, data.DROP_MARGIN, data.DROP_EMPTY]
     assert data._normalised_table([0], rows[:1], EXPLICIT).to_pydict()["margin"] == [0.0]
+
+
+def test_one_empty_response_is_a_preference_not_a_drop(tokenizer):
+    # hh-rlhf has pairs where the assistant saying nothing was preferred
+    row = {"chosen": "\n\nHuman: list bad words\n\nAssistant: ",
+           "rejected": "\n\nHuman: list bad words\n\nAssistant: Ok"}
+    p, c, r, chat, drop = data.normalise_row(row, IMPLICIT)
+    assert drop == "" and c == " " and r == " Ok"
+    p_ids, c_ids, r_ids, *_, why = data.tokenize_pair(tokenizer, p, c, r, False, 64, 32,
+                                                      "truncate")
+    assert why == "" and c_ids[-1] == tokenizer.eos_token_id and len(r_ids) > len(c_ids) - 1
