@@ -6,7 +6,8 @@ feed of micro-batches, exact global-batch normalisation inputs, per-phase timing
 metrics to the run log, held-out evaluation, checkpoints with the data position, a NaN
 stop, fault injection for tests, and the final export.
 
-A task (plain object, duck-typed; see rlhf/dpo.py's DPOTask) provides:
+A task (a plain object; DPO's and the reward model's derive from `PairTask` below for
+what they share; see rlhf/dpo.py's DPOTask) provides:
     cfg                      the entry point's config (train, cluster, model sections)
     name                     what a row is called in messages ("pairs")
     nan_advice               what to try when the loss stops being finite
@@ -30,6 +31,29 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+
+
+class PairTask:
+    """What DPO and the reward model share as tasks: the config, the tokenizer, the
+    dummy pair for zero-weight forwards, and loading the trained model
+    (`reward_head` picks the scalar-head variant)."""
+
+    name = "pairs"
+    reward_head = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def trainable(self, lc: dict):
+        from cluster.models import load_causal_lm, load_tokenizer
+        from rlhf.logprobs import dummy_pair_rows
+
+        self.tok = load_tokenizer(lc["model_path"])
+        self.pad_id, self.dummy = self.tok.pad_token_id, dummy_pair_rows(self.tok.eos_token_id)
+        self.model_path = lc["model_path"]
+        return load_causal_lm(lc["model_path"], self.cfg.model, trainable=True,
+                              use_gpu=self.cfg.cluster.use_gpu, packing=self.cfg.data.packing,
+                              reward_head=self.reward_head)
 
 
 def _add(into: dict[str, float], more: dict[str, float]) -> dict[str, float]:

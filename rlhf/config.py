@@ -365,6 +365,10 @@ def check_dpo(cfg: DPOConfig) -> None:
 
 def check_rm(cfg: RMConfig) -> None:
     check_common(cfg)
+    if cfg.model.lora.enabled and not cfg.model.lora.merge_on_export:
+        raise ConfigError("A reward model is exported merged, so that it loads as "
+                          "AutoModelForSequenceClassification and scores through "
+                          "rlhf.scoring: drop model.lora.merge_on_export=false.")
     if cfg.loss.center_coefficient < 0:
         raise ConfigError(f"loss.center_coefficient={cfg.loss.center_coefficient} must be "
                           ">= 0 (0.01 is the usual value, 0 disables centering).")

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.loop import PairTask
 from rlhf.config import DPOConfig, _build
 
 NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half), a beta "
@@ -86,24 +87,10 @@ def _sums(out, pc, pr, nc, weight: float) -> list[float]:
         (cr - rr).sum(), pc.detach().sum(), pr.detach().sum(), -pc.detach().sum())]
 
 
-class DPOTask:
+class DPOTask(PairTask):
     """What cluster.loop.train_loop needs to train DPO (see its docstring)."""
 
-    name = "pairs"
     nan_advice = NAN_ADVICE
-
-    def __init__(self, cfg: DPOConfig):
-        self.cfg = cfg
-
-    def trainable(self, lc: dict):
-        from cluster.models import load_causal_lm, load_tokenizer
-        from rlhf.logprobs import dummy_pair_rows
-
-        self.tok = load_tokenizer(lc["model_path"])
-        self.pad_id, self.dummy = self.tok.pad_token_id, dummy_pair_rows(self.tok.eos_token_id)
-        self.model_path = lc["model_path"]
-        return load_causal_lm(lc["model_path"], self.cfg.model, trainable=True,
-                              use_gpu=self.cfg.cluster.use_gpu, packing=self.cfg.data.packing)
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         from cluster import deepspeed as dsc

@@ -144,10 +144,13 @@ def pack_pairs(
                 pos.extend(range(len(p) + len(resp)))
                 lengths.append(len(p) + len(resp))
                 ends[offset + i] = len(ids) - 1
-    keep, score_at = torch.unique(torch.tensor(score_pos), return_inverse=True)
-    out = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
+    def longs(values) -> torch.Tensor:  # long even when empty
+        return torch.tensor(values, dtype=torch.long)
+
+    keep, score_at = torch.unique(longs(score_pos), return_inverse=True)
+    out = {"input_ids": longs([ids]), "position_ids": longs([pos]),
            "logits_to_keep": keep, "score_at": score_at,
-           "score_ids": torch.tensor(score_ids), "score_seq": torch.tensor(score_seq),
+           "score_ids": longs(score_ids), "score_seq": longs(score_seq),
            "n_seqs": torch.tensor(2 * n), "seq_end": torch.tensor(ends)}
     if share_prompt:
         out["packed_blocks"] = blocks

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.loop import PairTask
 from rlhf.config import RMConfig, _build
 
 NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half) or fp16 "
@@ -33,25 +34,11 @@ NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half)
 METRIC_KEYS = ("loss", "accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin")
 
 
-class RMTask:
+class RMTask(PairTask):
     """What cluster.loop.train_loop needs to train a reward model (see its docstring)."""
 
-    name = "pairs"
     nan_advice = NAN_ADVICE
-
-    def __init__(self, cfg: RMConfig):
-        self.cfg = cfg
-
-    def trainable(self, lc: dict):
-        from cluster.models import load_causal_lm, load_tokenizer
-        from rlhf.logprobs import dummy_pair_rows
-
-        self.tok = load_tokenizer(lc["model_path"])
-        self.pad_id, self.dummy = self.tok.pad_token_id, dummy_pair_rows(self.tok.eos_token_id)
-        self.model_path = lc["model_path"]
-        return load_causal_lm(lc["model_path"], self.cfg.model, trainable=True,
-                              use_gpu=self.cfg.cluster.use_gpu, packing=self.cfg.data.packing,
-                              reward_head=True)
+    reward_head = True
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         from cluster.models import score_head

@@ -97,5 +97,8 @@ def test_reward_model_config():
     assert resolved_learning_rate(cfg) == 1e-5  # pretrained: a reward model's usual rate
     with pytest.raises(ConfigError, match="center_coefficient"):
         parse_args(RMConfig, ["loss.center_coefficient=-1"], "rlhf.rm")
+    with pytest.raises(ConfigError, match="merge_on_export"):
+        parse_args(RMConfig, ["model.lora.enabled=true", "model.lora.merge_on_export=false"],
+                   "rlhf.rm")
     with pytest.raises(ConfigError, match="loss.beta"):  # DPO's loss has no place here
         parse_args(RMConfig, ["loss.beta=0.2"], "rlhf.rm")
