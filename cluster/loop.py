@@ -35,8 +35,8 @@ from pathlib import Path
 
 class PairTask:
     """What DPO and the reward model share as tasks: the config, the tokenizer, the
-    dummy pair for zero-weight forwards, and loading the trained model
-    (`reward_head` picks the scalar-head variant)."""
+    dummy pair for zero-weight forwards, loading the trained model (`reward_head` picks
+    the scalar-head variant) and the per-step token counts of a pair batch."""
 
     name = "pairs"
     reward_head = False
@@ -54,6 +54,17 @@ class PairTask:
         return load_causal_lm(lc["model_path"], self.cfg.model, trainable=True,
                               use_gpu=self.cfg.cluster.use_gpu, packing=self.cfg.data.packing,
                               reward_head=self.reward_head)
+
+    def step_counts(self, micro_batches: list[list[dict]]) -> dict[str, float]:
+        rows = [r for mb in micro_batches for r in mb]
+        p = sum(len(r["prompt_ids"]) for r in rows)
+        c = sum(len(r["chosen_ids"]) for r in rows)
+        r = sum(len(r["rejected_ids"]) for r in rows)
+        # tokens: prompt+chosen and prompt+rejected (what a padded trainer runs, less its
+        # padding); unique_tokens: each prompt once (the work data.packing does);
+        # chosen_tokens: DPO's RPO term is normalised by it.
+        return {"samples": len(rows), "tokens": 2 * p + c + r, "unique_tokens": p + c + r,
+                "chosen_tokens": c}
 
 
 def _add(into: dict[str, float], more: dict[str, float]) -> dict[str, float]:

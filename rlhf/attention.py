@@ -34,6 +34,14 @@ def blocks_from_cu_seq_lens(cu_seq_lens: Sequence[int]) -> list[Block]:
     return [(s, e - s, ()) for s, e in zip(cu_seq_lens[:-1], cu_seq_lens[1:])]
 
 
+def _expand_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """Repeat the key/value heads to the query's head count (grouped query attention)."""
+    if key.shape[1] == query.shape[1]:
+        return key, value
+    groups = query.shape[1] // key.shape[1]
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
 def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     blocks: Sequence[Block], *, scale: float | None = None,
                     dropout: float = 0.0) -> torch.Tensor:
@@ -45,10 +53,7 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     among themselves, and the r tokens after them attend to the p prefix tokens and
     causally to each other, as if prefix + branch were one sequence of its own.
     """
-    if key.shape[1] != query.shape[1]:
-        groups = query.shape[1] // key.shape[1]
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    key, value = _expand_kv(query, key, value)
     # Every block's tokens are a contiguous run: split (not slicing: a slice's backward
     # writes a full-size zero tensor) into runs of prefix+first branch, then further
     # branches.
@@ -104,9 +109,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
             "CPU kernel does not implement. Set data.packing=false, or use "
             "model.attn_implementation=flash_attention_2 on a GPU.")
     if query.shape[0] != 1:  # a padded batch: one causal sequence per row
-        out = F.scaled_dot_product_attention(
-            query, *(t.repeat_interleave(query.shape[1] // t.shape[1], 1) for t in (key, value)),
-            is_causal=True, scale=scaling, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(query, *_expand_kv(query, key, value),
+                                             is_causal=True, scale=scaling, dropout_p=dropout)
     else:
         out = block_attention(query, key, value, blocks, scale=scaling, dropout=dropout)
     return out.transpose(1, 2).contiguous(), None

@@ -107,16 +107,6 @@ class DPOTask(PairTask):
                 micro_batch_size=cfg.train.micro_batch_size, world_size=world,
                 offload_params=c.offload_params))
 
-    def step_counts(self, micro_batches: list[list[dict]]) -> dict[str, float]:
-        rows = [r for mb in micro_batches for r in mb]
-        p = sum(len(r["prompt_ids"]) for r in rows)
-        c = sum(len(r["chosen_ids"]) for r in rows)
-        r = sum(len(r["rejected_ids"]) for r in rows)
-        # tokens: prompt+chosen and prompt+rejected (what a padded trainer runs, less its
-        # padding); unique_tokens: each prompt once (the work data.packing does).
-        return {"samples": len(rows), "tokens": 2 * p + c + r, "unique_tokens": p + c + r,
-                "chosen_tokens": c}
-
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         from rlhf.logprobs import rows_pair_batch
 
@@ -174,11 +164,11 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
     from cluster.models import check_reference, resolve_model_path
     from rlhf.runner import run_training
 
-    ref_path = resolve_model_path(cfg.model.name_or_path)
+    ref_path = policy_path = resolve_model_path(cfg.model.name_or_path)
     notes: list[str] = []
     if cfg.model.ref_name_or_path:
         ref_path = resolve_model_path(cfg.model.ref_name_or_path, "model.ref_name_or_path")
-        notes = check_reference(resolve_model_path(cfg.model.name_or_path), ref_path)
+        notes = check_reference(policy_path, ref_path)
         for n in notes:
             print(f"warning: {n}", file=sys.stderr)
 

@@ -51,12 +51,6 @@ class RMTask(PairTask):
 
         score_head(engine).register_forward_hook(keep)
 
-    def step_counts(self, micro_batches: list[list[dict]]) -> dict[str, float]:
-        rows = [r for mb in micro_batches for r in mb]
-        p = sum(len(r["prompt_ids"]) for r in rows)
-        c = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
-        return {"samples": len(rows), "tokens": 2 * p + c, "unique_tokens": p + c}
-
     def rewards(self, engine, rows: list[dict]):
         """(chosen (B,), rejected (B,)) scores of a micro-batch, float32."""
         from rlhf.logprobs import (model_inputs, rows_pair_batch, sequence_end_values,

@@ -26,6 +26,8 @@ class RewardScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from cluster.models import TORCH_DTYPES
+
         meta_file = Path(path) / "rlhf_reward.json"
         if not meta_file.is_file():
             raise FileNotFoundError(
@@ -35,8 +37,7 @@ class RewardScorer:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16",
-                                        "fp16": "float16"}[dtype])).to(self.device).eval()
+            path, dtype=getattr(torch, TORCH_DTYPES[dtype])).to(self.device).eval()
         self.batch_size = batch_size
 
     def tokenize(self, prompt: Any, response: Any) -> list[int]:
