@@ -6,10 +6,13 @@ feed of micro-batches, exact global-batch normalisation inputs, per-phase timing
 metrics to the run log, held-out evaluation, checkpoints with the data position, a NaN
 stop, fault injection for tests, and the final export.
 
-A task (a plain object; DPO's and the reward model's derive from `PairTask` below for
-what they share; see rlhf/dpo.py's DPOTask) provides:
+A task (derived from `Task` below; DPO's and the reward model's from `PairTask`; see
+rlhf/dpo.py's DPOTask and rlhf/sft.py's SFTTask) provides:
     cfg                      the entry point's config (train, cluster, model sections)
-    name                     what a row is called in messages ("pairs")
+    name                     what a row is called in messages ("pairs", "examples")
+    flags                    {boolean row column: label} counted by the feed
+    eval_at_start            evaluate before the first step too (logged as step 0, and
+                             in the summary as "start/eval/...")
     nan_advice               what to try when the loss stops being finite
     trainable(lc)            the model to train (before DeepSpeed wraps it)
     prepare(engine, lc, world, accum)   anything else (frozen models, tokenizer)
@@ -32,28 +35,53 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from cluster.train import PAIR_FLAGS
 
-class PairTask:
-    """What DPO and the reward model share as tasks: the config, the tokenizer, the
-    dummy pair for zero-weight forwards, loading the trained model (`reward_head` picks
-    the scalar-head variant) and the per-step token counts of a pair batch."""
 
-    name = "pairs"
+class Task:
+    """What every task shares: the config, the tokenizer, the dummy row for zero-weight
+    forwards (`dummy_rows`), and loading the trained model (`reward_head` picks the
+    scalar-head variant)."""
+
+    name = "rows"
+    flags: dict[str, str] = {}
+    eval_at_start = False
     reward_head = False
 
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def dummy_rows(self, token_id: int) -> list[dict]:
+        raise NotImplementedError
+
     def trainable(self, lc: dict):
         from cluster.models import load_causal_lm, load_tokenizer
-        from rlhf.logprobs import dummy_pair_rows
 
         self.tok = load_tokenizer(lc["model_path"])
-        self.pad_id, self.dummy = self.tok.pad_token_id, dummy_pair_rows(self.tok.eos_token_id)
+        self.pad_id, self.dummy = self.tok.pad_token_id, self.dummy_rows(self.tok.eos_token_id)
         self.model_path = lc["model_path"]
         return load_causal_lm(lc["model_path"], self.cfg.model, trainable=True,
                               use_gpu=self.cfg.cluster.use_gpu, packing=self.cfg.data.packing,
                               reward_head=self.reward_head)
+
+    def export(self, full_state: dict, out_dir: Path) -> None:
+        """A causal LM (merged LoRA, or the adapter alone) with its tokenizer."""
+        from cluster.models import export_hf
+
+        export_hf(full_state, self.model_path, out_dir, self.cfg.model, self.tok)
+
+
+class PairTask(Task):
+    """What DPO and the reward model share: the dummy pair and the per-step token
+    counts of a pair batch."""
+
+    name = "pairs"
+    flags = PAIR_FLAGS
+
+    def dummy_rows(self, token_id: int) -> list[dict]:
+        from rlhf.logprobs import dummy_pair_rows
+
+        return dummy_pair_rows(token_id)
 
     def step_counts(self, micro_batches: list[list[dict]]) -> dict[str, float]:
         rows = [r for mb in micro_batches for r in mb]
@@ -84,12 +112,13 @@ def evaluate(task, engine, shard) -> dict:
     """Held-out metrics over the whole eval shard, in lock-step across workers."""
     import torch
 
-    from cluster.train import PairFeed
+    from cluster.train import RowFeed
 
     engine.eval()
     sums: dict[str, float] = {}
     with torch.no_grad():
-        for micro_batches in PairFeed(shard, task.cfg.train.micro_batch_size, 1).eval_steps():
+        for micro_batches in RowFeed(shard, task.cfg.train.micro_batch_size, 1,
+                                     flags=task.flags).eval_steps():
             for mb in micro_batches:
                 _, s = task.micro_step(engine, mb, None, grad=False, timer=None)
                 _add(sums, s)
@@ -107,7 +136,7 @@ def train_loop(lc: dict, task) -> None:
     import torch
 
     from cluster import deepspeed as dsc
-    from cluster.train import (PairFeed, StepTimer, all_gather_objects, gather_state_dict,
+    from cluster.train import (RowFeed, StepTimer, all_gather_objects, gather_state_dict,
                                load_checkpoint, quiet_worker_logs, rank_world,
                                save_checkpoint)
 
@@ -136,6 +165,7 @@ def train_loop(lc: dict, task) -> None:
     device = engine.device
 
     step, epoch0, samples, tokens_seen = 0, 0, 0, 0
+    start_eval: dict = {}  # task.eval_at_start: held-out metrics before training
     skip: set[int] = set()
     counts: Counter = Counter()
     ckpt = ray.train.get_checkpoint()
@@ -145,6 +175,7 @@ def train_loop(lc: dict, task) -> None:
         head = restored["states"][0]
         step, epoch0 = head["step"], head["epoch"]
         samples, tokens_seen = head["samples"], head["tokens"]
+        start_eval = head.get("start_eval", {})
         skip = restored["consumed"] if not head.get("epoch_done") else set()
         epoch0 += int(bool(head.get("epoch_done")))
         if rank == 0:
@@ -158,31 +189,40 @@ def train_loop(lc: dict, task) -> None:
     eval_shard = ray.train.get_dataset_shard("eval")
     engine.train()
 
-    def merged(feed: PairFeed) -> dict:
+    def merged(feed: RowFeed) -> dict:
         out = Counter(counts)
         out.update(feed.counts)  # update keeps zero counts; `+` would drop them
         return dict(out)
 
-    def worker_state(feed: PairFeed, epoch_done: bool) -> dict:
+    def worker_state(feed: RowFeed, epoch_done: bool) -> dict:
         return {"step": step, "epoch": epoch, "samples": samples, "tokens": tokens_seen,
-                "epoch_done": epoch_done, "counts": merged(feed),
+                "epoch_done": epoch_done, "counts": merged(feed), "start_eval": start_eval,
                 "consumed": ([] if epoch_done else
                              (sorted(skip) if rank == 0 else []) + feed.consumed)}
 
-    def total_counts(feed: PairFeed) -> dict:
-        total_: Counter = Counter({"prompt truncated": 0, "response truncated": 0})
+    def total_counts(feed: RowFeed) -> dict:
+        total_: Counter = Counter({label: 0 for label in task.flags.values()})
         for part in all_gather_objects(merged(feed)):
             total_.update(part)
         return dict(total_)
 
-    feed = PairFeed(train_shard, t.micro_batch_size, accum)
+    def new_feed(skip_ids: set[int] | None = None) -> RowFeed:
+        return RowFeed(train_shard, t.micro_batch_size, accum, skip=skip_ids,
+                       flags=task.flags)
+
+    if task.eval_at_start and ckpt is None:
+        start_eval = {f"start/{k}": v for k, v in evaluate(task, engine, eval_shard).items()}
+        if rank == 0:
+            run_log.log.remote({"step": 0, **{k[len("start/"):]: v
+                                              for k, v in start_eval.items()}})
+
+    feed = new_feed()
     epoch = epoch0
     done = step >= total
     epoch_finished = False
     while not done and epoch < t.epochs:
         epoch_finished = False
-        feed = PairFeed(train_shard, t.micro_batch_size, accum,
-                        skip=skip if epoch == epoch0 else None)
+        feed = new_feed(skip if epoch == epoch0 else None)
         t0 = time.time()  # step time includes waiting for data: tokens/s is end to end
         timer = StepTimer(cuda=str(device).startswith("cuda"))
         for micro_batches, ids, step_counts in feed.steps(epoch):
@@ -246,7 +286,7 @@ def train_loop(lc: dict, task) -> None:
             epoch_finished = True
             epoch += 1
             counts.update(feed.counts)  # keep this epoch's counts; the next feed starts at 0
-            feed = PairFeed(train_shard, t.micro_batch_size, accum)
+            feed = new_feed()
 
     # Final: evaluate, then one checkpoint holding the resumable state and the export.
     final_eval = evaluate(task, engine, eval_shard)
@@ -258,7 +298,7 @@ def train_loop(lc: dict, task) -> None:
         run_log.log.remote({"step": step, **final_eval})
         ray.get(run_log.set_summary.remote({"steps": step, "samples": samples,
                                             "tokens": tokens_seen, "counts": counts_all,
-                                            **final_eval}))
+                                            **start_eval, **final_eval}))
 
     def export(tmp: Path) -> None:
         if rank == 0:

@@ -128,8 +128,9 @@ class RunLog:
     """Ray actor (on the driver's node) that writes metrics.jsonl and TensorBoard
     events into the run directory and prints the progress line."""
 
-    def __init__(self, run_dir: str, total_steps: int):
+    def __init__(self, run_dir: str, total_steps: int, unit: str = "pairs"):
         self.run_dir = Path(run_dir)
+        self.unit = unit  # what a row is called: pairs, examples
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.total = total_steps
         self.t0 = time.time()
@@ -158,7 +159,7 @@ class RunLog:
                   f"{record['train/tokens_per_s']:.0f} tok/s  ETA {_hms(eta)}", flush=True)
         if any(k.startswith("eval/") for k in record):
             print(f"eval @ step {step}: {_brief(record, 'eval')}  "
-                  f"({record.get('eval/pairs', 0)} pairs)", flush=True)
+                  f"({record.get(f'eval/{self.unit}', 0)} {self.unit})", flush=True)
 
     def set_summary(self, summary: dict) -> None:
         self._summary = summary
@@ -192,14 +193,14 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def start_run_log(run_dir: Path, total_steps: int):
+def start_run_log(run_dir: Path, total_steps: int, unit: str = "pairs"):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
     actor = ray.remote(num_cpus=0)(RunLog).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-    ).remote(str(run_dir), total_steps)
+    ).remote(str(run_dir), total_steps, unit)
     return actor
 
 
@@ -262,20 +263,27 @@ def _rows_collate():
     return KeepNumpy()
 
 
-class PairFeed:
+# Boolean columns of tokenised pair rows counted by the feed, with their labels.
+PAIR_FLAGS = {"prompt_truncated": "prompt truncated", "response_truncated": "response truncated"}
+
+
+class RowFeed:
     """One worker's shard as steps of micro-batches, in lock-step with the others.
 
     Each step every worker gets exactly `accum` micro-batches; a worker that has run
     out gets empty ones (the caller runs a zero-weight dummy forward for those, which
     ZeRO-3 needs to take part in the parameter gathers). Rows whose id is in `skip`
     (trained before a resume) are passed over uncounted; rows with a drop reason are
-    counted and left out. A step is "committed" by the caller after the optimizer
-    step, which moves its ids into the consumed set saved with checkpoints.
+    counted and left out; `flags` ({boolean column: label}) are counted where true.
+    A step is "committed" by the caller after the optimizer step, which moves its ids
+    into the consumed set saved with checkpoints.
     """
 
     def __init__(self, shard, micro: int, accum: int, skip: set[int] | None = None,
-                 shuffle_buffer: int = 0, seed: int = 0):
+                 shuffle_buffer: int = 0, seed: int = 0,
+                 flags: dict[str, str] | None = None):
         self.shard, self.micro, self.accum = shard, micro, accum
+        self.flags = PAIR_FLAGS if flags is None else flags
         self.skip = skip or set()
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.consumed: list[int] = []
@@ -311,8 +319,8 @@ class PairFeed:
                     if row["drop"]:
                         counts[f"dropped: {row['drop']}"] += 1
                         continue
-                    counts["prompt truncated"] += int(bool(row["prompt_truncated"]))
-                    counts["response truncated"] += int(bool(row["response_truncated"]))
+                    for column, label in self.flags.items():
+                        counts[label] += int(bool(row[column]))
                     mb.append(row)
                 micro_batches.append(mb)
             local = sum(len(mb) for mb in micro_batches)

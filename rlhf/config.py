@@ -7,8 +7,8 @@ defaults, an optional YAML recipe (`--config FILE`), then `key.sub=value` overri
 the command line. Unknown keys and values of the wrong type fail at once with a message
 that says what to change.
 
-This module holds the generic loader and the DPO config; the other entry points (SFT,
-reward model, PPO) reuse the sections defined here.
+This module holds the generic loader and the entry points' configs (DPO, reward model,
+SFT); they share most sections.
 """
 
 from __future__ import annotations
@@ -93,44 +93,102 @@ class ColumnsConfig:
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    """Where the rows come from and how they are streamed; shared by every entry point's
+    data section (DataConfig for preference pairs, SFTDataConfig for SFT examples)."""
+
     path: str = BUILTIN_DATA
-    """Training pairs: a .jsonl/.json/.parquet/.csv file (.gz allowed for JSON), a folder
+    """Training data: a .jsonl/.json/.parquet/.csv file (.gz allowed for JSON), a folder
     of them, a folder written by `datasets.save_to_disk`, or `builtin:demo` (pairs the
     project generates, with a held-out split of unseen topics)."""
     eval_path: str | None = None
-    """Held-out pairs, same forms as `path`. Empty: a `test` split of a saved DatasetDict,
+    """Held-out data, same forms as `path`. Empty: a `test` split of a saved DatasetDict,
     the demo's own held-out split, or else `eval_fraction` of `path`, chosen by a hash of
     each row's position (stable across runs)."""
     eval_fraction: float = 0.05
     """Share of `path` held out for evaluation when no held-out data is given."""
+    assistant_marker: str = "\n\nAssistant:"
+    """Implicit preference format: the text that opens an assistant turn (hh-rlhf's)."""
+    preserve_order: bool = False
+    """Keep the source order through the pipeline: with one worker, batches (and so runs)
+    are reproducible step for step. Costs some pipelining."""
+    packing: bool = True
+    """Put each micro-batch's sequences back to back in one row with no padding;
+    attention stays inside each sequence (flash_attention_2's varlen kernel on a GPU,
+    otherwise the project's per-sequence SDPA kernel, which replaces sdpa or eager, and
+    which runs a DPO pair's prompt once for both responses). Same log-probs as the
+    padded layout, no compute spent on padding."""
+    demo_pairs: int = 2400
+    """builtin:demo only: number of training pairs to generate (SFT trains on their
+    chosen answers)."""
+    demo_eval_pairs: int = 256
+    """builtin:demo only: number of held-out pairs (topics unseen in training)."""
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """Preference pairs (DPO, reward model)."""
+
     format: str = "auto"
     """explicit (prompt/chosen/rejected), implicit (two whole dialogues; the prompt is
     their shared prefix up to the last assistant marker), conversational (lists of
     {role, content} messages, rendered with the chat template), or auto (detect)."""
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     """Column names in the source; e.g. data.columns.chosen=preferred."""
-    assistant_marker: str = "\n\nAssistant:"
-    """Implicit format: the text that opens an assistant turn (hh-rlhf's marker)."""
     max_length: int = 1024
     """Longest prompt + response in tokens."""
     max_prompt_length: int = 512
     """Longest prompt in tokens; longer prompts lose their beginning."""
-    preserve_order: bool = False
-    """Keep the source order through the pipeline: with one worker, batches (and so runs)
-    are reproducible step for step. Costs some pipelining."""
-    packing: bool = True
-    """Put each micro-batch's chosen and rejected sequences back to back in one row with
-    no padding; attention stays inside each sequence (flash_attention_2's varlen kernel
-    on a GPU, otherwise the project's per-sequence SDPA kernel, which replaces sdpa or
-    eager). Same log-probs as the padded layout, no compute spent on padding."""
     truncation: str = "truncate"
     """What to do with pairs over the limits: truncate (prompt from the left, responses
     from the right) or drop. Either way the count is reported."""
-    demo_pairs: int = 2400
-    """builtin:demo only: number of training pairs to generate."""
-    demo_eval_pairs: int = 256
-    """builtin:demo only: number of held-out pairs (topics unseen in training)."""
+
+
+@dataclass
+class SFTColumnsConfig:
+    prompt: str = "prompt"
+    """Prompt column (prompt/completion and explicit preference data)."""
+    completion: str = "completion"
+    """Completion column (prompt/completion data): the text, or the assistant messages,
+    the loss is computed on."""
+    messages: str = "messages"
+    """Conversation column (conversational data): a list of {role, content} messages;
+    the loss is computed on the assistant messages."""
+    text: str = "text"
+    """Plain-text column (text data): the loss is computed on all of it."""
+    chosen: str = "chosen"
+    """Preference data: the preferred response (or dialogue), trained on as the completion."""
+    rejected: str = "rejected"
+    """Preference data: the other response; not trained on, but needed to find the
+    prompt of implicit (hh-rlhf style) dialogues."""
+
+
+@dataclass
+class SFTDataConfig(SourceConfig):
+    """Supervised examples (SFT)."""
+
+    format: str = "auto"
+    """prompt_completion (a prompt and its completion, text or messages), conversational
+    (a list of messages), text (plain text), preference (the chosen side of preference
+    pairs, in any format rlhf.dpo reads), or auto: detect from the first row's columns
+    (messages, then completion, then chosen, then text)."""
+    columns: SFTColumnsConfig = field(default_factory=SFTColumnsConfig)
+    """Column names in the source; e.g. data.columns.completion=response."""
+    max_length: int = 1024
+    """Longest example in tokens (prompt and completion together)."""
+    truncation: str = "truncate"
+    """Examples over max_length: truncate (keep the first max_length tokens) or drop.
+    Either way the count is reported; an example left with no completion token is
+    dropped, counted."""
+    chat_template: str = ""
+    """A Jinja chat template (or a file holding one) for conversational data, when the
+    tokenizer has none (most base models) or to replace its own. The export saves it
+    with the tokenizer, so DPO, the reward model and PPO on the SFT model render chats
+    the same way. Empty: the tokenizer's own."""
+    completion_only: bool = True
+    """Compute the loss on completion tokens only (the assistant messages of a
+    conversation); false: on every token, prompt included. Plain-text data is all
+    completion either way."""
 
 
 @dataclass
@@ -156,15 +214,17 @@ class LossConfig:
 class TrainConfig:
     learning_rate: float | None = None
     """Peak learning rate. Empty: the usual setting for a pretrained model (DPO 5e-7,
-    reward model 1e-5), or 1e-3 for builtin:tiny-llama, which starts from random weights."""
+    reward model 1e-5, SFT 2e-5), or 1e-3 for builtin:tiny-llama, which starts from
+    random weights."""
     epochs: int = 1
-    """Passes over the training pairs."""
+    """Passes over the training data."""
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run the epochs)."""
     micro_batch_size: int = 4
-    """Pairs per worker per forward pass (each pass holds 2x this many sequences)."""
+    """Rows (preference pairs, or SFT examples) per worker per forward pass; a pair is
+    two sequences."""
     global_batch_size: int = 8
-    """Pairs per optimizer step over all workers; gradient accumulation makes up the
+    """Rows per optimizer step over all workers; gradient accumulation makes up the
     rest: global = micro_batch_size x workers x accumulation steps."""
     warmup_ratio: float = 0.1
     """Share of the steps spent warming the learning rate up linearly from 0."""
@@ -177,7 +237,7 @@ class TrainConfig:
     seed: int = 42
     """Seed for weights of new parts (LoRA), dropout and the eval split."""
     eval_every: int = 100
-    """Evaluate on the held-out pairs every N steps (and always at the end); 0: only at
+    """Evaluate on the held-out data every N steps (and always at the end); 0: only at
     the end."""
     checkpoint_every: int = 200
     """Save a resumable checkpoint every N steps (and at the end); 0: only at the end."""
@@ -185,7 +245,7 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     resume: bool = False
     """Continue the run named output.name (or the newest run in output.dir) from its last
-    checkpoint, without repeating or skipping pairs."""
+    checkpoint, without repeating or skipping rows."""
     log_every: int = 1
     """Print and record training metrics every N steps."""
 
@@ -283,6 +343,28 @@ class RMConfig:
         check_rm(self)
 
 
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (next-token loss on completions) on Ray Train + DeepSpeed,
+    examples through Ray Data."""
+
+    PRETRAINED_LR: ClassVar[float] = 2e-5
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to fine-tune (usually a base model)."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """Examples and how they are tokenised."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation schedule, evaluation and checkpoints."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray and DeepSpeed."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results land."""
+
+    def __post_init__(self) -> None:
+        check_sft(self)
+
+
 # ------------------------------------------------------------------- cross-field checks
 
 
@@ -297,15 +379,9 @@ def check_common(cfg: Any) -> None:
     _one_of("model.dtype", m.dtype, ("fp32", "bf16", "fp16"))
     _one_of("model.attn_implementation", m.attn_implementation,
             ("sdpa", "eager", "flash_attention_2"))
-    _one_of("data.format", d.format, ("auto", "explicit", "implicit", "conversational"))
     _one_of("data.truncation", d.truncation, ("truncate", "drop"))
     _one_of("train.lr_scheduler", t.lr_scheduler, ("cosine", "linear", "constant"))
     _one_of("cluster.zero_stage", c.zero_stage, (0, 1, 2, 3))
-    if d.max_prompt_length >= d.max_length:
-        raise ConfigError(
-            f"data.max_prompt_length={d.max_prompt_length} leaves no room for a response "
-            f"within data.max_length={d.max_length}: lower max_prompt_length or raise "
-            "max_length.")
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
     if c.num_workers < 1:
@@ -340,8 +416,20 @@ def check_common(cfg: Any) -> None:
         raise ConfigError(f"train.learning_rate={t.learning_rate} must be positive.")
 
 
-def check_dpo(cfg: DPOConfig) -> None:
+def check_pairs(cfg: Any) -> None:
+    """check_common plus the preference-pair data section."""
     check_common(cfg)
+    d = cfg.data
+    _one_of("data.format", d.format, ("auto", "explicit", "implicit", "conversational"))
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length={d.max_prompt_length} leaves no room for a response "
+            f"within data.max_length={d.max_length}: lower max_prompt_length or raise "
+            "max_length.")
+
+
+def check_dpo(cfg: DPOConfig) -> None:
+    check_pairs(cfg)
     lo = cfg.loss
     _one_of("loss.type", lo.type, ("sigmoid", "ipo", "hinge", "simpo"))
     if lo.beta <= 0:
@@ -364,7 +452,7 @@ def check_dpo(cfg: DPOConfig) -> None:
 
 
 def check_rm(cfg: RMConfig) -> None:
-    check_common(cfg)
+    check_pairs(cfg)
     if cfg.model.lora.enabled and not cfg.model.lora.merge_on_export:
         raise ConfigError("A reward model is exported merged, so that it loads as "
                           "AutoModelForSequenceClassification and scores through "
@@ -372,6 +460,15 @@ def check_rm(cfg: RMConfig) -> None:
     if cfg.loss.center_coefficient < 0:
         raise ConfigError(f"loss.center_coefficient={cfg.loss.center_coefficient} must be "
                           ">= 0 (0.01 is the usual value, 0 disables centering).")
+
+
+def check_sft(cfg: SFTConfig) -> None:
+    check_common(cfg)
+    _one_of("data.format", cfg.data.format,
+            ("auto", "prompt_completion", "conversational", "text", "preference"))
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"data.max_length={cfg.data.max_length}: an example needs at "
+                          "least 2 tokens (one to predict from, one to predict).")
 
 
 def resolved_learning_rate(cfg: Any) -> float:
@@ -386,10 +483,14 @@ def resolved_learning_rate(cfg: Any) -> float:
 
 @lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass: {field name: the string literal under it}."""
+    """Attribute docstrings of a dataclass: {field name: the string literal under it},
+    inherited fields included."""
+    docs: dict[str, str] = {}
+    for base in cls.__mro__[:0:-1]:
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     source = textwrap.dedent(inspect.getsource(cls))
     body = ast.parse(source).body[0].body
-    docs = {}
     for node, nxt in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)

@@ -10,6 +10,10 @@ Rows that cannot be used are not filtered out silently: they travel with a `drop
 reason so the training workers count them, and the driver's first pass counts them
 before training starts. Row ids make resumption exact: a checkpoint records the ids
 already trained on, and a resumed run skips exactly those.
+
+SFT examples take the same path (`RowKind`): rlhf/sft_data.py supplies their format
+detection, normalisation and tokenising; sources, ids, the held-out split, counting and
+streaming are this module's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +60,10 @@ class Layout:
     rejected: str
     marker: str
     margin: str = ""  # optional numeric column (reward model), "" for none
+
+    def table(self, ids: list[int], rows: list[dict]):
+        """Raw rows -> the normalised Arrow table (NORMALISED_COLUMNS)."""
+        return _normalised_table(ids, rows, self)
 
 
 def _is_messages(v: Any) -> bool:
@@ -200,10 +209,10 @@ def _normalised_table(ids: list[int], rows: list[dict], lay: Layout):
 def _datasource_class():
     from ray.data.datasource import FileBasedDatasource
 
-    class PairFiles(FileBasedDatasource):
-        """Streams pairs out of files, normalised, with row ids (file index, row)."""
+    class RowFiles(FileBasedDatasource):
+        """Streams rows out of files, normalised, with row ids (file index, row)."""
 
-        def __init__(self, files: list[str], layout: Layout):
+        def __init__(self, files: list[str], layout):
             super().__init__(files)
             self._file_index = {os.path.abspath(p): i for i, p in enumerate(files)}
             self._layout = layout
@@ -220,22 +229,22 @@ def _datasource_class():
                 ids.append(base | n)
                 rows.append(row)
                 if len(rows) == ROWS_PER_BLOCK:
-                    yield _normalised_table(ids, rows, self._layout)
+                    yield self._layout.table(ids, rows)
                     ids, rows = [], []
             if rows:
-                yield _normalised_table(ids, rows, self._layout)
+                yield self._layout.table(ids, rows)
 
-    return PairFiles
+    return RowFiles
 
 
-def _demo_rows(batch: dict[str, np.ndarray], split: str, layout: Layout):
+def _demo_rows(batch: dict[str, np.ndarray], split: str, layout):
     from rlhf.demo import demo_pair
 
     ids = [int(i) for i in batch["id"]]
-    return _normalised_table(ids, [demo_pair(i, split) for i in ids], layout)
+    return layout.table(ids, [demo_pair(i, split) for i in ids])
 
 
-def _rows_with_ids(batch, layout: Layout, id_column: str | None):
+def _rows_with_ids(batch, layout, id_column: str | None):
     """map_batches body for in-memory sources: normalise, keep or derive ids."""
     import pyarrow as pa
 
@@ -247,11 +256,12 @@ def _rows_with_ids(batch, layout: Layout, id_column: str | None):
         ids = [int.from_bytes(hashlib.blake2b(json.dumps(r, sort_keys=True, default=str)
                                               .encode(), digest_size=8).digest(), "little") >> 1
                for r in rows]
-    return _normalised_table(ids, rows, layout)
+    return layout.table(ids, rows)
 
 
-def read_normalised(source: Source, layout: Layout, demo_pairs: int = 0):
-    """Source -> Ray Dataset with NORMALISED_COLUMNS, streamed."""
+def read_normalised(source: Source, layout, demo_pairs: int = 0):
+    """Source -> Ray Dataset of normalised rows (`layout.table`'s columns: for pairs
+    NORMALISED_COLUMNS, for SFT examples rlhf.sft_data's), streamed."""
     import ray.data
 
     if source.kind == "demo":
@@ -310,6 +320,13 @@ def _tokenizer(path: str):
     return _TOKENIZERS[path]
 
 
+def encode(tok, text: str, templated: bool) -> list[int]:
+    """Token ids of `text`. Text rendered by a chat template already holds its special
+    tokens (Llama 3's template starts with <|begin_of_text|>), so the tokenizer adds
+    none then: a second BOS would put every chat sequence off its training layout."""
+    return tok(text, add_special_tokens=not templated)["input_ids"]
+
+
 def tokenize_pair(tok, prompt: str, chosen: str, rejected: str, chat: bool,
                   max_length: int, max_prompt_length: int, truncation: str):
     """Strings (or JSON message lists) -> token ids, as TRL 1.16's DPOTrainer does it.
@@ -332,8 +349,8 @@ def tokenize_pair(tok, prompt: str, chosen: str, rejected: str, chat: bool,
         eos = tok.eos_token or ""
         full_c = prompt + chosen + ("" if chosen.endswith(eos) else eos)
         full_r = prompt + rejected + ("" if rejected.endswith(eos) else eos)
-    p_ids = tok(prompt)["input_ids"]
-    pc, pr = tok(full_c)["input_ids"], tok(full_r)["input_ids"]
+    p_ids = encode(tok, prompt, chat)
+    pc, pr = encode(tok, full_c, chat), encode(tok, full_r, chat)
     n = min(_common_prefix_len(p_ids, pc), _common_prefix_len(p_ids, pr))
     p_ids, c_ids, r_ids = p_ids[:n], pc[n:], pr[n:]
     p_cut = len(p_ids) > max_prompt_length
@@ -391,6 +408,25 @@ def tokenize(ds, tokenizer_path: str, cfg: DataConfig):
                    "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation})
 
 
+@dataclass(frozen=True)
+class RowKind:
+    """What a pipeline carries: preference pairs (DPO, reward model) or SFT examples
+    (rlhf.sft_data.EXAMPLES). The stages around them (sources, ids, held-out split,
+    counting, streaming to workers) are the same.
+
+    detect(first_row, data_cfg, source_name) -> a layout whose .table(ids, rows) gives
+    the normalised Arrow table (with id and drop columns); tokenize(ds, tokenizer_path,
+    data_cfg) -> the tokenised dataset the workers read.
+    """
+
+    name: str  # what a row is called in messages
+    detect: Callable
+    tokenize: Callable
+
+
+PAIRS = RowKind("pairs", detect_layout, tokenize)
+
+
 # ------------------------------------------------------------------- driver-side scan
 
 
@@ -419,27 +455,29 @@ class Plan:
 
     train: Source
     held: Source | None
-    train_layout: Layout
-    held_layout: Layout | None
+    train_layout: Any
+    held_layout: Any
+    kind: RowKind = PAIRS
 
 
-def inspect(cfg: DataConfig, dataset: Any = None, eval_dataset: Any = None) -> Plan:
+def inspect(cfg: Any, dataset: Any = None, eval_dataset: Any = None,
+            kind: RowKind = PAIRS) -> Plan:
     """Resolve sources and detect their format from the first row, without Ray: missing
     files, empty data and missing columns fail here, in a second, with the fix named."""
     train_src, held_src = resolve_sources(cfg, dataset, eval_dataset)
     first = peek_rows(train_src, 1)
     if not first:
         raise DataError(f"{train_src.name}: the data set is empty (no rows).")
-    layout = detect_layout(first[0], cfg, train_src.name)
+    layout = kind.detect(first[0], cfg, train_src.name)
     held_layout = None
     if held_src is not None:
         held_first = peek_rows(held_src, 1)
         if not held_first:
             raise DataError(f"{held_src.name}: the held-out data set is empty.")
-        held_layout = detect_layout(held_first[0], cfg, held_src.name)
+        held_layout = kind.detect(held_first[0], cfg, held_src.name)
     elif cfg.eval_fraction <= 0:
         raise DataError("No held-out data: set data.eval_path or data.eval_fraction > 0.")
-    return Plan(train_src, held_src, layout, held_layout)
+    return Plan(train_src, held_src, layout, held_layout, kind)
 
 
 @dataclass
@@ -452,7 +490,7 @@ class Pipelines:
     eval_counts: Counter
 
 
-def build(plan: Plan, cfg: DataConfig, tokenizer_path: str, seed: int) -> Pipelines:
+def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
     """Plan -> tokenised train/eval Ray Datasets, after one counting pass over both."""
     train = read_normalised(plan.train, plan.train_layout, cfg.demo_pairs)
     if plan.held is None:
@@ -460,11 +498,14 @@ def build(plan: Plan, cfg: DataConfig, tokenizer_path: str, seed: int) -> Pipeli
     else:
         held = read_normalised(plan.held, plan.held_layout, cfg.demo_eval_pairs)
     train_counts, eval_counts = scan(train), scan(held)
+    what = plan.kind.name
     if train_counts[""] == 0:
-        raise DataError(f"{plan.train.name}: no usable pairs ({describe_counts(train_counts)}).")
+        raise DataError(f"{plan.train.name}: no usable {what} "
+                        f"({describe_counts(train_counts)}).")
     if eval_counts[""] == 0:
-        raise DataError(f"held-out data: no usable pairs ({describe_counts(eval_counts)}).")
-    return Pipelines(tokenize(train, tokenizer_path, cfg), tokenize(held, tokenizer_path, cfg),
+        raise DataError(f"held-out data: no usable {what} ({describe_counts(eval_counts)}).")
+    tok = plan.kind.tokenize
+    return Pipelines(tok(train, tokenizer_path, cfg), tok(held, tokenizer_path, cfg),
                      train_counts, eval_counts)
 
 

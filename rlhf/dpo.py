@@ -34,12 +34,12 @@ def _logps(engine, batch: dict, device, adapters_off: bool = False):
     """(2B,) summed response log-probs and token counts of a `pair_batch` (either layout)."""
     import contextlib
 
-    from rlhf.logprobs import model_inputs, pair_logprobs
+    from rlhf.logprobs import model_inputs, batch_logprobs
 
     ctx = engine.module.disable_adapter() if adapters_off else contextlib.nullcontext()
     with ctx:
         out = engine(**model_inputs(batch, device))
-    return pair_logprobs(out.logits, batch)
+    return batch_logprobs(out.logits, batch)
 
 
 def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list[dict],
@@ -141,11 +141,6 @@ class DPOTask(PairTask):
         if split == "eval":
             out["eval/pairs"] = int(n)
         return out
-
-    def export(self, full_state: dict, out_dir: Path) -> None:
-        from cluster.models import export_hf
-
-        export_hf(full_state, self.model_path, out_dir, self.cfg.model, self.tok)
 
 
 def train_loop_per_worker(lc: dict) -> None:

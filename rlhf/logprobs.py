@@ -144,6 +144,15 @@ def pack_pairs(
                 pos.extend(range(len(p) + len(resp)))
                 lengths.append(len(p) + len(resp))
                 ends[offset + i] = len(ids) - 1
+    return _packed(ids, pos, score_pos, score_ids, score_seq, ends,
+                   blocks if share_prompt else None, lengths)
+
+
+def _packed(ids: list[int], pos: list[int], score_pos: list[int], score_ids: list[int],
+            score_seq: list[int], ends: list[int], blocks: list | None,
+            lengths: list[int]) -> dict:
+    """The tensors of a packed row (see pack_pairs for the keys): `blocks` for the
+    project's kernel, or else cu_seq_lens from the sequence `lengths`."""
     def longs(values) -> torch.Tensor:  # long even when empty
         return torch.tensor(values, dtype=torch.long)
 
@@ -151,14 +160,81 @@ def pack_pairs(
     out = {"input_ids": longs([ids]), "position_ids": longs([pos]),
            "logits_to_keep": keep, "score_at": score_at,
            "score_ids": longs(score_ids), "score_seq": longs(score_seq),
-           "n_seqs": torch.tensor(2 * n), "seq_end": torch.tensor(ends)}
-    if share_prompt:
+           "n_seqs": torch.tensor(len(ends)), "seq_end": longs(ends)}
+    if blocks is not None:
         out["packed_blocks"] = blocks
     else:
         cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
         out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
                    max_length_k=max(lengths))
     return out
+
+
+# ------------------------------------------------------------------ single sequences
+# SFT examples: one sequence each, with a loss mask over the tokens trained on.
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
+                  pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, loss_mask, each (B, T)."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        input_ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        attention[i, : len(s)] = 1
+        loss_mask[i, : len(m)] = torch.tensor(list(m), dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def pack_sequences(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
+                   blocks: bool = True) -> dict:
+    """The sequences back to back in one row, no padding: the keys of `pack_pairs`, with
+    S = B sequences, M = the trained tokens (mask 1, position > 0). `blocks` selects the
+    project's kernel (`packed_blocks`, one block without branches per sequence); false
+    gives flash attention's `cu_seq_lens`."""
+    ids: list[int] = []
+    pos: list[int] = []
+    score_pos: list[int] = []
+    score_ids: list[int] = []
+    score_seq: list[int] = []
+    ends: list[int] = []
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        start = len(ids)
+        for t in range(1, len(s)):
+            if m[t]:  # token t is predicted at the position before it
+                score_pos.append(start + t - 1)
+                score_ids.append(int(s[t]))
+                score_seq.append(i)
+        ids.extend(int(x) for x in s)
+        pos.extend(range(len(s)))
+        ends.append(len(ids) - 1)
+    lengths = [len(s) for s in seqs]
+    block_list = [(e + 1 - n, n, ()) for e, n in zip(ends, lengths)] if blocks else None
+    return _packed(ids, pos, score_pos, score_ids, score_seq, ends, block_list, lengths)
+
+
+def sequence_batch(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], *,
+                   pad_id: int, packing: bool, attn_implementation: str = "sdpa") -> dict:
+    """The model input for single sequences: `pack_sequences` when packing (a model
+    loaded with packing=True), else `pad_sequences`."""
+    if packing:
+        return pack_sequences(seqs, masks, blocks=attn_implementation != "flash_attention_2")
+    return pad_sequences(seqs, masks, pad_id)
+
+
+def _row_ids(rows: Sequence[dict], key: str) -> list[list[int]]:
+    # numpy arrays from Ray Data, or lists
+    return [r[key].tolist() if hasattr(r[key], "tolist") else list(r[key]) for r in rows]
+
+
+def rows_sequence_batch(rows: Sequence[dict], *, pad_id: int, packing: bool,
+                        attn_implementation: str = "sdpa") -> dict:
+    """`sequence_batch` of tokenised SFT rows (input_ids, loss_mask)."""
+    return sequence_batch(_row_ids(rows, "input_ids"), _row_ids(rows, "loss_mask"),
+                          pad_id=pad_id, packing=packing,
+                          attn_implementation=attn_implementation)
 
 
 def packed_sequence_logprobs(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,16 +277,19 @@ def pair_batch(
 def rows_pair_batch(rows: Sequence[dict], *, pad_id: int, packing: bool,
                     attn_implementation: str = "sdpa") -> dict:
     """`pair_batch` of tokenised pipeline rows (prompt_ids, chosen_ids, rejected_ids)."""
-    def ids(key: str) -> list[list[int]]:  # numpy arrays from Ray Data, or lists
-        return [r[key].tolist() if hasattr(r[key], "tolist") else list(r[key]) for r in rows]
+    return pair_batch(_row_ids(rows, "prompt_ids"), _row_ids(rows, "chosen_ids"),
+                      _row_ids(rows, "rejected_ids"), pad_id=pad_id, packing=packing,
+                      attn_implementation=attn_implementation)
 
-    return pair_batch(ids("prompt_ids"), ids("chosen_ids"), ids("rejected_ids"),
-                      pad_id=pad_id, packing=packing, attn_implementation=attn_implementation)
+
+def dummy_sequence_rows(token_id: int) -> list[dict]:
+    """One two-token example (the second trained on), for a zero-weight forward."""
+    return [{"input_ids": [token_id, token_id], "loss_mask": [0, 1]}]
 
 
 def dummy_pair_rows(token_id: int) -> list[dict]:
     """One minimal pair (every part a single token) for a zero-weight forward: a worker
-    out of data still joins every collective (ZeRO-3 gathers), see cluster.train.PairFeed."""
+    out of data still joins every collective (ZeRO-3 gathers), see cluster.train.RowFeed."""
     one = [token_id]
     return [{"prompt_ids": one, "chosen_ids": one, "rejected_ids": one,
              "ref_chosen": 0.0, "ref_rejected": 0.0}]
@@ -222,7 +301,8 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "logits_to_keep",
 
 
 def model_inputs(batch: dict, device) -> dict:
-    """The keyword arguments of a causal LM forward for a `pair_batch` result."""
+    """The keyword arguments of a causal LM forward for a `pair_batch` or
+    `sequence_batch` result."""
     return {k: batch[k].to(device) if isinstance(batch[k], torch.Tensor) else batch[k]
             for k in MODEL_KEYS if k in batch}
 
@@ -253,9 +333,11 @@ def sequence_end_values(values: torch.Tensor, batch: dict,
     return values[rows, ends]
 
 
-def pair_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(2B,) summed response log-probs and token counts, for either layout."""
+def batch_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) summed log-probs of the scored tokens and their counts, per sequence, for
+    any layout: a pair batch (S = 2B, responses scored) or a sequence batch (S = B,
+    loss-mask tokens scored)."""
     if "score_seq" in batch:
         return packed_sequence_logprobs(logits, batch)
     return sequence_logprobs(logits, batch["input_ids"].to(logits.device),

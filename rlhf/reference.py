@@ -31,14 +31,14 @@ class ReferenceLogps:
     def _score(self, rows: list[int], batch: dict[str, np.ndarray]):
         import torch
 
-        from rlhf.logprobs import model_inputs, pair_batch, pair_logprobs, split_pairs
+        from rlhf.logprobs import model_inputs, pair_batch, batch_logprobs, split_pairs
 
         t = pair_batch([batch["prompt_ids"][i].tolist() for i in rows],
                        [batch["chosen_ids"][i].tolist() for i in rows],
                        [batch["rejected_ids"][i].tolist() for i in rows], pad_id=self.pad_id,
                        packing=self.packing, attn_implementation=self.attn)
         with torch.no_grad():
-            lp, _ = pair_logprobs(self.model(**model_inputs(t, self.device)).logits, t)
+            lp, _ = batch_logprobs(self.model(**model_inputs(t, self.device)).logits, t)
         rc, rr = split_pairs(lp.float().cpu())
         return rc.numpy(), rr.numpy()
 

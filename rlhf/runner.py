@@ -1,8 +1,9 @@
-"""The driver every preference-pair training entry point shares (rlhf.dpo, rlhf.rm).
+"""The driver every training entry point shares (rlhf.dpo, rlhf.rm, rlhf.sft).
 
 config -> Ray -> pipelines (counts printed) -> TorchTrainer -> fit -> model copied to
 the run directory -> summary.json, curves.png. The entry point supplies its worker
-loop, what it adds to the pipelines (DPO's reference pass) and its final message.
+loop, what its rows are (rlhf.data.PAIRS or rlhf.sft_data.EXAMPLES), what it adds to
+the pipelines (DPO's reference pass) and its final message.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rlhf.config import ConfigError, parse_args, resolved_learning_rate, to_dict
 def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                  eval_dataset: Any = None, loop_config: dict | None = None,
                  add_to_pipelines: Callable | None = None, notes: list[str] | None = None,
-                 plot_keys: tuple[str, ...] = ("loss",),
+                 plot_keys: tuple[str, ...] = ("loss",), kind: Any = None,
                  crash_once_at_step: int | None = None) -> Path:
     """Train; returns the run directory.
 
@@ -29,6 +30,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     data.path is ignored). loop_config: extra keys for the worker (model_path,
     total_steps, learning_rate, run_log and config are always there).
     add_to_pipelines(pipes, model_path): a last stage on the pipelines, before training.
+    kind: the rows' rlhf.data.RowKind (default: preference pairs).
     crash_once_at_step: fault injection for tests; the last worker exits hard once
     after that step, to exercise Ray Train's restart from the last checkpoint.
     """
@@ -41,10 +43,18 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                                plot_curves, quiet_ray_data, start_run_log)
     from rlhf import data
 
+    kind = kind or data.PAIRS
     t_start = time.time()
     model_path = resolve_model_path(cfg.model.name_or_path)
-    load_tokenizer(model_path)  # a bad path or tokenizer fails here, not in a worker
-    plan = data.inspect(cfg.data, dataset, eval_dataset)
+    tok = load_tokenizer(model_path)  # a bad path or tokenizer fails here, not in a worker
+    plan = data.inspect(cfg.data, dataset, eval_dataset, kind)
+    if (any(lay is not None and lay.chat for lay in (plan.train_layout, plan.held_layout))
+            and not (tok.chat_template or getattr(cfg.data, "chat_template", ""))):
+        raise data.DataError(
+            f"The data holds conversations but the tokenizer of {model_path} has no chat "
+            "template. Start from a model whose tokenizer has one (an instruct model, or "
+            "the export of an rlhf.sft run, which saves its template), or give rlhf.sft "
+            "data.chat_template=<file or Jinja string>.")
     run_dir = make_run_dir(cfg.output, cfg.train.resume, prefix)
 
     started_ray = not ray.is_initialized()
@@ -55,7 +65,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
         cfg.data.preserve_order
     try:
         check_resources(cfg.cluster)
-        print(f"reading pairs from {cfg.data.path if dataset is None else 'memory'} ...",
+        print(f"reading {kind.name} from {cfg.data.path if dataset is None else 'memory'} ...",
               flush=True)
         pipes = data.build(plan, cfg.data, model_path, cfg.train.seed)
         if add_to_pipelines:
@@ -70,7 +80,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
         lr = resolved["train"]["learning_rate"] = resolved_learning_rate(cfg)
         if not cfg.train.resume:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        run_log = start_run_log(run_dir, total)
+        run_log = start_run_log(run_dir, total, kind.name)
         trainer = make_trainer(
             loop,
             {"config": to_dict(cfg), "model_path": model_path, "total_steps": total,
@@ -81,7 +91,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             name="checkpoints" if not c.storage_path else run_dir.name,
             storage_path=c.storage_path or str(run_dir), keep_checkpoints=t.keep_checkpoints)
         print(f"training: {c.num_workers} workers, ZeRO-{c.zero_stage}, {total} steps of "
-              f"{t.global_batch_size} pairs, lr {lr:g}, run directory {run_dir}", flush=True)
+              f"{t.global_batch_size} {kind.name}, lr {lr:g}, run directory {run_dir}", flush=True)
         result, summary = fit(trainer, run_log, run_dir)
         summary.update({
             "wall_time_s": round(time.time() - t_start, 1),
@@ -93,10 +103,10 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             "warnings": notes or [], "model": str(run_dir / "model"),
             "checkpoint": result.checkpoint.path})
         if t.max_steps <= 0 or summary["steps"] < t.max_steps:
-            # Whole epochs ran: every usable pair was trained on, dropped by a worker
+            # Whole epochs ran: every usable row was trained on, dropped by a worker
             # (counted), or left out by the equal split across workers (< num_workers).
             worker_drops = sum(v for k, v in summary["counts"].items() if k.startswith("dropped"))
-            summary["pairs_left_out_by_split"] = (
+            summary[f"{kind.name}_left_out_by_split"] = (
                 pipes.train_counts[""] * t.epochs - summary["samples"] - worker_drops)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run_dir, plot_keys)

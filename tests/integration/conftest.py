@@ -46,3 +46,11 @@ def rm(tmp_path: Path, *overrides: str, **kwargs) -> Path:
 
     cfg = parse_args(RMConfig, [f"output.dir={tmp_path}", *SMALL, *overrides], "rlhf.rm")
     return run(cfg, **kwargs)
+
+
+def sft(tmp_path: Path, *overrides: str, **kwargs) -> Path:
+    from rlhf.config import SFTConfig, parse_args
+    from rlhf.sft import run
+
+    cfg = parse_args(SFTConfig, [f"output.dir={tmp_path}", *SMALL, *overrides], "rlhf.sft")
+    return run(cfg, **kwargs)

@@ -79,10 +79,10 @@ def test_help_from_the_command_line():
 def test_every_recipe_loads():
     recipes = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
     assert recipes, "no recipes"
-    from rlhf.config import RMConfig
+    from rlhf.config import RMConfig, SFTConfig
 
     for r in recipes:
-        cls = {"dpo": DPOConfig, "rm": RMConfig}[r.name.split("-")[0]]
+        cls = {"dpo": DPOConfig, "rm": RMConfig, "sft": SFTConfig}[r.name.split("-")[0]]
         cfg = parse_args(cls, ["--config", str(r)], "x")
         assert cfg.train.learning_rate is not None, r
 
@@ -102,3 +102,20 @@ def test_reward_model_config():
                    "rlhf.rm")
     with pytest.raises(ConfigError, match="loss.beta"):  # DPO's loss has no place here
         parse_args(RMConfig, ["loss.beta=0.2"], "rlhf.rm")
+
+
+def test_sft_config():
+    from rlhf.config import SFTConfig, resolved_learning_rate
+
+    cfg = parse_args(SFTConfig, ["data.completion_only=false"], "rlhf.sft")
+    assert not cfg.data.completion_only and cfg.data.format == "auto"
+    assert resolved_learning_rate(parse_args(SFTConfig, ["model.name_or_path=org/m"],
+                                             "x")) == 2e-5
+    with pytest.raises(ConfigError, match="data.format='implicit' is not one of"):
+        parse_args(SFTConfig, ["data.format=implicit"], "rlhf.sft")
+    with pytest.raises(ConfigError, match="Unknown config key 'data.max_prompt_length'"):
+        parse_args(SFTConfig, ["data.max_prompt_length=10"], "rlhf.sft")
+    # inherited fields keep their help text
+    from rlhf.config import help_text
+
+    assert "Held-out data, same forms as `path`" in help_text(SFTConfig, "rlhf.sft")

@@ -156,3 +156,53 @@ def test_sliding_window_longer_than_a_sequence_is_refused():
     q = torch.randn(1, 2, 10, 8)
     with pytest.raises(NotImplementedError, match="data.packing=false"):
         attention_forward(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 10]))
+
+
+# ---------------------------------------------------------------- single sequences (SFT)
+
+
+def test_sequence_layout_by_hand():
+    from rlhf.logprobs import pack_sequences
+
+    b = pack_sequences([[1, 2, 3], [4, 5]], [[0, 1, 1], [1, 1]])
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert b["packed_blocks"] == [(0, 3, ()), (3, 2, ())]
+    # token 2 predicted at 0, 3 at 1; sequence 1's first token has no predictor
+    assert b["logits_to_keep"][b["score_at"]].tolist() == [0, 1, 3]
+    assert b["score_ids"].tolist() == [2, 3, 5] and b["score_seq"].tolist() == [0, 0, 1]
+    assert b["seq_end"].tolist() == [2, 4] and int(b["n_seqs"]) == 2
+    f = pack_sequences([[1, 2, 3], [4, 5]], [[0, 1, 1], [1, 1]], blocks=False)
+    assert f["cu_seq_lens_q"].tolist() == [0, 3, 5] and "packed_blocks" not in f
+
+
+@pytest.mark.parametrize("blocks", [True, False])
+def test_packed_sequences_equal_padded_and_the_models_own_loss(tiny_model_path, tokenizer,
+                                                               blocks):
+    """SFT's token-weighted NLL: packed == padded (per token within 1e-5) == the loss
+    transformers computes itself from labels with -100 on untrained tokens."""
+    from cluster.models import load_causal_lm
+    from rlhf.demo import demo_pair
+    from rlhf.logprobs import batch_logprobs, pack_sequences, pad_sequences
+    from rlhf.sft_data import tokenize_example
+
+    ex = [tokenize_example(tokenizer, d["prompt"], d["chosen"], False, 1024, "truncate")
+          for d in (demo_pair(i) for i in range(5))]
+    seqs, masks = [e[0] for e in ex], [e[1] for e in ex]
+    padded_model = load_causal_lm(tiny_model_path, ModelConfig(), trainable=False,
+                                  use_gpu=False)
+    packed_model = load_causal_lm(tiny_model_path, ModelConfig(), trainable=False,
+                                  use_gpu=False, packing=True)
+    padded = pad_sequences(seqs, masks, tokenizer.pad_token_id)
+    packed = pack_sequences(seqs, masks, blocks=blocks)
+    with torch.no_grad():
+        lp_pad = padded_model(**model_inputs(padded, "cpu")).logits
+        lp_pack = packed_model(**model_inputs(packed, "cpu")).logits
+        labels = padded["input_ids"].masked_fill(padded["loss_mask"] == 0, -100)
+        hf_loss = padded_model(**model_inputs(padded, "cpu"), labels=labels).loss
+    s_pad, n_pad = batch_logprobs(lp_pad, padded)
+    s_pack, n_pack = batch_logprobs(lp_pack, packed)
+    assert torch.equal(n_pad, n_pack) and int(n_pad.sum()) == sum(sum(m[1:]) for m in masks)
+    assert torch.allclose(s_pad, s_pack, rtol=1e-6, atol=1e-4)
+    ours = -s_pack.sum() / n_pack.sum()
+    assert abs(float(ours) - float(hf_loss)) < 1e-5

@@ -1,0 +1,120 @@
+"""python -m rlhf.sft on a real local Ray cluster: it learns the demo answers, the export
+is a transformers causal LM whose own loss is the reported one, conversations from a
+file with bad rows counted, ZeRO-3 + LoRA, the token-weighted loss however the batch is
+split, and resume."""
+
+import json
+
+import pytest
+
+from tests.integration.conftest import metrics, sft, summary
+
+
+def _held_out_examples(tokenizer, n):
+    from rlhf.demo import demo_pair
+    from rlhf.sft_data import tokenize_example
+
+    return [tokenize_example(tokenizer, d["prompt"], d["chosen"], False, 1024, "truncate")
+            for d in (demo_pair(i, "eval") for i in range(n))]
+
+
+def test_zero2_learns_and_exports_a_causal_lm(ray_cluster, tmp_path, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run_dir = sft(tmp_path, "data.demo_pairs=320", "train.eval_every=20",
+                  "cluster.zero_stage=2")
+    s = summary(run_dir)
+    assert s["steps"] == 40 and s["eval/examples"] == 32 and s["samples"] == 320
+    assert s["eval/loss"] < 0.6 * s["start/eval/loss"], s
+    rows = metrics(run_dir)
+    assert rows[0]["step"] == 0 and rows[0]["eval/loss"] == s["start/eval/loss"]
+    assert (run_dir / "curves.png").is_file()
+    # The exported model, through plain transformers, has the held-out loss reported:
+    # the token-weighted mean of its own labels loss over the 32 held-out examples.
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    total = count = 0.0
+    with torch.no_grad():
+        for ids, mask, _, _ in _held_out_examples(tokenizer, 32):
+            x = torch.tensor([ids])
+            labels = x.masked_fill(torch.tensor([mask]) == 0, -100)
+            n = sum(mask[1:])
+            total += float(model(input_ids=x, labels=labels).loss) * n
+            count += n
+    assert total / count == pytest.approx(s["eval/loss"], abs=1e-4)
+
+
+def test_zero3_lora_on_conversations_counts_bad_rows(ray_cluster, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.demo import demo_pair
+
+    def conv(i, split="train"):
+        d = demo_pair(i, split)
+        question = d["prompt"].split("Human: ")[1].split("\n\nAssistant:")[0]
+        return {"messages": [{"role": "user", "content": question},
+                             {"role": "assistant", "content": d["chosen"].strip()}]}
+
+    good = [conv(i) for i in range(45)]
+    bad = [{"messages": [{"role": "user", "content": "no answer"}]},
+           {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}]
+    long = {"messages": [{"role": "user", "content": "long"},
+                         {"role": "assistant", "content": "word " * 300}]}
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in good + bad + [long]) + "\n")
+    held.write_text("\n".join(json.dumps(conv(i, "eval")) for i in range(16)) + "\n")
+    run_dir = sft(tmp_path / "runs", f"data.path={train}", f"data.eval_path={held}",
+                  "data.max_length=128", "cluster.zero_stage=3", "model.lora.enabled=true",
+                  "train.learning_rate=3e-3")
+    s = summary(run_dir)
+    assert s["data"]["train"] == {"rows": 48, "usable": 46, "dropped": {
+        "no assistant message to train on": 1, "empty or non-string value": 1}}
+    assert s["counts"]["truncated"] == 1 and s["samples"] == 46
+    assert s["eval/loss"] < s["start/eval/loss"]
+    assert not (run_dir / "model" / "adapter_config.json").exists()  # merged
+    AutoModelForCausalLM.from_pretrained(run_dir / "model")
+
+
+def _losses(tmp_path, name, *overrides):
+    run_dir = sft(tmp_path / name, "data.demo_pairs=8", "train.epochs=3",
+                  "train.eval_every=0", "train.global_batch_size=8", "train.warmup_ratio=0",
+                  "train.lr_scheduler=constant", *overrides)
+    return [r["train/loss"] for r in metrics(run_dir) if "train/loss" in r]
+
+
+def test_token_weighted_loss_whatever_the_split(ray_cluster, tmp_path):
+    """8 examples of different lengths, global batch 8, 3 epochs: the loss is the mean
+    over all trained tokens of the batch on 1 or 2 workers, in any micro-batches,
+    packed or padded (a per-micro-batch mean would differ)."""
+    base = _losses(tmp_path, "one", "cluster.num_workers=1", "train.micro_batch_size=8")
+    assert len(base) == 3 and base[2] < base[0]
+    for name, overrides in {
+            "two workers ZeRO-2": ["train.micro_batch_size=4", "cluster.zero_stage=2"],
+            "two workers micro 2 padded ZeRO-3": ["train.micro_batch_size=2",
+                                                  "data.packing=false", "cluster.zero_stage=3"],
+    }.items():
+        got = _losses(tmp_path, name.replace(" ", "_"), *overrides)
+        assert got == pytest.approx(base, rel=1e-4, abs=1e-6), name
+
+
+def test_resume_continues_and_keeps_the_start_loss(ray_cluster, tmp_path):
+    first = sft(tmp_path, "output.name=r", "train.max_steps=5", "train.eval_every=0")
+    s1 = summary(first)
+    assert s1["steps"] == 5 and s1["samples"] == 40
+    second = sft(tmp_path, "output.name=r", "train.resume=true", "train.eval_every=0")
+    s2 = summary(second)
+    assert s2["steps"] == 12 and s2["samples"] == 96
+    assert s2["start/eval/loss"] == s1["start/eval/loss"]
+    assert [r["step"] for r in metrics(second) if "train/loss" in r] == list(range(1, 13))
+
+
+def test_bad_input_exits_2_with_the_fix(tmp_path, capsys):
+    from rlhf.sft import main
+
+    f = tmp_path / "qa.jsonl"
+    f.write_text(json.dumps({"question": "Q", "answer": "A"}) + "\n")
+    assert main([f"data.path={f}", f"output.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "Columns found: question, answer" in err and "data.columns.completion" in err
+    assert main(["data.format=chat"]) == 2
+    assert "data.format='chat' is not one of" in capsys.readouterr().err
