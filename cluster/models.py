@@ -165,6 +165,31 @@ def merge_lora_state_dict(state_dict: dict, scaling: float) -> dict:
     return out
 
 
+def dequantize_4bit(state_dict: dict) -> dict:
+    """A QLoRA state dict with its bitsandbytes 4-bit weights unpacked to full tensors.
+
+    A 4-bit layer's weight arrives packed (uint8, half as many elements) next to its
+    quantisation state ("<key>.absmax", "<key>.quant_map", ...,
+    "<key>.quant_state.bitsandbytes__nf4"); merging LoRA into it and exporting need the
+    weight itself, in the dtype it was quantised from. Other state dicts pass unchanged.
+    """
+    marker = ".quant_state.bitsandbytes__"
+    keys = [k.split(marker)[0] for k in state_dict if marker in k]
+    if not keys:
+        return state_dict
+    import torch
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.functional import dequantize_4bit as dequantize
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = dict(state_dict)
+    for key in keys:
+        prefix = key + "."
+        qs = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix)}
+        out[key] = dequantize(out[key].to(device), QuantState.from_dict(qs, device)).cpu()
+    return out
+
+
 def score_head(model):
     """The scalar head of a reward model, through DeepSpeed's and peft's wrappers."""
     m = getattr(model, "module", model)  # DeepSpeed engine
@@ -212,7 +237,7 @@ def export_hf(state_dict: dict, path: str, out_dir: Path, model_cfg: Any, tokeni
         save_file(tensors, str(out_dir / "adapter_model.safetensors"))
     else:
         if lora.enabled:
-            state_dict = merge_lora_state_dict(state_dict, lora.alpha / lora.r)
+            state_dict = merge_lora_state_dict(dequantize_4bit(state_dict), lora.alpha / lora.r)
         config.dtype = TORCH_DTYPES[model_cfg.dtype]
         with torch.device("meta"):  # a skeleton for names and config; weights come from sd
             cls = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM

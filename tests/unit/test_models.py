@@ -45,6 +45,45 @@ def test_four_bit_needs_a_gpu(tiny_model_path):
         load_causal_lm(tiny_model_path, cfg, trainable=True, use_gpu=False)
 
 
+def test_qlora_export_unpacks_the_4bit_weights(tiny_model_path, tmp_path):
+    """A QLoRA state dict holds packed 4-bit weights and their quantisation state: the
+    export dequantises them before the merge, and the merged model gives the QLoRA
+    model's logits. Runs where bitsandbytes is installed (on its CPU backend without a
+    GPU)."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from cluster.models import export_hf, load_tokenizer
+
+    cfg = ModelConfig(dtype="bf16")
+    cfg.lora.enabled = cfg.lora.load_in_4bit = True
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_path, dtype=torch.bfloat16, device_map=dev,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.bfloat16))
+    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                             target_modules=list(cfg.lora.target_modules),
+                                             task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():  # bf16 adapters, as load_causal_lm makes them
+        if "lora_" in name:
+            p.data = p.data.to(torch.bfloat16)
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    assert any(".quant_state.bitsandbytes__nf4" in k for k in sd)
+    export_hf(sd, tiny_model_path, tmp_path, cfg, load_tokenizer(tiny_model_path))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).to(dev)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16).to(dev)
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 3]], device=dev)
+    with torch.no_grad():
+        want, got, before = (m(input_ids=ids).logits.float() for m in (model, merged, base))
+    assert (got - want).abs().max() < 0.05 < (before - want).abs().max()  # bf16 rounding
+
+
 def test_reference_with_another_vocabulary_is_refused(tiny_model_path, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
