@@ -206,3 +206,35 @@ def test_packed_sequences_equal_padded_and_the_models_own_loss(tiny_model_path, 
     assert torch.allclose(s_pad, s_pack, rtol=1e-6, atol=1e-4)
     ours = -s_pack.sum() / n_pack.sum()
     assert abs(float(ours) - float(hf_loss)) < 1e-5
+
+
+def test_varlen_plan_gives_the_loop_kernels_result(monkeypatch):
+    """The CUDA path (one flash varlen call over gathered keys) with a CPU stand-in for
+    torch.nn.attention.varlen.varlen_attn that implements its documented semantics
+    (bottom-right aligned causal mask per sequence): the same output as the loop kernel.
+    tests/gpu checks the real kernel."""
+    from rlhf import attention
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        assert window_size == (-1, 0) and q.dtype == torch.float32
+        outs = []
+        for i in range(len(cu_q) - 1):
+            qi = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+            ki = k[cu_k[i]:cu_k[i + 1]].transpose(0, 1)
+            vi = v[cu_k[i]:cu_k[i + 1]].transpose(0, 1)
+            lq, lk = qi.shape[1], ki.shape[1]
+            allowed = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+            outs.append(_reference_attention(qi, ki, vi, allowed).transpose(0, 1))
+        return torch.cat(outs)
+
+    monkeypatch.setattr(attention, "_varlen_fn", lambda: varlen_attn)
+    torch.manual_seed(0)
+    blocks = [(0, 3, (2, 4)), (9, 5, ()), (14, 0, (2, 3)), (19, 4, (1, 2))]
+    q = torch.randn(1, 4, 26, 8)
+    k, v = torch.randn(1, 2, 26, 8), torch.randn(1, 2, 26, 8)
+    want = block_attention(q, k, v, blocks)
+    got = attention.varlen_block_attention(q, k, v, blocks)
+    assert torch.allclose(got, want, atol=1e-6)
+    # the plan is built once per batch and reused by every layer
+    assert attention._plan_cache[0][0] is blocks
+    assert torch.allclose(attention.varlen_block_attention(q, k, v, blocks), want, atol=1e-6)
