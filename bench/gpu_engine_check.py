@@ -6,7 +6,7 @@ order cluster/loop.py's train_loop calls them, in one process (world size 1, NCC
     python bench/gpu_engine_check.py --cpu --variants zero2,zero3,lora   # smoke run, gloo
 
 Per variant: DPOTask.trainable (cluster.models.load_causal_lm: bf16, packing, LoRA /
-4-bit), cluster.deepspeed.train_config + train_engine, DPOTask.prepare (the frozen
+4-bit), cluster.loop.build_engine (DeepSpeed config and engine), DPOTask.prepare (the frozen
 reference engine, or the policy with adapters off under LoRA), then steps of
 DPOTask.micro_step + engine.backward + engine.step on demo pairs tokenised by the Ray
 pipeline's own body (rlhf.data.tokenize_batch), held-out metrics, and the export
@@ -62,8 +62,7 @@ def demo_rows(n: int, split: str, cfg, model_path: str) -> list[dict]:
 def run_variant(name: str, steps: int, cuda: bool) -> None:
     import torch
 
-    from cluster import deepspeed as dsc
-    from cluster.loop import _add, _all_sum_dict
+    from cluster.loop import _add, _all_sum_dict, build_engine
     from cluster.models import resolve_model_path
     from cluster.train import StepTimer, gather_state_dict
     from rlhf.config import DPOConfig, parse_args, resolved_learning_rate
@@ -74,18 +73,11 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
     t, c = cfg.train, cfg.cluster
     torch.manual_seed(t.seed)
     path = resolve_model_path(cfg.model.name_or_path)
-    lc = {"model_path": path, "ref_path": path}
-    world, accum, lr = 1, t.global_batch_size // t.micro_batch_size, resolved_learning_rate(cfg)
+    # warmup_ratio is 0 in COMMON, as the step count here is not the config's
+    lc = {"model_path": path, "ref_path": path, "total_steps": steps,
+          "learning_rate": resolved_learning_rate(cfg)}
     task = DPOTask(cfg)
-    model = task.trainable(lc)
-    ds_cfg = dsc.train_config(
-        zero_stage=c.zero_stage, dtype=cfg.model.dtype, micro_batch_size=t.micro_batch_size,
-        grad_accum=accum, world_size=world, max_grad_norm=t.max_grad_norm,
-        offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
-        learning_rate=lr, weight_decay=t.weight_decay)
-    engine, _ = dsc.train_engine(model, ds_cfg, learning_rate=lr, weight_decay=t.weight_decay,
-                                 total_steps=steps, warmup_steps=0, schedule=t.lr_scheduler)
-    task.prepare(engine, lc, world, accum)
+    engine = build_engine(task, lc, world=1, accum=t.global_batch_size // t.micro_batch_size)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in engine.module.parameters()})
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()
                   if p.requires_grad)
@@ -164,7 +156,7 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     if not (last < first - 0.05 and all(map(lambda x: x == x, losses))):
         raise AssertionError(f"loss did not fall: first 3 steps {first:.4f}, last 3 {last:.4f}")
-    del engine, task, model
+    del engine, task
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.empty_cache()

@@ -54,6 +54,17 @@ class Task:
     def dummy_rows(self, token_id: int) -> list[dict]:
         raise NotImplementedError
 
+    def batch_builder(self):
+        """The rlhf.logprobs function that turns tokenised rows into a model input."""
+        raise NotImplementedError
+
+    def batch(self, rows: list[dict]) -> dict:
+        """The model input of a micro-batch; the dummy row when `rows` is empty."""
+        cfg = self.cfg
+        return self.batch_builder()(rows or self.dummy, pad_id=self.pad_id,
+                                    packing=cfg.data.packing,
+                                    attn_implementation=cfg.model.attn_implementation)
+
     def trainable(self, lc: dict):
         from cluster.models import load_causal_lm, load_tokenizer
 
@@ -82,6 +93,11 @@ class PairTask(Task):
         from rlhf.logprobs import dummy_pair_rows
 
         return dummy_pair_rows(token_id)
+
+    def batch_builder(self):
+        from rlhf.logprobs import rows_pair_batch
+
+        return rows_pair_batch
 
     def step_counts(self, micro_batches: list[list[dict]]) -> dict[str, float]:
         rows = [r for mb in micro_batches for r in mb]
@@ -126,6 +142,28 @@ def evaluate(task, engine, shard) -> dict:
     return task.metrics(_all_sum_dict(sums), None, "eval")
 
 
+def build_engine(task, lc: dict, world: int, accum: int):
+    """The task's model in a DeepSpeed training engine (optimizer, schedule, ZeRO stage
+    from the task's config; lc's learning_rate and total_steps), then task.prepare."""
+    from cluster import deepspeed as dsc
+
+    cfg = task.cfg
+    t, c = cfg.train, cfg.cluster
+    lr, total = lc["learning_rate"], lc["total_steps"]
+    model = task.trainable(lc)
+    ds_cfg = dsc.train_config(
+        zero_stage=c.zero_stage, dtype=cfg.model.dtype, micro_batch_size=t.micro_batch_size,
+        grad_accum=accum, world_size=world, max_grad_norm=t.max_grad_norm,
+        offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
+        learning_rate=lr, weight_decay=t.weight_decay)
+    engine, _ = dsc.train_engine(model, ds_cfg, learning_rate=lr,
+                                 weight_decay=t.weight_decay, total_steps=total,
+                                 warmup_steps=int(t.warmup_ratio * total),
+                                 schedule=t.lr_scheduler)
+    task.prepare(engine, lc, world, accum)
+    return engine
+
+
 def train_loop(lc: dict, task) -> None:
     """Runs on every Ray Train worker. Everything it needs comes in `lc` and `task`."""
     import random
@@ -135,7 +173,6 @@ def train_loop(lc: dict, task) -> None:
     import ray.train
     import torch
 
-    from cluster import deepspeed as dsc
     from cluster.train import (RowFeed, StepTimer, all_gather_objects, gather_state_dict,
                                load_checkpoint, quiet_worker_logs, rank_world,
                                save_checkpoint)
@@ -148,20 +185,8 @@ def train_loop(lc: dict, task) -> None:
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed)  # same LoRA / head init on every rank
     accum = t.global_batch_size // (t.micro_batch_size * world)
-    lr = lc["learning_rate"]
     total = lc["total_steps"]
-
-    model = task.trainable(lc)
-    ds_cfg = dsc.train_config(
-        zero_stage=c.zero_stage, dtype=cfg.model.dtype, micro_batch_size=t.micro_batch_size,
-        grad_accum=accum, world_size=world, max_grad_norm=t.max_grad_norm,
-        offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
-        learning_rate=lr, weight_decay=t.weight_decay)
-    engine, _ = dsc.train_engine(model, ds_cfg, learning_rate=lr,
-                                 weight_decay=t.weight_decay, total_steps=total,
-                                 warmup_steps=int(t.warmup_ratio * total),
-                                 schedule=t.lr_scheduler)
-    task.prepare(engine, lc, world, accum)
+    engine = build_engine(task, lc, world, accum)
     device = engine.device
 
     step, epoch0, samples, tokens_seen = 0, 0, 0, 0

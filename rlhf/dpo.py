@@ -108,12 +108,8 @@ class DPOTask(PairTask):
                 offload_params=c.offload_params))
 
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
-        from rlhf.logprobs import rows_pair_batch
-
         cfg = self.cfg
-        batch = rows_pair_batch(rows or self.dummy, pad_id=self.pad_id,
-                                packing=cfg.data.packing,
-                                attn_implementation=cfg.model.attn_implementation)
+        batch = self.batch(rows)
         if timer:
             timer.mark("batching")
         out, pc, pr, nc = _pair_forward(engine, self.ref_engine, batch, cfg, engine.device,

@@ -52,13 +52,11 @@ class RMTask(PairTask):
         score_head(engine).register_forward_hook(keep)
 
     def rewards(self, engine, rows: list[dict]):
-        """(chosen (B,), rejected (B,)) scores of a micro-batch, float32."""
-        from rlhf.logprobs import (model_inputs, rows_pair_batch, sequence_end_values,
-                                   split_pairs)
+        """(chosen (B,), rejected (B,)) scores of a micro-batch (empty: the dummy pair),
+        float32."""
+        from rlhf.logprobs import model_inputs, sequence_end_values, split_pairs
 
-        cfg = self.cfg
-        batch = rows_pair_batch(rows, pad_id=self.pad_id, packing=cfg.data.packing,
-                                attn_implementation=cfg.model.attn_implementation)
+        batch = self.batch(rows)
         inputs = model_inputs(batch, engine.device)
         inputs.pop("logits_to_keep", None)  # a causal-LM option; the head is per position
         engine(**inputs)
@@ -71,7 +69,7 @@ class RMTask(PairTask):
         from rlhf.losses import bradley_terry_loss
 
         with torch.set_grad_enabled(grad):
-            rc, rr = self.rewards(engine, rows or self.dummy)
+            rc, rr = self.rewards(engine, rows)
         if timer:
             timer.mark("forward")
         margin = None

@@ -46,6 +46,11 @@ class SFTTask(Task):
 
         return dummy_sequence_rows(token_id)
 
+    def batch_builder(self):
+        from rlhf.logprobs import rows_sequence_batch
+
+        return rows_sequence_batch
+
     def trainable(self, lc: dict):
         model = super().trainable(lc)
         if self.cfg.data.chat_template:  # saved with the export's tokenizer
@@ -69,12 +74,9 @@ class SFTTask(Task):
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         import torch
 
-        from rlhf.logprobs import batch_logprobs, model_inputs, rows_sequence_batch
+        from rlhf.logprobs import batch_logprobs, model_inputs
 
-        cfg = self.cfg
-        batch = rows_sequence_batch(rows or self.dummy, pad_id=self.pad_id,
-                                    packing=cfg.data.packing,
-                                    attn_implementation=cfg.model.attn_implementation)
+        batch = self.batch(rows)
         if timer:
             timer.mark("batching")
         with torch.set_grad_enabled(grad):
