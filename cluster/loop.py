@@ -132,14 +132,18 @@ def evaluate(task, engine, shard) -> dict:
 
     engine.eval()
     sums: dict[str, float] = {}
+    feed = RowFeed(shard, task.cfg.train.micro_batch_size, 1, flags=task.flags)
     with torch.no_grad():
-        for micro_batches in RowFeed(shard, task.cfg.train.micro_batch_size, 1,
-                                     flags=task.flags).eval_steps():
+        for micro_batches in feed.eval_steps():
             for mb in micro_batches:
                 _, s = task.micro_step(engine, mb, None, grad=False, timer=None)
                 _add(sums, s)
     engine.train()
-    return task.metrics(_all_sum_dict(sums), None, "eval")
+    # Held-out rows the tokeniser dropped (e.g. too long) are reported, not silently lost.
+    sums["__dropped"] = sum(v for k, v in feed.counts.items() if k.startswith("dropped"))
+    sums = _all_sum_dict(sums)
+    dropped = int(sums.pop("__dropped"))
+    return {**task.metrics(sums, None, "eval"), "eval/dropped": dropped}
 
 
 def build_engine(task, lc: dict, world: int, accum: int):

@@ -336,8 +336,9 @@ class RowFeed:
         self.counts.update(counts)
 
     def eval_steps(self) -> Iterator[list[list[dict]]]:
-        """Whole held-out shard, in lock-step; nothing is recorded."""
-        for micro_batches, _, _ in self.steps():
+        """Whole held-out shard, in lock-step; only the counts are recorded."""
+        for micro_batches, _, counts in self.steps():
+            self.counts.update(counts)
             yield micro_batches
 
 

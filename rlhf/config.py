@@ -176,10 +176,11 @@ class SFTDataConfig(SourceConfig):
     """Column names in the source; e.g. data.columns.completion=response."""
     max_length: int = 1024
     """Longest example in tokens (prompt and completion together)."""
-    truncation: str = "truncate"
-    """Examples over max_length: truncate (keep the first max_length tokens) or drop.
-    Either way the count is reported; an example left with no completion token is
-    dropped, counted."""
+    truncation: str = "keep_start"
+    """Examples over max_length: keep_start (their first max_length tokens, as TRL does),
+    keep_end (their last ones: long prompts lose their beginning, the completion stays),
+    or drop. Either way the count is reported; an example left with no completion token
+    is dropped, counted."""
     chat_template: str = ""
     """A Jinja chat template (or a file holding one) for conversational data, when the
     tokenizer has none (most base models) or to replace its own. The export saves it
@@ -379,7 +380,6 @@ def check_common(cfg: Any) -> None:
     _one_of("model.dtype", m.dtype, ("fp32", "bf16", "fp16"))
     _one_of("model.attn_implementation", m.attn_implementation,
             ("sdpa", "eager", "flash_attention_2"))
-    _one_of("data.truncation", d.truncation, ("truncate", "drop"))
     _one_of("train.lr_scheduler", t.lr_scheduler, ("cosine", "linear", "constant"))
     _one_of("cluster.zero_stage", c.zero_stage, (0, 1, 2, 3))
     if not 0.0 <= d.eval_fraction < 1.0:
@@ -421,6 +421,7 @@ def check_pairs(cfg: Any) -> None:
     check_common(cfg)
     d = cfg.data
     _one_of("data.format", d.format, ("auto", "explicit", "implicit", "conversational"))
+    _one_of("data.truncation", d.truncation, ("truncate", "drop"))
     if d.max_prompt_length >= d.max_length:
         raise ConfigError(
             f"data.max_prompt_length={d.max_prompt_length} leaves no room for a response "
@@ -466,6 +467,7 @@ def check_sft(cfg: SFTConfig) -> None:
     check_common(cfg)
     _one_of("data.format", cfg.data.format,
             ("auto", "prompt_completion", "conversational", "text", "preference"))
+    _one_of("data.truncation", cfg.data.truncation, ("keep_start", "keep_end", "drop"))
     if cfg.data.max_length < 2:
         raise ConfigError(f"data.max_length={cfg.data.max_length}: an example needs at "
                           "least 2 tokens (one to predict from, one to predict).")

@@ -201,7 +201,8 @@ def tokenize_example(tok, prompt: str, completion: str, chat: bool, max_length: 
     if truncated:
         if truncation == "drop":
             return [], [], False, DROP_TOO_LONG
-        ids, mask = ids[:max_length], mask[:max_length]
+        cut = slice(-max_length, None) if truncation == "keep_end" else slice(max_length)
+        ids, mask = ids[cut], mask[cut]
     if not any(mask[1:]):
         return [], [], truncated, DROP_NO_TARGET
     return ids, mask, truncated, ""

@@ -14,7 +14,7 @@ def _held_out_examples(tokenizer, n):
     from rlhf.demo import demo_pair
     from rlhf.sft_data import tokenize_example
 
-    return [tokenize_example(tokenizer, d["prompt"], d["chosen"], False, 1024, "truncate")
+    return [tokenize_example(tokenizer, d["prompt"], d["chosen"], False, 1024, "keep_start")
             for d in (demo_pair(i, "eval") for i in range(n))]
 
 
@@ -62,7 +62,9 @@ def test_zero3_lora_on_conversations_counts_bad_rows(ray_cluster, tmp_path):
                          {"role": "assistant", "content": "word " * 300}]}
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     train.write_text("\n".join(json.dumps(r) for r in good + bad + [long]) + "\n")
-    held.write_text("\n".join(json.dumps(conv(i, "eval")) for i in range(16)) + "\n")
+    # 18 rows: Ray's equal split over 2 workers then leaves none out
+    held.write_text("\n".join(json.dumps(r) for r in [conv(i, "eval") for i in range(16)]
+                              + bad) + "\n")
     run_dir = sft(tmp_path / "runs", f"data.path={train}", f"data.eval_path={held}",
                   "data.max_length=128", "cluster.zero_stage=3", "model.lora.enabled=true",
                   "train.learning_rate=3e-3")
@@ -70,6 +72,7 @@ def test_zero3_lora_on_conversations_counts_bad_rows(ray_cluster, tmp_path):
     assert s["data"]["train"] == {"rows": 48, "usable": 46, "dropped": {
         "no assistant message to train on": 1, "empty or non-string value": 1}}
     assert s["counts"]["truncated"] == 1 and s["samples"] == 46
+    assert s["eval/examples"] == 16 and s["eval/dropped"] == 2  # held-out drops reported
     assert s["eval/loss"] < s["start/eval/loss"]
     assert not (run_dir / "model" / "adapter_config.json").exists()  # merged
     AutoModelForCausalLM.from_pretrained(run_dir / "model")

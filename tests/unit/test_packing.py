@@ -186,7 +186,7 @@ def test_packed_sequences_equal_padded_and_the_models_own_loss(tiny_model_path, 
     from rlhf.logprobs import batch_logprobs, pack_sequences, pad_sequences
     from rlhf.sft_data import tokenize_example
 
-    ex = [tokenize_example(tokenizer, d["prompt"], d["chosen"], False, 1024, "truncate")
+    ex = [tokenize_example(tokenizer, d["prompt"], d["chosen"], False, 1024, "keep_start")
           for d in (demo_pair(i) for i in range(5))]
     seqs, masks = [e[0] for e in ex], [e[1] for e in ex]
     padded_model = load_causal_lm(tiny_model_path, ModelConfig(), trainable=False,

@@ -72,41 +72,45 @@ def test_normalisation_and_drops():
 def test_plain_mask_by_hand(tokenizer):
     tok = tokenizer
     ids, mask, truncated, drop = tokenize_example(tok, "Q: sky?", " Blue.", False, 64,
-                                                  "truncate")
+                                                  "keep_start")
     p = tok("Q: sky?")["input_ids"]
     full = tok("Q: sky? Blue." + tok.eos_token)["input_ids"]
     assert ids == full and ids[-1] == tok.eos_token_id and not truncated and drop == ""
     assert mask == [0] * len(p) + [1] * (len(full) - len(p))
     # switch: every token
-    _, mask_all, _, _ = tokenize_example(tok, "Q: sky?", " Blue.", False, 64, "truncate",
+    _, mask_all, _, _ = tokenize_example(tok, "Q: sky?", " Blue.", False, 64, "keep_start",
                                          completion_only=False)
     assert mask_all == [1] * len(full)
 
 
 def test_chat_mask_covers_assistant_turns_only(tokenizer):
     tok = tokenizer
-    ids, mask, _, _ = tokenize_example(tok, "[]", json.dumps(CHAT), True, 256, "truncate")
+    ids, mask, _, _ = tokenize_example(tok, "[]", json.dumps(CHAT), True, 256, "keep_start")
     assert ids == tok(tok.apply_chat_template(CHAT, tokenize=False))["input_ids"]
     trained = tok.decode([t for t, m in zip(ids, mask) if m])
     # each assistant message with its closing tokens, nothing of the other turns
     assert trained == "Hello!<|end|>\nGoodbye.<|end|>\n"
     # prompt/completion chat: earlier assistant turns in the prompt are context only
     ids2, mask2, _, _ = tokenize_example(tok, json.dumps(CHAT[:4]), json.dumps(CHAT[4:]),
-                                         True, 256, "truncate")
+                                         True, 256, "keep_start")
     assert ids2 == ids
     assert tok.decode([t for t, m in zip(ids2, mask2) if m]) == "Goodbye.<|end|>\n"
 
 
 def test_truncation_and_drops(tokenizer):
     tok = tokenizer
-    full, _, _, _ = tokenize_example(tok, "Q", " " + "word " * 40, False, 1000, "truncate")
+    full, _, _, _ = tokenize_example(tok, "Q", " " + "word " * 40, False, 1000, "keep_start")
     ids, mask, truncated, drop = tokenize_example(tok, "Q", " " + "word " * 40, False, 10,
-                                                  "truncate")
+                                                  "keep_start")
     assert ids == full[:10] and len(mask) == 10 and truncated and drop == ""
     assert tokenize_example(tok, "Q", " " + "word " * 40, False, 10, "drop")[3] == DROP_TOO_LONG
-    # a prompt that fills max_length leaves nothing to train on
+    # a prompt that fills max_length leaves nothing to train on when the start is kept;
+    # keeping the end keeps the completion (and its EOS)
     long_prompt = "word " * 40
-    assert tokenize_example(tok, long_prompt, " A", False, 10, "truncate")[3] == DROP_NO_TARGET
+    assert tokenize_example(tok, long_prompt, " A", False, 10, "keep_start")[3] == DROP_NO_TARGET
+    whole, whole_mask, _, _ = tokenize_example(tok, long_prompt, " A", False, 1000, "keep_start")
+    ids, mask, truncated, drop = tokenize_example(tok, long_prompt, " A", False, 10, "keep_end")
+    assert (ids, mask, truncated, drop) == (whole[-10:], whole_mask[-10:], True, "")
 
 
 def test_chat_text_gets_no_second_bos(tokenizer):
@@ -122,7 +126,7 @@ def test_chat_text_gets_no_second_bos(tokenizer):
         single="<|bos|> $A", special_tokens=[("<|bos|>", bos)])
     tok.chat_template = "{{ bos_token }}" + tok.chat_template
     assert tok("hi")["input_ids"][0] == bos  # the tokenizer adds BOS to plain text
-    ids, _, _, _ = tokenize_example(tok, "[]", json.dumps(CHAT[1:3]), True, 256, "truncate")
+    ids, _, _, _ = tokenize_example(tok, "[]", json.dumps(CHAT[1:3]), True, 256, "keep_start")
     assert ids.count(bos) == 1 and ids[0] == bos
     want = tok.apply_chat_template(CHAT[1:3], tokenize=True, return_dict=True)["input_ids"]
     assert ids == list(want)
@@ -149,7 +153,7 @@ def test_tokens_and_labels_match_trl_sft(tmp_path, tiny_model_path, tokenizer, e
     trl_row = trainer.train_dataset[0]
     lay = _layout(example)
     p, c, chat, drop = normalise_example(example, lay)
-    ids, mask, _, _ = tokenize_example(tokenizer, p, c, chat, 256, "truncate")
+    ids, mask, _, _ = tokenize_example(tokenizer, p, c, chat, 256, "keep_start")
     assert drop == "" and ids == trl_row["input_ids"]
     # TRL's labels are -100 where not trained; position 0 is never predicted either way
     trl_trained = [int(label != -100) for label in trl_row["labels"]]
@@ -167,7 +171,7 @@ def test_chat_template_option(tokenizer, tmp_path):
     with pytest.raises(DataError, match="no such file"):
         resolve_chat_template(str(tmp_path / "missing.jinja"))
     ids, mask, _, _ = tokenize_example(tokenizer, "[]", json.dumps(CHAT[1:3]), True, 256,
-                                       "truncate", chat_template=template)
+                                       "keep_start", chat_template=template)
     assert tokenizer.decode(ids) == "[user] Hi\n[assistant] Hello!\n"
     assert tokenizer.decode([t for t, m in zip(ids, mask) if m]).strip() == "Hello!"
 
