@@ -121,3 +121,68 @@ def bradley_terry_loss(
     if center_coefficient:
         losses = losses + center_coefficient * (chosen_rewards + rejected_rewards) ** 2
     return losses
+
+
+# ------------------------------------------------------------------------ online RL
+# Per-token tensors (B, T) over response tokens, 0 where `mask` is 0; the caller sums
+# them and divides by the global token count (or per-sequence, as the algorithm asks).
+
+
+@dataclass
+class PolicyLossOutput:
+    """Per-token results of the clipped policy objective, all (B, T)."""
+
+    losses: torch.Tensor
+    clipped: torch.Tensor
+    """1.0 where the clipped term was the one taken (it bounds the update). Detached."""
+    ratio: torch.Tensor
+    """pi / pi_old per token. Detached."""
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                    advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2,
+                    clip_high: float | None = None) -> PolicyLossOutput:
+    """PPO's clipped surrogate (Schulman et al. 2017), per token, to minimise:
+
+        max(-A * r, -A * clip(r, 1 - clip_low, 1 + clip_high)),  r = pi / pi_old
+
+    logprobs: (B, T) under the policy being trained; old_logprobs: (B, T) under the
+    policy that sampled (constants); advantages: (B, T), or (B,) for one advantage per
+    response (GRPO, RLOO). clip_high defaults to clip_low; a larger one is DAPO's
+    clip-higher.
+    """
+    if advantages.dim() == logprobs.dim() - 1:
+        advantages = advantages.unsqueeze(-1)
+    high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + high)
+    return PolicyLossOutput(torch.maximum(unclipped, clipped) * mask,
+                            ((clipped > unclipped).float() * mask).detach(),
+                            ratio.detach())
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, clip_range: float | None = 0.2
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critic's clipped squared error, per token, and where clipping took effect:
+
+        0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)
+
+    values: (B, T) from the critic being trained; old_values: (B, T) at sampling time;
+    returns: (B, T) targets (GAE returns). clip_range None: the plain squared error.
+    Returns (losses (B, T), clipped (B, T) detached).
+    """
+    plain = (values - returns) ** 2
+    if clip_range is None:
+        return 0.5 * plain * mask, torch.zeros_like(plain)
+    v_clip = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    bounded = (v_clip - returns) ** 2
+    return (0.5 * torch.maximum(plain, bounded) * mask,
+            ((bounded > plain).float() * mask).detach())
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits -> (...) entropy of the next-token distribution, in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,142 @@
+"""Advantages and returns for online RL, as pure tensor functions (torch only).
+
+Shapes: B responses, T response tokens (right-padded; `mask` (B, T) is 1 on real
+tokens). Per-response scores are (B,). With n samples per prompt (GRPO, RLOO), the
+responses of one prompt are consecutive: rows g*n .. g*n + n - 1.
+
+    gae                  PPO with a critic: GAE(gamma, lambda) advantages and returns
+    grpo_advantages      GRPO: score minus its group's mean, over the group's std
+    rloo_advantages      RLOO: score minus the mean of the other samples of its prompt
+    discounted_returns   REINFORCE++: reward-to-go per token (then `masked_whiten`)
+    kl_estimate          per-token KL to the reference: k1, k2 or k3 (Schulman 2020)
+    token_rewards        the score at each response's last token minus a KL penalty
+    AdaptiveKLController the KL coefficient of Ziegler et al. (2019)
+
+Variances are unbiased (Bessel's correction), as in TRL and OpenRLHF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1 (0-d)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """x normalised to unit variance (and zero mean with shift_mean) over the masked
+    positions of the whole batch; 0 where mask is 0."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens.
+
+    rewards, values, mask: (B, T). The value after a response's last token is 0 (the
+    episode ends there). Returns (advantages, returns), both (B, T), 0 where mask is 0;
+    returns = advantages + values are the critic's targets.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def _groups(scores: torch.Tensor, n: int) -> torch.Tensor:
+    if n < 2 or scores.numel() % n:
+        raise ValueError(f"{scores.numel()} scores do not form groups of {n} samples per "
+                         "prompt (n must be at least 2 and divide the batch).")
+    return scores.view(-1, n)
+
+
+def grpo_advantages(scores: torch.Tensor, n: int, scale: bool = True,
+                    eps: float = 1e-4) -> torch.Tensor:
+    """(B,) GRPO advantages: (score - group mean) / (group std + eps); `scale=False`
+    leaves out the division (Dr. GRPO). A group whose scores are all equal gets 0."""
+    g = _groups(scores, n)
+    adv = g - g.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) RLOO advantages: each score minus the mean of the other n - 1 scores of its
+    prompt (Ahmadian et al. 2024)."""
+    g = _groups(scores, n)
+    others = (g.sum(1, keepdim=True) - g) / (n - 1)
+    return (g - others).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor,
+                       gamma: float = 1.0) -> torch.Tensor:
+    """(B, T) reward-to-go sum_{k >= t} gamma^(k - t) r_k over each response's tokens.
+    REINFORCE++ whitens these over the batch (`masked_whiten`) to get advantages."""
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs
+    (same shape in, same shape out). k1 = log r, k2 = (log r)^2 / 2, k3 = r' - 1 - log r'
+    with r = pi / pi_ref and r' = 1 / r: k3 is unbiased and never negative."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio ** 2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"KL estimator {estimator!r} is not one of k1, k2, k3.")
+
+
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
+                  kl_coef: float = 0.0) -> torch.Tensor:
+    """(B, T) per-token rewards: -kl_coef * kl at every response token, plus the
+    response's score at its last token (the KL-in-reward form of PPO in RLHF)."""
+    out = torch.zeros_like(mask, dtype=scores.dtype)
+    if kl is not None and kl_coef:
+        out = -kl_coef * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    return out.index_put((rows, last), scores, accumulate=True) * mask
+
+
+@dataclass
+class AdaptiveKLController:
+    """The KL coefficient, adapted towards a target KL (Ziegler et al. 2019):
+    value *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon. With target None
+    the coefficient stays fixed. Its state (value) goes into checkpoints."""
+
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        if self.target:
+            error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
