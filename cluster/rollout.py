@@ -1,0 +1,112 @@
+"""vLLM engines as Ray actors: generation for online RL (rlhf.ppo) and evaluation, and
+in-place weight updates from the trainer.
+
+    engine = RolloutEngine.options(num_cpus=1).remote(model_path, RolloutSettings())
+    out = ray.get(engine.generate.remote(prompt_ids, n=4, temperature=1.0, max_tokens=64))
+    ray.get(engine.load_weights.remote(path, version))   # path: cluster.weight_sync.publish
+
+Weights reach the engine in checkpoint format (Hugging Face names, full tensors) and are
+reloaded in place through vLLM's `reload_weights` on every engine worker
+(`WeightReloader`, a vLLM worker extension): on CPU a plain `load_weights` into a
+running engine fails, because the CPU backend repacks linear weights after loading
+(../shared/ENVIRONMENT.md). Tensors cannot travel as `collective_rpc` arguments, so the
+trainer leaves them in a safetensors file (in /dev/shm) and the workers map it. The
+prefix cache is reset after every update: cached keys and values of the old weights
+must not serve the new policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class RolloutSettings:
+    """How an engine is started (see rlhf.config for the user-facing fields)."""
+
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    kv_cache_fraction: float = 0.15
+    """vLLM's gpu_memory_utilization: on the CPU backend the share of *host* memory kept
+    for the KV cache (its default 0.92 fails at start on small machines)."""
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    logprobs_mode: str = "processed_logprobs"
+    """Sampling log-probs after temperature and top-p, i.e. of the distribution the
+    token was drawn from: what PPO's importance ratio needs."""
+
+
+class WeightReloader:
+    """vLLM worker extension: `collective_rpc("rlhf_reload", args=(path,))` reloads the
+    weights in place from a safetensors file of full, Hugging Face-named tensors."""
+
+    def rlhf_reload(self, path: str) -> int:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+            self.model_runner.reload_weights(
+                weights_iterator=((n, f.get_tensor(n)) for n in names))
+        return len(names)
+
+
+class RolloutEngine:
+    """One vLLM engine (Ray actor). Prompts go in as token ids, so the engine and the
+    trainer tokenise once, the same way; samples come back with their sampling log-probs."""
+
+    def __init__(self, model_path: str, settings: RolloutSettings | dict | None = None):
+        import os
+
+        from vllm import LLM
+
+        s = settings if isinstance(settings, RolloutSettings) else RolloutSettings(
+            **(settings or {}))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.settings = s
+        self.llm = LLM(model=model_path, dtype=s.dtype, max_model_len=s.max_model_len,
+                       gpu_memory_utilization=s.kv_cache_fraction,
+                       enforce_eager=s.enforce_eager,
+                       tensor_parallel_size=s.tensor_parallel_size, seed=s.seed,
+                       logprobs_mode=s.logprobs_mode,
+                       worker_extension_cls="cluster.rollout.WeightReloader")
+        self.version = 0
+
+    def ready(self) -> dict:
+        return {"version": self.version, **asdict(self.settings)}
+
+    def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
+                 stop_token_ids: list[int] | None = None) -> list[list[dict]]:
+        """For each prompt, n samples: {"token_ids", "logprobs" (of each sampled token),
+        "finish_reason" ("stop" or "length"), "version" (of the weights)}."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                max_tokens=max_tokens, logprobs=0, seed=seed,
+                                stop_token_ids=stop_token_ids)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                 params, use_tqdm=False)
+        return [[{"token_ids": list(c.token_ids),
+                  "logprobs": [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
+                  "finish_reason": c.finish_reason, "version": self.version}
+                 for c in o.outputs] for o in outs]
+
+    def load_weights(self, path: str, version: int) -> int:
+        """Reload every worker's weights from `path`; returns the tensors loaded."""
+        counts = self.llm.collective_rpc("rlhf_reload", args=(path,))
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return counts[0]
+
+
+def rollout_actor(model_path: str, settings: RolloutSettings | None = None,
+                  num_cpus: float = 1, num_gpus: float = 0):
+    """A RolloutEngine actor (restarted by Ray if its process dies; the caller re-syncs
+    weights before using a restarted engine: its `version` starts at 0 again)."""
+    import ray
+
+    return ray.remote(RolloutEngine).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
+    ).remote(model_path, settings or RolloutSettings())
