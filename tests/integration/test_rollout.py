@@ -2,7 +2,6 @@
 samples from the trainer's weights (greedy output equals Hugging Face `generate` token
 for token), and its sampling log-probs agree with the trainer's recomputed ones."""
 
-import pytest
 import torch
 
 
