@@ -1,0 +1,131 @@
+"""Rewards for online RL (rlhf.ppo): Python functions named `module:function`
+(verifiable rewards), reward models exported by rlhf.rm, or a weighted sum of several;
+then clipping and normalisation.
+
+A reward function is called once per batch:
+
+    def my_reward(prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]
+
+metadata holds each prompt row's other columns (e.g. the expected answer). Whatever
+goes wrong inside or with its result stops the run with an error naming the function:
+an exception, a result of the wrong length or type, a NaN or infinite value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RewardError(ValueError):
+    """A reward source is unusable; the message names it and what to fix."""
+
+
+def load_function(spec: str) -> Callable:
+    """'package.module:function' -> the function (the module must be importable on every
+    node: part of the project, installed, or in the job's working directory)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RewardError(f"reward function {spec!r}: write it as module:function, e.g. "
+                          "rlhf.tasks:count_reward.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardError(f"reward function {spec}: cannot import {module_name!r} ({e}). "
+                          "Put the module in the working directory that `ray job submit "
+                          "--working-dir` ships, or install it on every node.") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardError(f"reward function {spec}: {module_name} has no function {attr!r}.")
+    return fn
+
+
+def call_function(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence[str],
+                  metadata: Sequence[dict]) -> list[float]:
+    """fn's rewards for a batch, checked: one finite number per response."""
+    try:
+        out = fn(list(prompts), list(responses), list(metadata))
+    except Exception as e:
+        raise RewardError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise RewardError(f"reward function {name} returned {type(out).__name__} "
+                          f"{str(out)[:80]!r}; it must return one number per response."
+                          ) from None
+    if len(values) != len(responses):
+        raise RewardError(f"reward function {name} returned {len(values)} rewards for "
+                          f"{len(responses)} responses; it must return one per response.")
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise RewardError(
+            f"reward function {name} returned {values[bad[0]]} for response {bad[0]} "
+            f"({len(bad)} non-finite in all), e.g. for {str(responses[bad[0]])[:80]!r}.")
+    return values
+
+
+@dataclass
+class RewardSource:
+    """One term of the reward: `weight` x a function's or a reward model's score."""
+
+    name: str
+    weight: float
+    score: Callable[[Sequence[str], Sequence[str], Sequence[dict]], list[float]]
+
+
+def function_source(spec: str, weight: float = 1.0) -> RewardSource:
+    fn = load_function(spec)
+    return RewardSource(spec, weight, lambda p, r, m: call_function(fn, spec, p, r, m))
+
+
+def model_source(path: str, weight: float = 1.0, policy_path: str | None = None,
+                 **scorer_kw: Any) -> RewardSource:
+    """A reward model exported by rlhf.rm. With policy_path, its tokenizer must be the
+    policy's: it scores the policy's text as training tokenised it, and a different
+    vocabulary means a model trained for another policy family."""
+    from rlhf.scoring import RewardScorer
+
+    scorer = RewardScorer(path, **scorer_kw)
+    if policy_path is not None:
+        from cluster.models import load_tokenizer
+
+        if load_tokenizer(policy_path).get_vocab() != scorer.tok.get_vocab():
+            raise RewardError(
+                f"reward model {path} has another tokenizer than the policy {policy_path} "
+                f"({len(scorer.tok)} vs {len(load_tokenizer(policy_path))} tokens): train "
+                "the reward model from the policy's base (rlhf.rm model.name_or_path=...).")
+    return RewardSource(path, weight, lambda p, r, m: call_function(
+        lambda pp, rr, _: scorer.score(pp, rr), path, p, r, m))
+
+
+@dataclass
+class Rewards:
+    """The weighted sum of the sources, per response, and each source's own scores
+    (for the per-iteration report)."""
+
+    sources: list[RewardSource] = field(default_factory=list)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 metadata: Sequence[dict] | None = None) -> tuple[list[float], dict]:
+        metadata = metadata if metadata is not None else [{} for _ in prompts]
+        total = [0.0] * len(responses)
+        parts = {}
+        for s in self.sources:
+            scores = s.score(prompts, responses, metadata)
+            parts[s.name] = scores
+            total = [t + s.weight * v for t, v in zip(total, scores)]
+        return total, parts
+
+
+def shape_scores(scores, clip: float | None = None, normalise: bool = False,
+                 eps: float = 1e-8):
+    """(B,) tensor of scores -> clipped to [-clip, clip] and/or normalised to zero mean and
+    unit (unbiased) variance over the batch."""
+    if clip is not None:
+        scores = scores.clamp(-clip, clip)
+    if normalise and scores.numel() > 1:
+        scores = (scores - scores.mean()) / (scores.std() + eps)
+    return scores

@@ -1,0 +1,98 @@
+"""Reward sources for online RL: loading module:function, the checks on what a reward
+function returns (each failure names the function), the weighted sum, clipping and
+normalisation."""
+
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from rlhf.rewards import (RewardError, Rewards, call_function, function_source,
+                          load_function, shape_scores)
+
+
+@pytest.fixture
+def reward_module(monkeypatch):
+    m = types.ModuleType("my_rewards")
+    m.length = lambda p, r, meta: [len(x) for x in r]
+    m.answer = lambda p, r, meta: [float(x.strip() == d["answer"]) for x, d in zip(r, meta)]
+    m.boom = lambda p, r, meta: 1 / 0
+    m.short = lambda p, r, meta: [1.0]
+    m.nan = lambda p, r, meta: [1.0, math.nan]
+    m.text = lambda p, r, meta: "good"
+    m.value = 3
+    monkeypatch.setitem(sys.modules, "my_rewards", m)
+    return m
+
+
+def test_load_function_errors(reward_module):
+    assert load_function("my_rewards:length")(["p"], ["abc"], [{}]) == [3]
+    with pytest.raises(RewardError, match="module:function"):
+        load_function("my_rewards.length")
+    with pytest.raises(RewardError, match="cannot import 'no_such_module'.*working-dir"):
+        load_function("no_such_module:f")
+    with pytest.raises(RewardError, match="has no function 'value'"):
+        load_function("my_rewards:value")
+
+
+@pytest.mark.parametrize("name, match", [
+    ("boom", "my_rewards:boom raised ZeroDivisionError"),
+    ("short", "returned 1 rewards for 2 responses"),
+    ("nan", r"returned nan for response 1 \(1 non-finite"),
+    ("text", "returned str 'good'; it must return one number per response"),
+])
+def test_bad_reward_results_name_the_function(reward_module, name, match):
+    fn = load_function(f"my_rewards:{name}")
+    with pytest.raises(RewardError, match=match):
+        call_function(fn, f"my_rewards:{name}", ["p", "q"], ["a", "b"], [{}, {}])
+
+
+def test_weighted_sum_with_metadata(reward_module):
+    rewards = Rewards([function_source("my_rewards:length", 0.5),
+                       function_source("my_rewards:answer", 2.0)])
+    total, parts = rewards(["1+1=", "2+2="], [" 2", "5"], [{"answer": "2"}, {"answer": "4"}])
+    # .5 * len + 2 * correct: .5 * 2 + 2 * 1 = 3; .5 * 1 + 0 = .5
+    assert total == [3.0, 0.5]
+    assert parts == {"my_rewards:length": [2, 1], "my_rewards:answer": [1.0, 0.0]}
+
+
+def test_clip_and_normalise():
+    s = torch.tensor([-5.0, 0.0, 1.0, 2.0])
+    assert shape_scores(s, clip=1.5).tolist() == [-1.5, 0.0, 1.0, 1.5]
+    z = shape_scores(s, normalise=True)
+    assert abs(z.mean().item()) < 1e-6 and abs(z.std().item() - 1) < 1e-6
+    assert shape_scores(torch.tensor([3.0]), normalise=True).tolist() == [3.0]
+
+
+def test_reward_model_source_scores_and_refuses_another_tokenizer(tiny_model_path, tmp_path):
+    """A reward-model folder as rlhf.rm exports it (scalar head + rlhf_reward.json)
+    scores through the same checks; a policy with another vocabulary is refused."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    from rlhf.rewards import model_source
+
+    rm = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1
+                                                       ).save_pretrained(rm)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(f"{tiny_model_path}/{f}", rm / f)
+    (rm / "rlhf_reward.json").write_text(json.dumps(
+        {"max_length": 256, "max_prompt_length": 128, "truncation": "truncate"}))
+    src = model_source(str(rm), weight=1.0, policy_path=tiny_model_path)
+    scores = src.score(["\n\nHuman: hi\n\nAssistant:"] * 2, [" Hello!", " Go away."], [{}, {}])
+    assert len(scores) == 2 and scores[0] != scores[1]
+
+    other = tmp_path / "other"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(["other text entirely"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(other)
+    with pytest.raises(RewardError, match="another tokenizer than the policy"):
+        model_source(str(rm), policy_path=str(other))
