@@ -73,7 +73,13 @@ class RolloutEngine:
         self.version = 0
 
     def ready(self) -> dict:
+        """The engine's weights version (0 after a start or restart) and settings."""
         return {"version": self.version, **asdict(self.settings)}
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
