@@ -342,3 +342,45 @@ def batch_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]
         return packed_sequence_logprobs(logits, batch)
     return sequence_logprobs(logits, batch["input_ids"].to(logits.device),
                              batch["loss_mask"].to(logits.device))
+
+
+# ------------------------------------------------------------- responses (online RL)
+
+
+def response_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                   pad_id: int, packing: bool, attn_implementation: str = "sdpa") -> dict:
+    """The model input scoring each response token given its prompt: a `sequence_batch`
+    of prompt + response with the loss mask on the response."""
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+    return sequence_batch(seqs, masks, pad_id=pad_id, packing=packing,
+                          attn_implementation=attn_implementation)
+
+
+def scored_token_logprobs(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the scored tokens of a `sequence_batch` (either layout), in
+    (sequence, position) order: (values (M,) float32, sequence index (M,))."""
+    if "score_seq" in batch:
+        dev = logits.device
+        picked = logits[0].index_select(0, batch["score_at"].to(dev))
+        return token_logprobs(picked, batch["score_ids"].to(dev)), batch["score_seq"].to(dev)
+    ids = batch["input_ids"].to(logits.device)
+    mask = batch["loss_mask"].to(logits.device)[:, 1:].bool()
+    per_token = token_logprobs(logits[:, :-1], ids[:, 1:])
+    rows = torch.arange(ids.shape[0], device=logits.device)[:, None].expand_as(mask)
+    return per_token[mask], rows[mask]
+
+
+def right_padded(values: torch.Tensor, seq: torch.Tensor, n_seqs: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) values in (sequence, position) order -> (values (S, T), mask (S, T)), each
+    sequence's values from column 0, T the longest; 0 where mask is 0."""
+    counts = torch.bincount(seq, minlength=n_seqs)
+    width = int(counts.max()) if counts.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    col = torch.arange(values.shape[0], device=values.device) - starts[seq]
+    out = torch.zeros(n_seqs, width, dtype=values.dtype, device=values.device)
+    mask = torch.zeros(n_seqs, width, dtype=values.dtype, device=values.device)
+    out[seq, col] = values
+    mask[seq, col] = 1
+    return out, mask

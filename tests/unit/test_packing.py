@@ -238,3 +238,28 @@ def test_varlen_plan_gives_the_loop_kernels_result(monkeypatch):
     # the plan is built once per batch and reused by every layer
     assert attention._plan_cache[0][0] is blocks
     assert torch.allclose(attention.varlen_block_attention(q, k, v, blocks), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_response_token_logprobs_per_token(tiny_model_path, tokenizer, packing):
+    """Online RL's per-token log-probs of sampled responses: packed and padded layouts
+    give the same (B, T) table, each response from column 0, and it equals a direct
+    forward over each prompt + response alone."""
+    from cluster.models import load_causal_lm
+    from rlhf.logprobs import response_batch, right_padded, scored_token_logprobs
+
+    P = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    R = [[20, 21], [22, 23, 24, 25], [26]]
+    model = load_causal_lm(tiny_model_path, ModelConfig(), trainable=False, use_gpu=False,
+                           packing=packing)
+    b = response_batch(P, R, pad_id=tokenizer.pad_token_id, packing=packing)
+    with torch.no_grad():
+        vals, seq = scored_token_logprobs(model(**model_inputs(b, "cpu")).logits, b)
+        table, mask = right_padded(vals, seq, len(P))
+        plain = load_causal_lm(tiny_model_path, ModelConfig(), trainable=False, use_gpu=False)
+        for i, (p, r) in enumerate(zip(P, R)):
+            logits = plain(input_ids=torch.tensor([p + r])).logits[0]
+            want = token_logprobs(logits[len(p) - 1:-1], torch.tensor(r))
+            assert torch.allclose(table[i, :len(r)], want, atol=1e-5)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert (table[mask == 0] == 0).all()
