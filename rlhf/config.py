@@ -193,6 +193,19 @@ class SFTDataConfig(SourceConfig):
 
 
 @dataclass
+class PromptDataConfig(SourceConfig):
+    """Prompts for online RL (rlhf.ppo); generation makes the responses."""
+
+    prompt_column: str = "prompt"
+    """Column holding the prompt: text, or a list of {role, content} messages (rendered
+    with the chat template and its generation prompt). Every other column travels with
+    the prompt as metadata for reward functions (e.g. the expected answer)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens are dropped and counted (cutting a prompt
+    would change the task it poses)."""
+
+
+@dataclass
 class LossConfig:
     type: str = "sigmoid"
     """sigmoid (DPO), ipo, hinge, or simpo (reference-free, length-normalised)."""

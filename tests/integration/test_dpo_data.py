@@ -129,3 +129,25 @@ def test_ray_dataset_source_gets_content_ids(ray_cluster, tiny_model_path):
     assert pipes.train_counts == {"": 30} and pipes.eval_counts == {"": 6}
     ids = sorted(r["id"] for r in _rows(pipes.train))
     assert len(set(ids)) == 30 and ids == sorted(r["id"] for r in _rows(pipes.train))
+
+
+def test_prompt_pipeline_counts_and_metadata(ray_cluster, tiny_model_path, tmp_path):
+    """Online RL's prompts on the same pipeline: the demo pairs serve as prompts (their
+    other columns as metadata); empty and too-long prompts are counted."""
+    from rlhf.config import PromptDataConfig
+    from rlhf.prompt_data import DROP_PROMPT_TOO_LONG, PROMPTS
+
+    cfg = PromptDataConfig(demo_pairs=40, demo_eval_pairs=8)
+    plan, pipes = _build(cfg, tiny_model_path, kind=PROMPTS)
+    rows = _rows(pipes.train)
+    assert pipes.train_counts[""] == 40 and len(rows) == 40
+    assert all(len(r["prompt_ids"]) > 0 and "chosen" in json.loads(r["metadata"]) for r in rows)
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "", "answer": "x"},
+        {"prompt": "word " * 600, "answer": "y"}]) + "\n")
+    cfg = PromptDataConfig(path=str(f), eval_path=str(f), max_prompt_length=64)
+    plan, pipes = _build(cfg, tiny_model_path, kind=PROMPTS)
+    assert pipes.train_counts == {"": 2, data.DROP_EMPTY: 1}
+    drops = sorted(r["drop"] for r in _rows(pipes.train))
+    assert drops == ["", data.DROP_EMPTY, DROP_PROMPT_TOO_LONG]
