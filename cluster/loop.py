@@ -16,6 +16,8 @@ rlhf/dpo.py's DPOTask and rlhf/sft.py's SFTTask) provides:
     nan_advice               what to try when the loss stops being finite
     trainable(lc)            the model to train (before DeepSpeed wraps it)
     prepare(engine, lc, world, accum)   anything else (frozen models, tokenizer)
+    begin_step(micro_batches, timer), end_step(engine, step, timer)
+                             around each step (online RL: generation, weight sync)
     step_counts(micro_batches) -> dict  local per-step counts; "samples", "tokens" and
                              "unique_tokens" are read by the loop, all are summed over
                              workers and handed to micro_step and metrics
@@ -74,6 +76,26 @@ class Task:
         return load_causal_lm(lc["model_path"], self.cfg.model, trainable=True,
                               use_gpu=self.cfg.cluster.use_gpu, packing=self.cfg.data.packing,
                               reward_head=self.reward_head)
+
+    def frozen_reference(self, path: str, world: int):
+        """A frozen DeepSpeed inference engine of the model at `path` (the reference),
+        sharded like the policy under ZeRO-3."""
+        from cluster import deepspeed as dsc
+        from cluster.models import load_causal_lm
+
+        cfg, c = self.cfg, self.cfg.cluster
+        ref = load_causal_lm(path, cfg.model, trainable=False, use_gpu=c.use_gpu,
+                             packing=cfg.data.packing)
+        return dsc.frozen_engine(ref, dsc.frozen_config(
+            zero_stage=c.zero_stage, dtype=cfg.model.dtype,
+            micro_batch_size=cfg.train.micro_batch_size, world_size=world,
+            offload_params=c.offload_params))
+
+    def begin_step(self, micro_batches: list[list[dict]], timer) -> None:
+        """Before a step's counts and micro-steps (online RL: generate and score)."""
+
+    def end_step(self, engine, step: int, timer) -> None:
+        """After a step's optimizer update (online RL: sync the engines' weights)."""
 
     def export(self, full_state: dict, out_dir: Path) -> None:
         """A causal LM (merged LoRA, or the adapter alone) with its tokenizer."""
@@ -256,6 +278,7 @@ def train_loop(lc: dict, task) -> None:
         timer = StepTimer(cuda=str(device).startswith("cuda"))
         for micro_batches, ids, step_counts in feed.steps(epoch):
             timer.mark("data")
+            task.begin_step(micro_batches, timer)
             totals = _all_sum_dict(task.step_counts(micro_batches))
             sums: dict[str, float] = {}
             for mb in micro_batches:
@@ -267,6 +290,7 @@ def train_loop(lc: dict, task) -> None:
                 _add(sums, s)
             feed.commit(ids, step_counts)
             step += 1
+            task.end_step(engine, step, timer)
             fault = lc.get("crash_once_at_step")
             if fault and step == fault["step"] and rank == world - 1:
                 marker = Path(fault["marker"])

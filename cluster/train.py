@@ -35,7 +35,7 @@ def quiet_ray_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def connect(cluster_cfg: Any) -> None:
+def connect(cluster_cfg: Any, extra_cpus: float = 0.0) -> None:
     """Join the configured Ray cluster, or start a local one sized for this job.
 
     A local Ray gets CPUs for the workers plus `data_cpus` for the Ray Data pipeline:
@@ -55,7 +55,8 @@ def connect(cluster_cfg: Any) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
-    need = cluster_cfg.num_workers * cluster_cfg.cpus_per_worker + cluster_cfg.data_cpus
+    need = (cluster_cfg.num_workers * cluster_cfg.cpus_per_worker + cluster_cfg.data_cpus
+            + extra_cpus)
     ray.init(num_cpus=max(int(math.ceil(need)), os.cpu_count() or 1),
              runtime_env=env, log_to_driver=True)
 
@@ -174,10 +175,11 @@ class RunLog:
 
 
 def _brief(record: dict, split: str) -> str:
-    """loss, and accuracy and margin where the entry point logs them."""
+    """loss, and accuracy, reward and margin where the entry point logs them."""
     parts = []
     for label, keys, fmt in (("loss", ("loss",), ".4f"),
                              ("acc", ("rewards/accuracy", "accuracy"), ".3f"),
+                             ("reward", ("reward",), ".3f"),
                              ("margin", ("rewards/margin",), "+.4f")):
         for k in keys:
             if f"{split}/{k}" in record:

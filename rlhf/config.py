@@ -379,6 +379,91 @@ class SFTConfig:
         check_sft(self)
 
 
+@dataclass
+class RolloutConfig:
+    engines: int = 1
+    """vLLM engine actors generating the responses (each serves the training workers
+    whose rank modulo this count is its index)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine (tensor parallel); 1 on CPU."""
+    cpus_per_engine: float = 1.0
+    """CPUs reserved per engine actor."""
+    samples_per_prompt: int = 4
+    """Responses sampled per prompt (GRPO's and RLOO's group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (the trainer's log-probs use the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 48
+    """Longest response in tokens."""
+    kv_cache_fraction: float = 0.15
+    """vLLM's gpu_memory_utilization (on CPU: the share of host memory for the KV cache)."""
+
+
+@dataclass
+class RLAlgoConfig:
+    algorithm: str = "grpo"
+    """grpo (group-normalised advantages) or rloo (leave-one-out baseline); no critic."""
+    scale_rewards: bool = True
+    """grpo: divide by the group's reward std (false: Dr. GRPO)."""
+    clip_low: float = 0.2
+    """Policy ratio clip below 1."""
+    clip_high: float | None = None
+    """Policy ratio clip above 1 (empty: clip_low; larger: DAPO's clip-higher)."""
+    kl_coef: float = 0.02
+    """Weight of the k3 KL-to-reference loss term (0: no reference model is loaded)."""
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=lambda: ["rlhf.tasks:demo_opening"])
+    """Reward functions as module:function or module:function=weight, summed."""
+    model: str | None = None
+    """A reward model exported by rlhf.rm, added to the functions' sum."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score."""
+    clip: float | None = None
+    """Clip each response's total reward to [-clip, clip]."""
+
+
+@dataclass
+class PPOConfig:
+    """Online RL (GRPO, RLOO) with vLLM rollout engines on Ray, the policy trained by
+    Ray Train + DeepSpeed, prompts through Ray Data."""
+
+    PRETRAINED_LR: ClassVar[float] = 1e-6
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to start from (usually an SFT model); also the reference."""
+    data: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(
+        demo_pairs=256, demo_eval_pairs=32))
+    """Prompts."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        global_batch_size=16, micro_batch_size=8, max_steps=24, eval_every=8,
+        warmup_ratio=0.0, lr_scheduler="constant", checkpoint_every=0))
+    """Iterations (one per optimizer step over train.global_batch_size prompts)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """vLLM engines and sampling."""
+    algo: RLAlgoConfig = field(default_factory=RLAlgoConfig)
+    """Advantages and the policy loss."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Where rewards come from."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray and DeepSpeed."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results land."""
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        _one_of("algo.algorithm", self.algo.algorithm, ("grpo", "rloo"))
+        if self.rollout.samples_per_prompt < 2:
+            raise ConfigError("rollout.samples_per_prompt must be at least 2: GRPO and RLOO "
+                              "compare the samples of one prompt.")
+        if self.model.lora.enabled:
+            raise ConfigError("rlhf.ppo does not sync LoRA adapters to the engines yet: "
+                              "train all weights (model.lora.enabled=false).")
+
+
 # ------------------------------------------------------------------- cross-field checks
 
 
@@ -581,6 +666,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"'{full}' is a section; give its keys, e.g. "
                                   f"{full}.{dataclasses.fields(tp)[0].name}=...")
+            # Overrides go on top of this section's own default (an entry point may give
+            # a section other defaults than the section class has, e.g. rlhf.ppo's train).
+            f = next(f for f in dataclasses.fields(cls) if f.name == key)
+            if f.default_factory is not dataclasses.MISSING:
+                value = _merge(dataclasses.asdict(f.default_factory()), value)
             kwargs[key] = _build(tp, value, full + ".")
         else:
             kwargs[key] = _coerce(full, value, tp)

@@ -93,19 +93,11 @@ class DPOTask(PairTask):
     nan_advice = NAN_ADVICE
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
-        from cluster import deepspeed as dsc
-        from cluster.models import load_causal_lm
-
-        cfg, c = self.cfg, self.cfg.cluster
+        cfg = self.cfg
         self.world, self.accum, self.ref_engine = world, accum, None
         if (cfg.loss.type != "simpo" and not cfg.model.lora.enabled
                 and not cfg.loss.precompute_reference):
-            ref = load_causal_lm(lc["ref_path"], cfg.model, trainable=False,
-                                 use_gpu=c.use_gpu, packing=cfg.data.packing)
-            self.ref_engine = dsc.frozen_engine(ref, dsc.frozen_config(
-                zero_stage=c.zero_stage, dtype=cfg.model.dtype,
-                micro_batch_size=cfg.train.micro_batch_size, world_size=world,
-                offload_params=c.offload_params))
+            self.ref_engine = self.frozen_reference(lc["ref_path"], world)
 
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         cfg = self.cfg

@@ -23,6 +23,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                  eval_dataset: Any = None, loop_config: dict | None = None,
                  add_to_pipelines: Callable | None = None, notes: list[str] | None = None,
                  plot_keys: tuple[str, ...] = ("loss",), kind: Any = None,
+                 setup: Callable | None = None, extra_cpus: float = 0.0,
                  crash_once_at_step: int | None = None) -> Path:
     """Train; returns the run directory.
 
@@ -31,6 +32,9 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     total_steps, learning_rate, run_log and config are always there).
     add_to_pipelines(pipes, model_path): a last stage on the pipelines, before training.
     kind: the rows' rlhf.data.RowKind (default: preference pairs).
+    setup(model_path) -> dict: after Ray is up, before training; its result joins the
+    loop config (online RL: the rollout engine actors). extra_cpus: CPUs those need,
+    added to a local Ray cluster this process starts.
     crash_once_at_step: fault injection for tests; the last worker exits hard once
     after that step, to exercise Ray Train's restart from the last checkpoint.
     """
@@ -58,7 +62,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     run_dir = make_run_dir(cfg.output, cfg.train.resume, prefix)
 
     started_ray = not ray.is_initialized()
-    connect(cfg.cluster)
+    connect(cfg.cluster, extra_cpus)
     quiet_ray_data()
     # Ray Train carries the driver's ordering choice into each worker's shard.
     ray.data.DataContext.get_current().execution_options.preserve_order = \
@@ -72,6 +76,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             add_to_pipelines(pipes, model_path)
         print(f"train: {data.describe_counts(pipes.train_counts)}\n"
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
+        extra = setup(model_path) if setup else {}
         t, c = cfg.train, cfg.cluster
         total = math.ceil(pipes.train_counts[""] / t.global_batch_size) * t.epochs
         if t.max_steps > 0:
@@ -84,7 +89,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
         trainer = make_trainer(
             loop,
             {"config": to_dict(cfg), "model_path": model_path, "total_steps": total,
-             "run_log": run_log, "learning_rate": lr, **(loop_config or {}),
+             "run_log": run_log, "learning_rate": lr, **(loop_config or {}), **extra,
              "crash_once_at_step": crash_once_at_step and {
                  "step": crash_once_at_step, "marker": str(run_dir / ".crash-injected")}},
             c, {"train": pipes.train, "eval": pipes.eval},

@@ -29,3 +29,18 @@ def hh_rlhf():
     if not HH_RLHF.is_file():
         pytest.skip(f"{HH_RLHF} not found (../shared/data/hh-rlhf beside the checkout)")
     return HH_RLHF
+
+
+@pytest.fixture
+def other_tokenizer_dir(tmp_path):
+    """A folder holding a tokenizer with another vocabulary than the tiny model's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path / "other-tokenizer"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(["other text entirely"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(out)
+    return str(out)

@@ -54,3 +54,11 @@ def sft(tmp_path: Path, *overrides: str, **kwargs) -> Path:
 
     cfg = parse_args(SFTConfig, [f"output.dir={tmp_path}", *SMALL, *overrides], "rlhf.sft")
     return run(cfg, **kwargs)
+
+
+def ppo(tmp_path: Path, *overrides: str, **kwargs) -> Path:
+    from rlhf.config import PPOConfig, parse_args
+    from rlhf.ppo import run
+
+    cfg = parse_args(PPOConfig, [f"output.dir={tmp_path}", *overrides], "rlhf.ppo")
+    return run(cfg, **kwargs)

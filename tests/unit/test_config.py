@@ -119,3 +119,13 @@ def test_sft_config():
     from rlhf.config import help_text
 
     assert "Held-out data, same forms as `path`" in help_text(SFTConfig, "rlhf.sft")
+
+
+def test_overrides_keep_an_entry_points_own_section_defaults():
+    """rlhf.ppo gives its train section other defaults; overriding one key keeps the rest."""
+    from rlhf.config import PPOConfig
+
+    cfg = parse_args(PPOConfig, ["train.max_steps=4"], "rlhf.ppo")
+    assert (cfg.train.max_steps, cfg.train.lr_scheduler, cfg.train.global_batch_size) == \
+        (4, "constant", 16)
+    assert parse_args(DPOConfig, ["train.max_steps=4"], "x").train.lr_scheduler == "cosine"

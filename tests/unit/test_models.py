@@ -84,17 +84,9 @@ def test_qlora_export_unpacks_the_4bit_weights(tiny_model_path, tmp_path):
     assert (got - want).abs().max() < 0.05 < (before - want).abs().max()  # bf16 rounding
 
 
-def test_reference_with_another_vocabulary_is_refused(tiny_model_path, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
+def test_reference_with_another_vocabulary_is_refused(tiny_model_path, other_tokenizer_dir):
     from cluster.models import check_reference
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    bpe.train_from_iterator(["other text entirely"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="another vocabulary"):
-        check_reference(tiny_model_path, str(tmp_path))
+        check_reference(tiny_model_path, other_tokenizer_dir)
     assert any("not the policy's base" in n for n in check_reference(tiny_model_path, tiny_model_path))

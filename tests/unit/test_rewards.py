@@ -66,14 +66,14 @@ def test_clip_and_normalise():
     assert shape_scores(torch.tensor([3.0]), normalise=True).tolist() == [3.0]
 
 
-def test_reward_model_source_scores_and_refuses_another_tokenizer(tiny_model_path, tmp_path):
+def test_reward_model_source_scores_and_refuses_another_tokenizer(tiny_model_path, tmp_path,
+                                                                  other_tokenizer_dir):
     """A reward-model folder as rlhf.rm exports it (scalar head + rlhf_reward.json)
     scores through the same checks; a policy with another vocabulary is refused."""
     import json
     import shutil
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import AutoModelForSequenceClassification
 
     from rlhf.rewards import model_source
 
@@ -88,11 +88,5 @@ def test_reward_model_source_scores_and_refuses_another_tokenizer(tiny_model_pat
     scores = src.score(["\n\nHuman: hi\n\nAssistant:"] * 2, [" Hello!", " Go away."], [{}, {}])
     assert len(scores) == 2 and scores[0] != scores[1]
 
-    other = tmp_path / "other"
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    bpe.train_from_iterator(["other text entirely"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(other)
     with pytest.raises(RewardError, match="another tokenizer than the policy"):
-        model_source(str(rm), policy_path=str(other))
+        model_source(str(rm), policy_path=other_tokenizer_dir)
