@@ -234,6 +234,9 @@ def train_loop(lc: dict, task) -> None:
                 counts.update(s["counts"])
             print(f"resumed at step {step} (epoch {epoch0 + 1}, {len(skip)} {task.name} of "
                   "this epoch already trained)", flush=True)
+        # The restored weights are those of the end of step `step`: whatever follows
+        # each step (online RL: the engines' weights) must follow them too.
+        task.end_step(engine, step, None)
 
     run_log = lc["run_log"]
     train_shard = ray.train.get_dataset_shard("train")

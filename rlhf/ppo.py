@@ -81,6 +81,29 @@ class RLTask(Task):
                                         policy_path=lc["model_path"]))
         self.rewards = Rewards(sources)
         self.rollouts: dict[tuple, dict] = {}
+        self.version = 0  # the weights the engines should hold (0: the starting model)
+
+    def _weights_path(self, version: int) -> Path:
+        return self.weights_dir / f"weights-{version:06d}.safetensors"
+
+    def _engine_ready(self) -> None:
+        """Wait for this worker's engine (Ray restarts a dead one) and give a restarted
+        one the current weights before it serves."""
+        import ray
+
+        for attempt in range(60):
+            try:
+                state = ray.get(self.my_engine.ready.remote(), timeout=30)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                if attempt == 59:
+                    raise
+                time.sleep(2)
+        if state["version"] != self.version:
+            print(f"rank {self.rank}: engine at weights {state['version']}, expected "
+                  f"{self.version}: re-syncing it", flush=True)
+            ray.get(self.my_engine.load_weights.remote(str(self._weights_path(self.version)),
+                                                       self.version))
 
     # ------------------------------------------------------------------ rollouts
 
@@ -105,6 +128,7 @@ class RLTask(Task):
         cfg, r = self.cfg, self.cfg.rollout
         n = r.samples_per_prompt
         prompts = [[int(t) for t in row["prompt_ids"]] for row in rows]
+        self._engine_ready()
         outs = ray.get(self.my_engine.generate.remote(
             prompts, n=n, temperature=r.temperature, top_p=r.top_p,
             max_tokens=r.max_new_tokens))
@@ -217,8 +241,10 @@ class RLTask(Task):
         full = gather_state_dict(engine, self.cfg.cluster.zero_stage)
         if self.rank == 0:
             path = publish(full, self.weights_dir, step)
+            assert path == self._weights_path(step)
             ray.get([e.load_weights.remote(str(path), step) for e in self.engines])
         all_sum([0.0])  # a barrier: no worker generates from stale weights
+        self.version = step
         if timer:
             timer.mark("sync")
 
@@ -288,6 +314,7 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         if cfg.train.learning_rate is None:
             cfg.train.learning_rate = 2e-4  # a trained tiny model: gentler than from scratch
     r = cfg.rollout
+    weights_dir = shm_dir(f"{os.getpid()}-{int(time.time())}")
 
     def start_engines(model_path: str) -> dict:
         gpus = r.tensor_parallel_size if cfg.cluster.use_gpu else 0
@@ -300,13 +327,18 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         t0 = time.time()
         ray.get([e.ready.remote() for e in engines])
         print(f"{len(engines)} vLLM engine(s) up in {time.time() - t0:.0f} s", flush=True)
-        return {"engines": engines,
-                "weights_dir": str(shm_dir(f"{os.getpid()}-{int(time.time())}"))}
+        return {"engines": engines, "weights_dir": str(weights_dir)}
 
-    return run_training(cfg, prefix="ppo", loop=train_loop_per_worker, dataset=dataset,
-                        eval_dataset=eval_dataset, kind=PROMPTS, setup=start_engines,
-                        extra_cpus=r.engines * r.cpus_per_engine,
-                        plot_keys=("loss", "reward"), crash_once_at_step=crash_once_at_step)
+    try:
+        return run_training(cfg, prefix="ppo", loop=train_loop_per_worker, dataset=dataset,
+                            eval_dataset=eval_dataset, kind=PROMPTS, setup=start_engines,
+                            extra_cpus=r.engines * r.cpus_per_engine,
+                            plot_keys=("loss", "reward"),
+                            crash_once_at_step=crash_once_at_step)
+    finally:  # the weight files live in shared memory: give it back
+        import shutil
+
+        shutil.rmtree(weights_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

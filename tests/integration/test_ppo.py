@@ -18,3 +18,16 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     assert all(r["time/sync_s"] > 0 and r["time/generate_s"] > 0 for r in rows)
     assert rows[-1]["train/kl"] > 0  # it moved away from the reference, which is measured
     assert (run_dir / "model" / "config.json").is_file()
+
+
+def test_resume_gives_the_engines_the_restored_weights(ray_cluster, tmp_path):
+    """A resumed run's engines start from the base model; the restore syncs them to the
+    checkpoint's weights before the first step (else the gap would open at step 5)."""
+    common = ["output.name=r", "train.eval_every=0", "train.checkpoint_every=0"]
+    first = ppo(tmp_path, *common, "train.max_steps=4")
+    assert summary(first)["steps"] == 4
+    second = ppo(tmp_path, *common, "train.max_steps=8", "train.resume=true")
+    assert second == first
+    rows = [r for r in metrics(second) if "train/reward" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4
