@@ -30,7 +30,8 @@ def publish(state_dict: dict, directory: Path, version: int) -> Path:
     path = directory / f"weights-{version:06d}.safetensors"
     tmp = directory / f".{path.name}.tmp"
     # safetensors wants contiguous tensors that share no memory (tied embeddings do)
-    tensors = {k: v.detach().contiguous().clone() if v.data_ptr() in _shared(state_dict)
+    shared = _shared(state_dict)
+    tensors = {k: v.detach().contiguous().clone() if v.data_ptr() in shared
                else v.detach().contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
