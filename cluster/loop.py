@@ -18,6 +18,11 @@ rlhf/dpo.py's DPOTask and rlhf/sft.py's SFTTask) provides:
     prepare(engine, lc, world, accum)   anything else (frozen models, tokenizer)
     begin_step(micro_batches, timer), end_step(engine, step, timer)
                              around each step (online RL: generation, weight sync)
+    updates(micro_batches)   the step's optimizer updates, each a list of micro-batches
+                             (default: one over all; PPO: epochs x mini-batches), all
+                             of one length
+    save_state(folder), load_state(folder)   more state in checkpoints (every rank;
+                             PPO: the critic's engine, the adaptive KL coefficient)
     step_counts(micro_batches) -> dict  local per-step counts; "samples", "tokens" and
                              "unique_tokens" are read by the loop, all are summed over
                              workers and handed to micro_step and metrics
@@ -90,6 +95,16 @@ class Task:
             zero_stage=c.zero_stage, dtype=cfg.model.dtype,
             micro_batch_size=cfg.train.micro_batch_size, world_size=world,
             offload_params=c.offload_params))
+
+    def updates(self, micro_batches: list[list[dict]]) -> list[list[list[dict]]]:
+        """The optimizer updates of a step, each over a list of micro-batches."""
+        return [micro_batches]
+
+    def save_state(self, folder: Path) -> None:
+        """Called on every rank when a checkpoint is written into `folder`."""
+
+    def load_state(self, folder: Path) -> None:
+        """Called on every rank after the engine is restored from `folder`."""
 
     def begin_step(self, micro_batches: list[list[dict]], timer) -> None:
         """Before a step's counts and micro-steps (online RL: generate and score)."""
@@ -168,25 +183,34 @@ def evaluate(task, engine, shard) -> dict:
     return {**task.metrics(sums, None, "eval"), "eval/dropped": dropped}
 
 
-def build_engine(task, lc: dict, world: int, accum: int):
-    """The task's model in a DeepSpeed training engine (optimizer, schedule, ZeRO stage
-    from the task's config; lc's learning_rate and total_steps), then task.prepare."""
+def training_engine(cfg, model, world: int, accum: int, learning_rate: float,
+                    total_updates: int):
+    """`model` in a DeepSpeed training engine: optimizer, schedule and ZeRO stage from
+    cfg's train and cluster sections; `accum` micro-batches per optimizer update."""
     from cluster import deepspeed as dsc
 
-    cfg = task.cfg
     t, c = cfg.train, cfg.cluster
-    lr, total = lc["learning_rate"], lc["total_steps"]
-    model = task.trainable(lc)
     ds_cfg = dsc.train_config(
         zero_stage=c.zero_stage, dtype=cfg.model.dtype, micro_batch_size=t.micro_batch_size,
         grad_accum=accum, world_size=world, max_grad_norm=t.max_grad_norm,
         offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
-        learning_rate=lr, weight_decay=t.weight_decay)
-    engine, _ = dsc.train_engine(model, ds_cfg, learning_rate=lr,
-                                 weight_decay=t.weight_decay, total_steps=total,
-                                 warmup_steps=int(t.warmup_ratio * total),
+        learning_rate=learning_rate, weight_decay=t.weight_decay)
+    engine, _ = dsc.train_engine(model, ds_cfg, learning_rate=learning_rate,
+                                 weight_decay=t.weight_decay, total_steps=total_updates,
+                                 warmup_steps=int(t.warmup_ratio * total_updates),
                                  schedule=t.lr_scheduler)
-    task.prepare(engine, lc, world, accum)
+    return engine
+
+
+def build_engine(task, lc: dict, world: int, accum: int):
+    """The task's model in a DeepSpeed training engine (lc's learning_rate and
+    total_steps), then task.prepare. `accum` is the micro-batches per worker per step;
+    a task with several updates per step (task.updates) accumulates over fewer."""
+    updates = task.updates([[] for _ in range(accum)])
+    per_update, total = len(updates[0]), lc["total_steps"] * len(updates)
+    engine = training_engine(task.cfg, task.trainable(lc), world, per_update,
+                             lc["learning_rate"], total)
+    task.prepare(engine, lc, world, per_update)
     return engine
 
 
@@ -223,6 +247,7 @@ def train_loop(lc: dict, task) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             restored = load_checkpoint(engine, d)
+            task.load_state(Path(d))
         head = restored["states"][0]
         step, epoch0 = head["step"], head["epoch"]
         samples, tokens_seen = head["samples"], head["tokens"]
@@ -284,13 +309,17 @@ def train_loop(lc: dict, task) -> None:
             task.begin_step(micro_batches, timer)
             totals = _all_sum_dict(task.step_counts(micro_batches))
             sums: dict[str, float] = {}
-            for mb in micro_batches:
-                loss, s = task.micro_step(engine, mb, totals, grad=True, timer=timer)
-                engine.backward(loss)  # with the gradient all-reduce at the boundary
-                timer.mark("backward")
-                engine.step()
-                timer.mark("optimizer")
-                _add(sums, s)
+            updates = task.updates(micro_batches)
+            for group in updates:
+                # each update is normalised over its own share of the global batch
+                norm = totals if len(updates) == 1 else _all_sum_dict(task.step_counts(group))
+                for mb in group:
+                    loss, s = task.micro_step(engine, mb, norm, grad=True, timer=timer)
+                    engine.backward(loss)  # with the gradient all-reduce at the boundary
+                    timer.mark("backward")
+                    engine.step()
+                    timer.mark("optimizer")
+                    _add(sums, s)
             feed.commit(ids, step_counts)
             step += 1
             task.end_step(engine, step, timer)
@@ -332,7 +361,7 @@ def train_loop(lc: dict, task) -> None:
                 run_log.log.remote({"step": step, **metrics})
             if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
                 save_checkpoint(engine, worker_state(feed, False),
-                                {"step": step, **metrics}, step)
+                                {"step": step, **metrics}, step, extra=task.save_state)
             if last:
                 done = True
                 break
@@ -357,6 +386,7 @@ def train_loop(lc: dict, task) -> None:
                                             **start_eval, **final_eval}))
 
     def export(tmp: Path) -> None:
+        task.save_state(tmp)
         if rank == 0:
             task.export(full, tmp / "model")
 

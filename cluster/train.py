@@ -57,7 +57,9 @@ def connect(cluster_cfg: Any, extra_cpus: float = 0.0) -> None:
         return
     need = (cluster_cfg.num_workers * cluster_cfg.cpus_per_worker + cluster_cfg.data_cpus
             + extra_cpus)
-    ray.init(num_cpus=max(int(math.ceil(need)), os.cpu_count() or 1),
+    # address="local": a new cluster of our own, even when another one (e.g. from
+    # `ray start`) runs on this machine; joining it is what cluster.address is for.
+    ray.init(address="local", num_cpus=max(int(math.ceil(need)), os.cpu_count() or 1),
              runtime_env=env, log_to_driver=True)
 
 

@@ -40,6 +40,26 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return out * mask
 
 
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """[count, sum, sum of squares] of x over the masked positions, as float64 numbers:
+    summed over workers (an all-reduce), they give `whiten_with` the whole batch's
+    statistics, so that whitening does not depend on how the batch was split."""
+    xm = x.double() * mask
+    return [float(mask.sum()), float(xm.sum()), float((xm * x.double()).sum())]
+
+
+def whiten_with(x: torch.Tensor, mask: torch.Tensor, moments: list[float],
+                shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """`masked_whiten` with the statistics given as summed `masked_moments`."""
+    n, s, ss = moments
+    mean = s / max(n, 1.0)
+    var = max(ss - n * mean * mean, 0.0) / max(n - 1.0, 1.0)
+    out = (x - mean) / (var + eps) ** 0.5
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens.

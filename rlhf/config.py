@@ -403,15 +403,44 @@ class RolloutConfig:
 @dataclass
 class RLAlgoConfig:
     algorithm: str = "grpo"
-    """grpo (group-normalised advantages) or rloo (leave-one-out baseline); no critic."""
+    """grpo (group-normalised advantages), rloo (leave-one-out baseline), reinforce++
+    (batch-whitened returns), all without a critic; or ppo (GAE with a critic)."""
     scale_rewards: bool = True
     """grpo: divide by the group's reward std (false: Dr. GRPO)."""
+    ppo_epochs: int = 1
+    """Passes over each batch of samples."""
+    mini_batches: int = 1
+    """Optimizer updates per pass, each over 1/mini_batches of the batch (must divide
+    the micro-batches per worker). With ppo_epochs x mini_batches > 1 the policy that
+    sampled is recomputed first, and the clip bounds the later updates."""
     clip_low: float = 0.2
     """Policy ratio clip below 1."""
     clip_high: float | None = None
     """Policy ratio clip above 1 (empty: clip_low; larger: DAPO's clip-higher)."""
     kl_coef: float = 0.02
-    """Weight of the k3 KL-to-reference loss term (0: no reference model is loaded)."""
+    """Weight of the KL to the reference (0: no reference model is loaded)."""
+    kl_penalty: str = "loss"
+    """loss: kl_coef x k3 KL added to the policy loss; reward: -kl_coef x k1 KL added to
+    every token's reward (PPO's classic RLHF form; for grpo/rloo the response's summed
+    KL is taken off its score before the baseline)."""
+    kl_target: float | None = None
+    """kl_penalty=reward: adapt kl_coef towards this KL per response (Ziegler et al.
+    2019); empty: the coefficient stays fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL: responses over which a full correction is made."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (subtracted from the loss)."""
+    gamma: float = 1.0
+    """ppo, reinforce++: discount over response tokens."""
+    lam: float = 0.95
+    """ppo: GAE lambda."""
+    value_clip: float | None = 0.2
+    """ppo: clip of the critic's change per update (empty: plain squared error)."""
+    critic_model: str | None = None
+    """ppo: the critic's starting point (empty: the policy with a fresh value head; a
+    reward model exported by rlhf.rm: its trained head)."""
+    critic_learning_rate: float | None = None
+    """ppo: the critic's learning rate (empty: the policy's)."""
 
 
 @dataclass
@@ -428,8 +457,9 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    """Online RL (GRPO, RLOO) with vLLM rollout engines on Ray, the policy trained by
-    Ray Train + DeepSpeed, prompts through Ray Data."""
+    """Online RL (GRPO, RLOO, REINFORCE++, PPO with a critic) with vLLM rollout engines on
+    Ray, the policy (and critic) trained by Ray Train + DeepSpeed, prompts through Ray
+    Data."""
 
     PRETRAINED_LR: ClassVar[float] = 1e-6
 
@@ -441,7 +471,8 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         global_batch_size=16, micro_batch_size=8, max_steps=24, eval_every=8,
         warmup_ratio=0.0, lr_scheduler="constant", checkpoint_every=0))
-    """Iterations (one per optimizer step over train.global_batch_size prompts)."""
+    """Iterations, each over train.global_batch_size prompts (algo.ppo_epochs x
+    algo.mini_batches optimizer updates each)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """vLLM engines and sampling."""
     algo: RLAlgoConfig = field(default_factory=RLAlgoConfig)
@@ -455,13 +486,25 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check_common(self)
-        _one_of("algo.algorithm", self.algo.algorithm, ("grpo", "rloo"))
-        if self.rollout.samples_per_prompt < 2:
-            raise ConfigError("rollout.samples_per_prompt must be at least 2: GRPO and RLOO "
-                              "compare the samples of one prompt.")
-        if self.model.lora.enabled:
-            raise ConfigError("rlhf.ppo does not sync LoRA adapters to the engines yet: "
-                              "train all weights (model.lora.enabled=false).")
+        a = self.algo
+        _one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo"))
+        _one_of("algo.kl_penalty", a.kl_penalty, ("loss", "reward"))
+        if a.algorithm in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"rollout.samples_per_prompt must be at least 2: "
+                              f"{a.algorithm} compares the samples of one prompt.")
+        if a.ppo_epochs < 1 or a.mini_batches < 1:
+            raise ConfigError("algo.ppo_epochs and algo.mini_batches must be at least 1.")
+        per_worker = self.train.global_batch_size // (
+            self.train.micro_batch_size * self.cluster.num_workers)
+        if per_worker % a.mini_batches:
+            raise ConfigError(
+                f"algo.mini_batches={a.mini_batches} does not divide the {per_worker} "
+                f"micro-batch(es) each worker runs per step (train.global_batch_size / "
+                f"(train.micro_batch_size x cluster.num_workers)): lower "
+                f"train.micro_batch_size or algo.mini_batches.")
+        if a.kl_target is not None and a.kl_penalty != "reward":
+            raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "
+                              "algo.kl_penalty=reward too.")
 
 
 # ------------------------------------------------------------------- cross-field checks

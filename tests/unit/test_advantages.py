@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhf.advantages import (AdaptiveKLController, discounted_returns, gae, grpo_advantages,
-                             kl_estimate, masked_whiten, rloo_advantages, token_rewards)
+                             kl_estimate, masked_moments, masked_whiten, rloo_advantages,
+                             token_rewards, whiten_with)
 from rlhf.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 
 T = torch.tensor
@@ -62,6 +63,15 @@ def test_reinforce_pp_returns_and_whitening():
     want = (T([[0.5, 1.0, 0.0], [0.0, -1.0, 0.1]]) - 0.1) / math.sqrt(0.55)
     assert torch.allclose(w[mask.bool()], want[mask.bool()], atol=1e-6)
     assert w[1, 2] == 0
+
+    # Split over two workers, the summed moments whiten both halves as the whole batch:
+    # moments of row 0: n 3, sum 1.5, sumsq 1.25; row 1: n 2, sum -1, sumsq 1
+    m0, m1 = masked_moments(ret[:1], mask[:1]), masked_moments(ret[1:], mask[1:])
+    assert m0 == pytest.approx([3, 1.5, 1.25]) and m1 == pytest.approx([2, -1, 1])
+    total = [a + b for a, b in zip(m0, m1)]
+    split = torch.cat([whiten_with(ret[:1], mask[:1], total, eps=0.0),
+                       whiten_with(ret[1:], mask[1:], total, eps=0.0)])
+    assert torch.allclose(split, w, atol=1e-6)
 
 
 def test_kl_estimators_and_token_rewards():

@@ -129,3 +129,20 @@ def test_overrides_keep_an_entry_points_own_section_defaults():
     assert (cfg.train.max_steps, cfg.train.lr_scheduler, cfg.train.global_batch_size) == \
         (4, "constant", 16)
     assert parse_args(DPOConfig, ["train.max_steps=4"], "x").train.lr_scheduler == "cosine"
+
+
+def test_ppo_config_checks():
+    from rlhf.config import PPOConfig
+
+    cfg = parse_args(PPOConfig, ["algo.algorithm=ppo", "rollout.samples_per_prompt=1",
+                                 "train.micro_batch_size=4", "algo.mini_batches=2"], "x")
+    assert cfg.algo.algorithm == "ppo" and cfg.algo.mini_batches == 2
+    with pytest.raises(ConfigError, match="samples_per_prompt must be at least 2: rloo"):
+        parse_args(PPOConfig, ["algo.algorithm=rloo", "rollout.samples_per_prompt=1"], "x")
+    # 16 prompts / (8 per micro-batch x 2 workers) = 1 micro-batch per worker: no split
+    with pytest.raises(ConfigError, match="mini_batches=2 does not divide the 1 micro"):
+        parse_args(PPOConfig, ["algo.mini_batches=2"], "x")
+    with pytest.raises(ConfigError, match="kl_penalty=reward too"):
+        parse_args(PPOConfig, ["algo.kl_target=0.1"], "x")
+    with pytest.raises(ConfigError, match="'a2c' is not one of grpo, rloo, reinforce"):
+        parse_args(PPOConfig, ["algo.algorithm=a2c"], "x")

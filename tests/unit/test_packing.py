@@ -263,3 +263,28 @@ def test_response_token_logprobs_per_token(tiny_model_path, tokenizer, packing):
             assert torch.allclose(table[i, :len(r)], want, atol=1e-5)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert (table[mask == 0] == 0).all()
+
+
+def test_scored_positions_pick_the_state_before_each_response_token():
+    """A value head's output is read where the log-probs are: at the position before
+    each response token. Feed each layout a per-position tensor holding (sequence,
+    position in its sequence) and check both pick the same states, by hand."""
+    from rlhf.logprobs import response_batch, right_padded, scored_positions
+
+    P, R = [[5, 6, 7], [8, 9]], [[20, 21], [22, 23, 24]]
+    picked = {}
+    for packing in (True, False):
+        b = response_batch(P, R, pad_id=0, packing=packing)
+        if packing:
+            seq_of = torch.repeat_interleave(torch.arange(2), torch.tensor([5, 5]))
+            x = torch.stack([seq_of, b["position_ids"][0]], -1)[None].float()
+        else:
+            L = b["input_ids"].shape[1]
+            x = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(L), indexing="ij"),
+                            -1).float()
+        vals, seq = scored_positions(x, b, full_length=True)
+        picked[packing] = right_padded(vals[:, 1], seq, 2)[0]
+        assert vals[:, 0].tolist() == seq.float().tolist()
+    # response 0 (prompt length 3): tokens at positions 3, 4 are drawn in states 2, 3;
+    # response 1 (prompt length 2): positions 2, 3, 4 -> states 1, 2, 3
+    assert picked[True].tolist() == picked[False].tolist() == [[2, 3, 0], [1, 2, 3]]
