@@ -4,6 +4,7 @@ in-place weight updates from the trainer.
     engine = RolloutEngine.options(num_cpus=1).remote(model_path, RolloutSettings())
     out = ray.get(engine.generate.remote(prompt_ids, n=4, temperature=1.0, max_tokens=64))
     ray.get(engine.load_weights.remote(path, version))   # path: cluster.weight_sync.publish
+    ray.get(engine.load_from_store.remote(store, version))  # cluster.weight_sync.WeightStore
 
 Weights reach the engine in checkpoint format (Hugging Face names, full tensors) and are
 reloaded in place through vLLM's `reload_weights` on every engine worker
@@ -12,7 +13,8 @@ running engine fails, because the CPU backend repacks linear weights after loadi
 (../shared/ENVIRONMENT.md). Tensors cannot travel as `collective_rpc` arguments, so the
 trainer leaves them in a safetensors file (in /dev/shm) and the workers map it. The
 prefix cache is reset after every update: cached keys and values of the old weights
-must not serve the new policy.
+must not serve the new policy. Engines on other nodes pull the weights in buckets from
+a `WeightStore` actor through Ray's object store and write each to their own /dev/shm.
 """
 
 from __future__ import annotations
@@ -41,14 +43,23 @@ class WeightReloader:
     """vLLM worker extension: `collective_rpc("rlhf_reload", args=(path,))` reloads the
     weights in place from a safetensors file of full, Hugging Face-named tensors."""
 
-    def rlhf_reload(self, path: str) -> int:
+    def rlhf_reload(self, paths: str | list[str]) -> int:
+        """One in-place reload over every tensor of `paths`. One call per weights version:
+        vLLM finalises each layer at the end of a reload, so a layer whose weights were
+        split over two calls (q in one, k and v in the next) would be left half-loaded."""
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            names = list(f.keys())
-            self.model_runner.reload_weights(
-                weights_iterator=((n, f.get_tensor(n)) for n in names))
-        return len(names)
+        counted = [0]
+
+        def tensors():
+            for path in [paths] if isinstance(paths, str) else paths:
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():
+                        counted[0] += 1
+                        yield name, f.get_tensor(name)
+
+        self.model_runner.reload_weights(weights_iterator=tensors())
+        return counted[0]
 
 
 class RolloutEngine:
@@ -117,6 +128,37 @@ class RolloutEngine:
         self.llm.reset_prefix_cache()
         self.version = version
         return counts[0]
+
+
+    def load_from_store(self, store, version: int) -> int:
+        """Pull every bucket of the store's latest weights (cluster.weight_sync) and
+        reload them; returns the tensors loaded. The store must hold `version`."""
+        import os
+        import shutil
+
+        import ray
+
+        from cluster.weight_sync import publish, shm_dir
+
+        held, refs = ray.get(store.latest.remote())
+        if held != version:
+            raise RuntimeError(f"the weight store holds version {held}, not {version}")
+        # Tensors cannot be collective_rpc arguments (they arrive mangled): each bucket
+        # becomes a file in this node's /dev/shm, and the workers reload from all of them
+        # in one call (see WeightReloader.rlhf_reload).
+        local = shm_dir(f"engine-{os.getpid()}-{version}")
+        try:
+            paths = []
+            for i, ref in enumerate(refs):  # one bucket at a time in this process
+                path = local / f"bucket-{i:05d}.safetensors"
+                os.replace(publish(ray.get(ref), local, i), path)
+                paths.append(str(path))
+            n = self.llm.collective_rpc("rlhf_reload", args=(paths,))[0]
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return n
 
 
 def rollout_actor(model_path: str, settings: RolloutSettings | None = None,

@@ -410,30 +410,33 @@ def load_checkpoint(engine, path: str) -> dict:
     return {"consumed": consumed, "states": states}
 
 
-def gather_state_dict(engine, zero_stage: int) -> dict | None:
-    """Full weights of the engine's module on rank 0's CPU (None on other ranks).
-
-    Under ZeRO-3 the parameters are gathered one at a time, so no rank ever holds more
-    than one unsharded parameter beyond what it already has.
-    """
-    import torch
-
+def iter_state_dict(engine, zero_stage: int):
+    """(name, full tensor on CPU) for every weight of the engine's module, on rank 0;
+    (name, None) on the other ranks, which must iterate too (under ZeRO-3 each parameter
+    is gathered by all ranks together, one at a time, so no rank ever holds more than one
+    unsharded parameter beyond what it already has)."""
     rank, _ = rank_world()
     module = engine.module
-    out: dict[str, torch.Tensor] = {}
     if zero_stage == 3:
         import deepspeed
 
         for name, p in module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if rank == 0:
-                    out[name] = p.data.detach().cpu().clone()
-        if rank == 0:
-            for name, b in module.named_buffers():
-                if name in module.state_dict():
-                    out[name] = b.detach().cpu().clone()
+                yield name, (p.data.detach().cpu().clone() if rank == 0 else None)
+        keys = module.state_dict().keys()
+        for name, b in module.named_buffers():
+            if name in keys:
+                yield name, (b.detach().cpu().clone() if rank == 0 else None)
     elif rank == 0:
-        out = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        for k, v in module.state_dict().items():
+            yield k, v.detach().cpu().clone()
+
+
+def gather_state_dict(engine, zero_stage: int) -> dict | None:
+    """Full weights of the engine's module on rank 0's CPU (None on other ranks); see
+    `iter_state_dict`."""
+    rank, _ = rank_world()
+    out = dict(iter_state_dict(engine, zero_stage))
     return out if rank == 0 else None
 
 

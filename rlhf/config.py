@@ -398,6 +398,13 @@ class RolloutConfig:
     """Longest response in tokens."""
     kv_cache_fraction: float = 0.15
     """vLLM's gpu_memory_utilization (on CPU: the share of host memory for the KV cache)."""
+    weight_sync: str = "auto"
+    """How new weights reach the engines: shm (a file in /dev/shm: one machine), store
+    (buckets through Ray's object store, any number of nodes) or auto (shm on a local
+    Ray this run starts, store on a cluster)."""
+    sync_bucket_mb: float = 512.0
+    """store: the weights travel in buckets of about this size (ZeRO-3 gathers one
+    bucket at a time, so no rank holds the whole model)."""
 
 
 @dataclass
@@ -487,6 +494,7 @@ class PPOConfig:
     def __post_init__(self) -> None:
         check_common(self)
         a = self.algo
+        _one_of("rollout.weight_sync", self.rollout.weight_sync, ("auto", "shm", "store"))
         _one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo"))
         _one_of("algo.kl_penalty", a.kl_penalty, ("loss", "reward"))
         if a.algorithm in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:

@@ -21,7 +21,8 @@ One step, on every training worker, over its share of train.global_batch_size pr
     train      algo.ppo_epochs x algo.mini_batches updates: policy forward over prompt +
                response (packed), clipped policy loss (+ k3 KL, - entropy bonus), the token
                mean over the (mini-)batch; the critic's clipped value loss, its own update
-    sync       rank 0 writes the weights to /dev/shm; every engine reloads them in place
+    sync       the weights reach every engine (rollout.weight_sync: one /dev/shm file, or
+               buckets through Ray's object store), which reloads them in place
 The per-step metrics hold reward mean and spread, KL (and its coefficient), response
 length, tokens generated per second, the mean gap between vLLM's sampling log-probs and
 the trainer's, clip fractions, value loss, and the time of each phase.
@@ -94,6 +95,8 @@ class RLTask(Task):
         self.engines = lc["engines"]
         self.my_engine = self.engines[self.rank % len(self.engines)]
         self.weights_dir = Path(lc["weights_dir"])
+        self.store = lc["store"]  # None: the shm path (cluster.weight_sync)
+        self.sync_bytes = 0
         self.ref_engine = (self.frozen_reference(lc["model_path"], world)
                            if a.kl_coef else None)
         # The policy that sampled, recomputed: the ratio's denominator once the policy
@@ -163,8 +166,39 @@ class RLTask(Task):
         if state["version"] != self.version:
             print(f"rank {self.rank}: engine at weights {state['version']}, expected "
                   f"{self.version}: re-syncing it", flush=True)
-            ray.get(self.my_engine.load_weights.remote(str(self._weights_path(self.version)),
-                                                       self.version))
+            ray.get(self._load(self.my_engine, self.version))
+
+    def _load(self, engine, version: int):
+        """The call that brings `engine` to weights `version` (an object ref)."""
+        if self.store is not None:
+            return engine.load_from_store.remote(self.store, version)
+        return engine.load_weights.remote(str(self._weights_path(version)), version)
+
+    def _generate(self, prompts: list[list[int]], attempts: int = 5) -> list[list[dict]]:
+        """Samples from this worker's engine, drawn with the current weights. An engine
+        that dies mid-call is waited for (Ray restarts it) and re-synced; samples from
+        any other weights version (a restart between the check and the call) are
+        discarded and drawn again."""
+        import ray
+
+        r = self.cfg.rollout
+        for attempt in range(attempts):
+            self._engine_ready()
+            try:
+                outs = ray.get(self.my_engine.generate.remote(
+                    prompts, n=r.samples_per_prompt, temperature=r.temperature,
+                    top_p=r.top_p, max_tokens=r.max_new_tokens))
+            except ray.exceptions.RayActorError as e:
+                print(f"rank {self.rank}: its engine died while generating ({type(e).__name__}"
+                      f"); waiting for Ray to restart it", flush=True)
+                continue
+            versions = {s["version"] for o in outs for s in o}
+            if versions == {self.version}:
+                return outs
+            print(f"rank {self.rank}: samples from weights {sorted(versions)}, expected "
+                  f"{self.version}: drawing again", flush=True)
+        raise RuntimeError(f"rank {self.rank}: no samples from the current weights after "
+                           f"{attempts} attempts; the engine keeps failing (see its log).")
 
     # ------------------------------------------------------------------ forwards
 
@@ -201,18 +235,14 @@ class RLTask(Task):
     def _rollout(self, rows: list[dict], timer=None, train: bool = True) -> dict:
         """Generate and score a micro-batch of prompt rows; for training also the
         reference's, the sampling policy's and the critic's per-token values."""
-        import ray
         import torch
 
         from rlhf.rewards import shape_scores
 
-        cfg, r = self.cfg, self.cfg.rollout
+        cfg = self.cfg
         prompts = [[int(t) for t in row["prompt_ids"]] for row in rows]
-        self._engine_ready()
         t0 = time.perf_counter()
-        outs = ray.get(self.my_engine.generate.remote(
-            prompts, n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
-            max_tokens=r.max_new_tokens))
+        outs = self._generate(prompts)
         gen_s = time.perf_counter() - t0
         if timer:
             timer.mark("generate")
@@ -413,15 +443,33 @@ class RLTask(Task):
         """The engines take the new weights before anyone generates again."""
         import ray
 
-        from cluster.train import all_sum, gather_state_dict
-        from cluster.weight_sync import policy_weights, publish
+        from cluster.train import all_sum, gather_state_dict, iter_state_dict
+        from cluster.weight_sync import policy_weights, publish, push_buckets
 
         self.rollouts = {}
-        full = gather_state_dict(engine, self.cfg.cluster.zero_stage)
+        c, lora = self.cfg.cluster, self.cfg.model.lora
+        if self.store is not None and not lora.enabled:  # streamed: one bucket at a time
+            sent = push_buckets(self.store, iter_state_dict(engine, c.zero_stage), step,
+                                int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        else:  # the whole state on rank 0 (LoRA: merged first)
+            full = gather_state_dict(engine, c.zero_stage)
+            weights = policy_weights(full, lora) if self.rank == 0 else {}
+            if self.store is not None:
+                sent = push_buckets(self.store, weights.items(), step,
+                                    int(self.cfg.rollout.sync_bucket_mb * 2**20))
+            elif self.rank == 0:
+                path = publish(weights, self.weights_dir, step)
+                assert path == self._weights_path(step)
+                sent = {"bytes": path.stat().st_size}
         if self.rank == 0:
-            path = publish(policy_weights(full, self.cfg.model.lora), self.weights_dir, step)
-            assert path == self._weights_path(step)
-            ray.get([e.load_weights.remote(str(path), step) for e in self.engines])
+            self.sync_bytes = sent["bytes"]
+            refs = [self._load(e, step) for e in self.engines]
+            for i, ref in enumerate(refs):
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError:  # its users re-sync it once it is back
+                    print(f"engine {i} is down during the weight sync; Ray restarts it and "
+                          "it is re-synced before it serves", flush=True)
         all_sum([0.0])  # a barrier: no worker generates from stale weights
         self.version = step
         if timer:
@@ -439,7 +487,8 @@ class RLTask(Task):
             out.update({"train/loss": sums["loss"] / t,
                         "train/clip_fraction": sums["clipped"] / t,
                         "train/kl_coef": self.kl_ctl.value,
-                        "train/generated_tokens_per_s": totals["generated_tokens_per_s"]})
+                        "train/generated_tokens_per_s": totals["generated_tokens_per_s"],
+                        "train/sync_mb": self.sync_bytes / 2**20})
             if self.cfg.algo.entropy_coef:
                 out["train/entropy"] = sums["entropy"] / t
             if self.critic is not None:
@@ -512,7 +561,7 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
     import ray
 
     from cluster.rollout import RolloutSettings, rollout_actor
-    from cluster.weight_sync import shm_dir
+    from cluster.weight_sync import shm_dir, weight_store
     from rlhf.prompt_data import PROMPTS
     from rlhf.runner import run_training
 
@@ -522,6 +571,9 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
             cfg.train.learning_rate = 2e-4  # a trained tiny model: gentler than from scratch
     r = cfg.rollout
     weights_dir = shm_dir(f"{os.getpid()}-{int(time.time())}")
+    sync = r.weight_sync
+    if sync == "auto":  # /dev/shm only where every engine shares the trainer's machine
+        sync = "store" if (cfg.cluster.address or os.environ.get("RAY_ADDRESS")) else "shm"
 
     def start_engines(model_path: str) -> dict:
         gpus = r.tensor_parallel_size if cfg.cluster.use_gpu else 0
@@ -534,7 +586,9 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         t0 = time.time()
         ray.get([e.ready.remote() for e in engines])
         print(f"{len(engines)} vLLM engine(s) up in {time.time() - t0:.0f} s", flush=True)
+        print(f"weights reach the engines through {sync}", flush=True)
         return {"engines": engines, "weights_dir": str(weights_dir),
+                "store": weight_store() if sync == "store" else None,
                 "critic_path": critic_path(cfg, model_path)}
 
     try:

@@ -4,6 +4,12 @@ the engines sample from the trainer's current weights at every step (the gap bet
 vLLM's sampling log-probs and the trainer's stays at float rounding; a missed sync
 would open it after the first update)."""
 
+import json
+import os
+import signal
+import threading
+import time
+
 import pytest
 
 from tests.integration.conftest import metrics, ppo, summary
@@ -62,3 +68,48 @@ def test_resume_restores_engines_critic_and_kl_coefficient(ray_cluster, tmp_path
     assert coef[4] == pytest.approx(coef[3] * 1.128, rel=1e-6), coef  # not restarted at .02
     # a fresh critic would start over: its loss at step 1 came from an untrained head
     assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows
+
+
+def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_path):
+    """After step 2 the engine's process is SIGKILLed from outside (as when its node is
+    lost): Ray restarts it and the workers re-sync it before it serves. At step 5 a
+    training worker dies: Ray Train restarts the group from the step-4 checkpoint and the
+    engines are synced back to those weights. Every step samples the current weights.
+    The weights travel through the object store (the multi-node path), in buckets."""
+    import ray
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address  # this test's cluster, whatever else runs
+    killed: dict = {}
+
+    def kill_the_engine_after_step_2():
+        log = tmp_path / "f" / "metrics.jsonl"
+        deadline = time.time() + 900
+        while time.time() < deadline and not killed:
+            rows = [json.loads(x) for x in log.read_text().splitlines() if x] \
+                if log.is_file() else []
+            if any(r["step"] >= 2 and "train/reward" in r for r in rows):
+                alive = list_actors(address=gcs, detail=True,
+                                    filters=[("class_name", "=", "RolloutEngine"),
+                                             ("state", "=", "ALIVE")])
+                os.kill(alive[0].pid, signal.SIGKILL)
+                killed["pid"] = alive[0].pid
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_the_engine_after_step_2, daemon=True)
+    killer.start()
+    run_dir = ppo(tmp_path, "output.name=f", "train.max_steps=8", "train.eval_every=0",
+                  "train.checkpoint_every=2", "cluster.max_failures=1",
+                  # the multi-node path: ~10 buckets through the object store each sync
+                  "rollout.weight_sync=store", "rollout.sync_bucket_mb=0.25",
+                  crash_once_at_step=5)
+    killer.join(timeout=1)
+    assert killed, "the engine was never killed"
+    assert (run_dir / ".crash-injected").read_text() == "5"
+    s = summary(run_dir)
+    assert s["steps"] == 8 and s["samples"] == 8 * 16 * 4  # step 5 redone from step 4
+    rows = [r for r in metrics(run_dir) if "train/reward" in r]
+    assert {r["step"] for r in rows} == set(range(1, 9))
+    assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4
+    model_mb = (run_dir / "model" / "model.safetensors").stat().st_size / 2**20
+    assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01) for r in rows)
