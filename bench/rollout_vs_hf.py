@@ -13,7 +13,8 @@ rollouts: a random model rarely samples its one EOS token, so a fixed set of 128
 HF generates the whole batch at once (left-padded, stopped rows padded until the
 longest finishes); the engine is cluster.rollout.RolloutEngine in a Ray actor with the
 same CPU count. Weight sync: cluster.weight_sync.publish of the full state dict to
-/dev/shm plus the engine's in-place reload, timed end to end from the driver.
+/dev/shm plus the engine's in-place reload, and the object-store path (push_buckets to a
+WeightStore actor, the engine pulls and reloads), each timed end to end from the driver.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> int:
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--bucket-mb", type=int, default=32)
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
 
@@ -69,7 +71,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cluster.rollout import RolloutSettings, rollout_actor
-    from cluster.weight_sync import publish, shm_dir
+    from cluster.weight_sync import publish, push_buckets, shm_dir, weight_store
 
     torch.set_num_threads(a.cpus)
     tmp = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
@@ -121,7 +123,7 @@ def main() -> int:
         vllm_once(0)
         vl = [vllm_once(i + 1) for i in range(a.repeats)]
 
-        syncs = []
+        syncs, store_syncs = [], []
         directory = shm_dir("bench")
         for v in range(1, a.repeats + 1):
             sd = model.state_dict()
@@ -129,6 +131,14 @@ def main() -> int:
             path = publish(sd, directory, v)
             ray.get(engine.load_weights.remote(str(path), v))
             syncs.append(time.perf_counter() - t0)
+        # the multi-node path: buckets through the object store, pulled by the engine
+        store = weight_store()
+        for v in range(a.repeats + 1, 2 * a.repeats + 1):
+            sd = model.state_dict()
+            t0 = time.perf_counter()
+            sent = push_buckets(store, sd.items(), v, a.bucket_mb << 20)
+            ray.get(engine.load_from_store.remote(store, v))
+            store_syncs.append(time.perf_counter() - t0)
         ray.kill(engine)
     finally:
         ray.shutdown()
@@ -154,6 +164,9 @@ def main() -> int:
         f"weight sync ({params * 4 / 2**20:.0f} MiB, /dev/shm + in-place reload): "
         f"{sync_s:.2f} s median; {100 * sync_s / (gen_s + sync_s):.1f}% of generate + sync "
         f"for this batch (an upper bound on its share of an iteration, which also trains)",
+        f"weight sync through Ray's object store ({sent['buckets']} buckets of <= "
+        f"{a.bucket_mb} MiB, the multi-node path): {statistics.median(store_syncs):.2f} s "
+        f"median",
     ]
     print("\n".join(lines))
     if a.record:

@@ -510,6 +510,9 @@ class PPOConfig:
                 f"micro-batch(es) each worker runs per step (train.global_batch_size / "
                 f"(train.micro_batch_size x cluster.num_workers)): lower "
                 f"train.micro_batch_size or algo.mini_batches.")
+        if not self.reward.functions and not self.reward.model:
+            raise ConfigError("No reward: give reward.functions (module:function) or "
+                              "reward.model (a reward model exported by rlhf.rm), or both.")
         if a.kl_target is not None and a.kl_penalty != "reward":
             raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "
                               "algo.kl_penalty=reward too.")

@@ -108,7 +108,8 @@ class RLTask(Task):
         sources = [function_source(*_reward_spec(s)) for s in cfg.reward.functions]
         if cfg.reward.model:
             sources.append(model_source(cfg.reward.model, cfg.reward.model_weight,
-                                        policy_path=lc["model_path"]))
+                                        policy_path=lc["model_path"], dtype=cfg.model.dtype,
+                                        device=str(engine.device)))
         self.rewards = Rewards(sources)
         self.rollouts: dict[tuple, dict] = {}
         self.version = 0  # the weights the engines should hold (0: the starting model)

@@ -79,12 +79,16 @@ def test_help_from_the_command_line():
 def test_every_recipe_loads():
     recipes = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
     assert recipes, "no recipes"
-    from rlhf.config import RMConfig, SFTConfig
+    from rlhf.config import PPOConfig, RMConfig, SFTConfig
 
     for r in recipes:
-        cls = {"dpo": DPOConfig, "rm": RMConfig, "sft": SFTConfig}[r.name.split("-")[0]]
+        cls = {"dpo": DPOConfig, "rm": RMConfig, "sft": SFTConfig,
+               "ppo": PPOConfig}[r.name.split("-")[0]]
         cfg = parse_args(cls, ["--config", str(r)], "x")
         assert cfg.train.learning_rate is not None, r
+        if cls is PPOConfig:  # 2 nodes x 8 GPUs: 8 training workers, 4 engines x TP 2
+            assert cfg.cluster.num_workers + cfg.rollout.engines * \
+                cfg.rollout.tensor_parallel_size == 16
 
 
 def test_reward_model_config():
@@ -144,5 +148,7 @@ def test_ppo_config_checks():
         parse_args(PPOConfig, ["algo.mini_batches=2"], "x")
     with pytest.raises(ConfigError, match="kl_penalty=reward too"):
         parse_args(PPOConfig, ["algo.kl_target=0.1"], "x")
+    with pytest.raises(ConfigError, match="No reward: give reward.functions"):
+        parse_args(PPOConfig, ["reward.functions=[]"], "x")
     with pytest.raises(ConfigError, match="'a2c' is not one of grpo, rloo, reinforce"):
         parse_args(PPOConfig, ["algo.algorithm=a2c"], "x")
