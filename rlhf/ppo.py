@@ -379,17 +379,31 @@ class RLTask(Task):
 
         a = self.cfg.algo
         ent_on = bool(a.entropy_coef)
+        sums = dict.fromkeys(self.SUMS, 0.0)
         if not rows:  # a zero-weight forward, so that ZeRO-3's gathers see every rank
             with torch.set_grad_enabled(grad):
-                lp, _, _ = self._policy_tables(engine, self.batch([]), 1)
                 if self.critic is not None and grad:
                     v = self._values(self.batch([]), 1)
                     self.critic.backward(v.sum() * 0.0)
                     self.critic.step()
-            return (lp.sum() * 0.0 if totals is not None else None), dict.fromkeys(self.SUMS, 0.0)
+                lp, _, _ = self._policy_tables(engine, self.batch([]), 1)
+            return (lp.sum() * 0.0 if totals is not None else None), sums
         d = self.rollouts[self._key(rows)] if grad else self._rollout(rows, train=False)
         first = d["passes"] == 0
         d["passes"] += 1
+        # the token mean over the global batch (or its mini-batch), however it was split
+        k = self.world * self.accum / max(totals["response_tokens"], 1) if totals else 0.0
+        if totals is not None and self.critic is not None:
+            # the critic's update first: its graph is gone before the policy's is built
+            values = self._values(d["batch"], d["n_seqs"])
+            vl, vclipped = ppo_value_loss(values, d["values"], d["returns"], d["mask"],
+                                          a.value_clip)
+            self.critic.backward(vl.sum() * k)
+            self.critic.step()
+            sums["value_loss"] = float(vl.detach().sum())
+            sums["value_clipped"] = float(vclipped.sum())
+            if timer:
+                timer.mark("critic")
         with torch.set_grad_enabled(grad):
             lp, mask, ent = self._policy_tables(engine, d["batch"], d["n_seqs"], ent_on)
             if timer:
@@ -413,7 +427,6 @@ class RLTask(Task):
                       kl_estimate(lp, d["ref"].to(lp.device), "k1") * mask)
             if ent_on:
                 per_token = per_token - a.entropy_coef * ent * mask
-        sums = dict.fromkeys(self.SUMS, 0.0)
         sums.update({"loss": float(per_token.detach().sum()), "kl": float(kl.detach().sum()),
                      "tokens": float(mask.sum()), "clipped": float(clipped.sum()),
                      "entropy": float((ent.detach() * mask).sum()) if ent_on else 0.0})
@@ -426,18 +439,6 @@ class RLTask(Task):
                          "response_tokens": float(mask.sum())})
         if totals is None:
             return None, sums
-        # the token mean over the global batch (or its mini-batch), however it was split
-        k = self.world * self.accum / max(totals["response_tokens"], 1)
-        if self.critic is not None:
-            values = self._values(d["batch"], d["n_seqs"])
-            vl, vclipped = ppo_value_loss(values, d["values"], d["returns"], d["mask"],
-                                          a.value_clip)
-            self.critic.backward(vl.sum() * k)
-            self.critic.step()
-            sums["value_loss"] = float(vl.detach().sum())
-            sums["value_clipped"] = float(vclipped.sum())
-            if timer:
-                timer.mark("critic")
         return per_token.sum() * k, sums
 
     def end_step(self, engine, step: int, timer) -> None:

@@ -92,10 +92,11 @@ def model_source(path: str, weight: float = 1.0, policy_path: str | None = None,
     if policy_path is not None:
         from cluster.models import load_tokenizer
 
-        if load_tokenizer(policy_path).get_vocab() != scorer.tok.get_vocab():
+        policy_tok = load_tokenizer(policy_path)
+        if policy_tok.get_vocab() != scorer.tok.get_vocab():
             raise RewardError(
                 f"reward model {path} has another tokenizer than the policy {policy_path} "
-                f"({len(scorer.tok)} vs {len(load_tokenizer(policy_path))} tokens): train "
+                f"({len(scorer.tok)} vs {len(policy_tok)} tokens): train "
                 "the reward model from the policy's base (rlhf.rm model.name_or_path=...).")
     return RewardSource(path, weight, lambda p, r, m: call_function(
         lambda pp, rr, _: scorer.score(pp, rr), path, p, r, m))

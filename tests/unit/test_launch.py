@@ -1,0 +1,111 @@
+"""`python -m launch` and ray-cluster.yaml: the plan's memory model against hand-computed
+numbers, every recipe fits a node type of the cluster file, the out-of-memory run is
+predicted, the cluster file is valid for Ray's launcher and keeps its ports private."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.plan import (GIB, OVERHEAD_BYTES, Arch, Bundle, NodeType, make_plan,
+                         memory_plan, nodes_needed, node_types, plan_recipe)
+from rlhf.config import DPOConfig, parse_args
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "ray-cluster.yaml"
+
+
+def test_memory_model_by_hand():
+    # hidden 64, 2 layers, 4 heads (head_dim 16, kv 64), intermediate 128, vocab 1000, tied:
+    # block = 2*64*64 + 2*64*64 + 3*64*128 + 2*64 = 41,088; P = 1000*64 + 2*41,088 + 64
+    arch = Arch(64, 2, 4, 4, 128, 1000, tied=True)
+    assert arch.params == 146_240
+    cfg = parse_args(DPOConfig, ["model.dtype=bf16", "cluster.zero_stage=2",
+                                 "cluster.num_workers=4", "train.micro_batch_size=2",
+                                 "train.global_batch_size=8", "data.max_length=16",
+                                 "data.max_prompt_length=8",
+                                 "model.gradient_checkpointing=false"], "x")
+    policy, ref = memory_plan("dpo", cfg, arch)
+    assert policy.weights == 2 * 146_240                  # ZeRO-2 keeps whole weights
+    assert policy.gradients == 2 * 146_240 / 4            # ... and shards gradients
+    assert policy.optimizer == 12 * 146_240 / 4           # fp32 master + 2 Adam moments
+    # 2 pairs x 2 sequences x 16 tokens = 64 tokens; per block 64 * (6*64 + 2*64 + 4*128)
+    # * 2 bytes = 131,072, 2 blocks; logits 64 * 1000 * (2 + 4)
+    assert policy.activations == 2 * 131_072 + 384_000
+    assert (ref.role, ref.total) == ("reference", 2 * 146_240)
+    plan = make_plan("dpo", cfg, arch, [])
+    want = (policy.total + ref.total) * 1.05 + OVERHEAD_BYTES
+    assert plan.per_gpu == pytest.approx(want)
+    # ZeRO-3 shards the weights too; LoRA drops the reference (adapters off)
+    cfg.cluster.zero_stage = 3
+    assert memory_plan("dpo", cfg, arch)[0].weights == 2 * 146_240 / 4
+
+
+def test_packing_onto_nodes_by_hand():
+    node = NodeType("n", cpus=16, gpus=8, gpu_memory=80e9, max_workers=4)
+    # 8 workers (1 GPU, 8 CPU) need 4 nodes by CPU; 4 engines of 2 GPUs add GPUs only
+    assert nodes_needed([Bundle("w", 8, 1, 8)], node) == 4
+    assert nodes_needed([Bundle("w", 1, 1, 8), Bundle("e", 1, 2, 4)], node) == 2
+    assert nodes_needed([Bundle("e", 1, 16, 1)], node) is None  # an engine spans no nodes
+
+
+def test_every_recipe_fits_the_cluster_and_the_oom_is_predicted():
+    types = node_types(CLUSTER)
+    assert {t.name for t in types} >= {"gpu-h100x8", "gpu-a100x8", "gpu-a100x8-spot"}
+    for recipe in sorted((ROOT / "launch" / "recipes").glob("*.yaml")):
+        arch = "meta-llama/Llama-3.1-8B" if recipe.name.startswith("ppo") else None
+        plan, _ = plan_recipe(recipe, [], CLUSTER, arch)
+        assert plan.ok, (recipe.name, plan.fits)
+        assert plan.per_gpu < 80e9
+    # DPO of the 8B model in full, unsharded: weights, gradients and Adam alone are
+    # 16 + 16 + 96 GB per GPU. The plan says no, and how to fit.
+    plan, _ = plan_recipe(ROOT / "launch/recipes/dpo-llama3-8b.yaml",
+                          ["model.lora.enabled=false", "cluster.zero_stage=0"], CLUSTER)
+    assert not plan.ok and plan.per_gpu > 128e9
+    assert all("GiB per training GPU" in v for v in plan.fits.values())
+
+
+def test_cli_plan_and_submit_dry_run():
+    run = [sys.executable, "-m", "launch"]
+    out = subprocess.run(run + ["plan", "launch/recipes/dpo-llama3-8b.yaml"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "8.03B parameters" in out.stdout and "fits: yes" in out.stdout
+    out = subprocess.run(run + ["plan", "launch/recipes/dpo-llama3-8b.yaml",
+                                "model.lora.enabled=false", "cluster.zero_stage=0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "fits: NO" in out.stdout and "zero_stage=3" in out.stdout
+    out = subprocess.run(run + ["plan", "launch/recipes/ppo-llama3-8b.yaml"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--arch" in out.stderr  # the SFT path is not here
+    out = subprocess.run(run + ["submit", "launch/recipes/rm-llama3-8b.yaml",
+                                "train.max_steps=5", "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(" ", 1)[1].strip() == (
+        f"job submit --address http://127.0.0.1:8265 --working-dir {ROOT} -- python -m "
+        "rlhf.rm --config launch/recipes/rm-llama3-8b.yaml train.max_steps=5")
+
+
+def test_cluster_file_is_valid_for_ray_and_keeps_ports_private():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    text = CLUSTER.read_text()
+    cfg = yaml.safe_load(text)
+    validate_config(prepare_config(yaml.safe_load(text)))  # what `ray up` checks
+    head = cfg["available_node_types"][cfg["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the head runs no training
+    for name, t in cfg["available_node_types"].items():
+        if name != cfg["head_node_type"]:
+            assert t["min_workers"] == 0 and t["max_workers"] >= 2 and t["resources"]["GPU"]
+    assert cfg["idle_timeout_minutes"] > 0
+    start = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start and "--num-cpus=0" in start
+    assert all("RAY_AUTH_MODE=token" in c for c in
+               cfg["head_start_ray_commands"][1:] + cfg["worker_start_ray_commands"][1:])
+    assert "security_group" not in str(cfg["provider"])  # no ports opened by us
+    for secret in ("AWS_SECRET", "aws_secret_access_key", "WANDB_API_KEY", "HF_TOKEN",
+                   "hf_", "RAY_AUTH_TOKEN="):
+        assert secret not in text
