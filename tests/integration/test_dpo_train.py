@@ -14,8 +14,21 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
-def test_zero2_run_directory_and_learning(ray_cluster, tmp_path, tiny_model_path):
+SECRETS = {"WANDB_API_KEY": "wandb-secret-7f3a9c", "HF_TOKEN": "hf_secret_52b1e0",
+           "AWS_SECRET_ACCESS_KEY": "aws-secret-c4d8e2"}
+
+
+def test_zero2_run_directory_and_learning(ray_cluster, tmp_path, tiny_model_path,
+                                          monkeypatch, capfd):
+    for k, v in SECRETS.items():  # credentials in the environment, as on a cluster node
+        monkeypatch.setenv(k, v)
     run_dir = dpo(tmp_path, "cluster.zero_stage=2")
+    # ... are never written to the run directory (config, metrics, checkpoints) or output
+    printed = capfd.readouterr()
+    for f in [p for p in run_dir.rglob("*") if p.is_file()]:
+        data = f.read_bytes()
+        assert not any(v.encode() in data for v in SECRETS.values()), f
+    assert not any(v in printed.out + printed.err for v in SECRETS.values())
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model/model.safetensors",
                  "model/tokenizer.json", "model/config.json", "curves.png"):
         assert (run_dir / name).is_file(), name

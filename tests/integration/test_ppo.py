@@ -2,7 +2,8 @@
 default (GRPO on the demo task, from the tiny model after the built-in SFT) learns, and
 the engines sample from the trainer's current weights at every step (the gap between
 vLLM's sampling log-probs and the trainer's stays at float rounding; a missed sync
-would open it after the first update)."""
+would open it after the first update); PPO with a critic learns; a run survives a killed
+engine and a killed training worker, resuming policy, critic and KL coefficient."""
 
 import json
 import os
@@ -48,34 +49,14 @@ def test_ppo_with_a_critic_learns(ray_cluster, tmp_path):
     assert all(r["train/generated_tokens_per_s"] > 0 for r in rows)
 
 
-def test_resume_restores_engines_critic_and_kl_coefficient(ray_cluster, tmp_path):
-    """A resumed PPO run: its engines start from the base model and are synced to the
-    checkpoint's weights before the first step (else the gap would open at step 5); the
-    critic and the adaptive KL coefficient continue from the checkpoint too."""
-    common = [*PPO, "output.name=r", "train.eval_every=0", "train.checkpoint_every=0",
-              # any KL is above this target, so the coefficient grows x(1 + .2 x 64 / 100)
-              # per step from step 2 on (64 responses per step)
-              "algo.kl_target=0.00001", "algo.kl_horizon=100"]
-    first = ppo(tmp_path, *common, "train.max_steps=4")
-    assert summary(first)["steps"] == 4
-    assert (first / "checkpoints").is_dir()
-    second = ppo(tmp_path, *common, "train.max_steps=8", "train.resume=true")
-    assert second == first
-    rows = [r for r in metrics(second) if "train/reward" in r]
-    assert [r["step"] for r in rows] == list(range(1, 9))
-    assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4
-    coef = [r["train/kl_coef"] for r in rows]
-    assert coef[4] == pytest.approx(coef[3] * 1.128, rel=1e-6), coef  # not restarted at .02
-    # a fresh critic would start over: its loss at step 1 came from an untrained head
-    assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows
-
-
 def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_path):
-    """After step 2 the engine's process is SIGKILLed from outside (as when its node is
-    lost): Ray restarts it and the workers re-sync it before it serves. At step 5 a
-    training worker dies: Ray Train restarts the group from the step-4 checkpoint and the
-    engines are synced back to those weights. Every step samples the current weights.
-    The weights travel through the object store (the multi-node path), in buckets."""
+    """PPO with a critic and an adaptive KL coefficient. After step 2 the engine's process
+    is SIGKILLed from outside (as when its node is lost): Ray restarts it and the workers
+    re-sync it before it serves. At step 5 a training worker dies: Ray Train restarts the
+    group from the step-4 checkpoint, which brings back the policy, the critic, the KL
+    coefficient and the data position, and the engines are synced back to those weights.
+    Every step samples the current weights. The weights travel through the object store
+    (the multi-node path), in buckets."""
     import ray
     from ray.util.state import list_actors
 
@@ -98,8 +79,11 @@ def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_pat
 
     killer = threading.Thread(target=kill_the_engine_after_step_2, daemon=True)
     killer.start()
-    run_dir = ppo(tmp_path, "output.name=f", "train.max_steps=8", "train.eval_every=0",
+    run_dir = ppo(tmp_path, *PPO, "output.name=f", "train.max_steps=8", "train.eval_every=0",
                   "train.checkpoint_every=2", "cluster.max_failures=1",
+                  # any KL is above this target, so the coefficient grows x(1 + .2 x 64 / 100)
+                  # per step once the policy has moved (64 responses per step)
+                  "algo.kl_target=0.00001", "algo.kl_horizon=100",
                   # the multi-node path: ~10 buckets through the object store each sync
                   "rollout.weight_sync=store", "rollout.sync_bucket_mb=0.25",
                   crash_once_at_step=5)
@@ -108,8 +92,14 @@ def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_pat
     assert (run_dir / ".crash-injected").read_text() == "5"
     s = summary(run_dir)
     assert s["steps"] == 8 and s["samples"] == 8 * 16 * 4  # step 5 redone from step 4
-    rows = [r for r in metrics(run_dir) if "train/reward" in r]
-    assert {r["step"] for r in rows} == set(range(1, 9))
+    by_step = {r["step"]: r for r in metrics(run_dir) if "train/reward" in r}  # last wins
+    assert sorted(by_step) == list(range(1, 9))
+    rows = [by_step[i] for i in range(1, 9)]
     assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4
     model_mb = (run_dir / "model" / "model.safetensors").stat().st_size / 2**20
     assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01) for r in rows)
+    # step 5 ran after the restart: the coefficient went on from step 4's, not from 0.02
+    coef = [r["train/kl_coef"] for r in rows]
+    assert coef[4] == pytest.approx(coef[3] * 1.128, rel=1e-6), coef
+    # ... and so did the critic: a fresh one would start over from an untrained head
+    assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows
