@@ -30,14 +30,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   eps: float = 1e-8) -> torch.Tensor:
     """x normalised to unit variance (and zero mean with shift_mean) over the masked
-    positions of the whole batch; 0 where mask is 0."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    positions of the whole batch; 0 where mask is 0. One worker's batch; split over
+    workers, sum their `masked_moments` and call `whiten_with`."""
+    return whiten_with(x, mask, masked_moments(x, mask), shift_mean, eps)
 
 
 def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> list[float]:
@@ -50,7 +45,8 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> list[float]:
 
 def whiten_with(x: torch.Tensor, mask: torch.Tensor, moments: list[float],
                 shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """`masked_whiten` with the statistics given as summed `masked_moments`."""
+    """x whitened with the statistics of summed `masked_moments` (unbiased variance);
+    0 where mask is 0."""
     n, s, ss = moments
     mean = s / max(n, 1.0)
     var = max(ss - n * mean * mean, 0.0) / max(n - 1.0, 1.0)

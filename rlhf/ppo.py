@@ -381,6 +381,8 @@ class RLTask(Task):
         ent_on = bool(a.entropy_coef)
         sums = dict.fromkeys(self.SUMS, 0.0)
         if not rows:  # a zero-weight forward, so that ZeRO-3's gathers see every rank
+            if not grad:  # as an eval rollout would (training ones did in begin_step)
+                self._frozen_forwards(None, False, None)
             with torch.set_grad_enabled(grad):
                 if self.critic is not None and grad:
                     v = self._values(self.batch([]), 1)
