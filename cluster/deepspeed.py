@@ -67,13 +67,17 @@ def train_config(*, zero_stage: int, dtype: str, micro_batch_size: int,
 
 def frozen_config(*, zero_stage: int, dtype: str, micro_batch_size: int, world_size: int,
                   offload_params: bool = False) -> dict[str, Any]:
-    """DeepSpeed config of a frozen model (reference, later reward): no optimizer.
+    """DeepSpeed config of a frozen model (reference, reward model): no optimizer.
 
-    Sharded only under ZeRO-3, where the policy is sharded too; otherwise a full copy
-    per worker is cheaper than gathering it on every forward.
+    Sharded under ZeRO-3, where the policy is sharded too; otherwise a full copy per
+    worker is cheaper than gathering it on every forward. offload_params keeps the
+    parameters in CPU memory and streams them to the GPU layer by layer at each
+    forward; DeepSpeed offloads only under ZeRO-3, so the frozen model is then sharded
+    whatever the policy's stage (a frozen model has no gradients or optimizer states,
+    so a ZeRO-3 frozen model beside a ZeRO-2 policy costs only the gathers).
     """
-    zero: dict[str, Any] = {"stage": 3 if zero_stage == 3 else 0}
-    if zero_stage == 3:
+    zero: dict[str, Any] = {"stage": 3 if zero_stage == 3 or offload_params else 0}
+    if zero["stage"] == 3:
         zero.update(stage3_param_persistence_threshold=1e4, stage3_prefetch_bucket_size=5e7)
         if offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}

@@ -18,7 +18,7 @@ training workers, T the LoRA parameters):
 Models on one worker hold their states together; activations peak with the largest one
 (they train one after the other).
 A frozen model (DPO's reference, PPO's reference and reward model) counts its weights
-alone; vLLM engines hold the weights / tensor_parallel_size and give the KV cache what
+alone, /N under ZeRO-3 or cluster.offload_frozen, in host memory with offload; vLLM engines hold the weights / tensor_parallel_size and give the KV cache what
 rollout.kv_cache_fraction leaves. These are estimates to catch the run that cannot fit
 before it is launched, not a promise that one which fits will: leave a margin.
 """
@@ -176,9 +176,13 @@ def activation_bytes(arch: Arch, tokens: int, b: int, checkpointing: bool,
 
 
 def frozen_model(role: str, arch: Arch, cfg: Any, world: int) -> ModelMemory:
+    """A frozen DeepSpeed engine (cluster.deepspeed.frozen_config): sharded under ZeRO-3
+    or offload, kept in host memory with offload."""
+    c = cfg.cluster
+    offload = c.offload_params or c.offload_frozen
     b = DTYPE_BYTES[cfg.model.dtype]
-    w = b * arch.params / (world if cfg.cluster.zero_stage == 3 else 1)
-    if cfg.cluster.offload_params:
+    w = b * arch.params / (world if c.zero_stage == 3 or offload else 1)
+    if offload:
         return ModelMemory(role, cpu=w)
     return ModelMemory(role, weights=w)
 
@@ -202,9 +206,8 @@ def memory_plan(kind: str, cfg: Any, arch: Arch) -> list[ModelMemory]:
             out.append(frozen_model("reference", arch, cfg, world))
         if cfg.algo.algorithm == "ppo":
             out.append(trained_model("critic", arch, cfg, world, tokens, logits=False))
-        if cfg.reward.model:  # on every worker, whole, in model.dtype (rlhf.scoring)
-            b = DTYPE_BYTES[cfg.model.dtype]
-            out.append(ModelMemory("reward model (scoring)", weights=b * arch.params))
+        if cfg.reward.model:  # counted at the policy's size: it shares its tokenizer
+            out.append(frozen_model("reward model", arch, cfg, world))
     return out
 
 

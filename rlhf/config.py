@@ -284,6 +284,11 @@ class ClusterConfig:
     """Keep optimizer states in CPU memory (ZeRO 1-3; uses DeepSpeed's CPU Adam)."""
     offload_params: bool = False
     """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
+    offload_frozen: bool = False
+    """Keep the frozen models (reference, PPO's reward model) in CPU memory, streamed to
+    the GPU layer by layer at each forward, whatever the policy's ZeRO stage: they only
+    run forwards, so this frees their whole weights for the trained models' states at
+    the cost of a host-to-GPU copy per forward."""
     reference_actors: int = 1
     """loss.precompute_reference: Ray Data actors holding the reference model."""
     reference_gpus_per_actor: float = 0.0

@@ -12,7 +12,8 @@ REINFORCE++ need no critic; PPO estimates advantages with GAE from one.
 One step, on every training worker, over its share of train.global_batch_size prompts:
     generate   its prompts go to its engine (rank modulo rollout.engines), which returns
                rollout.samples_per_prompt responses per prompt with their log-probs
-    score      reward functions / reward model on the decoded text
+    score      reward functions / reward model on the decoded text (the reward model
+               a frozen DeepSpeed engine like the reference)
     reference  the frozen reference's per-token log-probs (for the KL)
     old, values  with several updates per batch or the KL in the reward, the sampling
                policy's log-probs recomputed; for PPO, the critic's values
@@ -106,11 +107,21 @@ class RLTask(Task):
         self.kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
         self.critic = self._critic(lc, world, accum) if a.algorithm == "ppo" else None
         sources = [function_source(*_reward_spec(s)) for s in cfg.reward.functions]
+        self.scorer = None
         if cfg.reward.model:
+            from cluster.scoring import sharded_scorer
+
+            # a frozen DeepSpeed engine like the reference: sharded under ZeRO-3, in CPU
+            # memory with cluster.offload_frozen
+            self.scorer = sharded_scorer(cfg.reward.model, self.frozen_config(world),
+                                         cfg.model.dtype)
             sources.append(model_source(cfg.reward.model, cfg.reward.model_weight,
-                                        policy_path=lc["model_path"], dtype=cfg.model.dtype,
-                                        device=str(engine.device)))
+                                        policy_path=lc["model_path"], scorer=self.scorer))
         self.rewards = Rewards(sources)
+        # with several sources, each one's unweighted mean is reported too
+        self.parts = ({src.name: "model" if src.name == cfg.reward.model else src.name
+                       for src in sources} if len(sources) > 1 else {})
+        self.sum_keys = self.SUMS + tuple(f"reward[{x}]" for x in self.parts.values())
         self.rollouts: dict[tuple, dict] = {}
         self.version = 0  # the weights the engines should hold (0: the starting model)
 
@@ -258,7 +269,7 @@ class RLTask(Task):
                 texts.append(text)
                 resp.append(self.tok.decode(s["token_ids"], skip_special_tokens=True))
                 meta.append(m)
-        total, _ = self.rewards(texts, resp, meta)
+        total, parts = self.rewards(texts, resp, meta)
         scores = shape_scores(torch.tensor(total, dtype=torch.float32), cfg.reward.clip)
         if timer:
             timer.mark("score")
@@ -270,7 +281,8 @@ class RLTask(Task):
             mask[i, :len(v)] = 1
         d = {"batch": batch, "scores": scores, "vllm": vllm, "mask": mask, "n_seqs": len(R),
              "prompt_tokens": sum(map(len, P)), "response_tokens": sum(map(len, R)),
-             "generate_s": gen_s, "ref": None, "old": None, "values": None, "passes": 0}
+             "generate_s": gen_s, "ref": None, "old": None, "values": None, "passes": 0,
+             "parts": {f"reward[{x}]": sum(parts[name]) for name, x in self.parts.items()}}
         self._frozen_forwards(d, train, timer)
         return d
 
@@ -286,6 +298,8 @@ class RLTask(Task):
         import torch
 
         batch, n = (d["batch"], d["n_seqs"]) if d else (self.batch([]), 1)
+        if d is None and self.scorer is not None:
+            self.scorer.dummy_forward()  # where the others score their responses
         with torch.no_grad():
             if self.ref_engine is not None:
                 ref = self._policy_tables(self.ref_engine, batch, n)[0]
@@ -379,7 +393,7 @@ class RLTask(Task):
 
         a = self.cfg.algo
         ent_on = bool(a.entropy_coef)
-        sums = dict.fromkeys(self.SUMS, 0.0)
+        sums = dict.fromkeys(self.sum_keys, 0.0)
         if not rows:  # a zero-weight forward, so that ZeRO-3's gathers see every rank
             if not grad:  # as an eval rollout would (training ones did in begin_step)
                 self._frozen_forwards(None, False, None)
@@ -438,7 +452,7 @@ class RLTask(Task):
             gap = ((sampler.cpu() - d["vllm"][:, :lp.shape[1]]).abs() * mask.cpu()).sum()
             sums.update({"reward": float(s.sum()), "reward_sq": float((s ** 2).sum()),
                          "responses": float(d["n_seqs"]), "gap": float(gap),
-                         "response_tokens": float(mask.sum())})
+                         "response_tokens": float(mask.sum()), **d["parts"]})
         if totals is None:
             return None, sums
         return per_token.sum() * k, sums
@@ -486,7 +500,8 @@ class RLTask(Task):
                f"{split}/reward_std": math.sqrt(max(sums["reward_sq"] / n - mean ** 2, 0.0)),
                f"{split}/kl": sums["kl"] / t,
                f"{split}/response_length": sums["response_tokens"] / n,
-               f"{split}/logprob_gap_vllm": sums["gap"] / max(sums["response_tokens"], 1)}
+               f"{split}/logprob_gap_vllm": sums["gap"] / max(sums["response_tokens"], 1),
+               **{f"{split}/{k}": sums[k] / n for k in self.sum_keys[len(self.SUMS):]}}
         if split == "train":
             out.update({"train/loss": sums["loss"] / t,
                         "train/clip_fraction": sums["clipped"] / t,

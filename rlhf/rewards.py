@@ -82,13 +82,16 @@ def function_source(spec: str, weight: float = 1.0) -> RewardSource:
 
 
 def model_source(path: str, weight: float = 1.0, policy_path: str | None = None,
-                 **scorer_kw: Any) -> RewardSource:
-    """A reward model exported by rlhf.rm. With policy_path, its tokenizer must be the
-    policy's: it scores the policy's text as training tokenised it, and a different
-    vocabulary means a model trained for another policy family."""
-    from rlhf.scoring import RewardScorer
+                 scorer: Any = None, **scorer_kw: Any) -> RewardSource:
+    """A reward model exported by rlhf.rm, loaded here as a RewardScorer(path,
+    **scorer_kw) unless `scorer` is one already (e.g. cluster.scoring.sharded_scorer).
+    With policy_path, its tokenizer must be the policy's: it scores the policy's text as
+    training tokenised it, and a different vocabulary means a model trained for another
+    policy family."""
+    if scorer is None:
+        from rlhf.scoring import RewardScorer
 
-    scorer = RewardScorer(path, **scorer_kw)
+        scorer = RewardScorer(path, **scorer_kw)
     if policy_path is not None:
         from cluster.models import load_tokenizer
 

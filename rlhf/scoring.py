@@ -22,7 +22,8 @@ from typing import Any
 
 class RewardScorer:
     def __init__(self, path: str, *, dtype: str = "fp32", device: str | None = None,
-                 batch_size: int = 16):
+                 batch_size: int | None = 16):
+        """batch_size: sequences per forward (None: all of a score() call in one)."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -64,18 +65,29 @@ class RewardScorer:
         seqs = [self.tokenize(p, r) for p, r in zip(prompts, responses)]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = [0.0] * len(seqs)
-        pad = self.tok.pad_token_id
-        for at in range(0, len(order), self.batch_size):
-            idx = order[at:at + self.batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[row, :len(seqs[i])] = 1
-            with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).logits
-            for row, i in enumerate(idx):
-                out[i] = float(logits[row, 0])
+        step = self.batch_size or max(1, len(seqs))
+        for at in range(0, len(order), step):
+            idx = order[at:at + step]
+            for i, v in zip(idx, self._forward([seqs[i] for i in idx])):
+                out[i] = v
         return out
+
+    def dummy_forward(self) -> None:
+        """One forward of a single token, scored for nothing: what a ZeRO-3 sharded
+        scorer's rank with no responses runs, so that the others' gathers complete."""
+        self._forward([[self.tok.eos_token_id]])
+
+    def _forward(self, seqs: list[list[int]]) -> list[float]:
+        """Right-padded token id lists -> the head's output at each one's last token."""
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(seqs):
+            ids[row, :len(s)] = torch.tensor(s)
+            mask[row, :len(s)] = 1
+        with torch.no_grad():
+            logits = self.model(input_ids=ids.to(self.device),
+                                attention_mask=mask.to(self.device)).logits
+        return logits[:, 0].float().tolist()

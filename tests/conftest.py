@@ -44,3 +44,23 @@ def other_tokenizer_dir(tmp_path):
                             trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"]))
     PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(tiny_model_path, tmp_path_factory):
+    """A folder as rlhf.rm exports a reward model (scalar head, tokenizer files,
+    rlhf_reward.json), from the tiny model with an untrained head: for the plumbing of
+    scoring, not for what its scores mean."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    rm = tmp_path_factory.mktemp("rm") / "model"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1
+                                                       ).save_pretrained(rm)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(f"{tiny_model_path}/{f}", rm / f)
+    (rm / "rlhf_reward.json").write_text(json.dumps(
+        {"max_length": 256, "max_prompt_length": 128, "truncation": "truncate"}))
+    return str(rm)

@@ -33,11 +33,15 @@ PPO = ["algo.algorithm=ppo", "algo.kl_penalty=reward", "algo.ppo_epochs=2",
        "train.micro_batch_size=4", "algo.mini_batches=2"]
 
 
-def test_ppo_with_a_critic_learns(ray_cluster, tmp_path):
+def test_ppo_with_a_critic_learns(ray_cluster, tmp_path, reward_model_dir):
     """PPO proper: GAE from a critic, the KL in the reward, 2 epochs x 2 mini-batches per
     batch of samples (so the clip bounds the later updates, against the recomputed
-    sampling policy)."""
-    run_dir = ppo(tmp_path, *PPO, "train.max_steps=12", "train.eval_every=0")
+    sampling policy). Under ZeRO-3, with the reference and a reward model (an untrained
+    head, weighted low beside the task's function) as frozen engines sharded in CPU
+    memory."""
+    run_dir = ppo(tmp_path, *PPO, "train.max_steps=12", "train.eval_every=0",
+                  "cluster.zero_stage=3", "cluster.offload_frozen=true",
+                  f"reward.model={reward_model_dir}", "reward.model_weight=0.05")
     s = summary(run_dir)
     assert s["eval/reward"] > s["start/eval/reward"] + 0.2, s
     rows = [r for r in metrics(run_dir) if "train/reward" in r]
@@ -47,6 +51,11 @@ def test_ppo_with_a_critic_learns(ray_cluster, tmp_path):
     assert rows[-1]["train/value_loss"] < rows[0]["train/value_loss"]  # the critic learns
     assert rows[-1]["train/kl"] > 0 and all(r["train/kl_coef"] == 0.02 for r in rows)
     assert all(r["train/generated_tokens_per_s"] > 0 for r in rows)
+    # each source's own mean beside the weighted sum
+    for r in rows:
+        assert r["train/reward"] == pytest.approx(
+            r["train/reward[rlhf.tasks:demo_opening]"] + 0.05 * r["train/reward[model]"],
+            abs=1e-5)
 
 
 def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_path):

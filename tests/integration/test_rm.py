@@ -1,6 +1,7 @@
 """python -m rlhf.rm on a real local Ray cluster: the reward model learns the demo
 preferences, its export loads with transformers and scores through the scoring API
-(in process and as a Ray actor), under ZeRO-2 and ZeRO-3 + LoRA."""
+(in process, as a Ray actor, and as a frozen DeepSpeed engine sharded across training
+workers as PPO holds it), under ZeRO-2 and ZeRO-3 + LoRA."""
 
 import pytest
 
@@ -76,3 +77,52 @@ def test_margin_column_reaches_the_loss_and_bad_margins_are_counted(ray_cluster,
     # a margin of 100 on fresh scores: the loss is about 100 (-log sigma(-100)), not 0.69
     first = next(r for r in metrics(run_dir) if "train/loss" in r)
     assert first["train/loss"] > 50
+
+
+def _score_sharded(lc: dict) -> None:
+    """A Ray Train worker: the reward model as PPO's workers hold it, ZeRO-3 sharded
+    across the two ranks and offloaded, scoring uneven shares (rank 1 has nothing to
+    score in its second call and runs the dummy forward instead)."""
+    import json
+    from pathlib import Path
+
+    from cluster.deepspeed import frozen_config
+    from cluster.scoring import sharded_scorer
+    from cluster.train import rank_world
+
+    rank, world = rank_world()
+    scorer = sharded_scorer(lc["rm"], frozen_config(
+        zero_stage=2, dtype="fp32", micro_batch_size=2, world_size=world,
+        offload_params=True), "fp32")
+    out = []
+    for calls in lc["shares"][rank]:
+        if calls:
+            out += scorer.score([p for p, _ in calls], [r for _, r in calls])
+        else:
+            scorer.dummy_forward()
+    stage = scorer.model.zero_optimization_stage()
+    Path(lc["out"], f"{rank}.json").write_text(json.dumps({"scores": out, "stage": stage}))
+
+
+def test_sharded_scorer_gives_the_plain_scores(ray_cluster, tmp_path, reward_model_dir):
+    """PPO's reward model is a frozen DeepSpeed engine (cluster.offload_frozen: ZeRO-3
+    sharded and in CPU memory, beside a ZeRO-2 policy). Its scores are the plain
+    model's, and a rank with nothing to score keeps the others' gathers going."""
+    import json
+
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rlhf.scoring import RewardScorer
+
+    pairs = [(p["prompt"], p[k]) for p in _held_out(4) for k in ("chosen", "rejected")]
+    shares = [[pairs[:5], pairs[5:7]], [pairs[7:8], []]]
+    TorchTrainer(_score_sharded, scaling_config=ScalingConfig(num_workers=2),
+                 train_loop_config={"rm": reward_model_dir, "shares": shares,
+                                    "out": str(tmp_path)}).fit()
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert [g["stage"] for g in got] == [3, 3]
+    want = RewardScorer(reward_model_dir).score([p for p, _ in pairs],
+                                                [r for _, r in pairs])
+    assert len(set(want)) == len(want)  # the inputs score apart, so order is checked
+    assert got[0]["scores"] + got[1]["scores"] == pytest.approx(want, abs=1e-5)

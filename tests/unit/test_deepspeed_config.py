@@ -27,6 +27,10 @@ def test_frozen_reference_is_sharded_only_under_zero3():
                          world_size=2)["zero_optimization"]["stage"] == 0
     assert frozen_config(zero_stage=3, dtype="fp32", micro_batch_size=2,
                          world_size=2)["zero_optimization"]["stage"] == 3
+    # offload needs ZeRO-3: a frozen model offloaded is sharded beside a ZeRO-2 policy
+    z = frozen_config(zero_stage=2, dtype="fp32", micro_batch_size=2, world_size=2,
+                      offload_params=True)["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_param"]["device"] == "cpu"
 
 
 def test_schedule_shapes():

@@ -41,6 +41,33 @@ def test_memory_model_by_hand():
     # ZeRO-3 shards the weights too; LoRA drops the reference (adapters off)
     cfg.cluster.zero_stage = 3
     assert memory_plan("dpo", cfg, arch)[0].weights == 2 * 146_240 / 4
+    # offload_frozen: the reference sharded in host memory, whatever the policy's stage
+    cfg.cluster.zero_stage, cfg.cluster.offload_frozen = 2, True
+    policy, ref = memory_plan("dpo", cfg, arch)
+    assert (ref.total, ref.cpu) == (0, 2 * 146_240 / 4)
+    assert policy.weights == 2 * 146_240
+
+
+def test_ppo_frozen_models_shard_and_offload():
+    """PPO's reference and reward model are frozen engines: whole under ZeRO-2, /N under
+    ZeRO-3, in host memory with offload_frozen; the critic trains like the policy."""
+    from rlhf.config import PPOConfig
+
+    arch = Arch(64, 2, 4, 4, 128, 1000, tied=True)
+    args = ["model.dtype=bf16", "cluster.num_workers=4", "train.micro_batch_size=2",
+            "train.global_batch_size=8", "algo.algorithm=ppo", "reward.model=rm"]
+    roles = lambda ms: {m.role: m for m in ms}  # noqa: E731
+    z2 = roles(memory_plan("ppo", parse_args(PPOConfig, args, "x"), arch))
+    assert set(z2) == {"policy", "reference", "critic", "reward model"}
+    assert z2["reward model"].weights == z2["reference"].weights == 2 * 146_240
+    z3 = roles(memory_plan("ppo", parse_args(PPOConfig, [*args, "cluster.zero_stage=3"],
+                                             "x"), arch))
+    assert z3["reward model"].weights == 2 * 146_240 / 4
+    off = roles(memory_plan("ppo", parse_args(PPOConfig, [*args, "cluster.offload_frozen=true"],
+                                              "x"), arch))
+    assert off["reward model"].total == off["reference"].total == 0
+    assert off["reward model"].cpu == 2 * 146_240 / 4
+    assert off["critic"].weights == z2["critic"].weights  # the trained models stay
 
 
 def test_packing_onto_nodes_by_hand():

@@ -66,27 +66,21 @@ def test_clip_and_normalise():
     assert shape_scores(torch.tensor([3.0]), normalise=True).tolist() == [3.0]
 
 
-def test_reward_model_source_scores_and_refuses_another_tokenizer(tiny_model_path, tmp_path,
-                                                                  other_tokenizer_dir):
-    """A reward-model folder as rlhf.rm exports it (scalar head + rlhf_reward.json)
-    scores through the same checks; a policy with another vocabulary is refused."""
-    import json
-    import shutil
-
-    from transformers import AutoModelForSequenceClassification
-
+def test_reward_model_source_scores_and_refuses_another_tokenizer(
+        tiny_model_path, reward_model_dir, other_tokenizer_dir):
+    """A reward-model folder as rlhf.rm exports it scores through the same checks,
+    whatever the batch size (one forward or several); a policy with another vocabulary
+    is refused."""
     from rlhf.rewards import model_source
+    from rlhf.scoring import RewardScorer
 
-    rm = tmp_path / "rm"
-    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1
-                                                       ).save_pretrained(rm)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(f"{tiny_model_path}/{f}", rm / f)
-    (rm / "rlhf_reward.json").write_text(json.dumps(
-        {"max_length": 256, "max_prompt_length": 128, "truncation": "truncate"}))
-    src = model_source(str(rm), weight=1.0, policy_path=tiny_model_path)
-    scores = src.score(["\n\nHuman: hi\n\nAssistant:"] * 2, [" Hello!", " Go away."], [{}, {}])
-    assert len(scores) == 2 and scores[0] != scores[1]
+    src = model_source(reward_model_dir, weight=1.0, policy_path=tiny_model_path)
+    prompts = ["\n\nHuman: hi\n\nAssistant:"] * 3
+    responses = [" Hello!", " Go away.", " What can I do for you today?"]
+    scores = src.score(prompts, responses, [{}] * 3)
+    assert len(scores) == 3 and scores[0] != scores[1]
+    whole = RewardScorer(reward_model_dir, batch_size=None).score(prompts, responses)
+    assert whole == pytest.approx(scores, abs=1e-5)
 
     with pytest.raises(RewardError, match="another tokenizer than the policy"):
-        model_source(str(rm), policy_path=other_tokenizer_dir)
+        model_source(reward_model_dir, policy_path=other_tokenizer_dir)
