@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     lines = [
         f"`{' '.join(['rlhf.ppo', *overrides]) or 'rlhf.ppo'}`: {len(steps)} steps after the "
         f"first, {cfg.train.global_batch_size} prompts x {cfg.rollout.samples_per_prompt} "
-        f"samples per step, {cfg.cluster.num_workers} workers, {cfg.rollout.engines} "
+        f"samples per step, {cfg.cluster.worker_range[1]} workers, {cfg.rollout.engines} "
         f"engine(s), weights via {cfg.rollout.weight_sync}",
         f"median step {step_s:.2f} s: " + ", ".join(
             f"{g} {v:.2f} s ({100 * v / step_s:.0f}%)" for g, v in parts.items())

@@ -190,9 +190,11 @@ def evaluate(task, engine, shard) -> dict:
 
 
 def training_engine(cfg, model, world: int, accum: int, learning_rate: float,
-                    total_updates: int):
+                    total_updates: int, universal: bool = False):
     """`model` in a DeepSpeed training engine: optimizer, schedule and ZeRO stage from
-    cfg's train and cluster sections; `accum` micro-batches per optimizer update."""
+    cfg's train and cluster sections; `accum` micro-batches per optimizer update.
+    universal: it will load a checkpoint saved at another world size (see
+    cluster.train.load_engine_state)."""
     from cluster import deepspeed as dsc
 
     t, c = cfg.train, cfg.cluster
@@ -201,6 +203,8 @@ def training_engine(cfg, model, world: int, accum: int, learning_rate: float,
         grad_accum=accum, world_size=world, max_grad_norm=t.max_grad_norm,
         offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
         learning_rate=learning_rate, weight_decay=t.weight_decay)
+    if universal:
+        ds_cfg["checkpoint"] = {"load_universal": True}
     engine, _ = dsc.train_engine(model, ds_cfg, learning_rate=learning_rate,
                                  weight_decay=t.weight_decay, total_steps=total_updates,
                                  warmup_steps=int(t.warmup_ratio * total_updates),
@@ -215,7 +219,7 @@ def build_engine(task, lc: dict, world: int, accum: int):
     updates = task.updates([[] for _ in range(accum)])
     per_update, total = len(updates[0]), lc["total_steps"] * len(updates)
     engine = training_engine(task.cfg, task.trainable(lc), world, per_update,
-                             lc["learning_rate"], total)
+                             lc["learning_rate"], total, lc.get("universal", False))
     task.prepare(engine, lc, world, per_update)
     return engine
 
@@ -231,7 +235,7 @@ def train_loop(lc: dict, task) -> None:
 
     from cluster.train import (RowFeed, StepTimer, all_gather_objects, gather_state_dict,
                                load_checkpoint, quiet_worker_logs, rank_world,
-                               save_checkpoint)
+                               save_checkpoint, saved_world_size)
 
     cfg = task.cfg
     t, c = cfg.train, cfg.cluster
@@ -242,17 +246,24 @@ def train_loop(lc: dict, task) -> None:
     torch.manual_seed(t.seed)  # same LoRA / head init on every rank
     accum = t.global_batch_size // (t.micro_batch_size * world)
     total = lc["total_steps"]
-    engine = build_engine(task, lc, world, accum)
-    device = engine.device
-
     step, epoch0, samples, tokens_seen = 0, 0, 0, 0
     start_eval: dict = {}  # task.eval_at_start: held-out metrics before training
     skip: set[int] = set()
     counts: Counter = Counter()
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is None:
+        engine = build_engine(task, lc, world, accum)
+    else:
         with ckpt.as_directory() as d:
-            restored = load_checkpoint(engine, d)
+            # An elastic run restarted at another size: ZeRO's shards are re-partitioned
+            # on load (the global batch is kept by `accum`, the data position by ids).
+            saved = saved_world_size(d)
+            lc = {**lc, "universal": saved != world and c.zero_stage > 0}
+            if rank == 0 and saved != world:
+                print(f"resuming with {world} workers from a checkpoint of {saved}; "
+                      f"{accum} micro-batch(es) per worker per step", flush=True)
+            engine = build_engine(task, lc, world, accum)
+            restored = load_checkpoint(engine, d, lc["universal"])
             task.load_state(Path(d))
         head = restored["states"][0]
         step, epoch0 = head["step"], head["epoch"]
@@ -268,6 +279,7 @@ def train_loop(lc: dict, task) -> None:
         # The restored weights are those of the end of step `step`: whatever follows
         # each step (online RL: the engines' weights) must follow them too.
         task.end_step(engine, step, None)
+    device = engine.device
 
     run_log = lc["run_log"]
     train_shard = ray.train.get_dataset_shard("train")
@@ -354,7 +366,7 @@ def train_loop(lc: dict, task) -> None:
                 "train/learning_rate": engine.get_lr()[0],
                 "train/tokens_per_s": totals["tokens"] / elapsed,
                 "train/unique_tokens_per_s": totals["unique_tokens"] / elapsed,
-                "train/samples": samples, "train/epoch": epoch + 1,
+                "train/samples": samples, "train/epoch": epoch + 1, "train/workers": world,
                 "train/step_time_s": elapsed,
                 # Peak resident memory of this worker process (rank 0 reports its own).
                 "train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -55,7 +55,7 @@ def connect(cluster_cfg: Any, extra_cpus: float = 0.0) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return
-    need = (cluster_cfg.num_workers * cluster_cfg.cpus_per_worker + cluster_cfg.data_cpus
+    need = (cluster_cfg.worker_range[1] * cluster_cfg.cpus_per_worker + cluster_cfg.data_cpus
             + extra_cpus)
     # address="local": a new cluster of our own, even when another one (e.g. from
     # `ray start`) runs on this machine; joining it is what cluster.address is for.
@@ -68,15 +68,16 @@ def check_resources(cluster_cfg: Any) -> None:
     import ray
 
     total = ray.cluster_resources()
-    need_cpu = cluster_cfg.num_workers * cluster_cfg.cpus_per_worker
-    need_gpu = cluster_cfg.num_workers if cluster_cfg.use_gpu else 0
+    workers = cluster_cfg.worker_range[0]  # an elastic run starts with its minimum
+    need_cpu = workers * cluster_cfg.cpus_per_worker
+    need_gpu = workers if cluster_cfg.use_gpu else 0
     autoscaling = bool(os.environ.get("RAY_ADDRESS") or cluster_cfg.address)
     if autoscaling:
         return  # an autoscaler may add nodes; Ray Train waits for them
     if total.get("CPU", 0) < need_cpu + 1 or total.get("GPU", 0) < need_gpu:
         raise RuntimeError(
             f"The local Ray cluster has {total.get('CPU', 0):g} CPUs and "
-            f"{total.get('GPU', 0):g} GPUs; {cluster_cfg.num_workers} workers need "
+            f"{total.get('GPU', 0):g} GPUs; {workers} workers need "
             f"{need_cpu:g} CPUs (+1 for the data pipeline) and {need_gpu} GPUs. Lower "
             "cluster.num_workers or cluster.cpus_per_worker.")
 
@@ -92,9 +93,14 @@ def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, n
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cluster_cfg.num_workers,
-                                     use_gpu=cluster_cfg.use_gpu,
-                                     resources_per_worker=resources),
+        # A range makes Ray Train elastic: it asks for max, starts with what is there
+        # (>= min), and restarts the group at another size from the latest checkpoint
+        # when nodes come or go (cluster.loop reloads it at the new world size).
+        scaling_config=ScalingConfig(
+            num_workers=(cluster_cfg.worker_range if cluster_cfg.elastic
+                         else cluster_cfg.worker_range[0]),
+            use_gpu=cluster_cfg.use_gpu, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cluster_cfg.resize_check_s),
         # A lost peer must surface as an error naming it, not a silent hang.
         torch_config=TorchConfig(timeout_s=1800),
         run_config=RunConfig(
@@ -399,9 +405,59 @@ def save_checkpoint(engine, worker_state: dict, metrics: dict, step: int,
                          checkpoint_dir_name=f"step_{step:07d}")
 
 
-def load_checkpoint(engine, path: str) -> dict:
-    """Restore engine state; return {"consumed": set of ids, "states": [per-rank dicts]}."""
-    engine.load_checkpoint(path, tag="deepspeed", load_module_strict=False)
+def saved_world_size(path: str) -> int:
+    """How many workers saved the checkpoint at `path` (one state file each)."""
+    return len(list(Path(path).glob("state_rank*.json")))
+
+
+def load_engine_state(engine, path: str, tag: str, universal: bool = False) -> None:
+    """engine.load_checkpoint(path, tag), or, when the checkpoint was saved by another
+    number of workers (an elastic resize), through DeepSpeed's universal checkpoint: ZeRO
+    partitions optimizer states (and, at stage 3, weights) by world size, so the saved
+    shards are first merged per parameter (deepspeed.checkpoint.ds_to_universal), once
+    per node, and the engine (built with checkpoint.load_universal) re-partitions them
+    for its own world. Stage 0 keeps whole states and loads at any size as it is."""
+    if not universal:
+        engine.load_checkpoint(path, tag=tag, load_module_strict=False)
+        return
+    import hashlib
+    import subprocess
+    import sys
+    import tempfile
+
+    import ray.train
+
+    key = hashlib.sha1(f"{Path(path).resolve()}/{tag}".encode()).hexdigest()[:16]
+    node = ray.get_runtime_context().get_node_id()[:12]  # nodes may share /tmp (tests)
+    root = Path(tempfile.gettempdir()) / "rlhf-universal" / f"{key}-{node}"
+    out = root / f"{tag}_universal"
+    if ray.train.get_context().get_local_rank() == 0 and not out.is_dir():
+        import shutil
+
+        tmp = root / f"{tag}_converting"
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted conversion left
+        t0 = time.time()
+        done = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+             "--input_folder", str(Path(path) / tag), "--output_folder", str(tmp),
+             "--inject_missing_state", "--num_extract_workers", "1",
+             "--num_merge_workers", "1"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"converting checkpoint {path}/{tag} for a new number of workers failed "
+                f"(deepspeed.checkpoint.ds_to_universal):\n{done.stdout[-2000:]}"
+                f"{done.stderr[-2000:]}")
+        tmp.rename(out)
+        print(f"checkpoint {tag} re-sharded for {rank_world()[1]} workers in "
+              f"{time.time() - t0:.0f} s", flush=True)
+    all_sum([0.0])  # a barrier: every node's copy is ready
+    engine.load_checkpoint(str(root), tag=out.name, load_module_strict=False)
+
+
+def load_checkpoint(engine, path: str, universal: bool = False) -> dict:
+    """Restore engine state (see load_engine_state); return {"consumed": set of ids,
+    "states": [per-rank dicts]}."""
+    load_engine_state(engine, path, "deepspeed", universal)
     root = Path(path)
     consumed: set[int] = set()
     for f in sorted(root.glob("consumed_rank*.npy")):

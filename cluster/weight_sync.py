@@ -98,11 +98,16 @@ class WeightStore:
 
 
 def weight_store():
-    """A WeightStore actor, restarted by Ray if its process dies (it then holds
-    version 0, and the next sync refills it)."""
+    """A WeightStore actor on the driver's node (which lives as long as the run, unlike
+    a worker node that may be preempted), restarted by Ray if its process dies (it then
+    holds version 0, and the next sync refills it)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(WeightStore).options(num_cpus=0, max_restarts=-1).remote()
+    here = ray.get_runtime_context().get_node_id()
+    return ray.remote(WeightStore).options(
+        num_cpus=0, max_restarts=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 def buckets(pairs, max_bytes: int):

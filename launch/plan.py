@@ -189,8 +189,9 @@ def frozen_model(role: str, arch: Arch, cfg: Any, world: int) -> ModelMemory:
 
 def memory_plan(kind: str, cfg: Any, arch: Arch) -> list[ModelMemory]:
     """Per-GPU memory of every model a training worker holds, for entry point `kind`
-    (dpo, rm, sft, ppo)."""
-    world, mb = cfg.cluster.num_workers, cfg.train.micro_batch_size
+    (dpo, rm, sft, ppo). An elastic run is planned at its smallest size, where each
+    GPU holds the largest ZeRO shards."""
+    world, mb = cfg.cluster.worker_range[0], cfg.train.micro_batch_size
     if kind == "ppo":
         tokens = mb * cfg.rollout.samples_per_prompt * (cfg.data.max_prompt_length
                                                         + cfg.rollout.max_new_tokens)
@@ -269,7 +270,7 @@ def resource_bundles(kind: str, cfg: Any) -> list[Bundle]:
     CPUs, and for PPO one bundle per vLLM engine (all its GPUs on one node)."""
     c = cfg.cluster
     out = [Bundle("training worker", c.cpus_per_worker, 1 if c.use_gpu else 0,
-                  c.num_workers)]
+                  c.worker_range[1])]  # elastic: what the run grows to
     if kind == "ppo":
         r = cfg.rollout
         out.append(Bundle("vLLM engine", r.cpus_per_engine,

@@ -269,8 +269,14 @@ class ClusterConfig:
     address: str | None = None
     """Ray cluster to join. Empty: the one in RAY_ADDRESS (set by `ray job submit`) or
     else a new local Ray started by this process. `auto` joins a running local cluster."""
-    num_workers: int = 2
-    """Training workers (one per GPU on GPU clusters)."""
+    num_workers: int | list[int] = 2
+    """Training workers (one per GPU on GPU clusters). A range [min, max] makes the run
+    elastic: it starts with what the cluster has (at least min), grows when nodes are
+    added and goes on at a smaller size when nodes are lost, each time from the latest
+    checkpoint; gradient accumulation keeps train.global_batch_size at every size."""
+    resize_check_s: float = 60.0
+    """Elastic runs: how often Ray Train looks for room for more workers. A resize
+    restarts from the latest checkpoint, so keep train.checkpoint_every short enough."""
     use_gpu: bool = False
     """Give each worker one GPU."""
     cpus_per_worker: float = 1.0
@@ -298,6 +304,17 @@ class ClusterConfig:
     storage_path: str | None = None
     """Where Ray Train writes checkpoints. Empty: inside the run directory (fine on one
     machine); multi-node runs need storage every node reaches (s3://, gs://, NFS)."""
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) training workers; equal unless the run is elastic."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+    @property
+    def elastic(self) -> bool:
+        lo, hi = self.worker_range
+        return lo != hi
 
 
 @dataclass
@@ -507,14 +524,15 @@ class PPOConfig:
                               f"{a.algorithm} compares the samples of one prompt.")
         if a.ppo_epochs < 1 or a.mini_batches < 1:
             raise ConfigError("algo.ppo_epochs and algo.mini_batches must be at least 1.")
-        per_worker = self.train.global_batch_size // (
-            self.train.micro_batch_size * self.cluster.num_workers)
-        if per_worker % a.mini_batches:
-            raise ConfigError(
-                f"algo.mini_batches={a.mini_batches} does not divide the {per_worker} "
-                f"micro-batch(es) each worker runs per step (train.global_batch_size / "
-                f"(train.micro_batch_size x cluster.num_workers)): lower "
-                f"train.micro_batch_size or algo.mini_batches.")
+        lo, hi = self.cluster.worker_range
+        for world in range(lo, hi + 1):
+            per_worker = self.train.global_batch_size // (self.train.micro_batch_size * world)
+            if per_worker % a.mini_batches:
+                raise ConfigError(
+                    f"algo.mini_batches={a.mini_batches} does not divide the {per_worker} "
+                    f"micro-batch(es) each of {world} workers runs per step "
+                    f"(train.global_batch_size / (train.micro_batch_size x workers)): lower "
+                    f"train.micro_batch_size or algo.mini_batches.")
         if not self.reward.functions and not self.reward.model:
             raise ConfigError("No reward: give reward.functions (module:function) or "
                               "reward.model (a reward model exported by rlhf.rm), or both.")
@@ -541,17 +559,26 @@ def check_common(cfg: Any) -> None:
     _one_of("cluster.zero_stage", c.zero_stage, (0, 1, 2, 3))
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
-    if c.num_workers < 1:
+    if isinstance(c.num_workers, list) and (len(c.num_workers) != 2
+                                            or c.num_workers[0] > c.num_workers[1]):
+        raise ConfigError(f"cluster.num_workers={c.num_workers}: give one number or a range "
+                          "[min, max] with min <= max, e.g. cluster.num_workers=[2,8].")
+    lo, hi = c.worker_range
+    if lo < 1:
         raise ConfigError(f"cluster.num_workers={c.num_workers} must be at least 1.")
     if t.micro_batch_size < 1:
         raise ConfigError("train.micro_batch_size must be at least 1.")
-    per_step = t.micro_batch_size * c.num_workers
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size x cluster.num_workers = {t.micro_batch_size} x "
-            f"{c.num_workers} = {per_step}: set train.global_batch_size to a multiple of "
-            f"{per_step} (e.g. {max(per_step, t.global_batch_size // per_step * per_step)}).")
+    for world in range(lo, hi + 1):  # an elastic run may run at any size in the range
+        per_step = t.micro_batch_size * world
+        if t.global_batch_size % per_step:
+            sizes = f" (the range {lo}-{hi} includes {world})" if lo != hi else ""
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size x workers = {t.micro_batch_size} x {world} = "
+                f"{per_step}{sizes}: set train.global_batch_size to a multiple of "
+                f"{per_step} (e.g. "
+                f"{max(per_step, t.global_batch_size // per_step * per_step)})"
+                + (", or narrow the range." if lo != hi else "."))
     if c.offload_params and c.zero_stage != 3:
         raise ConfigError("cluster.offload_params needs cluster.zero_stage=3.")
     if c.offload_optimizer and c.zero_stage == 0:
@@ -673,6 +700,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("", "null", "none")):
             return None
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if isinstance(value, list) and lists:  # e.g. int | list[int]: a range
+            return _coerce(key, value, lists[0])
         return _coerce(key, value, args[0])
     if origin is list:
         (item,) = typing.get_args(tp)

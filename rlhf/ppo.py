@@ -102,6 +102,7 @@ class RLTask(Task):
 
         cfg, a = self.cfg, self.cfg.algo
         self.world, self.accum = world, accum
+        self.universal = lc.get("universal", False)  # resumed at another world size
         self.engine = engine  # the policy: it also recomputes the sampling log-probs
         self.rank = rank_world()[0]
         self.engines = lc["engines"]
@@ -148,7 +149,8 @@ class RLTask(Task):
                                reward_head=True)
         critic = training_engine(cfg, model, world, accum,
                                  a.critic_learning_rate or lc["learning_rate"],
-                                 lc["total_steps"] * self.updates_per_step)
+                                 lc["total_steps"] * self.updates_per_step,
+                                 lc.get("universal", False))
 
         def keep(module, inputs, output):
             self._head_out = output
@@ -165,7 +167,9 @@ class RLTask(Task):
 
     def load_state(self, folder: Path) -> None:
         if self.critic is not None:
-            self.critic.load_checkpoint(str(folder), tag="critic", load_module_strict=False)
+            from cluster.train import load_engine_state
+
+            load_engine_state(self.critic, str(folder), "critic", self.universal)
         state = folder / "rl_state.json"
         if state.is_file():
             self.kl_ctl.value = json.loads(state.read_text())["kl_coef"]

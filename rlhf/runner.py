@@ -95,7 +95,9 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             c, {"train": pipes.train, "eval": pipes.eval},
             name="checkpoints" if not c.storage_path else run_dir.name,
             storage_path=c.storage_path or str(run_dir), keep_checkpoints=t.keep_checkpoints)
-        print(f"training: {c.num_workers} workers, ZeRO-{c.zero_stage}, {total} steps of "
+        lo, hi = c.worker_range
+        workers = f"{lo}-{hi} (elastic)" if c.elastic else str(lo)
+        print(f"training: {workers} workers, ZeRO-{c.zero_stage}, {total} steps of "
               f"{t.global_batch_size} {kind.name}, lr {lr:g}, run directory {run_dir}", flush=True)
         result, summary = fit(trainer, run_log, run_dir)
         summary.update({
