@@ -356,6 +356,10 @@ def describe(plan: Plan, cfg: Any) -> str:
     for b in plan.bundles:
         lines.append(f"  {b.count} x {b.what}: {b.cpus:g} CPU" +
                      (f", {b.gpus:g} GPU" if b.gpus else ""))
+    lo, hi = cfg.cluster.worker_range
+    if lo != hi:
+        lines.append(f"  (elastic: {lo} to {hi} training workers, as many as the cluster has "
+                     f"room for; nodes are counted for {hi}, memory per GPU at {lo})")
     lines += ["", "per training GPU (estimate):"]
     for m in plan.models:
         parts = [f"weights {m.weights / GIB:.1f}", f"gradients {m.gradients / GIB:.1f}",

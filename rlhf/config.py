@@ -568,17 +568,27 @@ def check_common(cfg: Any) -> None:
         raise ConfigError(f"cluster.num_workers={c.num_workers} must be at least 1.")
     if t.micro_batch_size < 1:
         raise ConfigError("train.micro_batch_size must be at least 1.")
-    for world in range(lo, hi + 1):  # an elastic run may run at any size in the range
-        per_step = t.micro_batch_size * world
-        if t.global_batch_size % per_step:
-            sizes = f" (the range {lo}-{hi} includes {world})" if lo != hi else ""
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size x workers = {t.micro_batch_size} x {world} = "
-                f"{per_step}{sizes}: set train.global_batch_size to a multiple of "
-                f"{per_step} (e.g. "
-                f"{max(per_step, t.global_batch_size // per_step * per_step)})"
-                + (", or narrow the range." if lo != hi else "."))
+    if lo == hi and t.global_batch_size % (t.micro_batch_size * lo):
+        per_step = t.micro_batch_size * lo
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x cluster.num_workers = {t.micro_batch_size} x {lo} = "
+            f"{per_step}: set train.global_batch_size to a multiple of {per_step} (e.g. "
+            f"{max(per_step, t.global_batch_size // per_step * per_step)}).")
+    # an elastic run may run at any size in its range: the batch must split at each
+    bad = [w for w in range(lo, hi + 1) if t.global_batch_size % (t.micro_batch_size * w)]
+    if bad:
+        import math
+
+        good = [w for w in range(lo, hi + 1) if w not in bad]
+        every = t.micro_batch_size * math.lcm(*range(lo, hi + 1))
+        raise ConfigError(
+            f"cluster.num_workers={c.num_workers}: Ray Train may run this elastic job with "
+            f"any number of workers in the range, and train.global_batch_size="
+            f"{t.global_batch_size} does not split into micro-batches of "
+            f"{t.micro_batch_size} over {', '.join(map(str, bad))} of them. Use a range "
+            f"of sizes that divide it ({', '.join(map(str, good)) or 'none here'} do), or a "
+            f"global batch size that is a multiple of {every}.")
     if c.offload_params and c.zero_stage != 3:
         raise ConfigError("cluster.offload_params needs cluster.zero_stage=3.")
     if c.offload_optimizer and c.zero_stage == 0:

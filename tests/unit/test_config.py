@@ -45,6 +45,11 @@ def test_recipe_then_overrides(tmp_path):
     (["model.dtype=fp16"], "needs GPUs"),
     (["--config", "/no/such.yaml"], "no such file"),
     (["oops"], "Cannot read argument"),
+    (["cluster.num_workers=[3,1]"], r"a range \[min, max\] with min <= max"),
+    (["cluster.num_workers=[1,2,3]"], "a range"),
+    (["cluster.num_workers=[0,2]"], "at least 1"),
+    (["cluster.num_workers=[2,3]", "train.global_batch_size=8", "train.micro_batch_size=2"],
+     r"over 3 of them.*\(2 do\).*multiple of 12"),
 ])
 def test_bad_settings_fail_with_a_fix(args, match):
     with pytest.raises(ConfigError, match=match):
@@ -152,3 +157,11 @@ def test_ppo_config_checks():
         parse_args(PPOConfig, ["reward.functions=[]"], "x")
     with pytest.raises(ConfigError, match="'a2c' is not one of grpo, rloo, reinforce"):
         parse_args(PPOConfig, ["algo.algorithm=a2c"], "x")
+
+
+def test_elastic_worker_range():
+    c = parse_args(DPOConfig, ["cluster.num_workers=[1,2]", "train.global_batch_size=8",
+                               "train.micro_batch_size=4"], "x").cluster
+    assert (c.num_workers, c.worker_range, c.elastic) == ([1, 2], (1, 2), True)
+    c = parse_args(DPOConfig, ["cluster.num_workers=2"], "x").cluster
+    assert (c.worker_range, c.elastic) == ((2, 2), False)

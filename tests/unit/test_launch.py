@@ -70,6 +70,16 @@ def test_ppo_frozen_models_shard_and_offload():
     assert off["critic"].weights == z2["critic"].weights  # the trained models stay
 
 
+def test_elastic_plan_asks_for_max_and_sizes_memory_at_min():
+    arch = Arch(64, 2, 4, 4, 128, 1000, tied=True)
+    cfg = parse_args(DPOConfig, ["cluster.num_workers=[2,4]", "cluster.zero_stage=3",
+                                 "train.global_batch_size=24", "train.micro_batch_size=2"],
+                     "x")
+    assert memory_plan("dpo", cfg, arch)[0].weights == 4 * 146_240 / 2  # fp32, 2 shards
+    plan = make_plan("dpo", cfg, arch, [])
+    assert plan.bundles[0].count == 4
+
+
 def test_packing_onto_nodes_by_hand():
     node = NodeType("n", cpus=16, gpus=8, gpu_memory=80e9, max_workers=4)
     # 8 workers (1 GPU, 8 CPU) need 4 nodes by CPU; 4 engines of 2 GPUs add GPUs only
