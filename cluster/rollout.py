@@ -73,12 +73,11 @@ class RolloutEngine:
     def __init__(self, model_path: str, settings: RolloutSettings | dict | None = None):
         import os
 
+        import torch
         from vllm import LLM
 
         s = settings if isinstance(settings, RolloutSettings) else RolloutSettings(
             **(settings or {}))
-        import torch
-
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if s.chunked_prefill is None:
             s.chunked_prefill = torch.cuda.is_available()

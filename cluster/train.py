@@ -418,30 +418,33 @@ def load_engine_state(engine, path: str, tag: str, universal: bool = False) -> N
     per node, and the engine (built with checkpoint.load_universal) re-partitions them
     for its own world. Stage 0 keeps whole states and loads at any size as it is."""
     if not universal:
-        engine.load_checkpoint(path, tag=tag, load_module_strict=False)
+        _load(engine, path, tag)
         return
     import hashlib
+    import shutil
     import subprocess
     import sys
     import tempfile
 
-    import ray.train
+    import ray
 
     key = hashlib.sha1(f"{Path(path).resolve()}/{tag}".encode()).hexdigest()[:16]
-    node = ray.get_runtime_context().get_node_id()[:12]  # nodes may share /tmp (tests)
-    root = Path(tempfile.gettempdir()) / "rlhf-universal" / f"{key}-{node}"
+    # The first rank on each Ray node converts. Not "local rank 0": Ray Train numbers
+    # local ranks per IP, and nodes may share one (and /tmp) on a test machine.
+    node = ray.get_runtime_context().get_node_id()
+    converts = all_gather_objects(node).index(node) == rank_world()[0]
+    root = Path(tempfile.gettempdir()) / "rlhf-universal" / f"{key}-{node[:12]}"
     out = root / f"{tag}_universal"
-    if ray.train.get_context().get_local_rank() == 0 and not out.is_dir():
-        import shutil
-
+    if converts and not out.is_dir():
         tmp = root / f"{tag}_converting"
         shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted conversion left
         t0 = time.time()
+        procs = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
         done = subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
              "--input_folder", str(Path(path) / tag), "--output_folder", str(tmp),
-             "--inject_missing_state", "--num_extract_workers", "1",
-             "--num_merge_workers", "1"], capture_output=True, text=True)
+             "--inject_missing_state", "--num_extract_workers", procs,
+             "--num_merge_workers", procs], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(
                 f"converting checkpoint {path}/{tag} for a new number of workers failed "
@@ -451,7 +454,18 @@ def load_engine_state(engine, path: str, tag: str, universal: bool = False) -> N
         print(f"checkpoint {tag} re-sharded for {rank_world()[1]} workers in "
               f"{time.time() - t0:.0f} s", flush=True)
     all_sum([0.0])  # a barrier: every node's copy is ready
-    engine.load_checkpoint(str(root), tag=out.name, load_module_strict=False)
+    _load(engine, str(root), out.name)
+    all_sum([0.0])  # every rank has read it: the copy (a whole model's states) can go
+    if converts:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _load(engine, path: str, tag: str) -> None:
+    """engine.load_checkpoint, failing where DeepSpeed would only warn (a missing folder
+    makes it skip the load and return None)."""
+    load_path, _ = engine.load_checkpoint(path, tag=tag, load_module_strict=False)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {path}")
 
 
 def load_checkpoint(engine, path: str, universal: bool = False) -> dict:

@@ -124,6 +124,7 @@ def test_a_run_grows_when_a_node_is_added(cluster, tmp_path):
     grown_s = time.time() - added
     log = finish(proc)
     assert "resuming with 2 workers from a checkpoint of 1" in log, log[-5000:]
+    assert "Error in training function" not in log  # grown in one go, no failed attempt
     rows = [r for r in metrics(run_dir) if "train/loss" in r]
     workers = [r["train/workers"] for r in rows]
     assert workers[0] == 1 and workers[-1] == 2, workers

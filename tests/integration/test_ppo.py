@@ -112,3 +112,24 @@ def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_pat
     assert coef[4] == pytest.approx(coef[3] * 1.128, rel=1e-6), coef
     # ... and so did the critic: a fresh one would start over from an untrained head
     assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows
+
+
+def test_ppo_resumes_on_fewer_workers(ray_cluster, tmp_path):
+    """A PPO run on 2 workers resumed on 1 (what an elastic run does when a node is
+    lost): policy and critic come back from a checkpoint of another world size through
+    DeepSpeed's universal checkpoint, with the KL coefficient, and the engines are synced
+    to the restored weights."""
+    args = [*PPO, "output.name=r", "train.eval_every=0", "algo.kl_target=0.00001",
+            "algo.kl_horizon=100"]
+    first = ppo(tmp_path, *args, "train.max_steps=3")
+    second = ppo(tmp_path, *args, "train.max_steps=5", "train.resume=true",
+                 "cluster.num_workers=1")
+    assert second == first
+    by_step = {r["step"]: r for r in metrics(second) if "train/reward" in r}
+    assert sorted(by_step) == [1, 2, 3, 4, 5]
+    assert [by_step[i]["train/workers"] for i in (1, 3, 4, 5)] == [2, 2, 1, 1]
+    assert max(r["train/logprob_gap_vllm"] for r in by_step.values()) < 1e-4
+    coef = [by_step[i]["train/kl_coef"] for i in (3, 4)]
+    assert coef[1] == pytest.approx(coef[0] * 1.128, rel=1e-6), coef
+    # the critic came back trained: its loss goes on from where it was, not from scratch
+    assert by_step[4]["train/value_loss"] < 0.5 * by_step[1]["train/value_loss"]
