@@ -58,8 +58,6 @@ class RewardScorer:
 
     def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> list[float]:
         """One float per (prompt, response), in the order given."""
-        import torch
-
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         seqs = [self.tokenize(p, r) for p, r in zip(prompts, responses)]

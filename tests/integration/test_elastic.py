@@ -51,12 +51,13 @@ def dpo(tmp_path: Path, address: str, *overrides: str) -> subprocess.Popen:
     """`python -m rlhf.dpo` joining the cluster, as a user runs it (a process of its
     own: this one's main thread adds and removes the nodes), its output in a file (a
     pipe nobody reads while the run goes on would block it once full)."""
-    log = open(tmp_path / f"driver-{len(list(tmp_path.glob('driver-*')))}.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhf.dpo", f"output.dir={tmp_path}", *SMALL,
-         f"cluster.address={address}", *overrides],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    proc.log = Path(log.name)
+    path = tmp_path / f"driver-{len(list(tmp_path.glob('driver-*')))}.log"
+    with open(path, "w") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhf.dpo", f"output.dir={tmp_path}", *SMALL,
+             f"cluster.address={address}", *overrides],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = path
     return proc
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.plan import (GIB, OVERHEAD_BYTES, Arch, Bundle, NodeType, make_plan,
+from launch.plan import (OVERHEAD_BYTES, Arch, Bundle, NodeType, make_plan,
                          memory_plan, nodes_needed, node_types, plan_recipe)
 from rlhf.config import DPOConfig, parse_args
 
