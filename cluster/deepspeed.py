@@ -92,6 +92,15 @@ def frozen_config(*, zero_stage: int, dtype: str, micro_batch_size: int, world_s
     }
 
 
+def frozen_config_for(cfg: Any, world_size: int) -> dict[str, Any]:
+    """frozen_config from an entry point's config: the policy's ZeRO stage, in CPU
+    memory with cluster.offload_params or cluster.offload_frozen."""
+    c = cfg.cluster
+    return frozen_config(zero_stage=c.zero_stage, dtype=cfg.model.dtype,
+                         micro_batch_size=cfg.train.micro_batch_size, world_size=world_size,
+                         offload_params=c.offload_params or c.offload_frozen)
+
+
 def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
     import math

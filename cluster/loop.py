@@ -82,25 +82,16 @@ class Task:
                               use_gpu=self.cfg.cluster.use_gpu, packing=self.cfg.data.packing,
                               reward_head=self.reward_head)
 
-    def frozen_config(self, world: int) -> dict:
-        """The DeepSpeed config of a frozen model (reference, reward model): sharded like
-        the policy under ZeRO-3, in CPU memory with cluster.offload_frozen."""
-        from cluster import deepspeed as dsc
-
-        cfg, c = self.cfg, self.cfg.cluster
-        return dsc.frozen_config(zero_stage=c.zero_stage, dtype=cfg.model.dtype,
-                                 micro_batch_size=cfg.train.micro_batch_size, world_size=world,
-                                 offload_params=c.offload_params or c.offload_frozen)
-
     def frozen_reference(self, path: str, world: int):
-        """A frozen DeepSpeed inference engine of the model at `path` (the reference)."""
-        from cluster.deepspeed import frozen_engine
+        """A frozen DeepSpeed inference engine of the model at `path` (the reference):
+        sharded like the policy under ZeRO-3, in CPU memory with cluster.offload_frozen."""
+        from cluster.deepspeed import frozen_config_for, frozen_engine
         from cluster.models import load_causal_lm
 
         cfg = self.cfg
         ref = load_causal_lm(path, cfg.model, trainable=False, use_gpu=cfg.cluster.use_gpu,
                              packing=cfg.data.packing)
-        return frozen_engine(ref, self.frozen_config(world))
+        return frozen_engine(ref, frozen_config_for(cfg, world))
 
     def updates(self, micro_batches: list[list[dict]]) -> list[list[list[dict]]]:
         """The optimizer updates of a step, each over a list of micro-batches."""

@@ -178,11 +178,12 @@ def activation_bytes(arch: Arch, tokens: int, b: int, checkpointing: bool,
 def frozen_model(role: str, arch: Arch, cfg: Any, world: int) -> ModelMemory:
     """A frozen DeepSpeed engine (cluster.deepspeed.frozen_config): sharded under ZeRO-3
     or offload, kept in host memory with offload."""
-    c = cfg.cluster
-    offload = c.offload_params or c.offload_frozen
+    from cluster.deepspeed import frozen_config_for  # pure: imports nothing heavy
+
+    zero = frozen_config_for(cfg, world)["zero_optimization"]
     b = DTYPE_BYTES[cfg.model.dtype]
-    w = b * arch.params / (world if c.zero_stage == 3 or offload else 1)
-    if offload:
+    w = b * arch.params / (world if zero["stage"] == 3 else 1)
+    if "offload_param" in zero:
         return ModelMemory(role, cpu=w)
     return ModelMemory(role, weights=w)
 

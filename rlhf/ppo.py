@@ -121,11 +121,12 @@ class RLTask(Task):
         sources = [function_source(*_reward_spec(s)) for s in cfg.reward.functions]
         self.scorer = None
         if cfg.reward.model:
+            from cluster.deepspeed import frozen_config_for
             from cluster.scoring import sharded_scorer
 
             # a frozen DeepSpeed engine like the reference: sharded under ZeRO-3, in CPU
             # memory with cluster.offload_frozen
-            self.scorer = sharded_scorer(cfg.reward.model, self.frozen_config(world),
+            self.scorer = sharded_scorer(cfg.reward.model, frozen_config_for(cfg, world),
                                          cfg.model.dtype)
             sources.append(model_source(cfg.reward.model, cfg.reward.model_weight,
                                         policy_path=lc["model_path"], scorer=self.scorer))
