@@ -14,7 +14,9 @@ HF generates the whole batch at once (left-padded, stopped rows padded until the
 longest finishes); the engine is cluster.rollout.RolloutEngine in a Ray actor with the
 same CPU count. Weight sync: cluster.weight_sync.publish of the full state dict to
 /dev/shm plus the engine's in-place reload, and the object-store path (push_buckets to a
-WeightStore actor, the engine pulls and reloads), each timed end to end from the driver.
+WeightStore actor, the engine pulls and reloads), and the broadcast path (the driver as
+rank 0 of a gloo process group with the engine's worker, buckets broadcast into its
+reload; NCCL between GPUs), each timed end to end from the driver.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cluster.rollout import RolloutSettings, rollout_actor
-    from cluster.weight_sync import publish, push_buckets, shm_dir, weight_store
+    from cluster.weight_sync import (BroadcastSender, publish, push_buckets, shm_dir,
+                                     weight_store)
 
     torch.set_num_threads(a.cpus)
     tmp = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
@@ -140,6 +143,17 @@ def main() -> int:
             sent = push_buckets(store, sd.items(), v, a.bucket_mb << 20)
             ray.get(engine.load_from_store.remote(store, v))
             store_syncs.append(time.perf_counter() - t0)
+        # a process group with the engine's worker: the first send also forms the group
+        sender = BroadcastSender([engine], 1, "gloo", 120.0, a.bucket_mb << 20)
+        t0 = time.perf_counter()
+        sender.send(model.state_dict().items(), 2 * a.repeats + 1)
+        group_s = time.perf_counter() - t0
+        broadcasts = []
+        for v in range(2 * a.repeats + 2, 3 * a.repeats + 2):
+            sd = model.state_dict()
+            t0 = time.perf_counter()
+            cast = sender.send(sd.items(), v)
+            broadcasts.append(time.perf_counter() - t0)
         ray.kill(engine)
     finally:
         ray.shutdown()
@@ -168,6 +182,9 @@ def main() -> int:
         f"weight sync through Ray's object store ({sent['buckets']} buckets of <= "
         f"{a.bucket_mb} MiB, the multi-node path): {statistics.median(store_syncs):.2f} s "
         f"median",
+        f"weight sync by broadcast (gloo process group, {cast['buckets']} buckets of <= "
+        f"{a.bucket_mb} MiB, the GPU path's protocol): {statistics.median(broadcasts):.2f} s "
+        f"median; the first, which forms the group: {group_s:.2f} s",
     ]
     print("\n".join(lines))
     if a.record:

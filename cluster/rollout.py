@@ -5,6 +5,7 @@ in-place weight updates from the trainer.
     out = ray.get(engine.generate.remote(prompt_ids, n=4, temperature=1.0, max_tokens=64))
     ray.get(engine.load_weights.remote(path, version))   # path: cluster.weight_sync.publish
     ray.get(engine.load_from_store.remote(store, version))  # cluster.weight_sync.WeightStore
+    cluster.weight_sync.BroadcastSender(engines, ...).send(pairs, version)  # a process group
 
 Weights reach the engine in checkpoint format (Hugging Face names, full tensors) and are
 reloaded in place through vLLM's `reload_weights` on every engine worker
@@ -14,7 +15,9 @@ running engine fails, because the CPU backend repacks linear weights after loadi
 trainer leaves them in a safetensors file (in /dev/shm) and the workers map it. The
 prefix cache is reset after every update: cached keys and values of the old weights
 must not serve the new policy. Engines on other nodes pull the weights in buckets from
-a `WeightStore` actor through Ray's object store and write each to their own /dev/shm.
+a `WeightStore` actor through Ray's object store and write each to their own /dev/shm,
+or every engine worker joins a process group with the trainer (NCCL on GPUs, gloo on
+CPU) and reloads the buckets as they are broadcast.
 """
 
 from __future__ import annotations
@@ -65,6 +68,33 @@ class WeightReloader:
         self.model_runner.reload_weights(weights_iterator=tensors())
         return counted[0]
 
+    def rlhf_join(self, host: str, port: int, base_rank: int, world: int, backend: str,
+                  timeout_s: float, name: str) -> int:
+        """Join the trainer's weight-sync group (cluster.weight_sync.BroadcastSender) as
+        rank base_rank + this worker's rank in the engine; returns that rank."""
+        from cluster.weight_sync import new_group, rendezvous
+
+        rank = base_rank + self.rank
+        self._rlhf_store = rendezvous(host, port, world, timeout_s)
+        self._rlhf_group = new_group(self._rlhf_store, rank, world, backend, timeout_s, name)
+        self._rlhf_device = "cuda" if backend == "nccl" else "cpu"
+        return rank
+
+    def rlhf_receive(self) -> int:
+        """One weights version from the group's broadcasts, reloaded in place in one
+        call, bucket by bucket as they arrive (see rlhf_reload for why one call)."""
+        from cluster.weight_sync import receive_buckets
+
+        counted = [0]
+
+        def tensors():
+            for pair in receive_buckets(self._rlhf_group, self._rlhf_device):
+                counted[0] += 1
+                yield pair
+
+        self.model_runner.reload_weights(weights_iterator=tensors())
+        return counted[0]
+
 
 class RolloutEngine:
     """One vLLM engine (Ray actor). Prompts go in as token ids, so the engine and the
@@ -90,10 +120,12 @@ class RolloutEngine:
                        enable_chunked_prefill=s.chunked_prefill,
                        worker_extension_cls="cluster.rollout.WeightReloader")
         self.version = 0
+        self.group = None  # the broadcast group it belongs to (None after a restart)
 
     def ready(self) -> dict:
-        """The engine's weights version (0 after a start or restart) and settings."""
-        return {"version": self.version, **asdict(self.settings)}
+        """The engine's weights version (0 after a start or restart), its broadcast
+        group and settings."""
+        return {"version": self.version, "group": self.group, **asdict(self.settings)}
 
     def pid(self) -> int:
         import os
@@ -139,6 +171,23 @@ class RolloutEngine:
         self.version = version
         return counts[0]
 
+
+    def join_group(self, host: str, port: int, base_rank: int, world: int, backend: str,
+                   timeout_s: float, name: str) -> list[int]:
+        """Every worker joins the trainer's weight-sync group `name` (blocks until the
+        whole group is there); returns their ranks."""
+        ranks = self.llm.collective_rpc("rlhf_join", args=(host, port, base_rank, world,
+                                                           backend, timeout_s, name))
+        self.group = name
+        return ranks
+
+    def receive_weights(self, version: int) -> int:
+        """Take weights `version` from the group's broadcasts (cluster.weight_sync.
+        send_buckets, run by the trainer at the same time); returns the tensors loaded."""
+        n = self.llm.collective_rpc("rlhf_receive")[0]
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return n
 
     def load_from_store(self, store, version: int) -> int:
         """Pull every bucket of the store's latest weights (cluster.weight_sync) and

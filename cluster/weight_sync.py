@@ -1,4 +1,4 @@
-"""Trainer -> vLLM engine weight sync, two CPU-side paths (both reload in place,
+"""Trainer -> vLLM engine weight sync, three paths (all reload in place,
 cluster.rollout.WeightReloader, then reset the engine's prefix cache):
 
 shm    rank 0 writes the full Hugging Face-named state dict once per iteration as one
@@ -10,6 +10,15 @@ store  the weights travel in buckets of configurable size through Ray's object s
        every engine then pulls the buckets, wherever it runs, and loads them one by one
        (`push_buckets`). The store, not rank 0, owns the buckets, so a restarted engine
        can be re-synced by any worker, and a restarted training worker loses nothing.
+broadcast  training rank 0 and every engine worker form a torch.distributed process group
+       of their own (NCCL between GPUs, gloo on CPU; beside DeepSpeed's, which it never
+       touches), and rank 0 broadcasts the buckets straight into the engines' reload
+       (`BroadcastSender`, `receive_buckets`): no copy on disk or in the object store,
+       every collective under `rollout.sync_timeout_s`, a failure names the engine.
+       Nothing keeps the weights, so an engine that restarts is re-synced by the whole
+       training group (ZeRO-3 gathers need every rank) at the start of the next step;
+       one lost in the middle of a step ends the attempt and Ray Train resumes from the
+       last checkpoint.
 
 Under LoRA the engines hold plain (merged) weights: `policy_weights` merges the adapters
 into their base weights.
@@ -140,3 +149,170 @@ def push_buckets(store, pairs, version: int, max_bytes: int) -> dict:
     if n:
         ray.get(store.seal.remote(version))
     return {"buckets": n, "bytes": total}
+
+
+# ------------------------------------------------------------------ broadcast
+
+
+def rendezvous(host: str, port: int, world: int, timeout_s: float, host_it: bool = False):
+    """The group's rendezvous store: hosted by rank 0 (host_it; port 0 picks a free port,
+    read it back from `.port`), joined by the others at (host, port)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    return dist.TCPStore(host, port, world, host_it, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def new_group(store, rank: int, world: int, backend: str, timeout_s: float, name: str):
+    """A process group of its own (not torch.distributed's default one, which DeepSpeed
+    owns), over `store` (see `rendezvous`). Blocks until all `world` ranks have joined
+    or `timeout_s` passes; every later collective has the same timeout.
+    backend: "nccl" (GPUs) or "gloo" (CPU)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.PrefixStore(name, store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world, opts)
+    raise ValueError(f"backend {backend!r}: nccl or gloo")
+
+
+def _broadcast(group, tensor) -> None:
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
+
+
+def send_buckets(group, pairs, max_bytes: int, device: str = "cpu") -> dict:
+    """Rank 0 of `group`: broadcast `pairs` (name, tensor; None entries skipped) bucket by
+    bucket. Each bucket is three broadcasts: a header (int64 [meta bytes, data bytes]),
+    the names, dtypes and shapes (JSON, uint8), and the tensors' bytes back to back
+    (uint8); a header of zeros ends the version. Returns {"buckets", "bytes"}."""
+    import json
+
+    import torch
+
+    n, total = 0, 0
+    for bucket in buckets(pairs, max_bytes):
+        meta, flat = [], []
+        for name, t in bucket.items():
+            meta.append([name, str(t.dtype).removeprefix("torch."), list(t.shape)])
+            flat.append(t.reshape(-1).view(torch.uint8))
+        data = torch.cat(flat).to(device)
+        head = torch.frombuffer(bytearray(json.dumps(meta).encode()),
+                                dtype=torch.uint8).to(device)
+        _broadcast(group, torch.tensor([head.numel(), data.numel()], device=device))
+        _broadcast(group, head)
+        _broadcast(group, data)
+        n, total = n + 1, total + data.numel()
+    _broadcast(group, torch.zeros(2, dtype=torch.int64, device=device))
+    return {"buckets": n, "bytes": total}
+
+
+def receive_buckets(group, device: str = "cpu"):
+    """An engine worker's side of `send_buckets`: yields (name, tensor) as the buckets
+    arrive (one bucket in memory at a time), for vLLM's reload_weights to consume."""
+    import json
+
+    import torch
+
+    while True:
+        size = torch.zeros(2, dtype=torch.int64, device=device)
+        _broadcast(group, size)
+        meta_n, data_n = (int(x) for x in size.tolist())
+        if meta_n == 0:
+            return
+        head = torch.empty(meta_n, dtype=torch.uint8, device=device)
+        _broadcast(group, head)
+        data = torch.empty(data_n, dtype=torch.uint8, device=device)
+        _broadcast(group, data)
+        offset = 0
+        for name, dtype, shape in json.loads(bytes(head.cpu().tolist()).decode()):
+            dt = getattr(torch, dtype)
+            nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dt).element_size()
+            yield name, data[offset:offset + nbytes].view(dt).view(shape)
+            offset += nbytes
+
+
+class WeightSyncError(RuntimeError):
+    """The weights did not reach an engine; the message names it."""
+
+
+class BroadcastSender:
+    """Training rank 0's end of the broadcast path. The group (rank 0 + every worker of
+    every engine; engine i's worker w is rank 1 + i * tp + w) is formed on first use and
+    again whenever an engine has lost it (a restarted engine reports another group)."""
+
+    def __init__(self, engines: list, tensor_parallel_size: int, backend: str,
+                 timeout_s: float, bucket_bytes: int):
+        self.engines, self.tp = engines, tensor_parallel_size
+        self.backend, self.timeout_s, self.bucket_bytes = backend, timeout_s, bucket_bytes
+        self.device = "cuda" if backend == "nccl" else "cpu"
+        self.group, self.name, self.store = None, None, None
+
+    def _connect(self) -> None:
+        import uuid
+
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        world = 1 + len(self.engines) * self.tp
+        self.group, self.name = None, f"rlhf-sync-{uuid.uuid4().hex[:8]}"
+        self.store = rendezvous(host, 0, world, self.timeout_s, host_it=True)
+        refs = [e.join_group.remote(host, self.store.port, 1 + i * self.tp, world,
+                                    self.backend, self.timeout_s, self.name)
+                for i, e in enumerate(self.engines)]
+        group = new_group(self.store, 0, world, self.backend, self.timeout_s, self.name)
+        ray.get(refs, timeout=self.timeout_s)
+        self.group = group
+
+    def send(self, pairs, version: int) -> dict:
+        """Broadcast one weights version to every engine (`pairs`: see `buckets`; it is
+        consumed whatever happens, so ZeRO-3 ranks stay in step); returns
+        {"buckets", "bytes"}. Raises WeightSyncError naming the engines that are down."""
+        import ray
+
+        what = "forming the weight-sync group"
+        try:
+            if self.group is None or any(s.get("group") != self.name
+                                         for s in self._states()):
+                self._connect()
+            what = f"broadcasting weights version {version}"
+            refs = [e.receive_weights.remote(version) for e in self.engines]
+            sent = send_buckets(self.group, pairs, self.bucket_bytes, self.device)
+            ray.get(refs, timeout=self.timeout_s)
+        except (RuntimeError, TimeoutError, ray.exceptions.RayError) as e:
+            self.group = None  # a broken group is formed anew next time
+            for _ in pairs:  # the other ranks' gathers go on to the end
+                pass
+            raise WeightSyncError(self._who_failed(what, e)) from e
+        return sent
+
+    def _states(self) -> list[dict]:
+        import ray
+
+        return ray.get([e.ready.remote() for e in self.engines], timeout=self.timeout_s)
+
+    def _who_failed(self, what: str, error: Exception) -> str:
+        import ray
+
+        down = []
+        for i, e in enumerate(self.engines):
+            try:
+                ray.get(e.ready.remote(), timeout=10)
+            except Exception as x:  # noqa: BLE001 - any failure names the engine
+                down.append(f"engine {i} ({type(x).__name__})")
+        peers = ", ".join(down) if down else "no engine is down; one may be stuck or slow " \
+            "(raise rollout.sync_timeout_s, check the engines' logs)"
+        return f"weight sync failed while {what}: {peers}. Cause: {error}"
+

@@ -422,11 +422,16 @@ class RolloutConfig:
     """vLLM's gpu_memory_utilization (on CPU: the share of host memory for the KV cache)."""
     weight_sync: str = "auto"
     """How new weights reach the engines: shm (a file in /dev/shm: one machine), store
-    (buckets through Ray's object store, any number of nodes) or auto (shm on a local
-    Ray this run starts, store on a cluster)."""
+    (buckets through Ray's object store, any number of nodes), broadcast (a process group
+    of training rank 0 and the engine workers: NCCL on GPUs, gloo on CPU; no copy kept,
+    so an engine lost mid-step costs a resume from the last checkpoint) or auto (shm on
+    a local Ray this run starts, store on a cluster)."""
     sync_bucket_mb: float = 512.0
-    """store: the weights travel in buckets of about this size (ZeRO-3 gathers one
-    bucket at a time, so no rank holds the whole model)."""
+    """store, broadcast: the weights travel in buckets of about this size (ZeRO-3
+    gathers one bucket at a time, so no rank holds the whole model)."""
+    sync_timeout_s: float = 600.0
+    """broadcast: the longest wait for the group to form or a bucket to arrive; past it
+    the step fails with the engines that did not answer named."""
 
 
 @dataclass
@@ -516,7 +521,11 @@ class PPOConfig:
     def __post_init__(self) -> None:
         check_common(self)
         a = self.algo
-        _one_of("rollout.weight_sync", self.rollout.weight_sync, ("auto", "shm", "store"))
+        _one_of("rollout.weight_sync", self.rollout.weight_sync,
+                ("auto", "shm", "store", "broadcast"))
+        if self.rollout.sync_timeout_s <= 0:
+            raise ConfigError(f"rollout.sync_timeout_s={self.rollout.sync_timeout_s}: the "
+                              "weight sync's timeout in seconds must be positive (e.g. 600)")
         _one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo"))
         _one_of("algo.kl_penalty", a.kl_penalty, ("loss", "reward"))
         if a.algorithm in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:

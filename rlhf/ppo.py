@@ -60,6 +60,19 @@ def sample_seed(seed: int, stage: str | int, row_id: int, n: int) -> int:
     return int.from_bytes(h, "little") // n * n
 
 
+def _engine_state(engine) -> dict:
+    """The engine's `ready()`; a dead one is waited for (Ray restarts it) up to ~30 min."""
+    import ray
+
+    for attempt in range(60):
+        try:
+            return ray.get(engine.ready.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            if attempt == 59:
+                raise
+            time.sleep(2)
+
+
 def _reward_spec(spec: str) -> tuple[str, float]:
     name, _, weight = spec.partition("=")
     return name.strip(), float(weight) if weight else 1.0
@@ -108,7 +121,17 @@ class RLTask(Task):
         self.engines = lc["engines"]
         self.my_engine = self.engines[self.rank % len(self.engines)]
         self.weights_dir = Path(lc["weights_dir"])
-        self.store = lc["store"]  # None: the shm path (cluster.weight_sync)
+        self.store = lc["store"]  # None: the shm or broadcast path (cluster.weight_sync)
+        self.broadcast = None  # rank 0's BroadcastSender on the broadcast path
+        self.broadcasting = lc.get("sync") == "broadcast"
+        if self.broadcasting and self.rank == 0:
+            from cluster.weight_sync import BroadcastSender
+
+            r = cfg.rollout
+            self.broadcast = BroadcastSender(
+                self.engines, r.tensor_parallel_size,
+                "nccl" if cfg.cluster.use_gpu else "gloo", r.sync_timeout_s,
+                int(r.sync_bucket_mb * 2**20))
         self.sync_bytes = 0
         self.ref_engine = (self.frozen_reference(lc["model_path"], world)
                            if a.kl_coef else None)
@@ -183,15 +206,15 @@ class RLTask(Task):
         one the current weights before it serves."""
         import ray
 
-        for attempt in range(60):
-            try:
-                state = ray.get(self.my_engine.ready.remote(), timeout=30)
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                if attempt == 59:
-                    raise
-                time.sleep(2)
+        state = _engine_state(self.my_engine)
         if state["version"] != self.version:
+            if self.broadcasting:  # only the whole group can re-sync it (begin_step)
+                raise RuntimeError(
+                    f"rank {self.rank}: its engine restarted in the middle of a step "
+                    f"(weights {state['version']}, expected {self.version}); with "
+                    "rollout.weight_sync=broadcast nothing keeps the weights, so Ray "
+                    "Train resumes from the last checkpoint (cluster.max_failures), which "
+                    "re-syncs every engine")
             print(f"rank {self.rank}: engine at weights {state['version']}, expected "
                   f"{self.version}: re-syncing it", flush=True)
             ray.get(self._load(self.my_engine, self.version))
@@ -380,6 +403,8 @@ class RLTask(Task):
             self.kl_ctl.update(total[3] / total[4], int(total[4]))
 
     def begin_step(self, micro_batches: list[list[dict]], timer) -> None:
+        if self.broadcasting:
+            self._resync_restarted_engines()
         self.rollouts = {}
         for mb in micro_batches:
             if mb:
@@ -479,37 +504,67 @@ class RLTask(Task):
             return None, sums
         return per_token.sum() * k, sums
 
-    def end_step(self, engine, step: int, timer) -> None:
-        """The engines take the new weights before anyone generates again."""
+    def _resync_restarted_engines(self) -> None:
+        """Broadcast path, every rank together: an engine that restarted since the last
+        sync (Ray brings it back with the starting weights) gets the current ones again,
+        before anyone generates."""
+        from cluster.train import all_sum
+
+        stale = 0.0
+        if self.rank == 0:
+            for i, e in enumerate(self.engines):
+                state = _engine_state(e)
+                if state["version"] != self.version:
+                    print(f"engine {i} restarted (weights {state['version']}, expected "
+                          f"{self.version}): re-syncing every engine", flush=True)
+                    stale += 1
+        if all_sum([stale])[0]:
+            self._sync(self.engine, self.version)
+
+    def _sync(self, engine, version: int) -> None:
+        """Every rank: the policy's current weights reach every engine as `version`."""
         import ray
 
-        from cluster.train import all_sum, gather_state_dict, iter_state_dict
+        from cluster.train import gather_state_dict, iter_state_dict
         from cluster.weight_sync import policy_weights, publish, push_buckets
 
-        self.rollouts = {}
         c, lora = self.cfg.cluster, self.cfg.model.lora
-        if self.store is not None and not lora.enabled:  # streamed: one bucket at a time
-            sent = push_buckets(self.store, iter_state_dict(engine, c.zero_stage), step,
-                                int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        streamed = self.store is not None or self.broadcasting
+        if streamed and not lora.enabled:  # one bucket at a time
+            pairs = iter_state_dict(engine, c.zero_stage)
         else:  # the whole state on rank 0 (LoRA: merged first)
             full = gather_state_dict(engine, c.zero_stage)
-            weights = policy_weights(full, lora) if self.rank == 0 else {}
-            if self.store is not None:
-                sent = push_buckets(self.store, weights.items(), step,
-                                    int(self.cfg.rollout.sync_bucket_mb * 2**20))
-            elif self.rank == 0:
-                path = publish(weights, self.weights_dir, step)
-                assert path == self._weights_path(step)
-                sent = {"bytes": path.stat().st_size}
+            pairs = (policy_weights(full, lora) if self.rank == 0 else {}).items()
+        if self.broadcasting:
+            if self.broadcast is not None:
+                self.sync_bytes = self.broadcast.send(pairs, version)["bytes"]
+            else:
+                for _ in pairs:  # ZeRO-3: rank 0's gathers need every rank
+                    pass
+            return
+        if self.store is not None:
+            sent = push_buckets(self.store, pairs, version,
+                                int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        elif self.rank == 0:
+            path = publish(dict(pairs), self.weights_dir, version)
+            assert path == self._weights_path(version)
+            sent = {"bytes": path.stat().st_size}
         if self.rank == 0:
             self.sync_bytes = sent["bytes"]
-            refs = [self._load(e, step) for e in self.engines]
+            refs = [self._load(e, version) for e in self.engines]
             for i, ref in enumerate(refs):
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayActorError:  # its users re-sync it once it is back
                     print(f"engine {i} is down during the weight sync; Ray restarts it and "
                           "it is re-synced before it serves", flush=True)
+
+    def end_step(self, engine, step: int, timer) -> None:
+        """The engines take the new weights before anyone generates again."""
+        from cluster.train import all_sum
+
+        self.rollouts = {}
+        self._sync(engine, step)
         all_sum([0.0])  # a barrier: no worker generates from stale weights
         self.version = step
         if timer:
@@ -628,7 +683,7 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         ray.get([e.ready.remote() for e in engines])
         print(f"{len(engines)} vLLM engine(s) up in {time.time() - t0:.0f} s", flush=True)
         print(f"weights reach the engines through {sync}", flush=True)
-        return {"engines": engines, "weights_dir": str(weights_dir),
+        return {"engines": engines, "weights_dir": str(weights_dir), "sync": sync,
                 "store": weight_store() if sync == "store" else None,
                 "critic_path": critic_path(cfg, model_path)}
 

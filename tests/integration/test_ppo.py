@@ -29,6 +29,33 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     assert (run_dir / "model" / "config.json").is_file()
 
 
+def _engine_killer(log, after_step: int):
+    """A thread that SIGKILLs the (first live) engine's process from outside, as when its
+    node is lost, once `log` (metrics.jsonl) shows step `after_step` trained."""
+    import ray
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address  # this test's cluster, whatever else runs
+    killed: dict = {}
+
+    def kill():
+        deadline = time.time() + 900
+        while time.time() < deadline and not killed:
+            rows = [json.loads(x) for x in log.read_text().splitlines() if x] \
+                if log.is_file() else []
+            if any(r["step"] >= after_step and "train/reward" in r for r in rows):
+                alive = list_actors(address=gcs, detail=True,
+                                    filters=[("class_name", "=", "RolloutEngine"),
+                                             ("state", "=", "ALIVE")])
+                os.kill(alive[0].pid, signal.SIGKILL)
+                killed["pid"] = alive[0].pid
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    return killer, killed
+
+
 PPO = ["algo.algorithm=ppo", "algo.kl_penalty=reward", "algo.ppo_epochs=2",
        "train.micro_batch_size=4", "algo.mini_batches=2"]
 
@@ -66,28 +93,7 @@ def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_pat
     coefficient and the data position, and the engines are synced back to those weights.
     Every step samples the current weights. The weights travel through the object store
     (the multi-node path), in buckets."""
-    import ray
-    from ray.util.state import list_actors
-
-    gcs = ray.get_runtime_context().gcs_address  # this test's cluster, whatever else runs
-    killed: dict = {}
-
-    def kill_the_engine_after_step_2():
-        log = tmp_path / "f" / "metrics.jsonl"
-        deadline = time.time() + 900
-        while time.time() < deadline and not killed:
-            rows = [json.loads(x) for x in log.read_text().splitlines() if x] \
-                if log.is_file() else []
-            if any(r["step"] >= 2 and "train/reward" in r for r in rows):
-                alive = list_actors(address=gcs, detail=True,
-                                    filters=[("class_name", "=", "RolloutEngine"),
-                                             ("state", "=", "ALIVE")])
-                os.kill(alive[0].pid, signal.SIGKILL)
-                killed["pid"] = alive[0].pid
-            time.sleep(0.5)
-
-    killer = threading.Thread(target=kill_the_engine_after_step_2, daemon=True)
-    killer.start()
+    killer, killed = _engine_killer(tmp_path / "f" / "metrics.jsonl", after_step=2)
     run_dir = ppo(tmp_path, *PPO, "output.name=f", "train.max_steps=8", "train.eval_every=0",
                   "train.checkpoint_every=2", "cluster.max_failures=1",
                   # any KL is above this target, so the coefficient grows x(1 + .2 x 64 / 100)
@@ -112,6 +118,31 @@ def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_pat
     assert coef[4] == pytest.approx(coef[3] * 1.128, rel=1e-6), coef
     # ... and so did the critic: a fresh one would start over from an untrained head
     assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows
+
+
+def test_broadcast_sync_follows_the_weights_and_survives_a_killed_engine(ray_cluster,
+                                                                        tmp_path):
+    """GRPO with the weights broadcast over a process group of training rank 0 and the
+    engine's worker (gloo here, NCCL on GPUs), in ~10 buckets per sync. The engine is
+    SIGKILLed after step 2: found between steps, the whole group re-syncs it before
+    anyone generates; found in the middle of a step, Ray Train resumes from the step-2
+    checkpoint and the engines are synced to its weights. Either way every step samples
+    the current weights and the run ends."""
+    killer, killed = _engine_killer(tmp_path / "b" / "metrics.jsonl", after_step=2)
+    run_dir = ppo(tmp_path, "output.name=b", "train.max_steps=6", "train.eval_every=0",
+                  "train.checkpoint_every=2", "cluster.max_failures=1",
+                  "rollout.weight_sync=broadcast", "rollout.sync_bucket_mb=0.25",
+                  "rollout.sync_timeout_s=120")
+    killer.join(timeout=1)
+    assert killed, "the engine was never killed"
+    s = summary(run_dir)
+    assert s["steps"] == 6
+    by_step = {r["step"]: r for r in metrics(run_dir) if "train/reward" in r}
+    assert sorted(by_step) == list(range(1, 7))
+    assert max(r["train/logprob_gap_vllm"] for r in by_step.values()) < 1e-4
+    model_mb = (run_dir / "model" / "model.safetensors").stat().st_size / 2**20
+    assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01)
+               for r in by_step.values())
 
 
 def test_ppo_resumes_on_fewer_workers(ray_cluster, tmp_path):

