@@ -24,6 +24,19 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def sample_seed(seed: int, stage: str | int, row_id: int, n: int) -> int:
+    """The vLLM seed of one prompt's n samples: a function of the run's seed, the stage
+    (the weights version it samples from, or "eval") and the prompt's row id alone, so a
+    resumed run, a retried call or another engine draws the same samples. Hashed, and a
+    multiple of n, because vLLM draws the samples from seed + 0..n-1."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{seed}/{stage}/{row_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little") // n * n
+
 
 @dataclass
 class RolloutSettings:
@@ -163,6 +176,30 @@ class RolloutEngine:
                   "logprobs": [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
                   "finish_reason": c.finish_reason, "version": self.version}
                  for c in o.outputs] for o in outs]
+
+    def sequence_logprobs(self, sequences: list[list[int]], starts: list[int],
+                          batch: int = 256) -> list[list[float]]:
+        """The model's log-probs of tokens starts[i]: of each sequence given its prefix
+        (a response given its prompt): one list per sequence. Raw log-softmax of the
+        logits, whatever the sampling settings (vLLM's prompt log-probs; equal to
+        Hugging Face's to ~1e-6 in fp32 on CPU). `batch` sequences go in per call."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if len(starts) != len(sequences):
+            raise ValueError(f"{len(starts)} starts for {len(sequences)} sequences")
+        if any(not 1 <= s <= len(q) for s, q in zip(starts, sequences)):
+            raise ValueError("every start must be within its sequence and after its first "
+                             "token (the first token has no log-prob)")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        out = []
+        for at in range(0, len(sequences), batch):
+            chunk = sequences[at:at + batch]
+            res = self.llm.generate([TokensPrompt(prompt_token_ids=list(q)) for q in chunk],
+                                    params, use_tqdm=False)
+            for q, s, o in zip(chunk, starts[at:at + batch], res):
+                out.append([o.prompt_logprobs[i][q[i]].logprob for i in range(s, len(q))])
+        return out
 
     def load_weights(self, path: str, version: int) -> int:
         """Reload every worker's weights from `path`; returns the tensors loaded."""

@@ -326,6 +326,20 @@ class OutputConfig:
 
 
 @dataclass
+class AfterTrainingConfig:
+    """Evaluation at the end of a training run (rlhf.evaluate against the run's base)."""
+
+    after_training: bool = False
+    """Run rlhf.evaluate on the exported model once training ends; the report lands in
+    the run directory's eval/."""
+    reward_model: str = ""
+    """Judge: a reward model exported by rlhf.rm. Empty: the built-in demo reward model
+    on builtin:demo data (otherwise a judge must be given)."""
+    max_prompts: int = 128
+    """Held-out prompts to compare the two models on."""
+
+
+@dataclass
 class DPOConfig:
     """Direct Preference Optimisation on Ray Train + DeepSpeed, data through Ray Data."""
 
@@ -343,6 +357,8 @@ class DPOConfig:
     """Ray and DeepSpeed."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results land."""
+    eval: AfterTrainingConfig = field(default_factory=AfterTrainingConfig)
+    """Comparison with the base model after training (rlhf.evaluate)."""
 
     def __post_init__(self) -> None:
         check_dpo(self)
@@ -517,6 +533,8 @@ class PPOConfig:
     """Ray and DeepSpeed."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results land."""
+    eval: AfterTrainingConfig = field(default_factory=AfterTrainingConfig)
+    """Comparison with the base model after training (rlhf.evaluate)."""
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -548,6 +566,112 @@ class PPOConfig:
         if a.kl_target is not None and a.kl_penalty != "reward":
             raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "
                               "algo.kl_penalty=reward too.")
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class EvalDataConfig(DataConfig):
+    """Held-out prompts (and, for preference data, their pairs)."""
+
+    path: str = ""
+    """Data whose held-out split is evaluated: any source rlhf.dpo (or, for prompts
+    alone, rlhf.ppo) reads. Empty: the training run's own data (its config.yaml), or
+    builtin:demo without a run. data.eval_path names a file to evaluate whole."""
+    max_prompts: int = 256
+    """Evaluate at most this many held-out rows (the lowest row ids: the same rows every
+    time)."""
+
+
+@dataclass
+class GenerationConfig:
+    """How both models sample (the same seeds for both: differences are the models')."""
+
+    max_new_tokens: int = 64
+    """Longest response in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    samples_per_prompt: int = 1
+    """Responses per prompt and model; each is compared with the other model's response
+    of the same sample index."""
+    kv_cache_fraction: float = 0.15
+    """vLLM's gpu_memory_utilization (on CPU: the share of host memory for the KV cache)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine."""
+    cpus_per_engine: float = 1.0
+    """CPUs reserved per engine actor."""
+
+
+@dataclass
+class JudgeConfig:
+    reward_model: str = ""
+    """A reward model exported by rlhf.rm: it scores both responses, the higher wins.
+    Empty and no judge.model: the built-in demo reward model (rlhf.rm's default run,
+    trained once and cached) on builtin:demo data; other data needs a judge."""
+    model: str = ""
+    """A causal LM prompted to pick the better of two responses (pairwise judge), by the
+    log-probs it gives "A" and "B"; used instead of a reward model when given."""
+    both_orders: bool = False
+    """Pairwise judge: ask with both orders and count a win only when both agree (a
+    split verdict is a tie). Otherwise one order, randomised per comparison."""
+    tie_tolerance: float = 0.0
+    """Scores (or the judge's log-prob gap) within this are a tie."""
+    max_length: int = 2048
+    """Pairwise judge: longest judge prompt in tokens (longer ones lose the start of
+    the conversation)."""
+
+
+@dataclass
+class EvalConfig:
+    """Compare an aligned model with its base on held-out prompts: win rate, held-out
+    preference accuracy, drift and degeneration, with a report."""
+
+    run: str = ""
+    """A training run directory (rlhf.dpo, rlhf.ppo, ...): its model/ is the aligned
+    model, the model it started from the base, its held-out data the prompts. Empty:
+    the newest runs/dpo-* run, unless model and base are given."""
+    model: str = ""
+    """The aligned model (a Hugging Face folder). Empty: the run's model/."""
+    base: str = ""
+    """The model it was trained from (or any model to compare with). Empty: the run's
+    reference (model.ref_name_or_path, else model.name_or_path)."""
+    beta: float | None = None
+    """Beta of DPO's implicit reward for the preference accuracy. Empty: the run's
+    loss.beta, else 0.1."""
+    seed: int = 42
+    """Seed of the held-out split (a run's train.seed is taken from the run) and, with
+    the row id, of every prompt's sampling."""
+    dtype: str = "fp32"
+    """Weights and compute dtype of the engines and judges: fp32, bf16 or fp16."""
+    max_kl_per_token: float = 0.5
+    """Flag drift when the KL estimate to the base exceeds this many nats per token."""
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    """Held-out prompts and pairs."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling of both models."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Who decides which response is better."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray (address, use_gpu); the training fields are unused."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where the report lands (a run directory eval-<date>-<time>)."""
+
+    def __post_init__(self) -> None:
+        _one_of("dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        g = self.generation
+        if g.max_new_tokens < 1 or g.samples_per_prompt < 1:
+            raise ConfigError("generation.max_new_tokens and generation.samples_per_prompt "
+                              "must be at least 1.")
+        if g.temperature < 0 or not 0 < g.top_p <= 1:
+            raise ConfigError("generation.temperature must be >= 0 and generation.top_p in "
+                              "(0, 1].")
+        if self.data.max_prompts < 1:
+            raise ConfigError("data.max_prompts must be at least 1.")
+        if self.judge.reward_model and self.judge.model:
+            raise ConfigError("Give one judge: judge.reward_model or judge.model, not both.")
 
 
 # ------------------------------------------------------------------- cross-field checks

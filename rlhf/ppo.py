@@ -40,25 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from cluster.loop import Task
+from cluster.rollout import VLLM_DTYPES, sample_seed
 from rlhf.config import BUILTIN_MODEL, PPOConfig, _build
 
 NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half) or fp16 "
               "overflow (use bf16 or fp32). The last good checkpoint is kept; fix the "
               "setting and rerun with train.resume=true.")
-
-VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def sample_seed(seed: int, stage: str | int, row_id: int, n: int) -> int:
-    """The vLLM seed of one prompt's n samples: a function of the run's seed, the stage
-    (the weights version it samples from, or "eval") and the prompt's row id alone, so a
-    resumed run, a retried call or another engine draws the same samples. Hashed, and a
-    multiple of n, because vLLM draws the samples from seed + 0..n-1."""
-    import hashlib
-
-    h = hashlib.blake2b(f"{seed}/{stage}/{row_id}".encode(), digest_size=4).digest()
-    return int.from_bytes(h, "little") // n * n
-
 
 def _engine_state(engine) -> dict:
     """The engine's `ready()`; a dead one is waited for (Ray restarts it) up to ~30 min."""

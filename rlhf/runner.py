@@ -117,6 +117,14 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                 pipes.train_counts[""] * t.epochs - summary["samples"] - worker_drops)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run_dir, plot_keys)
+        after = getattr(cfg, "eval", None)
+        if after is not None and after.after_training:  # DPO and PPO: eval.after_training
+            from rlhf.evaluate import after_training
+
+            print("evaluating the exported model against its base ...", flush=True)
+            report = after_training(run_dir, after, cfg.cluster)
+            summary["eval_report"] = str(report / "report.html")
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return run_dir
     finally:
         if started_ray:
