@@ -5,10 +5,14 @@ BIN     := $(VENV)/bin
 EXTRA   ?= cpu
 STAMP   := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: dpo test test-fast setup clean
+.PHONY: dpo evaluate test test-fast setup clean
 
 dpo: $(STAMP)
 	$(BIN)/python -m rlhf.dpo $(ARGS)
+
+# the newest runs/dpo-* against its base (after `make dpo`)
+evaluate: $(STAMP)
+	$(BIN)/python -m rlhf.evaluate $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -14,7 +14,8 @@
 #   install  .whl/ -> /tmp/site (Ray 2.60, DeepSpeed 0.19.8, bitsandbytes, pydantic, ...)
 #   kernels  tests/gpu/test_kernels_gpu.py (packed == padded log-probs and gradients on
 #            CUDA, fp32 and bf16) + the QLoRA export test of tests/unit/test_models.py
-#            (bitsandbytes 4-bit on CUDA)
+#            (bitsandbytes 4-bit on CUDA) + tests/gpu/test_weight_sync_gpu.py (the
+#            broadcast weight sync over NCCL; needs 2 GPUs, skips on one)
 #   engine   bench/gpu_engine_check.py: DeepSpeed ZeRO-2 / ZeRO-3 / LoRA / QLoRA engines of
 #            the DPO task on one GPU, without Ray; loss must fall, export must reload
 #   speed    bench/gpu_packing_speed.py: tokens/s padded vs packed, ~120M Llama, bf16
@@ -68,6 +69,7 @@ from deepspeed.accelerator import get_accelerator
 print(\"deepspeed accelerator:\", get_accelerator()._name)"'
   step kernels 150 "$PY" -m pytest -q -s -rs -p no:cacheprovider \
     tests/gpu/test_kernels_gpu.py tests/unit/test_models.py::test_qlora_export_unpacks_the_4bit_weights \
+    tests/gpu/test_weight_sync_gpu.py \
     --junitxml="$OUT/junit-kernels.xml"
   step engine 150 "$PY" bench/gpu_engine_check.py
   step speed 120 "$PY" bench/gpu_packing_speed.py --steps ${GPU_SPEED_STEPS:-15}

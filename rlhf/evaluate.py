@@ -86,14 +86,19 @@ def _model_folder(path: str, key: str) -> str:
 
 
 def _copy_run_data(data: EvalDataConfig, run_data: dict) -> EvalDataConfig:
-    """The training run's data section (DPO/RM pairs or PPO prompts) onto the eval's."""
+    """The training run's data section (DPO/RM pairs or PPO prompts) onto the eval's,
+    where the eval's is left at its default (what the command line set wins)."""
+    default = EvalDataConfig()
     names = {f.name for f in fields(EvalDataConfig)} - {"max_prompts", "columns"}
-    out = replace(data, **{k: v for k, v in run_data.items() if k in names})
+    out = replace(data, **{k: v for k, v in run_data.items()
+                           if k in names and getattr(data, k) == getattr(default, k)})
     cols = dict(run_data.get("columns") or {})
     if "prompt_column" in run_data:  # a PPO run's prompts
         cols["prompt"] = run_data["prompt_column"]
     known = {f.name for f in fields(type(data.columns))}
-    out.columns = replace(data.columns, **{k: v for k, v in cols.items() if k in known})
+    out.columns = replace(data.columns, **{
+        k: v for k, v in cols.items()
+        if k in known and getattr(data.columns, k) == getattr(default.columns, k)})
     return out
 
 
@@ -160,28 +165,14 @@ def resolve(cfg: EvalConfig) -> Setup:
 def builtin_reward_model() -> str:
     """rlhf.rm's embedded default run (the tiny model on the demo pairs), trained once
     and cached beside the tiny model: the judge of the demo data."""
-    import shutil
-    import tempfile
-
-    from rlhf.config import RMConfig, parse_args
+    from rlhf.config import RMConfig
     from rlhf.demo import tiny_model_path
     from rlhf.rm import run as rm_run
+    from rlhf.runner import cached_default_model
 
-    path = tiny_model_path().with_name(tiny_model_path().name + "-rm")
-    if (path / "rlhf_reward.json").is_file():
-        return str(path)
-    print("building the judge: the built-in reward model on the demo pairs (once) ...",
-          flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = rm_run(parse_args(RMConfig, [f"output.dir={tmp}", "train.eval_every=0",
-                                               "train.checkpoint_every=0"], "rlhf.rm"))
-        staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-        shutil.copytree(run_dir / "model", staging, dirs_exist_ok=True)
-        try:
-            os.rename(staging, path)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(path)
+    return cached_default_model(tiny_model_path().with_name(tiny_model_path().name + "-rm"),
+                                RMConfig, "rlhf.rm", rm_run,
+                                "the judge: the built-in reward model on the demo pairs")
 
 
 # ------------------------------------------------------------------------------ data

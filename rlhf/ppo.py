@@ -595,28 +595,14 @@ def train_loop_per_worker(lc: dict) -> None:
 def builtin_sft_model() -> str:
     """The tiny model after the embedded default SFT (rlhf.sft), built once and cached
     beside the tiny model: a policy that writes the demo's answers, for RL to refine."""
-    import shutil
-    import tempfile
-
-    from rlhf.config import SFTConfig, parse_args
+    from rlhf.config import SFTConfig
     from rlhf.demo import tiny_model_path
+    from rlhf.runner import cached_default_model
     from rlhf.sft import run as sft_run
 
-    path = tiny_model_path().with_name(tiny_model_path().name + "-sft")
-    if (path / "config.json").is_file():
-        return str(path)
-    print("building the policy: the tiny model after the embedded SFT (once, ~1 min) ...",
-          flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = sft_run(parse_args(SFTConfig, [f"output.dir={tmp}", "train.eval_every=0",
-                                                 "train.checkpoint_every=0"], "rlhf.sft"))
-        staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-        shutil.copytree(run_dir / "model", staging, dirs_exist_ok=True)
-        try:
-            os.rename(staging, path)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(path)
+    return cached_default_model(tiny_model_path().with_name(tiny_model_path().name + "-sft"),
+                                SFTConfig, "rlhf.sft", sft_run,
+                                "the policy: the tiny model after the embedded SFT")
 
 
 def critic_path(cfg: PPOConfig, policy_path: str) -> str | None:

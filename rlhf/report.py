@@ -161,9 +161,10 @@ def write_report(out: Path, results: dict, samples: list[dict]) -> Path:
                      f"<b>{p['accuracy']:.1%}</b> over {p['pairs']} pairs, mean margin "
                      f"{p['margin']:.4f}")
     if results["judge"].get("first_position_share") is not None:
+        both = ", both asked" if results["judge"]["both_orders"] else ""
         extra.append(f"Pairwise judge picked the first position in "
                      f"{results['judge']['first_position_share']:.0%} of its answers "
-                     f"(orders randomised{', both asked' if results['judge']['both_orders'] else ''})")
+                     f"(orders randomised{both})")
     flags = results["flags"]
     flag_html = ("".join(f'<li class="flag"><b>{e(f["flag"])}</b>: {e(f["message"])}</li>'
                          for f in flags)
@@ -218,7 +219,8 @@ pre {{ white-space: pre-wrap; margin: 0; font-size: .85em; }}
 // a check for headless browsers (and people): every plot decoded
 window.addEventListener("load", function () {{
   var imgs = Array.prototype.slice.call(document.images);
-  var ok = imgs.length > 0 && imgs.every(function (i) {{ return i.complete && i.naturalWidth > 0; }});
+  var ok = imgs.length > 0 && imgs.every(function (i) {{
+    return i.complete && i.naturalWidth > 0; }});
   document.body.setAttribute("data-plots", ok ? "ok:" + imgs.length : "broken");
 }});
 </script>

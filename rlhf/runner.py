@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -129,6 +130,31 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def cached_default_model(path: Path, cfg_cls: type, prog: str, run: Callable,
+                         what: str) -> str:
+    """The exported model/ of an entry point's embedded default run, trained once and
+    kept at `path` (a built-in model of the demo: rlhf.ppo's SFT policy, rlhf.evaluate's
+    reward model). Safe with several processes at once: each builds into a folder of
+    its own and renames it into place; the first rename wins."""
+    import shutil
+    import tempfile
+
+    if (path / "config.json").is_file():
+        return str(path)
+    print(f"building {what} (once, a minute or two) ...", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = run(parse_args(cfg_cls, [f"output.dir={tmp}", "train.eval_every=0",
+                                           "train.checkpoint_every=0"], prog))
+        staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+        shutil.copytree(run_dir / "model", staging, dirs_exist_ok=True)
+        try:
+            os.rename(staging, path)
+        except OSError:  # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(path)
 
 
 def main(cfg_cls: type, prog: str, run: Callable, done: Callable[[dict], str],

@@ -69,9 +69,11 @@ def test_report_renders_in_headless_chromium(good_run, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
-def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_model_path):
-    """DPO at 50x the tiny model's learning rate: the evaluation flags what it did to the
-    responses, in words, with the advice. Judged by a pairwise judge model (the tiny
+def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_model_path,
+                                                 hh_rlhf):
+    """DPO at 50x the tiny model's learning rate, evaluated on real prompts (hh-rlhf,
+    whose long prompts are left out and counted): the evaluation flags what it did to
+    the responses, in words, with the advice. Judged by a pairwise judge model (the tiny
     base model itself: the verdicts mean little, the mechanics are what is tested) in
     both orders, so a verdict that only follows the position is a tie."""
     from rlhf.evaluate import main
@@ -79,10 +81,14 @@ def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_mod
     run_dir = dpo(tmp_path, "data.demo_pairs=480", "train.learning_rate=0.05",
                   "train.eval_every=0")
     assert main([f"run={run_dir}", f"output.dir={tmp_path}", "output.name=ev",
+                 f"data.eval_path={hh_rlhf}", "data.max_prompt_length=256",
                  "data.max_prompts=24", f"judge.model={tiny_model_path}",
                  "judge.both_orders=true"]) == 0
     r = json.loads((tmp_path / "ev" / "results.json").read_text())
-    print("flags", r["flags"], "stats", r["stats"])
+    print("flags", r["flags"], "stats", r["stats"], "data", r["data"])
+    assert r["data"]["source"] == str(hh_rlhf) and r["data"]["rows_read"] == 2312
+    assert r["data"]["left_out"]["prompt longer than max_prompt_length"] > 0
+    assert r["preference"]["pairs"] > 0  # hh-rlhf's implicit pairs, as DPO reads them
     assert r["flags"], r["stats"]
     assert all("halve the learning rate" in f["message"] for f in r["flags"])
     assert r["judge"]["kind"] == "pairwise" and r["judge"]["both_orders"]

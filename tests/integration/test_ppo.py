@@ -17,7 +17,7 @@ from tests.integration.conftest import metrics, ppo, summary
 
 
 def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_path):
-    run_dir = ppo(tmp_path)
+    run_dir = ppo(tmp_path, "eval.after_training=true", "eval.max_prompts=16")
     s = summary(run_dir)
     assert s["steps"] == 16 and s["eval/responses"] == 128
     assert s["eval/reward"] > s["start/eval/reward"] + 0.15, s
@@ -27,6 +27,13 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     assert all(r["time/sync_s"] > 0 and r["time/generate_s"] > 0 for r in rows)
     assert rows[-1]["train/kl"] > 0  # it moved away from the reference, which is measured
     assert (run_dir / "model" / "config.json").is_file()
+    # eval.after_training: the policy against the SFT model it started from, on the
+    # run's held-out prompts
+    r = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert s["eval_report"] == str(run_dir / "eval" / "report.html")
+    assert r["base"].endswith("-sft") and r["aligned"] == str(run_dir / "model")
+    assert r["data"]["prompts"] == 16 and r["win_rate"]["comparisons"] == 16
+    assert r["kl"]["per_token"] > 0
 
 
 def _engine_killer(log, after_step: int):
