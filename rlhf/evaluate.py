@@ -269,13 +269,15 @@ def tokenize_rows(rows: list[dict], tok, dcfg: EvalDataConfig, pairs: bool
 # --------------------------------------------------------------------------- engines
 
 
-def _engine(cfg: EvalConfig, path: str):
+def _engine(cfg: EvalConfig, path: str, max_model_len: int | None = None):
+    """A vLLM engine actor for `path`; by default long enough for a prompt and its
+    response, and for a held-out pair."""
     from cluster.rollout import VLLM_DTYPES, RolloutSettings, rollout_actor
 
     g, d = cfg.generation, cfg.data
     return rollout_actor(path, RolloutSettings(
-        dtype=VLLM_DTYPES[cfg.dtype], max_model_len=max(d.max_length,
-                                                        d.max_prompt_length + g.max_new_tokens),
+        dtype=VLLM_DTYPES[cfg.dtype], max_model_len=max_model_len or max(
+            d.max_length, d.max_prompt_length + g.max_new_tokens),
         kv_cache_fraction=g.kv_cache_fraction, tensor_parallel_size=g.tensor_parallel_size,
         seed=cfg.seed), num_cpus=g.cpus_per_engine,
         num_gpus=g.tensor_parallel_size if cfg.cluster.use_gpu else 0)
@@ -379,7 +381,8 @@ def _judge_prompt(tok, prompt: str, a: str, b: str, chat: bool, max_length: int
     else:
         lead, letters = q + "\nAnswer:", (" A", " B")
     ids = [encode(tok, lead + x, templated) for x in letters]
-    cut = max(0, len(ids[0]) - max_length)  # keep the question's end: the two responses
+    # keep the question's end (the two responses); one position is left for the engine
+    cut = max(0, max(map(len, ids)) - (max_length - 1))
     return ids[0][cut:], ids[1][cut:]
 
 
@@ -387,8 +390,8 @@ def judge_pairwise(cfg: EvalConfig, setup: Setup, items: list[dict],
                    aligned: list[list[str]], base: list[list[str]]) -> dict:
     """For each comparison the judge's preference for the aligned response in log-prob
     units, log p(aligned's letter) - log p(base's letter): > 0 prefers aligned. The
-    aligned response is A or B at random (seeded per comparison); with both_orders the
-    two orders' preferences are averaged after each is turned into a verdict."""
+    aligned response is A or B at random (seeded per comparison); with both_orders it is
+    asked both ways, and only a verdict the two orders agree on is a win or a loss."""
     import ray
 
     from cluster.models import load_tokenizer
@@ -409,7 +412,7 @@ def judge_pairwise(cfg: EvalConfig, setup: Setup, items: list[dict],
                 seqs += [ids_a, ids_b]
                 starts += [lead, lead]
                 plan.append(aligned_first)
-    engine = _engine(cfg, setup.judge_path)
+    engine = _engine(cfg, setup.judge_path, max(map(len, seqs)) + 1)
     try:
         lps = [sum(x) for x in ray.get(engine.sequence_logprobs.remote(seqs, starts))]
     finally:

@@ -17,10 +17,10 @@ from tests.integration.conftest import dpo, summary
 
 @pytest.fixture(scope="module")
 def good_run(ray_cluster, tmp_path_factory):
-    """The embedded default DPO run (fewer pairs: 100 steps), evaluated at its end."""
+    """The embedded default DPO run (fewer pairs: 60 steps), evaluated at its end."""
     tmp = tmp_path_factory.mktemp("good")
-    return dpo(tmp, "data.demo_pairs=800", "data.demo_eval_pairs=64", "train.eval_every=0",
-               "eval.after_training=true", "eval.max_prompts=64")
+    return dpo(tmp, "data.demo_pairs=480", "data.demo_eval_pairs=48", "train.eval_every=0",
+               "eval.after_training=true", "eval.max_prompts=48")
 
 
 def test_default_dpo_run_beats_its_base(good_run):
@@ -29,16 +29,16 @@ def test_default_dpo_run_beats_its_base(good_run):
     r = json.loads((out / "results.json").read_text())
     w = r["win_rate"]
     print("win rate", w, "preference", r["preference"], "kl", r["kl"])
-    assert w["comparisons"] == 64 and w["wins"] + w["ties"] + w["losses"] == 64
+    assert w["comparisons"] == 48 and w["wins"] + w["ties"] + w["losses"] == 48
     assert w["rate"] > 0.55 and w["verdict"] == "working"
     assert w["ci95"][0] <= w["rate"] <= w["ci95"][1]
     assert r["judge"]["kind"] == "reward_model" and r["judge"]["path"].endswith("-rm")
     # DPO's implicit reward on the held-out pairs (topics never seen in training)
-    assert r["preference"]["accuracy"] > 0.9 and r["preference"]["pairs"] == 64
+    assert r["preference"]["accuracy"] > 0.9 and r["preference"]["pairs"] == 48
     assert r["kl"]["per_token"] > 0  # it moved away from its base, which is measured
     assert not [f for f in r["flags"] if f["flag"] == "repetitive"]
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 64 and all(len(x["aligned"]) == len(x["base"]) == 1 for x in rows)
+    assert len(rows) == 48 and all(len(x["aligned"]) == len(x["base"]) == 1 for x in rows)
     for name in ("win_rate.png", "rewards.png", "lengths_repetition.png", "report.html"):
         assert (out / name).stat().st_size > 1000, name
 
@@ -78,11 +78,11 @@ def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_mod
     both orders, so a verdict that only follows the position is a tie."""
     from rlhf.evaluate import main
 
-    run_dir = dpo(tmp_path, "data.demo_pairs=480", "train.learning_rate=0.05",
+    run_dir = dpo(tmp_path, "data.demo_pairs=240", "train.learning_rate=0.05",
                   "train.eval_every=0")
     assert main([f"run={run_dir}", f"output.dir={tmp_path}", "output.name=ev",
                  f"data.eval_path={hh_rlhf}", "data.max_prompt_length=256",
-                 "data.max_prompts=24", f"judge.model={tiny_model_path}",
+                 "data.max_prompts=16", f"judge.model={tiny_model_path}",
                  "judge.both_orders=true"]) == 0
     r = json.loads((tmp_path / "ev" / "results.json").read_text())
     print("flags", r["flags"], "stats", r["stats"], "data", r["data"])
@@ -93,9 +93,9 @@ def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_mod
     assert all("halve the learning rate" in f["message"] for f in r["flags"])
     assert r["judge"]["kind"] == "pairwise" and r["judge"]["both_orders"]
     w = r["win_rate"]
-    assert w["comparisons"] == 24
+    assert w["comparisons"] == 16
     if r["judge"]["first_position_share"] in (0.0, 1.0):  # it only ever picks one position
-        assert w["ties"] == 24 and w["rate"] == 0.5  # ... which both orders cancel
+        assert w["ties"] == 16 and w["rate"] == 0.5  # ... which both orders cancel
 
 
 def _broken_tokenizer_copy(src: str, dst: Path) -> Path:

@@ -17,7 +17,7 @@ from tests.integration.conftest import metrics, ppo, summary
 
 
 def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_path):
-    run_dir = ppo(tmp_path, "eval.after_training=true", "eval.max_prompts=16")
+    run_dir = ppo(tmp_path)
     s = summary(run_dir)
     assert s["steps"] == 16 and s["eval/responses"] == 128
     assert s["eval/reward"] > s["start/eval/reward"] + 0.15, s
@@ -27,40 +27,6 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     assert all(r["time/sync_s"] > 0 and r["time/generate_s"] > 0 for r in rows)
     assert rows[-1]["train/kl"] > 0  # it moved away from the reference, which is measured
     assert (run_dir / "model" / "config.json").is_file()
-    # eval.after_training: the policy against the SFT model it started from, on the
-    # run's held-out prompts
-    r = json.loads((run_dir / "eval" / "results.json").read_text())
-    assert s["eval_report"] == str(run_dir / "eval" / "report.html")
-    assert r["base"].endswith("-sft") and r["aligned"] == str(run_dir / "model")
-    assert r["data"]["prompts"] == 16 and r["win_rate"]["comparisons"] == 16
-    assert r["kl"]["per_token"] > 0
-
-
-def _engine_killer(log, after_step: int):
-    """A thread that SIGKILLs the (first live) engine's process from outside, as when its
-    node is lost, once `log` (metrics.jsonl) shows step `after_step` trained."""
-    import ray
-    from ray.util.state import list_actors
-
-    gcs = ray.get_runtime_context().gcs_address  # this test's cluster, whatever else runs
-    killed: dict = {}
-
-    def kill():
-        deadline = time.time() + 900
-        while time.time() < deadline and not killed:
-            rows = [json.loads(x) for x in log.read_text().splitlines() if x] \
-                if log.is_file() else []
-            if any(r["step"] >= after_step and "train/reward" in r for r in rows):
-                alive = list_actors(address=gcs, detail=True,
-                                    filters=[("class_name", "=", "RolloutEngine"),
-                                             ("state", "=", "ALIVE")])
-                os.kill(alive[0].pid, signal.SIGKILL)
-                killed["pid"] = alive[0].pid
-            time.sleep(0.5)
-
-    killer = threading.Thread(target=kill, daemon=True)
-    killer.start()
-    return killer, killed
 
 
 PPO = ["algo.algorithm=ppo", "algo.kl_penalty=reward", "algo.ppo_epochs=2",
@@ -127,38 +93,16 @@ def test_a_run_survives_a_killed_engine_and_a_killed_worker(ray_cluster, tmp_pat
     assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows
 
 
-def test_broadcast_sync_follows_the_weights_and_survives_a_killed_engine(ray_cluster,
-                                                                        tmp_path):
-    """GRPO with the weights broadcast over a process group of training rank 0 and the
-    engine's worker (gloo here, NCCL on GPUs), in ~10 buckets per sync. The engine is
-    SIGKILLed after step 2: found between steps, the whole group re-syncs it before
-    anyone generates; found in the middle of a step, Ray Train resumes from the step-2
-    checkpoint and the engines are synced to its weights. Either way every step samples
-    the current weights and the run ends."""
-    killer, killed = _engine_killer(tmp_path / "b" / "metrics.jsonl", after_step=2)
-    run_dir = ppo(tmp_path, "output.name=b", "train.max_steps=6", "train.eval_every=0",
-                  "train.checkpoint_every=2", "cluster.max_failures=1",
-                  "rollout.weight_sync=broadcast", "rollout.sync_bucket_mb=0.25",
-                  "rollout.sync_timeout_s=120")
-    killer.join(timeout=1)
-    assert killed, "the engine was never killed"
-    s = summary(run_dir)
-    assert s["steps"] == 6
-    by_step = {r["step"]: r for r in metrics(run_dir) if "train/reward" in r}
-    assert sorted(by_step) == list(range(1, 7))
-    assert max(r["train/logprob_gap_vllm"] for r in by_step.values()) < 1e-4
-    model_mb = (run_dir / "model" / "model.safetensors").stat().st_size / 2**20
-    assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01)
-               for r in by_step.values())
-
-
 def test_ppo_resumes_on_fewer_workers(ray_cluster, tmp_path):
     """A PPO run on 2 workers resumed on 1 (what an elastic run does when a node is
     lost): policy and critic come back from a checkpoint of another world size through
     DeepSpeed's universal checkpoint, with the KL coefficient, and the engines are synced
-    to the restored weights."""
+    to the restored weights. The weights are broadcast over a process group of training
+    rank 0 and the engine's worker (gloo here, NCCL between GPUs), ~10 buckets a sync:
+    the resumed run's new rank 0 forms a new group with the same engine."""
     args = [*PPO, "output.name=r", "train.eval_every=0", "algo.kl_target=0.00001",
-            "algo.kl_horizon=100"]
+            "algo.kl_horizon=100", "rollout.weight_sync=broadcast",
+            "rollout.sync_bucket_mb=0.25", "rollout.sync_timeout_s=120"]
     first = ppo(tmp_path, *args, "train.max_steps=3")
     second = ppo(tmp_path, *args, "train.max_steps=5", "train.resume=true",
                  "cluster.num_workers=1")
@@ -167,6 +111,9 @@ def test_ppo_resumes_on_fewer_workers(ray_cluster, tmp_path):
     assert sorted(by_step) == [1, 2, 3, 4, 5]
     assert [by_step[i]["train/workers"] for i in (1, 3, 4, 5)] == [2, 2, 1, 1]
     assert max(r["train/logprob_gap_vllm"] for r in by_step.values()) < 1e-4
+    model_mb = (second / "model" / "model.safetensors").stat().st_size / 2**20
+    assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01)
+               for r in by_step.values())
     coef = [by_step[i]["train/kl_coef"] for i in (3, 4)]
     assert coef[1] == pytest.approx(coef[0] * 1.128, rel=1e-6), coef
     # the critic came back trained: its loss goes on from where it was, not from scratch
