@@ -29,6 +29,33 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     assert (run_dir / "model" / "config.json").is_file()
 
 
+def _engine_killer(log, after_step: int):
+    """A thread that SIGKILLs the (first live) engine's process from outside, as when its
+    node is lost, once `log` (metrics.jsonl) shows step `after_step` trained."""
+    import ray
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address  # this test's cluster, whatever else runs
+    killed: dict = {}
+
+    def kill():
+        deadline = time.time() + 900
+        while time.time() < deadline and not killed:
+            rows = [json.loads(x) for x in log.read_text().splitlines() if x] \
+                if log.is_file() else []
+            if any(r["step"] >= after_step and "train/reward" in r for r in rows):
+                alive = list_actors(address=gcs, detail=True,
+                                    filters=[("class_name", "=", "RolloutEngine"),
+                                             ("state", "=", "ALIVE")])
+                os.kill(alive[0].pid, signal.SIGKILL)
+                killed["pid"] = alive[0].pid
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    return killer, killed
+
+
 PPO = ["algo.algorithm=ppo", "algo.kl_penalty=reward", "algo.ppo_epochs=2",
        "train.micro_batch_size=4", "algo.mini_batches=2"]
 
