@@ -70,6 +70,15 @@ def verdict(rate: float) -> str:
     return "inconclusive"
 
 
+def interval_caveat(verdict_: str, lo: float, hi: float) -> str:
+    """What the 95% interval adds to the verdict: "" when it lies on the verdict's side of
+    its threshold, otherwise a sentence asking for more prompts."""
+    if (verdict_ == "working" and lo <= WORKING) or (verdict_ == "worse" and hi >= WORSE):
+        return (f" The 95% interval ({lo:.0%}-{hi:.0%}) reaches across the threshold: "
+                "evaluate more prompts (data.max_prompts) or samples per prompt to be sure.")
+    return ""
+
+
 VERDICT_TEXT = {
     "working": "the aligned model beats its base (win rate above 55%): training worked.",
     "worse": "the aligned model loses to its base (win rate below 50%): training made it "

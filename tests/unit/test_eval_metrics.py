@@ -38,6 +38,13 @@ def test_verdict_thresholds():
     assert em.verdict(0.49) == "worse"
 
 
+def test_the_interval_tempers_a_verdict_it_straddles():
+    assert em.interval_caveat("working", 0.6, 0.9) == ""
+    assert "reaches across the threshold" in em.interval_caveat("working", 0.44, 0.88)
+    assert "reaches across" in em.interval_caveat("worse", 0.3, 0.52)
+    assert em.interval_caveat("worse", 0.2, 0.45) == em.interval_caveat("inconclusive", 0, 1) == ""
+
+
 def test_implicit_reward_accuracy_by_hand():
     # r = 0.1 (aligned - base): chosen [0.2, 0.0], rejected [-0.1, 0.1]
     out = em.implicit_reward_accuracy([-10.0, -20.0], [-12.0, -20.0], [-15.0, -18.0],
