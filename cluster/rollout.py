@@ -69,16 +69,24 @@ class WeightReloader:
         split over two calls (q in one, k and v in the next) would be left half-loaded."""
         from safetensors import safe_open
 
-        counted = [0]
-
         def tensors():
             for path in [paths] if isinstance(paths, str) else paths:
                 with safe_open(path, framework="pt") as f:
                     for name in f.keys():
-                        counted[0] += 1
                         yield name, f.get_tensor(name)
 
-        self.model_runner.reload_weights(weights_iterator=tensors())
+        return self._rlhf_reload_counted(tensors())
+
+    def _rlhf_reload_counted(self, pairs) -> int:
+        """vLLM's in-place reload over (name, tensor) pairs; returns how many it took."""
+        counted = [0]
+
+        def counting():
+            for pair in pairs:
+                counted[0] += 1
+                yield pair
+
+        self.model_runner.reload_weights(weights_iterator=counting())
         return counted[0]
 
     def rlhf_join(self, host: str, port: int, base_rank: int, world: int, backend: str,
@@ -98,15 +106,7 @@ class WeightReloader:
         call, bucket by bucket as they arrive (see rlhf_reload for why one call)."""
         from cluster.weight_sync import receive_buckets
 
-        counted = [0]
-
-        def tensors():
-            for pair in receive_buckets(self._rlhf_group, self._rlhf_device):
-                counted[0] += 1
-                yield pair
-
-        self.model_runner.reload_weights(weights_iterator=tensors())
-        return counted[0]
+        return self._rlhf_reload_counted(receive_buckets(self._rlhf_group, self._rlhf_device))
 
 
 class RolloutEngine:
@@ -207,7 +207,6 @@ class RolloutEngine:
         self.llm.reset_prefix_cache()
         self.version = version
         return counts[0]
-
 
     def join_group(self, host: str, port: int, base_rank: int, world: int, backend: str,
                    timeout_s: float, name: str) -> list[int]:

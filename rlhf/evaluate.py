@@ -395,6 +395,7 @@ def judge_pairwise(cfg: EvalConfig, setup: Setup, items: list[dict],
     import ray
 
     from cluster.models import load_tokenizer
+    from rlhf.data import _common_prefix_len
 
     tok = load_tokenizer(setup.judge_path)
     rng = random.Random(f"{setup.seed}/judge")
@@ -406,9 +407,8 @@ def judge_pairwise(cfg: EvalConfig, setup: Setup, items: list[dict],
                 first, second = (a, b) if aligned_first else (b, a)
                 ids_a, ids_b = _judge_prompt(tok, it["prompt"], first, second, it["chat"],
                                              cfg.judge.max_length)
-                lead = min(len(ids_a), len(ids_b)) - 1
-                while lead > 0 and ids_a[:lead] != ids_b[:lead]:
-                    lead -= 1
+                # the letters' log-probs: every token after the shared question
+                lead = min(_common_prefix_len(ids_a, ids_b), min(map(len, (ids_a, ids_b))) - 1)
                 seqs += [ids_a, ids_b]
                 starts += [lead, lead]
                 plan.append(aligned_first)
