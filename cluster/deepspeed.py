@@ -116,6 +116,22 @@ def lr_lambda(step: int, *, total_steps: int, warmup_steps: int, schedule: str) 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _skip_cpu_inference_kernel() -> None:
+    """On the CPU accelerator DeepSpeed's torch backend JIT-compiles a shared-memory
+    all-reduce kernel when it starts (about 40 s of g++ on a fresh 2-core machine, and
+    a compiler the machine must have), used only by `inference_all_reduce` (its
+    tensor-parallel inference), which training never calls: ZeRO's reductions go
+    through torch.distributed either way. `build_shm_op` returning None is DeepSpeed's
+    own path for a machine where the kernel cannot be built. GPUs are left alone."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import importlib
+
+        # not `import deepspeed.comm.torch as m`: that name resolves to torch itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def train_engine(model, ds_config: dict[str, Any], *, learning_rate: float,
                  weight_decay: float, total_steps: int, warmup_steps: int, schedule: str):
     """Wrap a model in a DeepSpeed training engine with AdamW and the LR schedule."""
@@ -132,6 +148,7 @@ def train_engine(model, ds_config: dict[str, Any], *, learning_rate: float,
                                       betas=(0.9, 0.999), eps=1e-8)
     fn = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps,
                            schedule=schedule)
+    _skip_cpu_inference_kernel()
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, fn)
@@ -147,6 +164,7 @@ def frozen_engine(model, ds_config: dict[str, Any]):
 
     for p in model.parameters():
         p.requires_grad_(False)
+    _skip_cpu_inference_kernel()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
