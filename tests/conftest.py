@@ -8,6 +8,26 @@ HH_RLHF = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.json
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train's controller polls its workers every 2 s by default: a finished run, a
+# registered checkpoint or a dead worker is seen up to 2 s late, once per run. Every
+# Ray these tests start (in process, `ray start`, cluster_utils nodes) inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start a Ray cluster of their own (marked own_cluster) run first, before
+    the integration tests' shared local Ray is up (tests/integration/conftest.py), so
+    it starts once per session."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

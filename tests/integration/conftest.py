@@ -7,17 +7,29 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
+def shared_ray() -> None:
+    """The local Ray every in-process run of the session shares (started once; a Ray
+    start is several seconds, and each module used to pay it)."""
     from cluster.train import connect, quiet_ray_data
     from rlhf.config import ClusterConfig
 
-    connect(ClusterConfig(num_workers=2, cpus_per_worker=1, data_cpus=2))
+    connect(ClusterConfig(num_workers=2, cpus_per_worker=1, data_cpus=2))  # no-op when up
     quiet_ray_data()
-    yield
-    ray.shutdown()
+
+
+def release_shared_ray() -> None:
+    """For a test that starts a cluster of its own: the shared Ray goes first (the next
+    `ray_cluster` starts it again). Such tests are marked own_cluster and run first."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """The shared local Ray; shut down at the end of the session (tests/conftest.py)."""
+    shared_ray()
 
 
 SMALL = ["data.demo_pairs=96", "data.demo_eval_pairs=32", "train.eval_every=6",

@@ -1,4 +1,8 @@
-"""Bad input through the command line: a clear message, a non-zero exit, no hang."""
+"""Bad input through the command line: a clear message, a non-zero exit, no hang.
+
+One case runs `python -m rlhf.dpo` as a process of its own (exit status and stderr as a
+shell sees them); the others call the same `rlhf.dpo.main(argv)` that `python -m`
+runs, in this process, on the shared local Ray (a Python and Ray start less each)."""
 
 import json
 import os
@@ -19,6 +23,15 @@ def cli(tmp_path, *args, timeout=300):
                           cwd=tmp_path, env=env, timeout=timeout)
 
 
+def main(tmp_path, capsys, *args) -> tuple[int, str]:
+    """rlhf.dpo.main as `python -m rlhf.dpo` calls it: (exit status, stderr)."""
+    from rlhf.dpo import main as dpo_main
+
+    capsys.readouterr()
+    code = dpo_main([f"output.dir={tmp_path / 'runs'}", "cluster.num_workers=2", *args])
+    return code, capsys.readouterr().err
+
+
 def test_missing_columns(tmp_path):
     f = tmp_path / "pairs.jsonl"
     f.write_text(json.dumps({"prompt": "p", "preferred": "a", "dispreferred": "b"}) + "\n")
@@ -29,38 +42,39 @@ def test_missing_columns(tmp_path):
     assert "data.columns.chosen=<column>" in out.stderr
 
 
-def test_empty_file_and_missing_model(tmp_path):
+def test_empty_file_and_missing_model(tmp_path, capsys):
     f = tmp_path / "empty.jsonl"
     f.write_text("\n")
-    out = cli(tmp_path, f"data.path={f}")
-    assert out.returncode == 2 and "the data set is empty" in out.stderr
-    out = cli(tmp_path, "model.name_or_path=/no/such/model")
-    assert out.returncode == 2 and "no such model folder" in out.stderr
+    code, err = main(tmp_path, capsys, f"data.path={f}")
+    assert code == 2 and "the data set is empty" in err
+    code, err = main(tmp_path, capsys, "model.name_or_path=/no/such/model")
+    assert code == 2 and "no such model folder" in err
 
 
-def test_unknown_key_and_contradiction(tmp_path):
-    out = cli(tmp_path, "train.lr=1e-5")
-    assert out.returncode == 2 and "Unknown config key 'train.lr'" in out.stderr
-    out = cli(tmp_path, "train.global_batch_size=12")
-    assert out.returncode == 2 and "multiple of" in out.stderr
+def test_unknown_key_and_contradiction(tmp_path, capsys):
+    code, err = main(tmp_path, capsys, "train.lr=1e-5")
+    assert code == 2 and "Unknown config key 'train.lr'" in err
+    code, err = main(tmp_path, capsys, "train.global_batch_size=12")
+    assert code == 2 and "multiple of" in err
 
 
-def test_malformed_json_line_deep_in_the_file(tmp_path):
+def test_malformed_json_line_deep_in_the_file(ray_cluster, tmp_path, capsys):
     lines = [json.dumps(demo_pair(i)) for i in range(40)]
     lines[30] = "{not json"
     f = tmp_path / "pairs.jsonl"
     f.write_text("\n".join(lines) + "\n")
-    out = cli(tmp_path, f"data.path={f}")
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert f"{f}, line 31: not valid JSON" in out.stderr
+    code, err = main(tmp_path, capsys, f"data.path={f}")
+    assert code == 2, err[-2000:]
+    assert f"{f}, line 31: not valid JSON" in err
 
 
-def test_nan_loss_stops_with_advice_and_keeps_last_checkpoint(tmp_path):
-    out = cli(tmp_path, "data.demo_pairs=160", "data.demo_eval_pairs=16",
-              "train.learning_rate=1e15", "train.max_grad_norm=0", "train.warmup_ratio=0",
-              "train.checkpoint_every=1", "train.eval_every=0", "output.name=nan")
-    assert out.returncode == 1, out.stderr[-3000:]
-    assert "loss became nan" in out.stderr.lower() or "loss became inf" in out.stderr.lower()
-    assert "learning rate too high" in out.stderr
+def test_nan_loss_stops_with_advice_and_keeps_last_checkpoint(ray_cluster, tmp_path, capsys):
+    code, err = main(tmp_path, capsys, "data.demo_pairs=160", "data.demo_eval_pairs=16",
+                     "train.learning_rate=1e15", "train.max_grad_norm=0",
+                     "train.warmup_ratio=0", "train.checkpoint_every=1", "train.eval_every=0",
+                     "output.name=nan")
+    assert code == 1, err[-3000:]
+    assert "loss became nan" in err.lower() or "loss became inf" in err.lower()
+    assert "learning rate too high" in err
     ckpts = list((tmp_path / "runs" / "nan" / "checkpoints").glob("step_*"))
     assert ckpts  # the steps before the NaN were checkpointed and kept

@@ -10,10 +10,18 @@ worker (2 CPUs), so the number of nodes is the number of workers the run can hav
 - shrink: a run on two nodes loses one (its raylet and every process on it killed); the
   run goes on with one worker from the latest checkpoint and trains every pair once.
 
-Slow (minutes): marked `slow`; .ci/run runs it.
+The two tests share one cluster: the grow test leaves the two worker nodes the shrink
+test starts from. Ray Train waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S for a worker
+group's placement (60 s by default: after a node is lost it first asks for the old size
+while the dead node's resources are still listed); 10 s here, where a placement that
+can be made is made in well under a second.
+
+Slow (minutes): marked `slow` and `own_cluster` (it runs before the other tests' shared
+local Ray is up); .ci/run runs it.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,28 +31,39 @@ import pytest
 
 from tests.integration.conftest import SMALL, metrics, summary
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]
 ROOT = Path(__file__).resolve().parents[2]
 
 WORKER_NODE = {"num_cpus": 2}
 ELASTIC = ["cluster.num_workers=[1,2]", "cluster.cpus_per_worker=2",
-           "cluster.resize_check_s=2", "cluster.max_failures=2"]
+           "cluster.resize_check_s=1", "cluster.max_failures=2"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     """A head of 1 CPU (data pipeline, no room for a training worker) and one worker
-    node; the test adds and removes more."""
+    node; the tests add and remove more. Its nodes inherit this process's environment."""
     import ray
     from ray.cluster_utils import Cluster
 
-    assert not ray.is_initialized(), "another Ray is running in this process"
+    from tests.integration.conftest import release_shared_ray
+
+    release_shared_ray()
+    key = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    before = os.environ.get(key)
+    os.environ[key] = "10"
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(**WORKER_NODE)
-    c.wait_for_nodes()
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    try:
+        c.add_node(**WORKER_NODE)
+        c.wait_for_nodes()
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def dpo(tmp_path: Path, address: str, *overrides: str) -> subprocess.Popen:
@@ -106,9 +125,11 @@ def final_weights(run_dir: Path) -> dict:
 
 
 def test_a_run_grows_when_a_node_is_added(cluster, tmp_path):
-    """8 pairs, one global batch of 8, 16 epochs: every step sees all pairs whatever the
-    split, so the elastic run and the uninterrupted one-worker run take the same steps."""
-    one_batch = ["data.demo_pairs=8", "train.epochs=16", "train.max_steps=-1",
+    """8 pairs, one global batch of 8, 32 epochs: every step sees all pairs whatever the
+    split, so the elastic run and the uninterrupted one-worker run take the same steps.
+    The node comes at step 2; a step takes ~0.25 s here, so the run still has ~7 s to
+    go when Ray Train can first see the new node (its raylet up, then a resize check)."""
+    one_batch = ["data.demo_pairs=8", "train.epochs=32", "train.max_steps=-1",
                  "train.global_batch_size=8", "train.micro_batch_size=4",
                  "train.eval_every=0", "train.checkpoint_every=1", "cluster.zero_stage=2",
                  "train.lr_scheduler=constant", "train.warmup_ratio=0"]
@@ -116,7 +137,7 @@ def test_a_run_grows_when_a_node_is_added(cluster, tmp_path):
                "cluster.num_workers=1", "cluster.cpus_per_worker=2"))
     fixed, run_dir = tmp_path / "fixed", tmp_path / "elastic"
     proc = dpo(tmp_path, cluster.address, *one_batch, *ELASTIC, "output.name=elastic")
-    wait_for("step 3", lambda: any(r["step"] >= 3 and "train/loss" in r
+    wait_for("step 2", lambda: any(r["step"] >= 2 and "train/loss" in r
                                    for r in records(run_dir)), proc)
     cluster.add_node(**WORKER_NODE)
     added = time.time()
@@ -130,7 +151,7 @@ def test_a_run_grows_when_a_node_is_added(cluster, tmp_path):
     workers = [r["train/workers"] for r in rows]
     assert workers[0] == 1 and workers[-1] == 2, workers
     s = summary(run_dir)
-    assert s["steps"] == 16 and s["samples"] == 128
+    assert s["steps"] == 32 and s["samples"] == 256
     a, b = final_weights(fixed), final_weights(run_dir)
     gap = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"node added -> training on two workers {grown_s:.0f} s later; elastic vs "
@@ -143,8 +164,10 @@ def test_a_run_goes_on_when_a_node_is_lost(cluster, tmp_path):
     (its raylet and every process on it killed, as a preempted spot instance). Ray
     Train restarts the group with the one worker there is room for, from the latest
     checkpoint re-sharded for it (ZeRO-3); the run ends with every pair trained once."""
-    spare = cluster.add_node(**WORKER_NODE)
+    while len(cluster.worker_nodes) < 2:  # the grow test leaves two
+        cluster.add_node(**WORKER_NODE)
     cluster.wait_for_nodes()
+    spare = next(iter(cluster.worker_nodes))  # each holds one of the two workers
     run_dir = tmp_path / "shrink"
     proc = dpo(tmp_path, cluster.address, *ELASTIC, "output.name=shrink",
                "data.demo_pairs=384", "train.global_batch_size=8", "train.micro_batch_size=4",
