@@ -1,34 +1,37 @@
-"""Checkpoints: train.resume continues without repeating or skipping pairs; a worker
-that dies mid-run is restarted by Ray Train from the last checkpoint."""
+"""Checkpoints: train.resume continues without repeating or skipping pairs, here with
+the reference log-probs streamed from a Ray Data actor pool (loss.precompute_reference),
+whose values must line up with their pairs. A worker that dies mid-run is restarted by
+Ray Train from the last checkpoint: tests/integration/test_dpo_train.py."""
+
+import math
 
 import pytest
 
 from tests.integration.conftest import dpo, metrics, summary
 
 
-def test_resume_continues_where_it_stopped(ray_cluster, tmp_path):
-    first = dpo(tmp_path, "output.name=r", "train.max_steps=5", "train.eval_every=0")
+def test_resume_continues_where_it_stopped_with_a_streamed_reference(ray_cluster, tmp_path):
+    """(Merged: the resume test and the streamed-reference training test.)"""
+    args = ["output.name=r", "loss.precompute_reference=true", "train.eval_every=3"]
+    first = dpo(tmp_path, *args, "train.max_steps=5")
     s1 = summary(first)
     assert s1["steps"] == 5 and s1["samples"] == 40
-    second = dpo(tmp_path, "output.name=r", "train.resume=true", "train.eval_every=0")
+    losses = [r["train/loss"] for r in metrics(first) if "train/loss" in r]
+    # Step 1: the policy is still the reference, so every pair's loss is log 2 exactly
+    # when each row carries its own reference values (a misaligned row would not be).
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)
+    second = dpo(tmp_path, *args, "train.resume=true")
     assert second == first
     s2 = summary(second)
     # 96 pairs, 8 per step: the remaining 56 pairs in 7 more steps, none twice.
     assert s2["steps"] == 12 and s2["samples"] == 96
-    steps = [r["step"] for r in metrics(second) if "train/loss" in r]
-    assert steps == list(range(1, 13))
-
-
-def test_worker_crash_restarts_from_checkpoint(ray_cluster, tmp_path):
-    run_dir = dpo(tmp_path, "train.checkpoint_every=4", "cluster.max_failures=1",
-                  "train.eval_every=0", crash_once_at_step=6)
-    assert (run_dir / ".crash-injected").read_text() == "6"
-    s = summary(run_dir)
-    assert s["steps"] == 12 and s["samples"] == 96  # steps 5-6 redone from the step-4 state
-    steps = [r["step"] for r in metrics(run_dir) if "train/loss" in r]
-    # Rank 0 logs step 5, then waits for the dead rank inside step 6's metric reduction;
-    # the restarted group resumes after step 4.
-    assert steps == [1, 2, 3, 4, 5] + list(range(5, 13))
+    rows = metrics(second)
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+    evals = [r for r in rows if "eval/rewards/accuracy" in r]
+    assert [r["step"] for r in evals] == [3, 5, 6, 9, 12]
+    assert all(r["eval/pairs"] == 32 for r in evals)
 
 
 def test_resume_without_a_run_is_an_error(tmp_path):

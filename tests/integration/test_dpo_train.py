@@ -1,4 +1,6 @@
-"""End-to-end DPO runs on local Ray: ZeRO-2, ZeRO-3, LoRA, export, metrics."""
+"""End-to-end DPO runs on local Ray: the run directory, learning, epochs, a worker lost
+mid-run, the export (its own held-out metrics are the reported ones), LoRA merged and
+adapter-only. ZeRO-3 with offload is checked against ZeRO-2 in test_dpo_invariance."""
 
 import math
 
@@ -18,14 +20,49 @@ SECRETS = {"WANDB_API_KEY": "wandb-secret-7f3a9c", "HF_TOKEN": "hf_secret_52b1e0
            "AWS_SECRET_ACCESS_KEY": "aws-secret-c4d8e2"}
 
 
-def test_zero2_run_directory_and_learning(ray_cluster, tmp_path, tiny_model_path,
-                                          monkeypatch, capfd):
+def _held_out_metrics(model, ref, tok, n: int = 32, beta: float = 0.1) -> dict:
+    """DPO's held-out metrics of `model` against `ref` through plain transformers, one
+    padded pair at a time: the demo's held-out pairs, tokenised as the pipeline does."""
+    from rlhf.config import DataConfig
+    from rlhf.data import tokenize_pair
+    from rlhf.demo import demo_pair
+    from rlhf.logprobs import pad_pairs, sequence_logprobs
+
+    d = DataConfig()
+    acc = margin = logp_chosen = 0.0
+    for i in range(n):
+        p = demo_pair(i, "eval")
+        ids = tokenize_pair(tok, p["prompt"], p["chosen"], p["rejected"], False,
+                            d.max_length, d.max_prompt_length, d.truncation)
+        b = pad_pairs([ids[0]], [ids[1]], [ids[2]], tok.pad_token_id)
+        with torch.no_grad():
+            pol, rf = (sequence_logprobs(m(input_ids=b["input_ids"],
+                                           attention_mask=b["attention_mask"]).logits,
+                                         b["input_ids"], b["loss_mask"])[0]
+                       for m in (model, ref))
+        rc, rr = beta * (pol[0] - rf[0]).item(), beta * (pol[1] - rf[1]).item()
+        acc += float(rc > rr)
+        margin += rc - rr
+        logp_chosen += pol[0].item()
+    return {"accuracy": acc / n, "margin": margin / n, "logps/chosen": logp_chosen / n}
+
+
+def test_run_directory_learning_epochs_and_a_lost_worker(ray_cluster, tmp_path,
+                                                         tiny_model_path, monkeypatch,
+                                                         capfd):
+    """One ZeRO-2 run of 48 pairs x 2 epochs (12 steps), checkpointed every 4 steps; the
+    last worker dies hard after step 6 (the end of epoch 1) and Ray Train restarts the
+    group from the step-4 checkpoint. (Merged: the run-directory, two-epoch and
+    worker-crash tests of earlier suites.)"""
     for k, v in SECRETS.items():  # credentials in the environment, as on a cluster node
         monkeypatch.setenv(k, v)
-    run_dir = dpo(tmp_path, "cluster.zero_stage=2")
+    run_dir = dpo(tmp_path, "cluster.zero_stage=2", "data.demo_pairs=48", "train.epochs=2",
+                  "train.checkpoint_every=4", "cluster.max_failures=1", crash_once_at_step=6)
     # ... are never written to the run directory (config, metrics, checkpoints) or output
     printed = capfd.readouterr()
-    for f in [p for p in run_dir.rglob("*") if p.is_file()]:
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any("checkpoints" in p.parts for p in files)
+    for f in files:
         data = f.read_bytes()
         assert not any(v.encode() in data for v in SECRETS.values()), f
     assert not any(v in printed.out + printed.err for v in SECRETS.values())
@@ -33,48 +70,43 @@ def test_zero2_run_directory_and_learning(ray_cluster, tmp_path, tiny_model_path
                  "model/tokenizer.json", "model/config.json", "curves.png"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    # the crash: steps 5-6 redone from the step-4 state
+    assert (run_dir / ".crash-injected").read_text() == "6"
     rows = metrics(run_dir)
     train = [r for r in rows if "train/loss" in r]
-    assert [r["step"] for r in train] == list(range(1, 13))  # 96 pairs / 8 per step
+    # Rank 0 logs step 5, then waits for the dead rank inside step 6's metric reduction;
+    # the restarted group resumes after step 4.
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5] + list(range(5, 13))
+    by_step = {r["step"]: r for r in train}  # the last record of a redone step wins
     for key in ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margin",
                 "train/rewards/accuracy", "train/logps/chosen", "train/logps/rejected",
                 "train/grad_norm", "train/learning_rate", "train/tokens_per_s", "train/samples"):
         assert key in train[0], key
+    assert [by_step[i]["train/epoch"] for i in range(1, 13)] == [1] * 6 + [2] * 6
     evals = [r for r in rows if "eval/rewards/accuracy" in r]
     assert [r["step"] for r in evals] == [6, 12]
     s = summary(run_dir)
     assert s["samples"] == 96 and s["steps"] == 12 and s["eval/pairs"] == 32
-    assert s["data"]["train"] == {"rows": 96, "usable": 96, "dropped": {}}
+    assert s["pairs_left_out_by_split"] == 0  # every pair twice, none skipped or repeated
+    assert s["data"]["train"] == {"rows": 48, "usable": 48, "dropped": {}}
     assert s["counts"]["prompt truncated"] == 0
     assert s["eval/rewards/accuracy"] > 0.6, s  # learning, not just motion
-    assert train[-1]["train/loss"] < train[0]["train/loss"]
+    assert by_step[12]["train/loss"] < by_step[1]["train/loss"]
 
+    # The export is the trained model: through plain transformers its held-out metrics
+    # against the base are the ones the run reported, and it generates
     model, tok = _load(run_dir / "model")
     base, _ = _load(tiny_model_path)
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
-    out = model.generate(**tok("\n\nHuman: hi\n\nAssistant:", return_tensors="pt"),
-                         max_new_tokens=5, do_sample=False)
-    assert out.shape[1] > 0
-
-
-def test_zero3_offload_matches_zero2_first_steps(ray_cluster, tmp_path):
-    """ZeRO-2 vs ZeRO-3 with the reference sharded and optimizer + parameters offloaded to
-    CPU (DeepSpeed's CPU Adam): same losses."""
-    a = dpo(tmp_path / "z2", "cluster.zero_stage=2", "train.max_steps=3", "train.eval_every=0")
-    b = dpo(tmp_path / "z3", "cluster.zero_stage=3", "cluster.offload_optimizer=true",
-            "cluster.offload_params=true", "train.max_steps=3", "train.eval_every=0")
-    la = [r["train/loss"] for r in metrics(a) if "train/loss" in r]
-    lb = [r["train/loss"] for r in metrics(b) if "train/loss" in r]
-    assert len(la) == len(lb) == 3
-    # Ray Data's split can hand rows to workers in a different order; the global batch
-    # of step 1 can differ, so compare with a tolerance that still catches a wrong scale.
-    # Step 1: policy == reference, so the loss is exactly log 2 on both (this catches a
-    # reference that is mis-gathered under ZeRO-3).
-    assert la[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert lb[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert lb[1:] == pytest.approx(la[1:], rel=0.1)
-    assert (b / "model" / "model.safetensors").is_file()
-    _load(b / "model")
+    mine = _held_out_metrics(model.eval(), base.eval(), tok)
+    assert mine["accuracy"] == s["eval/rewards/accuracy"]
+    assert mine["margin"] == pytest.approx(s["eval/rewards/margin"], abs=1e-4)
+    assert mine["logps/chosen"] == pytest.approx(s["eval/logps/chosen"], rel=1e-5)
+    prompt = tok("\n\nHuman: hi\n\nAssistant:", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    new = out[0, prompt["input_ids"].shape[1]:].tolist()
+    assert 1 <= len(new) <= 5 and (len(new) == 5 or new[-1] == tok.eos_token_id), new
 
 
 def test_lora_bf16_merged_export(ray_cluster, tmp_path, tiny_model_path):
@@ -92,6 +124,9 @@ def test_lora_bf16_merged_export(ray_cluster, tmp_path, tiny_model_path):
                if not torch.equal(a, b)}
     assert changed and all(any(m in n for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
                            for n in changed), changed
+    # step 1: the adapters start at zero, so the policy is the reference exactly
+    first = next(r for r in metrics(run_dir) if "train/loss" in r)
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_lora_zero3_adapter_only_export(ray_cluster, tmp_path, tiny_model_path):
@@ -104,12 +139,3 @@ def test_lora_zero3_adapter_only_export(ray_cluster, tmp_path, tiny_model_path):
     peft_model = PeftModel.from_pretrained(base, run_dir / "model")
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (B starts at 0)
-
-
-def test_two_epochs_count_every_pair_twice(ray_cluster, tmp_path):
-    run_dir = dpo(tmp_path, "data.demo_pairs=48", "train.epochs=2", "train.eval_every=0")
-    s = summary(run_dir)
-    assert s["steps"] == 12 and s["samples"] == 96
-    assert s["pairs_left_out_by_split"] == 0
-    epochs = [r["train/epoch"] for r in metrics(run_dir) if "train/loss" in r]
-    assert epochs == [1] * 6 + [2] * 6
