@@ -51,32 +51,32 @@ def test_zero2_learns_and_exports_a_scorable_model(ray_cluster, tmp_path):
     ray.kill(actor)
 
 
-def test_zero3_lora_runs_and_exports_merged(ray_cluster, tmp_path):
-    from rlhf.scoring import RewardScorer
-
-    run_dir = rm(tmp_path, "cluster.zero_stage=3", "model.lora.enabled=true",
-                 "train.max_steps=4", "train.learning_rate=1e-3")
-    assert summary(run_dir)["steps"] == 4
-    scores = RewardScorer(str(run_dir / "model")).score(["\n\nHuman: hi\n\nAssistant:"],
-                                                         [" Hello!"])
-    assert len(scores) == 1 and abs(scores[0]) < 1e6
-
-
-def test_margin_column_reaches_the_loss_and_bad_margins_are_counted(ray_cluster, tmp_path):
+def test_zero3_lora_with_a_margin_column_exports_merged(ray_cluster, tmp_path):
+    """ZeRO-3 + LoRA on an in-memory data set whose margin column reaches the loss; a
+    row without a usable margin is dropped and counted. (Merged: the ZeRO-3 LoRA test
+    and the margin test.)"""
     from datasets import Dataset
 
     from rlhf.demo import demo_pair
+    from rlhf.scoring import RewardScorer
 
     rows = [{**demo_pair(i), "gap": 100.0} for i in range(63)]
     rows.append({**demo_pair(63), "gap": None})  # a missing value
-    run_dir = rm(tmp_path, "data.columns.margin=gap", "data.eval_fraction=0.25",
-                 "train.max_steps=2", "train.eval_every=0", dataset=Dataset.from_list(rows))
+    run_dir = rm(tmp_path, "cluster.zero_stage=3", "model.lora.enabled=true",
+                 "train.max_steps=4", "train.learning_rate=1e-3", "data.columns.margin=gap",
+                 "data.eval_fraction=0.25", "train.eval_every=0",
+                 dataset=Dataset.from_list(rows))
     s = summary(run_dir)
+    assert s["steps"] == 4
     dropped = {**s["data"]["train"]["dropped"], **s["data"]["eval"]["dropped"]}
     assert dropped == {"margin missing or not a number": 1}
     # a margin of 100 on fresh scores: the loss is about 100 (-log sigma(-100)), not 0.69
     first = next(r for r in metrics(run_dir) if "train/loss" in r)
     assert first["train/loss"] > 50
+    assert not (run_dir / "model" / "adapter_config.json").exists()  # merged
+    scores = RewardScorer(str(run_dir / "model")).score(["\n\nHuman: hi\n\nAssistant:"],
+                                                         [" Hello!"])
+    assert len(scores) == 1 and abs(scores[0]) < 1e6
 
 
 def _score_sharded(lc: dict) -> None:

@@ -1,7 +1,7 @@
 """python -m rlhf.sft on a real local Ray cluster: it learns the demo answers, the export
-is a transformers causal LM whose own loss is the reported one, conversations from a
-file with bad rows counted, ZeRO-3 + LoRA, the token-weighted loss however the batch is
-split, and resume."""
+is a transformers causal LM whose own loss is the reported one, resume, conversations
+from a file with bad rows counted, ZeRO-3 + LoRA, the token-weighted loss however the
+batch is split."""
 
 import json
 
@@ -18,17 +18,26 @@ def _held_out_examples(tokenizer, n):
             for d in (demo_pair(i, "eval") for i in range(n))]
 
 
-def test_zero2_learns_and_exports_a_causal_lm(ray_cluster, tmp_path, tokenizer):
+def test_zero2_learns_resumes_and_exports_a_causal_lm(ray_cluster, tmp_path, tokenizer):
+    """320 examples (40 steps) in two runs: 20 steps, then resumed for the rest, keeping
+    the loss before training. (Merged: the learning test and the resume test.)"""
     import torch
     from transformers import AutoModelForCausalLM
 
-    run_dir = sft(tmp_path, "data.demo_pairs=320", "train.eval_every=20",
-                  "cluster.zero_stage=2")
+    args = ["output.name=r", "data.demo_pairs=320", "train.eval_every=20",
+            "cluster.zero_stage=2"]
+    first = sft(tmp_path, *args, "train.max_steps=20")
+    s1 = summary(first)
+    assert s1["steps"] == 20 and s1["samples"] == 160
+    run_dir = sft(tmp_path, *args, "train.resume=true")
+    assert run_dir == first
     s = summary(run_dir)
     assert s["steps"] == 40 and s["eval/examples"] == 32 and s["samples"] == 320
+    assert s["start/eval/loss"] == s1["start/eval/loss"]
     assert s["eval/loss"] < 0.6 * s["start/eval/loss"], s
     rows = metrics(run_dir)
     assert rows[0]["step"] == 0 and rows[0]["eval/loss"] == s["start/eval/loss"]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 41))
     assert (run_dir / "curves.png").is_file()
     # The exported model, through plain transformers, has the held-out loss reported:
     # the token-weighted mean of its own labels loss over the 32 held-out examples.
@@ -98,17 +107,6 @@ def test_token_weighted_loss_whatever_the_split(ray_cluster, tmp_path):
     }.items():
         got = _losses(tmp_path, name.replace(" ", "_"), *overrides)
         assert got == pytest.approx(base, rel=1e-4, abs=1e-6), name
-
-
-def test_resume_continues_and_keeps_the_start_loss(ray_cluster, tmp_path):
-    first = sft(tmp_path, "output.name=r", "train.max_steps=5", "train.eval_every=0")
-    s1 = summary(first)
-    assert s1["steps"] == 5 and s1["samples"] == 40
-    second = sft(tmp_path, "output.name=r", "train.resume=true", "train.eval_every=0")
-    s2 = summary(second)
-    assert s2["steps"] == 12 and s2["samples"] == 96
-    assert s2["start/eval/loss"] == s1["start/eval/loss"]
-    assert [r["step"] for r in metrics(second) if "train/loss" in r] == list(range(1, 13))
 
 
 def test_bad_input_exits_2_with_the_fix(tmp_path, capsys):
