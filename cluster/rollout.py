@@ -217,8 +217,9 @@ class RolloutEngine:
                 out.append([o.prompt_logprobs[i][q[i]].logprob for i in range(s, len(q))])
         return out
 
-    def load_weights(self, path: str, version: int) -> int:
-        """Reload every worker's weights from `path`; returns the tensors loaded."""
+    def load_weights(self, path: str | list[str], version: int) -> int:
+        """Reload every worker's weights from `path` (a safetensors file, or the files of
+        one checkpoint: cluster.rollout.weight_files); returns the tensors loaded."""
         counts = self.llm.collective_rpc("rlhf_reload", args=(path,))
         self.llm.reset_prefix_cache()
         self.version = version
@@ -270,6 +271,50 @@ class RolloutEngine:
         self.llm.reset_prefix_cache()
         self.version = version
         return n
+
+
+# config.json keys that name or date a checkpoint, not its architecture
+_CHECKPOINT_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+
+
+def weight_files(model_path: str) -> list[str] | None:
+    """A local model folder's safetensors files (sorted), as an engine reloads them;
+    None for a hub id or a folder without them (.bin checkpoints)."""
+    from pathlib import Path
+
+    folder = Path(model_path)
+    files = sorted(str(f) for f in folder.glob("*.safetensors")
+                   if not f.name.startswith("adapter_")) if folder.is_dir() else []
+    return files or None
+
+
+def same_architecture(a: str, b: str) -> bool:
+    """Whether an engine started for model folder `a` can serve folder `b` once b's
+    weights are reloaded into it: the same config.json (but for the keys that name or
+    date a checkpoint), the same generation_config.json (vLLM takes its stop tokens
+    from it) and tokenizers with the same vocabulary and special tokens (an export's
+    tokenizer_config.json differs in bookkeeping such as model_max_length)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    def cfg(folder: str, name: str, drop=frozenset()) -> dict | None:
+        f = Path(folder) / name
+        if not f.is_file():
+            return None
+        return {k: v for k, v in json.loads(f.read_text()).items() if k not in drop}
+
+    def vocab(folder: str) -> tuple:
+        tok = AutoTokenizer.from_pretrained(folder)
+        return tok.get_vocab(), tok.all_special_tokens, tok.eos_token_id, tok.bos_token_id
+
+    if not (Path(a).is_dir() and Path(b).is_dir()):
+        return False
+    return (cfg(a, "config.json", _CHECKPOINT_KEYS) == cfg(b, "config.json", _CHECKPOINT_KEYS)
+            and cfg(a, "generation_config.json", {"transformers_version"})
+            == cfg(b, "generation_config.json", {"transformers_version"})
+            and vocab(a) == vocab(b))
 
 
 def rollout_actor(model_path: str, settings: RolloutSettings | None = None,

@@ -15,7 +15,9 @@ What it does, in order:
                prompt responses per prompt, seeded per prompt, and gives the log-probs of
                its own responses and of the held-out pairs' chosen and rejected responses
     base       the same with the same seeds, plus its log-probs of the aligned responses
-               (the KL estimate); one engine at a time, so one GPU is enough
+               (the KL estimate); one engine at a time, so one GPU is enough: the base
+               (and a pairwise judge) reuse it, weights reloaded in place, where the
+               architecture and tokenizer are the same (results.json: engines)
     judge      a reward model exported by rlhf.rm scores both responses (the higher wins),
                or a pairwise judge model picks one (order randomised per comparison, or
                both orders); win rate with a 95% interval (bootstrap over prompts) and
@@ -269,22 +271,66 @@ def tokenize_rows(rows: list[dict], tok, dcfg: EvalDataConfig, pairs: bool
 # --------------------------------------------------------------------------- engines
 
 
-def _engine(cfg: EvalConfig, path: str, max_model_len: int | None = None):
-    """A vLLM engine actor for `path`; by default long enough for a prompt and its
-    response, and for a held-out pair."""
-    from cluster.rollout import VLLM_DTYPES, RolloutSettings, rollout_actor
+class EngineSlot:
+    """One vLLM engine at a time, so one GPU is enough. The next model reuses the engine
+    with its weights reloaded in place (cluster.rollout.WeightReloader, as PPO's weight
+    sync does) when it has the same architecture and tokenizer and fits the engine's
+    context length; otherwise the engine is killed and another started. A start costs
+    ~12 s on 2 CPU cores and more with CUDA graphs; a reload of a small model well under
+    a second. `started` and `reloaded` count both, for the results."""
 
-    g, d = cfg.generation, cfg.data
-    return rollout_actor(path, RolloutSettings(
-        dtype=VLLM_DTYPES[cfg.dtype], max_model_len=max_model_len or max(
-            d.max_length, d.max_prompt_length + g.max_new_tokens),
-        kv_cache_fraction=g.kv_cache_fraction, tensor_parallel_size=g.tensor_parallel_size,
-        seed=cfg.seed), num_cpus=g.cpus_per_engine,
-        num_gpus=g.tensor_parallel_size if cfg.cluster.use_gpu else 0)
+    def __init__(self, cfg: EvalConfig):
+        self.cfg, self.actor, self.path, self.max_model_len = cfg, None, None, 0
+        self.started = self.reloaded = 0
+
+    def get(self, path: str, max_model_len: int | None = None):
+        """The engine, serving `path`, at least max_model_len tokens long and never
+        shorter than a prompt with its response, or a held-out pair."""
+        import ray
+
+        from cluster.rollout import same_architecture, weight_files
+
+        need = max(max_model_len or 0, self._default_len())
+        if self.actor is not None and need <= self.max_model_len:
+            if path == self.path:
+                return self.actor
+            files = weight_files(path)
+            if files and same_architecture(self.path, path):
+                self.reloaded += 1
+                ray.get(self.actor.load_weights.remote(files, self.reloaded))
+                self.path = path
+                return self.actor
+        self.close()
+        self.actor = self._start(path, need)
+        ray.get(self.actor.ready.remote())
+        self.path, self.max_model_len = path, need
+        self.started += 1
+        return self.actor
+
+    def _default_len(self) -> int:
+        d, g = self.cfg.data, self.cfg.generation
+        return max(d.max_length, d.max_prompt_length + g.max_new_tokens)
+
+    def _start(self, path: str, max_model_len: int):
+        from cluster.rollout import VLLM_DTYPES, RolloutSettings, rollout_actor
+
+        cfg, g = self.cfg, self.cfg.generation
+        return rollout_actor(path, RolloutSettings(
+            dtype=VLLM_DTYPES[cfg.dtype], max_model_len=max_model_len,
+            kv_cache_fraction=g.kv_cache_fraction, tensor_parallel_size=g.tensor_parallel_size,
+            seed=cfg.seed), num_cpus=g.cpus_per_engine,
+            num_gpus=g.tensor_parallel_size if cfg.cluster.use_gpu else 0)
+
+    def close(self) -> None:
+        import ray
+
+        if self.actor is not None:
+            ray.kill(self.actor)
+        self.actor, self.path, self.max_model_len = None, None, 0
 
 
-def model_pass(cfg: EvalConfig, setup: Setup, path: str, items: list[dict],
-               score: list[list[dict]] | None = None) -> dict:
+def model_pass(cfg: EvalConfig, setup: Setup, engines: EngineSlot, path: str,
+               items: list[dict], score: list[list[dict]] | None = None) -> dict:
     """One model in one engine: its samples for every prompt ({"token_ids", "finish",
     "logp": summed log-prob under this model}), the summed log-probs of each held-out
     pair's chosen and rejected responses, and (score) of other responses."""
@@ -293,40 +339,36 @@ def model_pass(cfg: EvalConfig, setup: Setup, path: str, items: list[dict],
     from cluster.rollout import sample_seed
 
     g = cfg.generation
-    engine = _engine(cfg, path)
-    try:
-        ray.get(engine.ready.remote())
-        t0 = time.time()
-        prompts = [it["prompt_ids"] for it in items]
-        seeds = [sample_seed(setup.seed, "evaluate", it["id"], g.samples_per_prompt)
-                 for it in items]
-        outs = ray.get(engine.generate.remote(
-            prompts, n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
-            max_tokens=g.max_new_tokens, seeds=seeds))
-        gen_s = time.time() - t0
+    engine = engines.get(path)
+    t0 = time.time()
+    prompts = [it["prompt_ids"] for it in items]
+    seeds = [sample_seed(setup.seed, "evaluate", it["id"], g.samples_per_prompt)
+             for it in items]
+    outs = ray.get(engine.generate.remote(
+        prompts, n=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
+        max_tokens=g.max_new_tokens, seeds=seeds))
+    gen_s = time.time() - t0
 
-        def summed(pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-            lps = ray.get(engine.sequence_logprobs.remote([p + r for p, r in pairs],
-                                                          [len(p) for p, _ in pairs]))
-            return [sum(x) for x in lps]
+    def summed(pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        lps = ray.get(engine.sequence_logprobs.remote([p + r for p, r in pairs],
+                                                      [len(p) for p, _ in pairs]))
+        return [sum(x) for x in lps]
 
-        samples = [[{"token_ids": s["token_ids"], "finish": s["finish_reason"]} for s in o]
-                   for o in outs]
-        own = summed([(p, s["token_ids"]) for p, o in zip(prompts, samples) for s in o])
-        flat = iter(own)
-        for o in samples:
-            for s in o:
-                s["logp"] = next(flat)
-        with_pair = [it["pair"] for it in items if it["pair"] is not None]
-        out = {"samples": samples, "generate_s": gen_s,
-               "chosen": summed([(p, c) for p, c, _ in with_pair]) if with_pair else [],
-               "rejected": summed([(p, r) for p, _, r in with_pair]) if with_pair else []}
-        if score is not None:
-            out["other"] = summed([(p, s["token_ids"]) for p, o in zip(prompts, score)
-                                   for s in o])
-        return out
-    finally:
-        ray.kill(engine)
+    samples = [[{"token_ids": s["token_ids"], "finish": s["finish_reason"]} for s in o]
+               for o in outs]
+    own = summed([(p, s["token_ids"]) for p, o in zip(prompts, samples) for s in o])
+    flat = iter(own)
+    for o in samples:
+        for s in o:
+            s["logp"] = next(flat)
+    with_pair = [it["pair"] for it in items if it["pair"] is not None]
+    out = {"samples": samples, "generate_s": gen_s,
+           "chosen": summed([(p, c) for p, c, _ in with_pair]) if with_pair else [],
+           "rejected": summed([(p, r) for p, _, r in with_pair]) if with_pair else []}
+    if score is not None:
+        out["other"] = summed([(p, s["token_ids"]) for p, o in zip(prompts, score)
+                               for s in o])
+    return out
 
 
 # ---------------------------------------------------------------------------- judges
@@ -340,12 +382,16 @@ def _judge_texts(items: list[dict], texts: list[list[str]]):
             yield prompt, ([{"role": "assistant", "content": t}] if it["chat"] else t)
 
 
-def judge_reward_model(cfg: EvalConfig, setup: Setup, items: list[dict],
-                       aligned: list[list[str]], base: list[list[str]]) -> dict:
-    """Scores of every response by the reward model (a Ray actor)."""
+def judge_reward_model(cfg: EvalConfig, setup: Setup, engines: EngineSlot,
+                       items: list[dict], aligned: list[list[str]], base: list[list[str]]
+                       ) -> dict:
+    """Scores of every response by the reward model (a Ray actor; the engine goes
+    first, so one GPU is enough)."""
     import ray
 
     from cluster.scoring import reward_actor
+
+    engines.close()
 
     scorer = reward_actor(setup.judge_path, num_gpus=1 if cfg.cluster.use_gpu else 0,
                           dtype=cfg.dtype)
@@ -386,7 +432,7 @@ def _judge_prompt(tok, prompt: str, a: str, b: str, chat: bool, max_length: int
     return ids[0][cut:], ids[1][cut:]
 
 
-def judge_pairwise(cfg: EvalConfig, setup: Setup, items: list[dict],
+def judge_pairwise(cfg: EvalConfig, setup: Setup, engines: EngineSlot, items: list[dict],
                    aligned: list[list[str]], base: list[list[str]]) -> dict:
     """For each comparison the judge's preference for the aligned response in log-prob
     units, log p(aligned's letter) - log p(base's letter): > 0 prefers aligned. The
@@ -412,11 +458,8 @@ def judge_pairwise(cfg: EvalConfig, setup: Setup, items: list[dict],
                 seqs += [ids_a, ids_b]
                 starts += [lead, lead]
                 plan.append(aligned_first)
-    engine = _engine(cfg, setup.judge_path, max(map(len, seqs)) + 1)
-    try:
-        lps = [sum(x) for x in ray.get(engine.sequence_logprobs.remote(seqs, starts))]
-    finally:
-        ray.kill(engine)
+    engine = engines.get(setup.judge_path, max(map(len, seqs)) + 1)
+    lps = [sum(x) for x in ray.get(engine.sequence_logprobs.remote(seqs, starts))]
     prefs = []
     for i, aligned_first in enumerate(plan):
         gap = lps[2 * i] - lps[2 * i + 1]  # log p(A) - log p(B)
@@ -463,20 +506,26 @@ def run(cfg: EvalConfig) -> Path:
         print(f"held-out: {sum(counts.values())} rows read, {counts['']} usable; evaluating "
               f"{len(items)} prompts x {cfg.generation.samples_per_prompt} samples"
               + (f"; left out: {dict(left_out)}" if left_out else ""), flush=True)
-        aligned = model_pass(cfg, setup, setup.aligned, items)
-        print(f"aligned model: {sum(map(len, aligned['samples']))} responses in "
-              f"{aligned['generate_s']:.1f} s", flush=True)
-        base = model_pass(cfg, setup, setup.base, items, score=aligned["samples"])
-        decode = lambda ss: [[tok.decode(s["token_ids"], skip_special_tokens=True)  # noqa: E731
-                              for s in o] for o in ss]
-        texts_a, texts_b = decode(aligned["samples"]), decode(base["samples"])
-        judge = (judge_pairwise if setup.judge == "pairwise" else judge_reward_model)(
-            cfg, setup, items, texts_a, texts_b)
+        engines = EngineSlot(cfg)
+        try:
+            aligned = model_pass(cfg, setup, engines, setup.aligned, items)
+            print(f"aligned model: {sum(map(len, aligned['samples']))} responses in "
+                  f"{aligned['generate_s']:.1f} s", flush=True)
+            base = model_pass(cfg, setup, engines, setup.base, items,
+                              score=aligned["samples"])
+            decode = lambda ss: [[tok.decode(s["token_ids"], skip_special_tokens=True)  # noqa: E731
+                                  for s in o] for o in ss]
+            texts_a, texts_b = decode(aligned["samples"]), decode(base["samples"])
+            judge = (judge_pairwise if setup.judge == "pairwise" else judge_reward_model)(
+                cfg, setup, engines, items, texts_a, texts_b)
+        finally:
+            engines.close()
     finally:
         if started:
             ray.shutdown()
     results, samples = summarise(cfg, setup, items, aligned, base, texts_a, texts_b, judge,
                                  counts, left_out, em)
+    results["engines"] = {"started": engines.started, "reloaded": engines.reloaded}
     results["wall_time_s"] = round(time.time() - t_start, 1)
     out_dir = make_run_dir(cfg.output, False, "eval")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

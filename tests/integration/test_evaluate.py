@@ -33,6 +33,8 @@ def test_default_dpo_run_beats_its_base(good_run):
     assert w["rate"] > 0.55 and w["verdict"] == "working"
     assert w["ci95"][0] <= w["rate"] <= w["ci95"][1]
     assert r["judge"]["kind"] == "reward_model" and r["judge"]["path"].endswith("-rm")
+    # the base's weights went into the aligned model's engine (one engine start)
+    assert r["engines"] == {"started": 1, "reloaded": 1}
     # DPO's implicit reward on the held-out pairs (topics never seen in training)
     assert r["preference"]["accuracy"] > 0.9 and r["preference"]["pairs"] == 48
     assert r["kl"]["per_token"] > 0  # it moved away from its base, which is measured
@@ -93,9 +95,17 @@ def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_mod
     assert all("halve the learning rate" in f["message"] for f in r["flags"])
     assert r["judge"]["kind"] == "pairwise" and r["judge"]["both_orders"]
     w = r["win_rate"]
-    assert w["comparisons"] == 16
-    if r["judge"]["first_position_share"] in (0.0, 1.0):  # it only ever picks one position
-        assert w["ties"] == 16 and w["rate"] == 0.5  # ... which both orders cancel
+    assert w["comparisons"] == 16 and w["wins"] + w["ties"] + w["losses"] == 16
+    assert w["rate"] == (w["wins"] + w["ties"] / 2) / 16
+    # Asked in both orders, a comparison where the judge picks the same position twice
+    # is a tie. With f the share of its 32 answers that pick the first position, at
+    # least 16 |2f - 1| comparisons got the same position twice (all 16 when it only
+    # ever picks one position, as the tiny model does).
+    f = r["judge"]["first_position_share"]
+    assert w["ties"] >= 16 * abs(2 * f - 1) - 1e-9, (f, w)
+    # one engine served the aligned model, the base (weights reloaded in place) and the
+    # judge (the base itself)
+    assert r["engines"] == {"started": 1, "reloaded": 1}
 
 
 def _broken_tokenizer_copy(src: str, dst: Path) -> Path:
