@@ -35,6 +35,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,22 @@ def _engine_state(engine) -> dict:
     for attempt in range(60):
         try:
             return ray.get(engine.ready.remote(), timeout=30)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            if attempt == 59:
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            # an engine whose constructor raised (vLLM could not start) never comes back
+            if attempt == 59 or getattr(e, "actor_init_failed", False):
                 raise
             time.sleep(2)
+
+
+def _report_engines_up(engines: list, t0: float) -> None:
+    """Print when every engine is up (the driver does not wait for them: see run)."""
+    import ray
+
+    try:
+        ray.get([e.ready.remote() for e in engines])
+    except Exception:  # noqa: BLE001 - the worker that waits on it reports the error
+        return
+    print(f"{len(engines)} vLLM engine(s) up in {time.time() - t0:.0f} s", flush=True)
 
 
 def _reward_spec(spec: str) -> tuple[str, float]:
@@ -652,10 +665,14 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
             kv_cache_fraction=r.kv_cache_fraction, tensor_parallel_size=r.tensor_parallel_size,
             seed=cfg.train.seed + i), num_cpus=r.cpus_per_engine, num_gpus=gpus)
             for i in range(r.engines)]
+        # The engines start while Ray Train starts the workers (both take tens of seconds,
+        # and on a small machine neither keeps every core busy alone); each worker waits
+        # for its own engine before it first uses it (_engine_state, which also raises an
+        # engine's start-up error). This thread only reports when they are up.
         t0 = time.time()
-        ray.get([e.ready.remote() for e in engines])
-        print(f"{len(engines)} vLLM engine(s) up in {time.time() - t0:.0f} s", flush=True)
-        print(f"weights reach the engines through {sync}", flush=True)
+        threading.Thread(target=_report_engines_up, args=(engines, t0), daemon=True).start()
+        print(f"starting {len(engines)} vLLM engine(s); weights reach them through {sync}",
+              flush=True)
         return {"engines": engines, "weights_dir": str(weights_dir), "sync": sync,
                 "store": weight_store() if sync == "store" else None,
                 "critic_path": critic_path(cfg, model_path)}
