@@ -167,7 +167,10 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
                   actors=cfg.cluster.reference_actors,
                   gpus_per_actor=cfg.cluster.reference_gpus_per_actor)
         pipes.train = add_reference_logps(pipes.train, **kw)
-        pipes.eval = add_reference_logps(pipes.eval, **kw)
+        # The held-out pairs are scored once and kept (Ray's object store; a held-out set
+        # is small): every evaluation would otherwise start the actor pool again, load
+        # the reference and score the same pairs (7 s a time on a CPU, for the tiny model).
+        pipes.eval = add_reference_logps(pipes.eval, **kw).materialize()
 
     return run_training(cfg, prefix="dpo", loop=train_loop_per_worker, dataset=dataset,
                         eval_dataset=eval_dataset, loop_config={"ref_path": ref_path},
