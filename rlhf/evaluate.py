@@ -164,17 +164,24 @@ def resolve(cfg: EvalConfig) -> Setup:
     return Setup(aligned, base, run_dir, data, plan_data(data), beta, seed, judge, judge_path)
 
 
+BUILTIN_RM_PAIRS = 800
+
+
 def builtin_reward_model() -> str:
-    """rlhf.rm's embedded default run (the tiny model on the demo pairs), trained once
-    and cached beside the tiny model: the judge of the demo data."""
+    """rlhf.rm's embedded default run on 800 demo pairs (the tiny model), trained once
+    and cached beside the tiny model: the judge of the demo data. 800 pairs: its
+    held-out accuracy is 1.0 as on the default 2,400, in half the time (27 s against
+    52 s on 2 CPU cores), which every fresh machine and CI run pays."""
     from rlhf.config import RMConfig
     from rlhf.demo import tiny_model_path
     from rlhf.rm import run as rm_run
     from rlhf.runner import cached_default_model
 
-    return cached_default_model(tiny_model_path().with_name(tiny_model_path().name + "-rm"),
+    tiny = tiny_model_path()
+    return cached_default_model(tiny.with_name(f"{tiny.name}-rm-{BUILTIN_RM_PAIRS}"),
                                 RMConfig, "rlhf.rm", rm_run,
-                                "the judge: the built-in reward model on the demo pairs")
+                                "the judge: the built-in reward model on the demo pairs",
+                                overrides=(f"data.demo_pairs={BUILTIN_RM_PAIRS}",))
 
 
 # ------------------------------------------------------------------------------ data

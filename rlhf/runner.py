@@ -133,11 +133,12 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
 
 
 def cached_default_model(path: Path, cfg_cls: type, prog: str, run: Callable,
-                         what: str) -> str:
-    """The exported model/ of an entry point's embedded default run, trained once and
-    kept at `path` (a built-in model of the demo: rlhf.ppo's SFT policy, rlhf.evaluate's
-    reward model). Safe with several processes at once: each builds into a folder of
-    its own and renames it into place; the first rename wins."""
+                         what: str, overrides: tuple[str, ...] = ()) -> str:
+    """The exported model/ of an entry point's embedded default run (with `overrides`,
+    which `path`'s name must reflect), trained once and kept at `path` (a built-in model
+    of the demo: rlhf.ppo's SFT policy, rlhf.evaluate's reward model). Safe with several
+    processes at once: each builds into a folder of its own and renames it into place;
+    the first rename wins."""
     import shutil
     import tempfile
 
@@ -147,7 +148,7 @@ def cached_default_model(path: Path, cfg_cls: type, prog: str, run: Callable,
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = run(parse_args(cfg_cls, [f"output.dir={tmp}", "train.eval_every=0",
-                                           "train.checkpoint_every=0"], prog))
+                                           "train.checkpoint_every=0", *overrides], prog))
         staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         shutil.copytree(run_dir / "model", staging, dirs_exist_ok=True)
         try:
