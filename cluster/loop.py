@@ -337,10 +337,12 @@ def train_loop(lc: dict, task) -> None:
                 marker = Path(fault["marker"])
                 if not marker.exists():  # a hard death, as when a node is lost
                     marker.write_text(str(step))
-                    # Ray Train's controller collects reported checkpoints on its 2 s
-                    # health-check poll; in a real run minutes pass between a checkpoint
-                    # and a crash, so let it see the last one first.
-                    time.sleep(5)
+                    # Ray Train's controller collects reported checkpoints on its
+                    # health-check poll (2 s unless RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+                    # says otherwise); in a real run minutes pass between a checkpoint
+                    # and a crash, so let it see the last one first: two polls and more.
+                    time.sleep(2.5 * float(os.environ.get(
+                        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
                     os._exit(1)
             samples += int(totals["samples"])
             tokens_seen += int(totals["tokens"])
