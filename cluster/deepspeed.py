@@ -132,6 +132,36 @@ def _skip_cpu_inference_kernel() -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def _muon_module_without_compiling() -> None:
+    """DeepSpeed imports its Muon optimizer's module in every ZeRO engine (to check that
+    the optimizer is one it supports, and in the ZeRO stages' set-up), and that module
+    wraps three kernels in torch.compile as it is imported, which loads TorchDynamo and
+    Inductor: ~2 s of CPU in every training worker at every start, for an optimizer this
+    project never configures (its optimizer is AdamW). Imported once here with
+    torch.compile a no-op while it loads, so its kernels stay eager (a Muon run would
+    still be correct, only slower); nothing else is compiled or changed."""
+    import importlib
+    import sys
+
+    import torch
+
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    real = torch.compile
+
+    def eager(fn=None, *args, **kwargs):
+        return fn if callable(fn) else (lambda f: f)
+
+    torch.compile = eager
+    try:
+        importlib.import_module(name)
+    except ImportError:  # a DeepSpeed without Muon: nothing to do
+        pass
+    finally:
+        torch.compile = real
+
+
 def train_engine(model, ds_config: dict[str, Any], *, learning_rate: float,
                  weight_decay: float, total_steps: int, warmup_steps: int, schedule: str):
     """Wrap a model in a DeepSpeed training engine with AdamW and the LR schedule."""
@@ -149,6 +179,7 @@ def train_engine(model, ds_config: dict[str, Any], *, learning_rate: float,
     fn = functools.partial(lr_lambda, total_steps=total_steps, warmup_steps=warmup_steps,
                            schedule=schedule)
     _skip_cpu_inference_kernel()
+    _muon_module_without_compiling()
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, fn)
@@ -165,6 +196,7 @@ def frozen_engine(model, ds_config: dict[str, Any]):
     for p in model.parameters():
         p.requires_grad_(False)
     _skip_cpu_inference_kernel()
+    _muon_module_without_compiling()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
