@@ -39,3 +39,24 @@ def test_schedule_shapes():
     assert f(2, "cosine") == pytest.approx(1.0) and f(10, "cosine") == pytest.approx(0.0)
     assert f(6, "linear") == pytest.approx(0.5) and f(6, "cosine") == pytest.approx(0.5)
     assert f(9, "constant") == 1.0
+
+
+def test_muon_module_loads_without_compiling_and_torch_compile_comes_back():
+    """In a fresh interpreter (the module may be loaded here already): DeepSpeed's Muon
+    module is importable after it, Inductor was never loaded, torch.compile is torch's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "real = torch.compile\n"
+        "from cluster.deepspeed import _muon_module_without_compiling as f\n"
+        "f()\n"
+        "assert torch.compile is real\n"
+        "assert 'deepspeed.runtime.zero.muon.muon_optimizer' in sys.modules\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+        "from deepspeed.runtime.zero.muon.original_muon import muon_update\n"
+        "assert not hasattr(muon_update, '_torchdynamo_orig_callable')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+    assert out.returncode == 0, out.stderr[-2000:]
