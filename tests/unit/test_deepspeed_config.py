@@ -46,6 +46,7 @@ def test_muon_module_loads_without_compiling_and_torch_compile_comes_back():
     module is importable after it, Inductor was never loaded, torch.compile is torch's."""
     import subprocess
     import sys
+    from pathlib import Path
 
     code = (
         "import sys, torch\n"
@@ -58,5 +59,5 @@ def test_muon_module_loads_without_compiling_and_torch_compile_comes_back():
         "from deepspeed.runtime.zero.muon.original_muon import muon_update\n"
         "assert not hasattr(muon_update, '_torchdynamo_orig_callable')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+                         timeout=120, cwd=str(Path(__file__).parents[2]))
     assert out.returncode == 0, out.stderr[-2000:]
