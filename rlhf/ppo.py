@@ -124,7 +124,6 @@ class RLTask(Task):
         self.store = lc["store"]  # None: the shm or broadcast path (cluster.weight_sync)
         self.broadcast = None  # rank 0's BroadcastSender on the broadcast path
         self.broadcasting = lc.get("sync") == "broadcast"
-        self.engines_seen_up = False  # broadcast: rank 0 waits for them before a first sync
         if self.broadcasting and self.rank == 0:
             from cluster.weight_sync import BroadcastSender
 
@@ -538,10 +537,9 @@ class RLTask(Task):
             pairs = (policy_weights(full, lora) if self.rank == 0 else {}).items()
         if self.broadcasting:
             if self.broadcast is not None:
-                if not self.engines_seen_up:  # the driver does not wait for them (run)
-                    for e in self.engines:  # a slow start is waited for, not timed out
+                if self.broadcast.group is None:  # about to form it (first sync, or anew)
+                    for e in self.engines:  # a slow (re)start is waited for, not timed out
                         _engine_state(e)
-                    self.engines_seen_up = True
                 self.sync_bytes = self.broadcast.send(pairs, version)["bytes"]
             else:
                 for _ in pairs:  # ZeRO-3: rank 0's gathers need every rank

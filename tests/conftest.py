@@ -38,8 +38,9 @@ def _prebuild_cpu_adam() -> None:
     machine. Started here at the lowest priority, the compile runs on what the tests
     before it leave idle (clusters and nodes starting, waits); if it is not done when
     the test needs it, the test waits on torch's build lock until it is, then loads
-    the built kernel. Once built, this only finds it in torch's extension cache. Its own session, so it is
-    never killed half-way (a killed build leaves a lock the next one waits on)."""
+    the built kernel. Once built, this only finds it in torch's extension cache. Its own
+    session, so it is never killed half-way (a killed build leaves a lock the next one
+    waits on)."""
     import subprocess
     import sys
 
