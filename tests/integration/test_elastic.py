@@ -35,6 +35,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]
 ROOT = Path(__file__).resolve().parents[2]
 
 WORKER_NODE = {"num_cpus": 2}
+# Ray Train sizes a restarted group by what Ray Data's autoscaling coordinator last saw
+# of ray.nodes() (it looks again every 20 s), and the head's GCS lists a lost node as
+# alive until 5 health checks 3 s apart have failed: a look in those 15 s sees the old
+# size, and the restart first waits out a start timeout for it. 3 checks 0.5 s apart
+# here, so the next look after a loss sees it.
+FAST_NODE_DEATH = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 ELASTIC = ["cluster.num_workers=[1,2]", "cluster.cpus_per_worker=2",
            "cluster.resize_check_s=1", "cluster.max_failures=2"]
 
@@ -52,7 +58,8 @@ def cluster():
     key = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
     before = os.environ.get(key)
     os.environ[key] = "10"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                      "_system_config": FAST_NODE_DEATH})
     try:
         c.add_node(**WORKER_NODE)
         c.wait_for_nodes()
@@ -127,8 +134,10 @@ def final_weights(run_dir: Path) -> dict:
 def test_a_run_grows_when_a_node_is_added(cluster, tmp_path):
     """8 pairs, one global batch of 8, 32 epochs: every step sees all pairs whatever the
     split, so the elastic run and the uninterrupted one-worker run take the same steps.
-    The node comes at step 2; a step takes ~0.25 s here, so the run still has ~7 s to
-    go when Ray Train can first see the new node (its raylet up, then a resize check)."""
+    The node comes at step 2; with a checkpoint saved at every step a step takes ~1 s
+    here, so the run has ~30 s to go, and Ray Train sees the new node at the autoscaling
+    coordinator's next look (within 20 s) and a resize check. Fewer checkpoints would
+    make the run faster than that look: it could end before it grows."""
     one_batch = ["data.demo_pairs=8", "train.epochs=32", "train.max_steps=-1",
                  "train.global_batch_size=8", "train.micro_batch_size=4",
                  "train.eval_every=0", "cluster.zero_stage=2",
