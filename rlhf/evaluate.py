@@ -178,7 +178,7 @@ def builtin_reward_model() -> str:
     from rlhf.runner import cached_default_model
 
     tiny = tiny_model_path()
-    return cached_default_model(tiny.with_name(f"{tiny.name}-rm-{BUILTIN_RM_PAIRS}"),
+    return cached_default_model(tiny.with_name(f"{tiny.name}-rm"),
                                 RMConfig, "rlhf.rm", rm_run,
                                 "the judge: the built-in reward model on the demo pairs",
                                 overrides=(f"data.demo_pairs={BUILTIN_RM_PAIRS}",))

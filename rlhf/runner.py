@@ -132,23 +132,35 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             ray.shutdown()
 
 
-def cached_default_model(path: Path, cfg_cls: type, prog: str, run: Callable,
+def default_model_key(cfg: Any) -> str:
+    """A short hash of a resolved config, output.dir left out: the name under which a
+    built-in model trained from that config is cached. Built from the config itself, so
+    a changed default or override (a new release's SFT length, another demo set) trains
+    a model of its own instead of reusing one trained from other settings."""
+    import hashlib
+
+    tree = {k: v for k, v in to_dict(cfg).items() if k != "output"}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def cached_default_model(stem: Path, cfg_cls: type, prog: str, run: Callable,
                          what: str, overrides: tuple[str, ...] = ()) -> str:
-    """The exported model/ of an entry point's embedded default run (with `overrides`,
-    which `path`'s name must reflect), trained once and kept at `path` (a built-in model
-    of the demo: rlhf.ppo's SFT policy, rlhf.evaluate's reward model). Safe with several
+    """The exported model/ of an entry point's embedded default run (with `overrides`),
+    trained once and kept at `<stem>-<default_model_key(config)>` (a built-in model of
+    the demo: rlhf.ppo's SFT policy, rlhf.evaluate's reward model). Safe with several
     processes at once: each builds into a folder of its own and renames it into place;
     the first rename wins."""
     import shutil
     import tempfile
 
+    argv = ["train.eval_every=0", "train.checkpoint_every=0", *overrides]
+    path = stem.with_name(f"{stem.name}-{default_model_key(parse_args(cfg_cls, argv, prog))}")
     if (path / "config.json").is_file():
         return str(path)
     print(f"building {what} (once, a minute or two) ...", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = run(parse_args(cfg_cls, [f"output.dir={tmp}", "train.eval_every=0",
-                                           "train.checkpoint_every=0", *overrides], prog))
+        run_dir = run(parse_args(cfg_cls, [f"output.dir={tmp}", *argv], prog))
         staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         shutil.copytree(run_dir / "model", staging, dirs_exist_ok=True)
         try:

@@ -165,3 +165,20 @@ def test_elastic_worker_range():
     assert (c.num_workers, c.worker_range, c.elastic) == ([1, 2], (1, 2), True)
     c = parse_args(DPOConfig, ["cluster.num_workers=2"], "x").cluster
     assert (c.worker_range, c.elastic) == ((2, 2), False)
+
+
+def test_builtin_models_are_cached_under_their_configs_hash():
+    """rlhf.ppo's SFT policy and rlhf.evaluate's judge are cached under a hash of the
+    resolved config that trains them: another setting (an override, a changed default)
+    gets a model of its own; where the run writes its files does not."""
+    from rlhf.config import RMConfig
+    from rlhf.runner import default_model_key
+
+    def key(*argv):
+        return default_model_key(parse_args(RMConfig, list(argv), "x"))
+
+    assert key("data.demo_pairs=800") == key("data.demo_pairs=800", "output.dir=/elsewhere")
+    assert key("data.demo_pairs=800") != key()
+    assert key("data.demo_pairs=2400") == key()  # the default, spelt out: the same config
+    assert key() != default_model_key(parse_args(DPOConfig, [], "x"))
+    assert len(key()) == 10 and key() == key()
