@@ -27,7 +27,7 @@ setup: $(STAMP)
 # none of them, so the install removes them itself.
 #
 # uv installs the very set pip would (same resolver semantics with unsafe-best-match, pip's
-# own mirrors, wheel folders and constraints passed on by .ci/pip_to_uv.py) in about 30 s
+# own mirrors, wheel folders and constraints passed on by .ci/pip_to_uv.py) in about a minute
 # where pip takes 2-4 min on 2 cores (it downloads and unpacks 4 GB one wheel at a time).
 # Where uv cannot be had or fails, pip does the install as before. The bytecode is compiled
 # at install as pip does: with PYTHONDONTWRITEBYTECODE set (as on these machines) nothing

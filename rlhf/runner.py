@@ -139,8 +139,9 @@ def default_model_key(cfg: Any) -> str:
     a model of its own instead of reusing one trained from other settings."""
     import hashlib
 
-    tree = {k: v for k, v in to_dict(cfg).items() if k != "output"}
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    tree = json.dumps({k: v for k, v in to_dict(cfg).items() if k != "output"},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(tree.encode()).hexdigest()[:10]
 
 
 def cached_default_model(stem: Path, cfg_cls: type, prog: str, run: Callable,
