@@ -113,9 +113,15 @@ def _cache_root() -> Path:
     return Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf")
 
 
+def spec_key(spec: dict) -> str:
+    """12 hex digits of the SHA-256 of a spec as JSON (keys sorted, other values as
+    str): the name under which what is built from it is cached, so another spec builds
+    anew instead of reusing what was built from the old one."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def tiny_model_path() -> Path:
-    key = hashlib.sha256(json.dumps(TINY_SPEC, sort_keys=True).encode()).hexdigest()[:12]
-    return _cache_root() / f"tiny-llama-{key}"
+    return _cache_root() / f"tiny-llama-{spec_key(TINY_SPEC)}"
 
 
 def build_tiny_model(path: Path) -> None:

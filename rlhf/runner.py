@@ -133,15 +133,14 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
 
 
 def default_model_key(cfg: Any) -> str:
-    """A short hash of a resolved config, output.dir left out: the name under which a
-    built-in model trained from that config is cached. Built from the config itself, so
-    a changed default or override (a new release's SFT length, another demo set) trains
-    a model of its own instead of reusing one trained from other settings."""
-    import hashlib
+    """rlhf.demo.spec_key of a resolved config, its output section left out: the name
+    under which a built-in model trained from that config is cached. Built from the
+    config itself, so a changed default or override (a new release's SFT length, another
+    demo set) trains a model of its own instead of reusing one trained from other
+    settings."""
+    from rlhf.demo import spec_key
 
-    tree = json.dumps({k: v for k, v in to_dict(cfg).items() if k != "output"},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(tree.encode()).hexdigest()[:10]
+    return spec_key({k: v for k, v in to_dict(cfg).items() if k != "output"})
 
 
 def cached_default_model(stem: Path, cfg_cls: type, prog: str, run: Callable,
@@ -154,14 +153,16 @@ def cached_default_model(stem: Path, cfg_cls: type, prog: str, run: Callable,
     import shutil
     import tempfile
 
-    argv = ["train.eval_every=0", "train.checkpoint_every=0", *overrides]
-    path = stem.with_name(f"{stem.name}-{default_model_key(parse_args(cfg_cls, argv, prog))}")
+    cfg = parse_args(cfg_cls, ["train.eval_every=0", "train.checkpoint_every=0", *overrides],
+                     prog)
+    path = stem.with_name(f"{stem.name}-{default_model_key(cfg)}")
     if (path / "config.json").is_file():
         return str(path)
     print(f"building {what} (once, a minute or two) ...", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = run(parse_args(cfg_cls, [f"output.dir={tmp}", *argv], prog))
+        cfg.output.dir = tmp  # not part of the key
+        run_dir = run(cfg)
         staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
         shutil.copytree(run_dir / "model", staging, dirs_exist_ok=True)
         try:

@@ -181,4 +181,4 @@ def test_builtin_models_are_cached_under_their_configs_hash():
     assert key("data.demo_pairs=800") != key()
     assert key("data.demo_pairs=2400") == key()  # the default, spelt out: the same config
     assert key() != default_model_key(parse_args(DPOConfig, [], "x"))
-    assert len(key()) == 10 and key() == key()
+    assert len(key()) == 12 and key() == key()
