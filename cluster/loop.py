@@ -11,6 +11,8 @@ rlhf/dpo.py's DPOTask and rlhf/sft.py's SFTTask) provides:
     cfg                      the entry point's config (train, cluster, model sections)
     name                     what a row is called in messages ("pairs", "examples")
     flags                    {boolean row column: label} counted by the feed
+    feed(shard, micro, accum, skip)  the steps' source (default: a RowFeed over the
+                             worker's shard; online RL: its rollout coordinator)
     eval_at_start            evaluate before the first step too (logged as step 0, and
                              in the summary as "start/eval/...")
     nan_advice               what to try when the loss stops being finite
@@ -25,7 +27,9 @@ rlhf/dpo.py's DPOTask and rlhf/sft.py's SFTTask) provides:
                              PPO: the critic's engine, the adaptive KL coefficient)
     step_counts(micro_batches) -> dict  local per-step counts; "samples", "tokens" and
                              "unique_tokens" are read by the loop, all are summed over
-                             workers and handed to micro_step and metrics
+                             workers and handed to micro_step and metrics (every worker
+                             reports the same keys; "max:..." keys of micro_step's sums
+                             are reduced to their largest value instead)
     micro_step(engine, rows, totals, grad, timer) -> (loss or None, sums dict)
                              one micro-batch; rows == [] means a zero-weight dummy forward
                              (ZeRO-3 needs every rank in every gather); the loss must be
@@ -54,6 +58,7 @@ class Task:
     flags: dict[str, str] = {}
     eval_at_start = False
     reward_head = False
+    train_from_shard = True  # online RL's rollouts come from its coordinator instead
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -96,6 +101,13 @@ class Task:
     def updates(self, micro_batches: list[list[dict]]) -> list[list[list[dict]]]:
         """The optimizer updates of a step, each over a list of micro-batches."""
         return [micro_batches]
+
+    def feed(self, shard, micro: int, accum: int, skip: set[int] | None = None):
+        """Where the steps' micro-batches come from: this worker's shard of the train
+        split (online RL: its rollout coordinator, rlhf.rl_task.RolloutFeed)."""
+        from cluster.train import RowFeed
+
+        return RowFeed(shard, micro, accum, skip=skip, flags=self.flags)
 
     def save_state(self, folder: Path) -> None:
         """Called on every rank when a checkpoint is written into `folder`."""
@@ -146,16 +158,23 @@ class PairTask(Task):
 
 
 def _add(into: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+    """Sums `more` into `into`; keys named "max:..." keep the larger value instead."""
     for k, v in more.items():
-        into[k] = into.get(k, 0.0) + v
+        into[k] = max(into.get(k, v), v) if k.startswith("max:") else into.get(k, 0.0) + v
     return into
 
 
 def _all_sum_dict(d: dict[str, float]) -> dict[str, float]:
-    from cluster.train import all_sum
+    """Every value summed over the workers ("max:..." keys: the largest); every worker
+    must hold the same keys."""
+    from cluster.train import all_max, all_sum
 
-    keys = sorted(d)
-    return dict(zip(keys, all_sum([float(d[k]) for k in keys])))
+    keys = sorted(k for k in d if not k.startswith("max:"))
+    out = dict(zip(keys, all_sum([float(d[k]) for k in keys])))
+    maxes = sorted(k for k in d if k.startswith("max:"))
+    if maxes:
+        out.update(zip(maxes, all_max([float(d[k]) for k in maxes])))
+    return out
 
 
 def evaluate(task, engine, shard) -> dict:
@@ -273,7 +292,7 @@ def train_loop(lc: dict, task) -> None:
     device = engine.device
 
     run_log = lc["run_log"]
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = ray.train.get_dataset_shard("train") if task.train_from_shard else None
     eval_shard = ray.train.get_dataset_shard("eval")
     engine.train()
 
@@ -295,8 +314,7 @@ def train_loop(lc: dict, task) -> None:
         return dict(total_)
 
     def new_feed(skip_ids: set[int] | None = None) -> RowFeed:
-        return RowFeed(train_shard, t.micro_batch_size, accum, skip=skip_ids,
-                       flags=task.flags)
+        return task.feed(train_shard, t.micro_batch_size, accum, skip=skip_ids)
 
     if task.eval_at_start and ckpt is None:
         start_eval = {f"start/{k}": v for k, v in evaluate(task, engine, eval_shard).items()}

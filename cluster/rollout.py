@@ -174,20 +174,28 @@ class RolloutEngine:
         different prompts should be further apart than n. None: the engine's own
         generator, seeded at start (RolloutSettings.seed).
         """
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        return self.generate_requests(
+            [{"prompt_ids": p, "n": n, "max_tokens": max_tokens,
+              "seed": None if seeds is None else seeds[i], "stop_token_ids": stop_token_ids}
+             for i, p in enumerate(prompts)], temperature=temperature, top_p=top_p)
+
+    def generate_requests(self, requests: list[dict], *, temperature: float = 1.0,
+                          top_p: float = 1.0) -> list[list[dict]]:
+        """`generate` with settings per request: each {"prompt_ids", "n", "max_tokens",
+        "seed" (or None), "stop_token_ids" (or None)}: what the rollout coordinator sends
+        when requests differ (a continued partial rollout, a multi-turn episode's next
+        turn). Same output as `generate`, one list per request."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        def params(i: int) -> SamplingParams:
-            return SamplingParams(n=n, temperature=temperature, top_p=top_p,
-                                  max_tokens=max_tokens, logprobs=0,
-                                  seed=None if seeds is None else seeds[i],
-                                  stop_token_ids=stop_token_ids)
-
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        params = [params(i) for i in range(len(prompts))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                 params, use_tqdm=False)
+        params = [SamplingParams(n=r.get("n", 1), temperature=temperature, top_p=top_p,
+                                 max_tokens=r["max_tokens"], logprobs=0, seed=r.get("seed"),
+                                 stop_token_ids=r.get("stop_token_ids"))
+                  for r in requests]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(r["prompt_ids"]))
+                                  for r in requests], params, use_tqdm=False)
         return [[{"token_ids": list(c.token_ids),
                   "logprobs": [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)],
                   "finish_reason": c.finish_reason, "version": self.version}
@@ -242,9 +250,10 @@ class RolloutEngine:
         self.version = version
         return n
 
-    def load_from_store(self, store, version: int) -> int:
+    def load_from_store(self, store, version: int | None = None) -> int:
         """Pull every bucket of the store's latest weights (cluster.weight_sync) and
-        reload them; returns the tensors loaded. The store must hold `version`."""
+        reload them; returns the tensors loaded. The store must hold `version` (None:
+        whatever version it holds, read back from `ready()`)."""
         import os
         import shutil
 
@@ -253,12 +262,12 @@ class RolloutEngine:
         from cluster.weight_sync import publish, shm_dir
 
         held, refs = ray.get(store.latest.remote())
-        if held != version:
+        if version is not None and held != version:
             raise RuntimeError(f"the weight store holds version {held}, not {version}")
         # Tensors cannot be collective_rpc arguments (they arrive mangled): each bucket
         # becomes a file in this node's /dev/shm, and the workers reload from all of them
         # in one call (see WeightReloader.rlhf_reload).
-        local = shm_dir(f"engine-{os.getpid()}-{version}")
+        local = shm_dir(f"engine-{os.getpid()}-{held}")
         try:
             paths = []
             for i, ref in enumerate(refs):  # one bucket at a time in this process
@@ -269,7 +278,7 @@ class RolloutEngine:
         finally:
             shutil.rmtree(local, ignore_errors=True)
         self.llm.reset_prefix_cache()
-        self.version = version
+        self.version = held
         return n
 
 
@@ -317,12 +326,20 @@ def same_architecture(a: str, b: str) -> bool:
             and vocab(a) == vocab(b))
 
 
+# rollout.placement=separate: the node label of nodes kept for generation
+# (ray-cluster.yaml's rollout node type; `ray start --labels=rlhf-role=rollout`)
+ROLLOUT_LABEL = {"rlhf-role": "rollout"}
+TRAINING_LABEL = {"rlhf-role": "!rollout"}
+
+
 def rollout_actor(model_path: str, settings: RolloutSettings | None = None,
-                  num_cpus: float = 1, num_gpus: float = 0):
+                  num_cpus: float = 1, num_gpus: float = 0, separate: bool = False):
     """A RolloutEngine actor (restarted by Ray if its process dies; the caller re-syncs
-    weights before using a restarted engine: its `version` starts at 0 again)."""
+    weights before using a restarted engine: its `version` starts at 0 again).
+    separate: only on a node labelled ROLLOUT_LABEL."""
     import ray
 
+    extra = {"label_selector": ROLLOUT_LABEL} if separate else {}
     return ray.remote(RolloutEngine).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0,
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0, **extra,
     ).remote(model_path, settings or RolloutSettings())

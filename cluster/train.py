@@ -83,7 +83,7 @@ def check_resources(cluster_cfg: Any) -> None:
 
 
 def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, name: str,
-                 storage_path: str, keep_checkpoints: int):
+                 storage_path: str, keep_checkpoints: int, label_selector: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -100,7 +100,8 @@ def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, n
             num_workers=(cluster_cfg.worker_range if cluster_cfg.elastic
                          else cluster_cfg.worker_range[0]),
             use_gpu=cluster_cfg.use_gpu, resources_per_worker=resources,
-            elastic_resize_monitor_interval_s=cluster_cfg.resize_check_s),
+            elastic_resize_monitor_interval_s=cluster_cfg.resize_check_s,
+            label_selector=label_selector),
         # A lost peer must surface as an error naming it, not a silent hang.
         torch_config=TorchConfig(timeout_s=1800),
         run_config=RunConfig(
@@ -271,6 +272,19 @@ def all_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def all_max(values: list[float]) -> list[float]:
+    """The largest of each float over all workers."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     import torch.distributed as dist
 
@@ -295,6 +309,30 @@ def _rows_collate():
 
 # Boolean columns of tokenised pair rows counted by the feed, with their labels.
 PAIR_FLAGS = {"prompt_truncated": "prompt truncated", "response_truncated": "response truncated"}
+
+
+def take_rows(next_row, n: int, skip: set[int], flags: dict[str, str] | None = None
+              ) -> tuple[list[dict], list[int], Counter, bool]:
+    """Up to n usable rows from `next_row()` (None when exhausted): (rows, ids seen,
+    counts of dropped rows and flags, exhausted). Rows whose id is in `skip` (trained
+    before a resume) are passed over uncounted; rows with a drop reason are counted and
+    left out; `flags` ({boolean column: label}) are counted where true."""
+    rows, ids, counts = [], [], Counter()
+    while len(rows) < n:
+        row = next_row()
+        if row is None:
+            return rows, ids, counts, True
+        rid = int(row["id"])
+        if rid in skip:
+            continue
+        ids.append(rid)
+        if row["drop"]:
+            counts[f"dropped: {row['drop']}"] += 1
+            continue
+        for column, label in (flags or {}).items():
+            counts[label] += int(bool(row[column]))
+        rows.append(row)
+    return rows, ids, counts, False
 
 
 class RowFeed:
@@ -337,21 +375,11 @@ class RowFeed:
             micro_batches, ids, counts = [], [], Counter()
             for _ in range(self.accum):
                 mb: list[dict] = []
-                while len(mb) < self.micro and not exhausted:
-                    row = next(rows, None)
-                    if row is None:
-                        exhausted = True
-                        break
-                    rid = int(row["id"])
-                    if rid in self.skip:
-                        continue
-                    ids.append(rid)
-                    if row["drop"]:
-                        counts[f"dropped: {row['drop']}"] += 1
-                        continue
-                    for column, label in self.flags.items():
-                        counts[label] += int(bool(row[column]))
-                    mb.append(row)
+                if not exhausted:
+                    mb, seen, found, exhausted = take_rows(lambda: next(rows, None),
+                                                           self.micro, self.skip, self.flags)
+                    ids += seen
+                    counts.update(found)
                 micro_batches.append(mb)
             local = sum(len(mb) for mb in micro_batches)
             (total,) = all_sum([float(local)])

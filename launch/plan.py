@@ -238,6 +238,7 @@ class NodeType:
     gpus: int
     gpu_memory: float | None  # bytes per GPU (from labels.gpu, e.g. "H100-80GB")
     max_workers: int
+    rollout: bool = False  # labelled rlhf-role=rollout: kept for vLLM engines (placement)
 
 
 def node_types(cluster_yaml: Path) -> list[NodeType]:
@@ -250,11 +251,12 @@ def node_types(cluster_yaml: Path) -> list[NodeType]:
         res = t.get("resources", {})
         if not res.get("CPU"):
             continue
-        label = (t.get("labels") or {}).get("gpu", "")
-        found = re.search(r"(\d+)\s*GB", label)
+        labels = t.get("labels") or {}
+        found = re.search(r"(\d+)\s*GB", labels.get("gpu", ""))
         out.append(NodeType(name, float(res["CPU"]), int(res.get("GPU", 0)),
                             int(found.group(1)) * 10**9 if found else None,
-                            int(t.get("max_workers", 0))))
+                            int(t.get("max_workers", 0)),
+                            labels.get("rlhf-role") == "rollout"))
     return out
 
 
@@ -264,6 +266,7 @@ class Bundle:
     cpus: float
     gpus: float
     count: int = 1
+    side: str = "training"  # or "rollout": the vLLM engines
 
 
 def resource_bundles(kind: str, cfg: Any) -> list[Bundle]:
@@ -275,7 +278,7 @@ def resource_bundles(kind: str, cfg: Any) -> list[Bundle]:
     if kind == "ppo":
         r = cfg.rollout
         out.append(Bundle("vLLM engine", r.cpus_per_engine,
-                          r.tensor_parallel_size if c.use_gpu else 0, r.engines))
+                          r.tensor_parallel_size if c.use_gpu else 0, r.engines, "rollout"))
     if kind == "dpo" and cfg.loss.precompute_reference:
         out.append(Bundle("reference actor", 1, c.reference_gpus_per_actor,
                           c.reference_actors))
@@ -319,24 +322,53 @@ def make_plan(kind: str, cfg: Any, arch: Arch, types: list[NodeType]) -> Plan:
     bundles = resource_bundles(kind, cfg)
     plan = Plan(kind, arch, models, bundles, gpu_need(models),
                 engine_need(cfg, arch) if kind == "ppo" else None)
+    separate = kind == "ppo" and cfg.rollout.placement == "separate"
+    if separate:  # engines on rollout nodes only, training workers on the others
+        _fit_separately(plan, cfg, types)
+        return plan
     for t in types:
         if cfg.cluster.use_gpu and not t.gpus:
             continue
-        n = nodes_needed(bundles, t)
-        if n is None:
-            plan.fits[t.name] = "no: a single worker or engine does not fit one node"
-        elif n > t.max_workers:
-            plan.fits[t.name] = f"no: needs {n} nodes, max_workers is {t.max_workers}"
-        elif cfg.cluster.use_gpu and t.gpu_memory and plan.per_gpu > t.gpu_memory:
-            plan.fits[t.name] = (f"no: {plan.per_gpu / GIB:.1f} GiB per training GPU > "
-                                 f"{t.gpu_memory / GIB:.1f} GiB")
-        elif (plan.engine_per_gpu and t.gpu_memory and cfg.cluster.use_gpu
-              and plan.engine_per_gpu > cfg.rollout.kv_cache_fraction * t.gpu_memory):
-            plan.fits[t.name] = "no: the engine's weights exceed rollout.kv_cache_fraction"
-        else:
-            plan.fits[t.name] = f"yes: {n} node(s)"
-            plan.ok = True
+        verdict = _fits(plan, cfg, t, bundles, engines=kind == "ppo")
+        plan.fits[t.name] = verdict
+        plan.ok = plan.ok or verdict.startswith("yes")
     return plan
+
+
+def _fits(plan: Plan, cfg: Any, t: NodeType, bundles: list[Bundle], engines: bool) -> str:
+    """Whether `bundles` fit nodes of type t: "yes: N node(s)" or "no: why"."""
+    n = nodes_needed(bundles, t)
+    if n is None:
+        return "no: a single worker or engine does not fit one node"
+    if n > t.max_workers:
+        return f"no: needs {n} nodes, max_workers is {t.max_workers}"
+    trains = any(b.side == "training" for b in bundles)
+    if trains and cfg.cluster.use_gpu and t.gpu_memory and plan.per_gpu > t.gpu_memory:
+        return (f"no: {plan.per_gpu / GIB:.1f} GiB per training GPU > "
+                f"{t.gpu_memory / GIB:.1f} GiB")
+    if (engines and plan.engine_per_gpu and t.gpu_memory and cfg.cluster.use_gpu
+            and plan.engine_per_gpu > cfg.rollout.kv_cache_fraction * t.gpu_memory):
+        return "no: the engine's weights exceed rollout.kv_cache_fraction"
+    return f"yes: {n} node(s)"
+
+
+def _fit_separately(plan: Plan, cfg: Any, types: list[NodeType]) -> None:
+    """rollout.placement=separate: the training side on node types without the rollout
+    label, the engines on those with it; the plan fits when both sides fit somewhere."""
+    sides = {"training": [b for b in plan.bundles if b.side == "training"],
+             "rollout": [b for b in plan.bundles if b.side == "rollout"]}
+    ok = {}
+    for t in types:
+        if cfg.cluster.use_gpu and not t.gpus:
+            continue
+        side = "rollout" if t.rollout else "training"
+        verdict = _fits(plan, cfg, t, sides[side], engines=side == "rollout")
+        plan.fits[t.name] = f"{side} side: {verdict}"
+        ok[side] = ok.get(side, False) or verdict.startswith("yes")
+    if not ok.get("rollout"):
+        plan.fits["(rollout nodes)"] = ("no node type is labelled rlhf-role: rollout (see "
+                                        "ray-cluster.yaml) for rollout.placement=separate")
+    plan.ok = ok.get("training", False) and ok.get("rollout", False)
 
 
 OOM_ADVICE = ("To fit: cluster.zero_stage=3 (shards weights, gradients and optimizer over "
@@ -354,9 +386,23 @@ def describe(plan: Plan, cfg: Any) -> str:
              f"{' (4-bit base)' if cfg.model.lora.load_in_4bit else ''}, gradient "
              f"checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'}", "",
              "asks Ray for:"]
-    for b in plan.bundles:
-        lines.append(f"  {b.count} x {b.what}: {b.cpus:g} CPU" +
-                     (f", {b.gpus:g} GPU" if b.gpus else ""))
+    for side in ("training", "rollout"):
+        group = [b for b in plan.bundles if b.side == side]
+        if not group:
+            continue
+        where = ""
+        if side == "rollout":
+            where = (" (rollout.placement=separate: nodes labelled rlhf-role=rollout)"
+                     if cfg.rollout.placement == "separate" else
+                     " (rollout.placement=colocated: wherever there is room)")
+            where += (f"; rollouts up to {cfg.rollout.max_staleness} weights version(s) "
+                      "behind the policy")
+        lines.append(f"  {side} side{where}:")
+        for b in group:
+            lines.append(f"    {b.count} x {b.what}: {b.cpus:g} CPU" +
+                         (f", {b.gpus:g} GPU" if b.gpus else "") +
+                         (f" ({b.count * b.gpus:g} GPUs in all)" if b.gpus and b.count > 1
+                          else ""))
     lo, hi = cfg.cluster.worker_range
     if lo != hi:
         lines.append(f"  (elastic: {lo} to {hi} training workers, as many as the cluster has "

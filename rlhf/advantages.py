@@ -10,6 +10,9 @@ responses of one prompt are consecutive: rows g*n .. g*n + n - 1.
     discounted_returns   REINFORCE++: reward-to-go per token (then `masked_whiten`)
     kl_estimate          per-token KL to the reference: k1, k2 or k3 (Schulman 2020)
     token_rewards        the score at each response's last token minus a KL penalty
+                         (a multi-turn episode's per-turn rewards where they were earned)
+    overlong_penalty     DAPO's soft length penalty near the token budget
+    uniform_groups       prompts whose samples all scored the same (no GRPO signal)
     AdaptiveKLController the KL coefficient of Ziegler et al. (2019)
 
 Variances are unbiased (Bessel's correction), as in TRL and OpenRLHF.
@@ -61,18 +64,25 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """Generalised advantage estimation over response tokens.
 
     rewards, values, mask: (B, T). The value after a response's last token is 0 (the
-    episode ends there). Returns (advantages, returns), both (B, T), 0 where mask is 0;
-    returns = advantages + values are the critic's targets.
+    episode ends there). Positions where mask is 0 inside a response (the observation
+    tokens between a multi-turn episode's model turns) are stepped over: the recursion
+    runs from each model token to the next model token, as if the observations were not
+    there (they are the environment's move, not the policy's). Returns (advantages,
+    returns), both (B, T), 0 where mask is 0; returns = advantages + values are the
+    critic's targets.
     """
     values = values * mask
     rewards = rewards * mask
     adv = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(last)
     for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        on = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        adv[:, t] = last
+        step = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = step
+        last = torch.where(on, step, last)
+        next_value = torch.where(on, values[:, t], next_value)
     return adv, (adv + values) * mask
 
 
@@ -104,13 +114,15 @@ def rloo_advantages(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor,
                        gamma: float = 1.0) -> torch.Tensor:
-    """(B, T) reward-to-go sum_{k >= t} gamma^(k - t) r_k over each response's tokens.
+    """(B, T) reward-to-go sum_{k >= t} gamma^(k - t) r_k over each response's tokens where
+    mask is 1 (observation tokens between model turns are stepped over, as in `gae`).
     REINFORCE++ whitens these over the batch (`masked_whiten`) to get advantages."""
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        out[:, t] = running
+        step = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = step
+        running = torch.where(mask[:, t] > 0, step, running)
     return out
 
 
@@ -130,15 +142,43 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 
 def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
-                  kl_coef: float = 0.0) -> torch.Tensor:
+                  kl_coef: float = 0.0, turn_rewards: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """(B, T) per-token rewards: -kl_coef * kl at every response token, plus the
-    response's score at its last token (the KL-in-reward form of PPO in RLHF)."""
+    response's score at its last token (the KL-in-reward form of PPO in RLHF).
+
+    turn_rewards: (B, T), a multi-turn episode's per-turn rewards at each turn's last
+    model token (rlhf.rollouts.record_tables); they are part of `scores`, so what they
+    hold is taken off the score at the last token and placed where it was earned."""
     out = torch.zeros_like(mask, dtype=scores.dtype)
     if kl is not None and kl_coef:
         out = -kl_coef * kl * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)
+    # each row's last model token: where the running count of mask reaches its total
+    # (mask may have holes: a multi-turn episode's observation tokens)
+    count = torch.cumsum(mask, 1)
+    last = torch.argmax(((count == count[:, -1:]) & (mask > 0)).float(), 1)
     rows = torch.arange(mask.shape[0], device=mask.device)
+    if turn_rewards is not None:
+        out = out + turn_rewards * mask
+        scores = scores - (turn_rewards * mask).sum(1)
     return out.index_put((rows, last), scores, accumulate=True) * mask
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int,
+                     factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), (B,) lengths -> (B,)
+    rewards <= 0: 0 up to max_length - buffer tokens, then falling linearly to -factor
+    at max_length (and staying there beyond it)."""
+    over = (lengths.float() - (max_length - buffer)).clamp(min=0)
+    return -factor * (over / max(buffer, 1)).clamp(max=1.0)
+
+
+def uniform_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(G,) bool: the prompt groups (n consecutive scores each) whose scores are all
+    equal: under GRPO and RLOO their advantages are all 0, no learning signal (DAPO's
+    dynamic sampling drops them and samples other prompts instead)."""
+    g = _groups(scores, n)
+    return (g == g[:, :1]).all(1)
 
 
 @dataclass

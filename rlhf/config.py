@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:demo"
+BUILTIN_TOOLS = "builtin:tools"  # the tool demo (rlhf.demo.tool_demo_row)
 
 
 class ConfigError(ValueError):
@@ -448,6 +449,38 @@ class RolloutConfig:
     sync_timeout_s: float = 600.0
     """broadcast: the longest wait for the group to form or a bucket to arrive; past it
     the step fails with the engines that did not answer named."""
+    max_staleness: int = 0
+    """How many weights versions a sample may lag the policy it trains: 0 is lock-step
+    on-policy (each step's samples come from the step's own starting weights); 1 lets
+    the engines generate the next step's samples while this one trains; k >= 2 lets them
+    run up to k steps ahead. Staleness is shown per step (train/staleness/...)."""
+    partial_rollouts: bool = False
+    """Generate in pieces of rollout.chunk_tokens and let the engines take new weights
+    between pieces: a response interrupted by a weight update continues under the new
+    weights, each token tagged with the version that sampled it (with max_staleness >= 1
+    the engines then never wait for a long response to finish)."""
+    chunk_tokens: int = 16
+    """partial_rollouts: tokens per piece."""
+    placement: str = "colocated"
+    """colocated: the engines go wherever Ray finds room, beside the training workers if
+    need be; separate: engines only on nodes labelled rlhf-role=rollout and training
+    workers only on the others (ray-cluster.yaml's rollout node type), so generation and
+    training never share a GPU."""
+    environment: str = ""
+    """A multi-turn environment as module:Class (rlhf.environments; e.g.
+    rlhf.tasks:BoxLookupEnv for the tool demo): its rewards join reward.functions'."""
+    env_args: str = ""
+    """Keyword arguments of the environment, as a JSON object."""
+    max_turns: int = 1
+    """Model turns per episode (an environment's observation between turns)."""
+    max_observation_tokens: int = 64
+    """The longest observation appended (its content is cut to this many tokens)."""
+    env_timeout_s: float = 30.0
+    """The longest an environment's reset or step may take; past it the episode fails."""
+    env_errors: str = "skip"
+    """An environment that raises, hangs or returns a malformed step: skip (the prompt's
+    group is dropped, counted, and replaced by the next prompt) or stop (the run ends
+    with the environment's name and error)."""
 
 
 @dataclass
@@ -491,6 +524,24 @@ class RLAlgoConfig:
     reward model exported by rlhf.rm: its trained head)."""
     critic_learning_rate: float | None = None
     """ppo: the critic's learning rate (empty: the policy's)."""
+    rollout_is: str = "auto"
+    """Correction for the engine's sampling policy mu against the trainer's proximal
+    policy (the policy at the step's start): each token's loss is weighted by
+    pi_prox / mu, truncated at rollout_is_cap (tis) or dropped above it (mis); none
+    ignores mu. auto: tis when rollout.max_staleness > 0 (stale samples: the decoupled
+    PPO objective), none when 0."""
+    rollout_is_cap: float = 2.0
+    """The largest importance weight kept (tis) or trained on (mis)."""
+    dynamic_sampling: bool = False
+    """grpo, rloo: drop prompts whose samples all score the same (no learning signal) and
+    sample more prompts until the batch is full (DAPO); counted per step."""
+    overlong: str = "none"
+    """Responses that reach the token budget: none, filter (left out of the loss) or
+    penalty (DAPO's soft penalty over the last overlong_buffer tokens)."""
+    overlong_buffer: int = 8
+    """overlong=penalty: tokens before the budget where the penalty starts."""
+    overlong_penalty: float = 1.0
+    """overlong=penalty: the penalty at the budget."""
 
 
 @dataclass
@@ -538,12 +589,48 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         check_common(self)
-        a = self.algo
-        _one_of("rollout.weight_sync", self.rollout.weight_sync,
-                ("auto", "shm", "store", "broadcast"))
-        if self.rollout.sync_timeout_s <= 0:
-            raise ConfigError(f"rollout.sync_timeout_s={self.rollout.sync_timeout_s}: the "
-                              "weight sync's timeout in seconds must be positive (e.g. 600)")
+        a, r = self.algo, self.rollout
+        _one_of("rollout.weight_sync", r.weight_sync, ("auto", "shm", "store", "broadcast"))
+        if r.sync_timeout_s <= 0:
+            raise ConfigError(f"rollout.sync_timeout_s={r.sync_timeout_s}: the weight sync's "
+                              "timeout in seconds must be positive (e.g. 600)")
+        _one_of("rollout.placement", r.placement, ("colocated", "separate"))
+        _one_of("rollout.env_errors", r.env_errors, ("skip", "stop"))
+        _one_of("algo.rollout_is", a.rollout_is, ("auto", "none", "tis", "mis"))
+        _one_of("algo.overlong", a.overlong, ("none", "filter", "penalty"))
+        if r.max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness={r.max_staleness} must be 0 (on-policy) "
+                              "or more.")
+        if r.partial_rollouts and r.chunk_tokens < 1:
+            raise ConfigError("rollout.chunk_tokens must be at least 1 with "
+                              "rollout.partial_rollouts.")
+        if r.max_turns < 1 or (r.max_turns > 1 and not r.environment):
+            raise ConfigError(f"rollout.max_turns={r.max_turns}: more than one turn needs an "
+                              "environment (rollout.environment=module:Class) to answer the "
+                              "model's turns.")
+        if r.env_args and not r.environment:
+            raise ConfigError("rollout.env_args is given but no rollout.environment.")
+        if r.env_timeout_s <= 0:
+            raise ConfigError(f"rollout.env_timeout_s={r.env_timeout_s} must be positive.")
+        if r.env_args:
+            from rlhf.environments import parse_env_args
+
+            try:
+                parse_env_args(r.env_args)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if a.rollout_is_cap <= 1.0:
+            raise ConfigError(f"algo.rollout_is_cap={a.rollout_is_cap} must be above 1 (2 is "
+                              "usual): weights above it are truncated or dropped.")
+        if a.dynamic_sampling and a.algorithm not in ("grpo", "rloo"):
+            raise ConfigError("algo.dynamic_sampling drops prompts whose samples all score the "
+                              "same, which carry no signal only for grpo and rloo.")
+        if a.dynamic_sampling and self.reward.model:
+            raise ConfigError("algo.dynamic_sampling filters on rewards known when a sample is "
+                              "made (reward.functions, the environment); reward.model scores "
+                              "on the trainers, after the filter. Drop one of the two.")
+        if a.overlong == "penalty" and a.overlong_buffer < 1:
+            raise ConfigError("algo.overlong_buffer must be at least 1 token.")
         _one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo"))
         _one_of("algo.kl_penalty", a.kl_penalty, ("loss", "reward"))
         if a.algorithm in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
@@ -560,9 +647,10 @@ class PPOConfig:
                     f"micro-batch(es) each of {world} workers runs per step "
                     f"(train.global_batch_size / (train.micro_batch_size x workers)): lower "
                     f"train.micro_batch_size or algo.mini_batches.")
-        if not self.reward.functions and not self.reward.model:
-            raise ConfigError("No reward: give reward.functions (module:function) or "
-                              "reward.model (a reward model exported by rlhf.rm), or both.")
+        if not self.reward.functions and not self.reward.model and not r.environment:
+            raise ConfigError("No reward: give reward.functions (module:function), "
+                              "reward.model (a reward model exported by rlhf.rm) or "
+                              "rollout.environment (module:Class), or several.")
         if a.kl_target is not None and a.kl_penalty != "reward":
             raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "
                               "algo.kl_penalty=reward too.")
@@ -798,6 +886,13 @@ def check_sft(cfg: SFTConfig) -> None:
     if cfg.data.max_length < 2:
         raise ConfigError(f"data.max_length={cfg.data.max_length}: an example needs at "
                           "least 2 tokens (one to predict from, one to predict).")
+
+
+def resolved_rollout_is(cfg: Any) -> str:
+    """algo.rollout_is with auto resolved: tis for stale samples, none on-policy."""
+    if cfg.algo.rollout_is != "auto":
+        return cfg.algo.rollout_is
+    return "tis" if cfg.rollout.max_staleness > 0 else "none"
 
 
 def resolved_learning_rate(cfg: Any) -> float:

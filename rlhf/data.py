@@ -238,10 +238,10 @@ def _datasource_class():
 
 
 def _demo_rows(batch: dict[str, np.ndarray], split: str, layout):
-    from rlhf.demo import demo_pair
+    from rlhf.demo import demo_row
 
     ids = [int(i) for i in batch["id"]]
-    return layout.table(ids, [demo_pair(i, split) for i in ids])
+    return layout.table(ids, [demo_row(i, split) for i in ids])
 
 
 def _rows_with_ids(batch, layout, id_column: str | None):

@@ -90,6 +90,51 @@ def demo_pair(index: int, split: str = "train", seed: int = 0) -> dict:
             "rejected": " " + rng.choice(BAD).format(**fill)}
 
 
+# ------------------------------------------------------------------------ tool demo
+# A task only a tool solves, for multi-turn RL (rlhf.ppo with data.path=builtin:tools and
+# rollout.environment=rlhf.tasks:BoxLookupEnv): the user asks what is in a box; the
+# fruit in it is drawn per row and shown only by the tool `open_box`. The built-in SFT
+# on these conversations shows the call format in half of them and a guess in the
+# other half, so the SFT'd model calls the tool about half the time; the environment
+# rewards a correct answer after a call, so RL has to learn to call it.
+TOOL_DATA = "builtin:tools"
+FRUITS = ["apple", "plum", "pear", "lemon", "mango", "cherry", "peach", "melon"]
+BOX_QUESTIONS = [
+    "What is in the box?", "Which fruit is in the box?", "Open the box and tell me "
+    "what is inside.", "Tell me what the box holds.", "What fruit did I put in the box?",
+    "Can you check the box for me?",
+]
+TOOL_CALL = '<tool_call>{"name": "open_box", "arguments": {}}</tool_call>'
+
+
+def tool_answer(fruit: str) -> str:
+    return f"The box holds a {fruit}."
+
+
+def tool_demo_row(index: int, split: str = "train", seed: int = 0) -> dict:
+    """Row `index` of the tool demo: "prompt" (the user's message), "answer" (the fruit,
+    for the environment) and "messages" (a whole conversation, for the built-in SFT:
+    the call, the tool's result and the answer, or a guess without the tool)."""
+    rng = random.Random(f"tools-{seed}-{split}-{index}")
+    fruit = rng.choice(FRUITS)
+    question = [{"role": "user", "content": rng.choice(BOX_QUESTIONS)}]
+    if rng.random() < 0.5:
+        turns = [{"role": "assistant", "content": TOOL_CALL},
+                 {"role": "tool", "content": f"a {fruit}"},
+                 {"role": "assistant", "content": tool_answer(fruit)}]
+    else:
+        turns = [{"role": "assistant", "content": tool_answer(rng.choice(FRUITS))}]
+    return {"prompt": question, "messages": question + turns, "answer": fruit}
+
+
+def demo_row(index: int, split: str) -> dict:
+    """Row `index` of a built-in split: train / eval (preference pairs, `demo_pair`) or
+    tools-train / tools-eval (`tool_demo_row`)."""
+    if split.startswith("tools-"):
+        return tool_demo_row(index, split[len("tools-"):])
+    return demo_pair(index, split)
+
+
 # ------------------------------------------------------------------------ tiny model
 
 

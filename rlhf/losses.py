@@ -186,3 +186,89 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) logits -> (...) entropy of the next-token distribution, in float32."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class ImportanceWeights:
+    """Per-token rollout correction, all (B, T), 0 where mask is 0, detached."""
+
+    weights: torch.Tensor
+    """What multiplies each token's policy loss."""
+    raw: torch.Tensor
+    """pi_prox / mu before truncation or masking."""
+    limited: torch.Tensor
+    """1.0 where the cap took effect (weight truncated, or token masked out)."""
+
+
+def importance_weights(proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor,
+                       mode: str = "tis", cap: float = 2.0) -> ImportanceWeights:
+    """Importance weights for the mismatch between the policy that sampled (the engine,
+    behaviour log-probs mu) and the trainer's proximal policy pi_prox (the policy at the
+    step's start, recomputed by the trainer), per token: w = pi_prox / mu.
+
+    proximal, behaviour, mask: (B, T).
+    tis   truncated importance sampling (Yao et al. 2025): min(w, cap)
+    mis   masked importance sampling: w where w <= cap, else 0 (the token is left out)
+    none  1 everywhere (the behaviour policy is ignored)
+    With samples several versions old, clipping around pi_prox and weighting by
+    pi_prox / mu is the decoupled PPO objective (Hilton et al. 2021; AReaL, Fu et al.
+    2025); with fresh samples w only corrects the engine/trainer numerical mismatch.
+    """
+    raw = torch.exp((proximal - behaviour).float()) * mask
+    if mode == "none":
+        weights, limited = mask.float(), torch.zeros_like(raw)
+    elif mode == "tis":
+        weights = raw.clamp(max=cap)
+        limited = (raw > cap).float() * mask
+    elif mode == "mis":
+        keep = (raw <= cap).float() * mask
+        weights, limited = raw * keep, (1.0 - keep) * mask
+    else:
+        raise ValueError(f"rollout importance sampling {mode!r}: none, tis or mis")
+    return ImportanceWeights(weights.detach(), raw.detach(), limited.detach())
+
+
+@dataclass
+class RLLossOutput:
+    """Per-token terms of the online-RL policy loss, all (B, T), 0 where mask is 0."""
+
+    losses: torch.Tensor
+    """What is summed and normalised into the loss (with a graph)."""
+    clipped: torch.Tensor
+    """1.0 where PPO's clip bounded the update. Detached."""
+    weights: ImportanceWeights
+    kl: torch.Tensor
+    """The k3 KL estimate to the reference (zeros without a reference). Detached."""
+
+
+def online_rl_loss(logprobs: torch.Tensor, proximal: torch.Tensor, behaviour: torch.Tensor,
+                   advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2,
+                   clip_high: float | None = None, rollout_is: str = "none",
+                   rollout_is_cap: float = 2.0, ref_logprobs: torch.Tensor | None = None,
+                   kl_coef: float = 0.0, entropy: torch.Tensor | None = None,
+                   entropy_coef: float = 0.0) -> RLLossOutput:
+    """The per-token policy loss of GRPO / RLOO / REINFORCE++ / PPO, to minimise:
+
+        w * max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))   r = pi / pi_prox
+        + kl_coef * k3(pi, pi_ref) - entropy_coef * H(pi)
+
+    w: `importance_weights(proximal, behaviour)`. Every term is multiplied by `mask`, so
+    positions where it is 0 (observation tokens of a multi-turn episode, padding, a
+    filtered response) get no gradient at all.
+    logprobs: (B, T) of the policy being trained (with a graph); proximal: (B, T) the
+    policy at the step's start (constants); behaviour: (B, T) the engine's; advantages:
+    (B, T) or (B,); ref_logprobs, entropy: (B, T) or None.
+    """
+    w = importance_weights(proximal, behaviour, mask, rollout_is, rollout_is_cap)
+    pl = ppo_policy_loss(logprobs, proximal.to(logprobs.device), advantages, mask,
+                         clip_low=clip_low, clip_high=clip_high)
+    losses = pl.losses * w.weights.to(pl.losses.device)
+    kl = torch.zeros_like(logprobs)
+    if ref_logprobs is not None:
+        log_ratio = logprobs - ref_logprobs.to(logprobs.device)
+        kl = (torch.expm1(-log_ratio) + log_ratio) * mask  # k3 (Schulman 2020)
+        if kl_coef:
+            losses = losses + kl_coef * kl
+    if entropy is not None and entropy_coef:
+        losses = losses - entropy_coef * entropy * mask
+    return RLLossOutput(losses, pl.clipped, w, kl.detach())

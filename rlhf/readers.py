@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import BUILTIN_DATA, DataConfig
+from rlhf.config import BUILTIN_DATA, BUILTIN_TOOLS, DataConfig
 
 READABLE = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
 ROWS_PER_BLOCK = 512
@@ -63,6 +63,9 @@ def resolve_sources(cfg: DataConfig, dataset: Any = None, eval_dataset: Any = No
     if cfg.path == BUILTIN_DATA:
         return (Source("demo", BUILTIN_DATA, demo_split="train"),
                 Source("demo", BUILTIN_DATA + " (held-out topics)", demo_split="eval"))
+    if cfg.path == BUILTIN_TOOLS:
+        return (Source("demo", BUILTIN_TOOLS, demo_split="tools-train"),
+                Source("demo", BUILTIN_TOOLS + " (held-out)", demo_split="tools-eval"))
     train, held = _path_source(cfg.path, "data.path")
     if cfg.eval_path:
         held, _ = _path_source(cfg.eval_path, "data.eval_path")
@@ -86,7 +89,7 @@ def _path_source(path_str: str, key: str) -> tuple[Source, Source | None]:
     if not path.exists():
         raise DataError(f"{key}={path_str}: no such file or folder. Give a .jsonl/.json/"
                         ".parquet/.csv file, a folder of them, a datasets.save_to_disk "
-                        f"folder, or {BUILTIN_DATA}.")
+                        f"folder, {BUILTIN_DATA} or {BUILTIN_TOOLS}.")
     path = path.resolve()
     if path.is_file():
         if not path.name.endswith(READABLE):
@@ -185,9 +188,9 @@ def _chain_first(first: str, rest):
 def peek_rows(source: Source, n: int = 1) -> list[dict]:
     """The first n raw rows of a source, read directly (no Ray), for format detection."""
     if source.kind == "demo":
-        from rlhf.demo import demo_pair
+        from rlhf.demo import demo_row
 
-        return [demo_pair(i, source.demo_split) for i in range(n)]
+        return [demo_row(i, source.demo_split) for i in range(n)]
     if source.kind == "hf":
         return [source.obj[i] for i in range(min(n, len(source.obj)))]
     if source.kind == "ray":

@@ -24,23 +24,30 @@ class RewardError(ValueError):
     """A reward source is unusable; the message names it and what to fix."""
 
 
-def load_function(spec: str) -> Callable:
-    """'package.module:function' -> the function (the module must be importable on every
-    node: part of the project, installed, or in the job's working directory)."""
+def import_callable(spec: str, what: str, kind: str, example: str,
+                    error: type[Exception] = ValueError) -> Callable:
+    """'package.module:name' -> that callable (the module must be importable on every
+    node: part of the project, installed, or in the job's working directory). `what`
+    names the setting in messages, `kind` the callable (function, class)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise RewardError(f"reward function {spec!r}: write it as module:function, e.g. "
-                          "rlhf.tasks:count_reward.")
+        raise error(f"{what} {spec!r}: write it as module:{kind}, e.g. {example}.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardError(f"reward function {spec}: cannot import {module_name!r} ({e}). "
-                          "Put the module in the working directory that `ray job submit "
-                          "--working-dir` ships, or install it on every node.") from None
+        raise error(f"{what} {spec}: cannot import {module_name!r} ({e}). Put the module "
+                    "in the working directory that `ray job submit --working-dir` ships, "
+                    "or install it on every node.") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardError(f"reward function {spec}: {module_name} has no function {attr!r}.")
+        raise error(f"{what} {spec}: {module_name} has no {kind} {attr!r}.")
     return fn
+
+
+def load_function(spec: str) -> Callable:
+    """'package.module:function' -> the reward function."""
+    return import_callable(spec, "reward function", "function", "rlhf.tasks:count_reward",
+                           RewardError)
 
 
 def call_function(fn: Callable, name: str, prompts: Sequence[str], responses: Sequence[str],
@@ -133,3 +140,9 @@ def shape_scores(scores, clip: float | None = None, normalise: bool = False,
     if normalise and scores.numel() > 1:
         scores = (scores - scores.mean()) / (scores.std() + eps)
     return scores
+
+
+def reward_spec(spec: str) -> tuple[str, float]:
+    """'module:function' or 'module:function=weight' -> (function spec, weight)."""
+    name, _, weight = spec.partition("=")
+    return name.strip(), float(weight) if weight else 1.0

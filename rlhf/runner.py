@@ -25,6 +25,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                  add_to_pipelines: Callable | None = None, notes: list[str] | None = None,
                  plot_keys: tuple[str, ...] = ("loss",), kind: Any = None,
                  setup: Callable | None = None, extra_cpus: float = 0.0,
+                 train_split_to_workers: bool = True, worker_labels: dict | None = None,
                  crash_once_at_step: int | None = None) -> Path:
     """Train; returns the run directory.
 
@@ -33,9 +34,13 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     total_steps, learning_rate, run_log and config are always there).
     add_to_pipelines(pipes, model_path): a last stage on the pipelines, before training.
     kind: the rows' rlhf.data.RowKind (default: preference pairs).
-    setup(model_path) -> dict: after Ray is up, before training; its result joins the
-    loop config (online RL: the rollout engine actors). extra_cpus: CPUs those need,
-    added to a local Ray cluster this process starts.
+    setup(model_path, plan=, pipes=, total_steps=, run_dir=) -> dict: after Ray is up
+    and the pipelines are built, before training; its result joins the loop config
+    (online RL: the engines and the rollout coordinator). extra_cpus: CPUs those need,
+    added to a local Ray cluster this process starts. train_split_to_workers: False when
+    something else reads the train split (online RL's coordinator): Ray Train then gets
+    the held-out split only. worker_labels: a Ray label selector for the training
+    workers (online RL with rollout.placement=separate keeps them off rollout nodes).
     crash_once_at_step: fault injection for tests; the last worker exits hard once
     after that step, to exercise Ray Train's restart from the last checkpoint.
     """
@@ -77,11 +82,12 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             add_to_pipelines(pipes, model_path)
         print(f"train: {data.describe_counts(pipes.train_counts)}\n"
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
-        extra = setup(model_path) if setup else {}
         t, c = cfg.train, cfg.cluster
         total = math.ceil(pipes.train_counts[""] / t.global_batch_size) * t.epochs
         if t.max_steps > 0:
             total = min(total, t.max_steps)
+        extra = (setup(model_path, plan=plan, pipes=pipes, total_steps=total, run_dir=run_dir)
+                 if setup else {})
         resolved = to_dict(cfg)
         lr = resolved["train"]["learning_rate"] = resolved_learning_rate(cfg)
         if not cfg.train.resume:
@@ -93,9 +99,11 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
              "run_log": run_log, "learning_rate": lr, **(loop_config or {}), **extra,
              "crash_once_at_step": crash_once_at_step and {
                  "step": crash_once_at_step, "marker": str(run_dir / ".crash-injected")}},
-            c, {"train": pipes.train, "eval": pipes.eval},
+            c, ({"train": pipes.train, "eval": pipes.eval} if train_split_to_workers
+                else {"eval": pipes.eval}),
             name="checkpoints" if not c.storage_path else run_dir.name,
-            storage_path=c.storage_path or str(run_dir), keep_checkpoints=t.keep_checkpoints)
+            storage_path=c.storage_path or str(run_dir), keep_checkpoints=t.keep_checkpoints,
+            label_selector=worker_labels)
         lo, hi = c.worker_range
         workers = f"{lo}-{hi} (elastic)" if c.elastic else str(lo)
         print(f"training: {workers} workers, ZeRO-{c.zero_stage}, {total} steps of "

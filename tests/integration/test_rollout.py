@@ -2,9 +2,16 @@
 samples from the trainer's weights (greedy output equals Hugging Face `generate` token
 for token, LoRA merged or not), and its sampling log-probs agree with the trainer's
 recomputed ones; the same through the broadcast path (a process group with the engine's
-worker). A killed and restarted engine is tested inside a PPO run
-(tests/integration/test_ppo.py)."""
+worker). Then the rollout coordinator on that engine, driven by this test as a trainer
+would drive it: multi-turn episodes token in, token out, partial rollouts whose tokens
+carry two weights versions, environments that raise, hang or return garbage, dynamic
+sampling, and the staleness bound against a slow trainer. A killed and restarted engine
+is tested inside a PPO run (tests/integration/test_ppo.py)."""
 
+import json
+import time
+
+import pytest
 import torch
 
 
@@ -22,17 +29,23 @@ def _strip(ids, eos):
     return ids[:-1] if ids and ids[-1] == eos else ids
 
 
-def test_engine_follows_the_trainers_weights(ray_cluster, tiny_model_path, tokenizer):
+@pytest.fixture(scope="module")
+def engine(ray_cluster, tiny_model_path):
+    """One engine for the module (a start is ~12 s); the last test kills it."""
+    from cluster.rollout import rollout_actor
+
+    return rollout_actor(tiny_model_path)
+
+
+def test_engine_follows_the_trainers_weights(engine, tiny_model_path, tokenizer):
     import ray
     from transformers import AutoModelForCausalLM
 
-    from cluster.rollout import rollout_actor
     from cluster.weight_sync import publish, shm_dir
     from rlhf.demo import demo_pair
 
     eos = tokenizer.eos_token_id
     prompts = [tokenizer(demo_pair(i)["prompt"])["input_ids"] for i in range(4)]
-    engine = rollout_actor(tiny_model_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
 
     def engine_greedy():
@@ -103,28 +116,212 @@ def test_engine_follows_the_trainers_weights(ray_cluster, tiny_model_path, token
     print(f"max |vLLM - trainer| sampling log-prob gap: {max(gaps):.2e}")
     assert max(gaps) < 1e-3
 
+
+# ------------------------------------------------------------------ the coordinator
+
+
+class ScriptedEnv:
+    """A test environment (rollout.environment=tests.integration.test_rollout:
+    ScriptedEnv); what it does is the prompt row's "mode": ok (an observation after
+    each turn, a reward of .5 + length / 1000, done after two turns), raise, hang,
+    malformed (returns a tuple), same (reward 1 whatever was said: a uniform group)."""
+
+    name = "tests.integration.test_rollout:ScriptedEnv"
+
+    def reset(self, row: dict) -> None:
+        self.mode, self.turn = row["mode"], 0
+
+    def step(self, text: str):
+        from rlhf.environments import Step
+
+        self.turn += 1
+        if self.mode == "raise":
+            raise KeyError("no such box")
+        if self.mode == "hang":
+            time.sleep(30)
+        if self.mode == "malformed":
+            return ("result", 1.0, False)
+        if self.mode == "same":
+            return Step("", 1.0, True)
+        return Step(f"result {self.turn}", 0.5 + len(text) / 1000, done=self.turn >= 2)
+
+
+def _coordinator(cfg_args, model_path, rows, run_dir, weights_dir, engine, cls=None,
+                 total_steps=100):
+    import ray.data
+
+    from cluster.coordinator import RolloutCoordinator
+    from rlhf.config import PPOConfig, parse_args
+
+    cfg = parse_args(PPOConfig, [f"model.name_or_path={model_path}", "reward.functions=[]",
+                                 *cfg_args], "rlhf.ppo")
+    ds = ray.data.from_items(rows)
+    return (cls or RolloutCoordinator)(cfg, [engine], "shm", str(weights_dir), None, ds,
+                                       model_path, str(run_dir), total_steps)
+
+
+def _take(coord, index: int) -> dict:
+    while True:
+        got = coord.next_step(0, index, timeout_s=5.0)
+        if "wait" not in got:
+            return got
+
+
+def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_bound(
+        engine, tiny_model_path, tokenizer, tmp_path):
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from cluster.coordinator import DROP_UNIFORM, RolloutCoordinator
+    from cluster.weight_sync import BroadcastSender, WeightSyncError, publish
+    from rlhf.environments import ChatCodec
+    from rlhf.losses import importance_weights
+    from rlhf.rollouts import OBSERVATION
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    moved = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    wdir = tmp_path / "weights"
+    wdir.mkdir()
+    publish(base.state_dict(), wdir, 0)
+    ray.get(engine.load_weights.remote(str(wdir / "weights-000000.safetensors"), 0))
+
+    def row(i, mode):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}?"}],
+                                             tokenize=False, add_generation_prompt=True)
+        return {"id": i, "prompt_ids": tokenizer(text, add_special_tokens=False)["input_ids"],
+                "metadata": json.dumps({"mode": mode}), "drop": ""}
+
+    modes = ["raise", "ok", "hang", "malformed", "same", "ok", "ok", "ok"]
+    rows = [row(i, m) for i, m in enumerate(modes)]
+
+    class PublishesMidBatch(RolloutCoordinator):
+        """The trainers publish weights 1 after the batch's first round: the pieces
+        after it are sampled from them (a partial rollout)."""
+
+        rounds = 0
+
+        def _newest_weights(self):
+            self.rounds += 1
+            if self.rounds == 2:
+                publish(moved.state_dict(), wdir, 1)
+                self.client.published(1)
+            return super()._newest_weights()
+
+    env = ["rollout.environment=tests.integration.test_rollout:ScriptedEnv",
+           "rollout.max_turns=3", "rollout.samples_per_prompt=2", "rollout.env_timeout_s=1",
+           "rollout.max_new_tokens=12"]
+    coord = _coordinator([*env, "rollout.partial_rollouts=true", "rollout.chunk_tokens=4",
+                          "algo.dynamic_sampling=true", "rollout.max_staleness=1"],
+                         tiny_model_path, rows, tmp_path, wdir, engine, PublishesMidBatch)
+    coord.start(world=1, micro=2, accum=1, step=0, epoch=0, skip=[])
+    got = _take(coord, 0)
+    coord.close()
+    assert "error" not in got, got
+    # prompts 0, 2, 3 failed (raised, hung past 1 s, returned a tuple) and 4's samples all
+    # scored 1: each dropped, counted and replaced by the next prompt of the split
+    name = "environment tests.integration.test_rollout:ScriptedEnv"
+    assert got["counts"] == {f"dropped: {name} raised": 1, f"dropped: {name} timeout": 1,
+                             f"dropped: {name} malformed step": 1, DROP_UNIFORM: 1}
+    assert got["ids"] == [0, 1, 2, 3, 4, 5]
+    records = got["micro_batches"][0]
+    assert [(r.group, r.sample) for r in records] == [(1, 0), (1, 1), (5, 0), (5, 1)]
+    codec = ChatCodec(tokenizer)
+    for r in records:
+        # two model turns of up to 12 tokens (cut there, or ended by a stop token) in
+        # pieces of 4, the environment's answer between them, token in, token out
+        end = r.turn_ends[0] + 1
+        assert r.turn_ends[1] == len(r.response_ids) - 1 and r.tool_calls == 0
+        obs = codec.observation_ids(r.response_ids[:end], "tool", "result 1")
+        assert r.response_ids[end:end + len(obs)] == obs
+        rest = len(r.response_ids) - end - len(obs)
+        assert r.loss_mask == [1] * end + [0] * len(obs) + [1] * rest
+        model_versions = [v for v in r.versions if v != OBSERVATION]
+        assert r.versions[end:end + len(obs)] == [OBSERVATION] * len(obs)
+        if r.group == 1:  # generated from the first round on: pieces of both weights
+            assert model_versions[:min(4, end)] == [0] * min(4, end)
+            assert model_versions == sorted(model_versions) and model_versions[-1] == 1
+            assert r.partial and r.model_versions == [0, 1]
+        else:  # prompt 5 came after the refills, once weights 1 were there
+            assert model_versions == [1] * len(model_versions) and not r.partial
+        assert r.finish_reason in ("length", "done")
+        assert r.turn_rewards == pytest.approx([0.5 + len(tokenizer.decode(
+            r.response_ids[:end], skip_special_tokens=True)) / 1000,
+            0.5 + len(tokenizer.decode(r.response_ids[end + len(obs):],
+                                       skip_special_tokens=True)) / 1000])
+        assert r.score == pytest.approx(sum(r.turn_rewards))
+        assert r.logprobs[end:end + len(obs)] == [0.0] * len(obs)
+        # each token's behaviour log-prob is the one of the weights that sampled it
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        with torch.no_grad():
+            lp = {v: torch.log_softmax(m(ids).logits[0, len(r.prompt_ids) - 1:-1], -1)
+                  .gather(1, torch.tensor(r.response_ids)[:, None])[:, 0]
+                  for v, m in ((0, base), (1, moved))}
+        mu = torch.tensor(r.logprobs)
+        mask = torch.tensor(r.loss_mask, dtype=torch.float32)
+        for v in r.model_versions:
+            at = torch.tensor(r.versions) == v
+            assert (lp[v][at] - mu[at]).abs().max() < 1e-3
+        # the trainer, now at weights 1: the ratio corrects the version-0 tokens only
+        w = importance_weights(lp[1][None], mu[None], mask[None], "tis", cap=1e9).raw[0]
+        old = torch.tensor(r.versions) == 0
+        assert torch.allclose(w[old], torch.exp(lp[1][old] - lp[0][old]), atol=1e-3)
+        assert (w[~old & (mask > 0)] - 1).abs().max() < 1e-3
+
+    # rollout.env_errors=stop: the run stops, naming the environment and the prompt
+    stop = _coordinator([*env, "rollout.env_errors=stop"], tiny_model_path, rows, tmp_path,
+                        wdir, engine)
+    stop.start(world=1, micro=2, accum=1, step=0, epoch=0, skip=[])
+    err = _take(stop, 0)
+    stop.close()
+    assert "KeyError" in err["error"] and "ScriptedEnv" in err["error"]
+    assert "prompt 0" in err["error"] and "env_errors=skip" in err["error"]
+
+    # The staleness bound against a slow trainer: k = 2, the engine far faster than the
+    # trainer, which takes 0.5 s a step and publishes after each. No batch is more than
+    # 2 versions behind, and with the engine ahead the bound is reached.
+    plain = [row(100 + i, "ok") for i in range(16)]
+    fast = _coordinator(["rollout.max_staleness=2", "rollout.max_new_tokens=8",
+                         "rollout.samples_per_prompt=2",
+                         "reward.functions=[rlhf.tasks:demo_opening]"],
+                        tiny_model_path, plain, tmp_path, wdir, engine, total_steps=6)
+    publish(base.state_dict(), wdir, 0)
+    fast.start(world=1, micro=2, accum=1, step=0, epoch=0, skip=[])
+    seen = []
+    for step in range(1, 7):
+        batch = _take(fast, step - 1)
+        seen.append(sorted({r.staleness(step - 1) for r in batch["micro_batches"][0]}))
+        time.sleep(0.5)
+        publish((moved if step % 2 else base).state_dict(), wdir, step)
+        fast.published(step)
+    fast.close()
+    assert seen == [[0], [1], [2], [2], [2], [2]], seen
+    ledger = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert [x["staleness"] for x in ledger[-6:]] == [{"0": 4}, {"1": 4}, {"2": 4}, {"2": 4},
+                                                   {"2": 4}, {"2": 4}]
+
     # The broadcast path: this process (the trainer's rank 0) and the engine's worker
     # form a process group of their own (gloo here, NCCL between GPUs) and the weights
     # go straight into the engine's reload, in buckets of about a quarter of the model
-    import pytest
+    def greedy():
+        outs = ray.get(engine.generate.remote([r["prompt_ids"] for r in plain[:4]],
+                                              temperature=0.0, max_tokens=12))
+        return [_strip(o[0]["token_ids"], tokenizer.eos_token_id) for o in outs]
 
-    from cluster.weight_sync import BroadcastSender, WeightSyncError
-
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    sd = model.state_dict()
+    sd = moved.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in sd.values())
     sender = BroadcastSender([engine], 1, "gloo", 60.0, nbytes // 4)
-    assert sender.send(sd.items(), 3)["buckets"] >= 4
+    assert sender.send(sd.items(), 20)["buckets"] >= 4
     state = ray.get(engine.ready.remote())
-    assert state["version"] == 3 and state["group"] == sender.name
-    broadcast = engine_greedy()
-    assert broadcast != after
-    assert broadcast == [_strip(x, eos) for x in _hf_greedy(model, prompts, eos, 12)]
+    assert state["version"] == 20 and state["group"] == sender.name
+    assert greedy() == [_strip(x, tokenizer.eos_token_id) for x in _hf_greedy(
+        moved, [r["prompt_ids"] for r in plain[:4]], tokenizer.eos_token_id, 12)]
     group = sender.name
-    assert sender.send(sd.items(), 4)["bytes"] == nbytes and sender.name == group  # kept
+    assert sender.send(sd.items(), 21)["bytes"] == nbytes and sender.name == group  # kept
     # an engine that is gone: the sync fails at once and says which one
     ray.kill(engine)
     with pytest.raises(WeightSyncError, match="engine 0 "):
-        sender.send(sd.items(), 5)
+        sender.send(sd.items(), 22)

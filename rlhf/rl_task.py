@@ -1,0 +1,596 @@
+"""The training side of online RL (rlhf.ppo): what cluster.loop.train_loop runs on every
+Ray Train worker, given the rollouts the coordinator (cluster/coordinator.py) makes.
+
+One step, on every worker, over its share of the step's rollout records:
+    wait       `RolloutFeed` takes this rank's micro-batches of the step's batch from
+               the coordinator (at max_staleness 0 it waits for their generation; above,
+               they were made while the previous steps trained)
+    score      the reward model (a frozen DeepSpeed engine like the reference) is added
+               to the rollout-side reward; reward.clip
+    reference  the frozen reference's per-token log-probs (for the KL)
+    old        with several updates per batch, or the KL in the reward, the proximal
+               policy's log-probs (the policy at the step's start) recomputed; for PPO,
+               the critic's values
+    advantages rlhf/rl_advantages.py (grpo, rloo, reinforce++, ppo)
+    train      algo.ppo_epochs x algo.mini_batches updates of `rlhf.losses.online_rl_loss`:
+               the clipped ratio to the proximal policy, weighted by the rollout
+               correction pi_prox / mu (algo.rollout_is: tis, mis or none) against the
+               engine's behaviour log-probs, + k3 KL - entropy bonus, the token mean over
+               the (mini-)batch; observation tokens masked out; the critic's clipped
+               value loss and its own update
+    sync       the weights are published for the engines (rollout.weight_sync); the
+               coordinator loads them when its staleness bound asks for them (on the
+               broadcast path rank 0 pushes them into the engines itself)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+from cluster.loop import Task
+
+NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half) or fp16 "
+              "overflow (use bf16 or fp32). The last good checkpoint is kept; fix the "
+              "setting and rerun with train.resume=true.")
+BUFFER_FILE = "rollout_buffer.json"
+
+
+class RolloutFeed:
+    """The coordinator's batches as cluster.loop's feed (what RowFeed is for rows): steps
+    of this rank's micro-batches of records, until the coordinator ends the epoch."""
+
+    def __init__(self, task: RLTask, skip: set[int] | None):
+        self.task, self.skip = task, skip
+        self.consumed: list[int] = []
+        self.counts: Counter = Counter()
+
+    def steps(self, epoch: int = 0):
+        import ray
+
+        task = self.task
+        task.attach(epoch, self.skip)
+        while True:
+            t0 = time.perf_counter()
+            while True:
+                got = ray.get(task.coordinator.next_step.remote(task.rank, task.item))
+                if "error" in got:
+                    raise RuntimeError(f"rollouts failed: {got['error']}")
+                if "sync" in got:
+                    task.resync(got["sync"])
+                    continue
+                if "wait" not in got:
+                    break
+            task.item += 1
+            task.wait_s = time.perf_counter() - t0
+            if got.get("epoch_end"):
+                self.commit(got["ids"], Counter(got["counts"]))
+                return
+            task.batch_stats = got["stats"]
+            mbs = [[_record(r) for r in mb] for mb in got["micro_batches"]]
+            yield mbs, got["ids"], Counter(got["counts"])
+
+    def commit(self, ids: list[int], counts: Counter) -> None:
+        self.consumed.extend(ids)
+        self.counts.update(counts)
+
+
+def _record(r):
+    from rlhf.rollouts import RolloutRecord
+
+    return r if isinstance(r, RolloutRecord) else RolloutRecord(**r)
+
+
+class RLTask(Task):
+    """What cluster.loop.train_loop needs for online RL (see its docstring)."""
+
+    name = "prompts"
+    flags: dict[str, str] = {}
+    eval_at_start = True  # the reward before training, to compare the end with
+    nan_advice = NAN_ADVICE
+    train_from_shard = False  # the coordinator reads the prompts
+
+    # per-step sums; every rank reports every key (they are all-reduced by position)
+    SUMS = ("loss", "kl", "tokens", "reward", "reward_sq", "responses", "response_tokens",
+            "gap", "gap_tokens", "gap_fresh", "fresh_tokens", "clipped", "entropy",
+            "value_loss", "value_clipped", "is_weight", "is_limited", "turns",
+            "tool_calls", "tool_episodes", "partial", "staleness")
+    MAXES = ("max:is_weight", "max:staleness", "max:gap")
+    BATCH_STATS = ("generate_s", "env_s", "batch_s", "env_failures")
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.cfg.algo.ppo_epochs * self.cfg.algo.mini_batches
+
+    def updates(self, micro_batches: list[list]) -> list[list[list]]:
+        """ppo_epochs passes, each of mini_batches updates over consecutive micro-batches
+        (every worker holds the same number, so the updates stay in lock-step)."""
+        m = self.cfg.algo.mini_batches
+        size = len(micro_batches) // m
+        groups = [micro_batches[i * size:(i + 1) * size] for i in range(m)]
+        return groups * self.cfg.algo.ppo_epochs
+
+    def dummy_rows(self, token_id: int) -> list[dict]:
+        from rlhf.logprobs import dummy_sequence_rows
+
+        return dummy_sequence_rows(token_id)
+
+    def batch_builder(self):
+        from rlhf.logprobs import rows_sequence_batch
+
+        return rows_sequence_batch
+
+    def feed(self, shard, micro: int, accum: int, skip: set[int] | None = None):
+        return RolloutFeed(self, skip)
+
+    # ------------------------------------------------------------------ set-up
+
+    def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
+        from cluster.train import rank_world
+        from rlhf.advantages import AdaptiveKLController
+        from rlhf.config import resolved_rollout_is
+        from rlhf.rewards import reward_spec
+
+        cfg, a = self.cfg, self.cfg.algo
+        self.world, self.accum = world, accum  # accum: micro-batches per optimizer update
+        self.universal = lc.get("universal", False)  # resumed at another world size
+        self.engine = engine  # the policy: it also recomputes the proximal log-probs
+        self.rank = rank_world()[0]
+        self.coordinator = lc["coordinator"]
+        self.engines = lc["engines"]
+        self.weights_dir = Path(lc["weights_dir"])
+        self.store = lc["store"]  # None: the shm or broadcast path (cluster.weight_sync)
+        self.broadcast = None  # rank 0's BroadcastSender on the broadcast path
+        self.broadcasting = lc.get("sync") == "broadcast"
+        if self.broadcasting and self.rank == 0:
+            from cluster.weight_sync import BroadcastSender
+
+            r = cfg.rollout
+            self.broadcast = BroadcastSender(
+                self.engines, r.tensor_parallel_size,
+                "nccl" if cfg.cluster.use_gpu else "gloo", r.sync_timeout_s,
+                int(r.sync_bucket_mb * 2**20))
+        self.sync_bytes = 0
+        self.rollout_is = resolved_rollout_is(cfg)
+        self.ref_engine = (self.frozen_reference(lc["model_path"], world)
+                           if a.kl_coef else None)
+        # The proximal policy, recomputed: the ratio's denominator once the policy has
+        # moved (several updates per batch), and the KL in the reward. With one update
+        # it is the current policy, detached: no forward of its own.
+        self.need_old = self.updates_per_step > 1 or (
+            a.kl_penalty == "reward" and self.ref_engine is not None)
+        self.kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+        self.critic = None
+        if a.algorithm == "ppo":
+            from cluster.critic import Critic
+
+            self.critic = Critic(cfg, lc["critic_path"], world, accum,
+                                 a.critic_learning_rate or lc["learning_rate"],
+                                 lc["total_steps"] * self.updates_per_step, self.universal)
+        self.scorer = None
+        if cfg.reward.model:
+            from cluster.deepspeed import frozen_config_for
+            from cluster.scoring import sharded_scorer
+            from rlhf.rewards import model_source
+
+            # a frozen DeepSpeed engine like the reference: sharded under ZeRO-3, in CPU
+            # memory with cluster.offload_frozen
+            self.scorer = sharded_scorer(cfg.reward.model, frozen_config_for(cfg, world),
+                                         cfg.model.dtype)
+            model_source(cfg.reward.model, policy_path=lc["model_path"], scorer=self.scorer)
+        # with several sources each one's unweighted mean is reported too
+        names = [reward_spec(s)[0] for s in cfg.reward.functions]
+        if cfg.rollout.environment:
+            names.append("environment")
+        if cfg.reward.model:
+            names.append("model")
+        self.parts = names if len(names) > 1 else []
+        self.sum_keys = self.SUMS + tuple(f"reward[{x}]" for x in self.parts)
+        self.rollouts: dict[tuple, dict] = {}
+        self.version = 0  # the weights the trainers hold (steps done)
+        self.item = 0  # the next coordinator item this rank takes
+        self.attached = False
+        self.saved_buffer: list[dict] | None = None
+        self.wait_s = 0.0
+        self.batch_stats: dict = {}
+        self.resynced = 0
+        self.delay_s = float(lc.get("delay_training_s") or 0.0)
+
+    def attach(self, epoch: int, skip: set[int] | None) -> None:
+        """Once per attempt, at the first step: rank 0 (re)starts the coordinator from
+        this training state; the others wait for it."""
+        import ray
+
+        from cluster.train import all_sum
+
+        if self.attached:
+            return
+        self.attached = True
+        t = self.cfg.train
+        per_step = t.global_batch_size // (t.micro_batch_size * self.world)  # micro-batches
+        if self.rank == 0:
+            ray.get(self.coordinator.start.remote(
+                self.world, t.micro_batch_size, per_step, self.version, epoch,
+                sorted(skip or ()), self.saved_buffer))
+        all_sum([0.0])  # nobody asks for a batch before the coordinator is started
+
+    def save_state(self, folder: Path) -> None:
+        import ray
+
+        if self.critic is not None:
+            self.critic.save(folder)
+        if self.rank == 0:
+            (folder / "rl_state.json").write_text(json.dumps({"kl_coef": self.kl_ctl.value}))
+            if self.attached:
+                buffer = ray.get(self.coordinator.snapshot.remote())
+                (folder / BUFFER_FILE).write_text(json.dumps(buffer))
+
+    def load_state(self, folder: Path) -> None:
+        if self.critic is not None:
+            self.critic.load(folder)
+        state = folder / "rl_state.json"
+        if state.is_file():
+            self.kl_ctl.value = json.loads(state.read_text())["kl_coef"]
+        buffer = folder / BUFFER_FILE
+        if buffer.is_file():
+            self.saved_buffer = json.loads(buffer.read_text())
+
+    # ------------------------------------------------------------------ forwards
+
+    def _policy_tables(self, model_engine, batch: dict, n_seqs: int, entropy: bool = False):
+        """(log-probs (S, T), mask (S, T), entropy (S, T) or None) of the response
+        positions at the sampling temperature."""
+        from rlhf.logprobs import (model_inputs, right_padded, scored_positions,
+                                   scored_token_logprobs)
+        from rlhf.losses import entropy_from_logits
+
+        out = model_engine(**model_inputs(batch, model_engine.device))
+        logits = out.logits / self.cfg.rollout.temperature
+        vals, seq = scored_token_logprobs(logits, batch)
+        lp, mask = right_padded(vals, seq, n_seqs)
+        ent = None
+        if entropy:
+            ent, _ = right_padded(entropy_from_logits(scored_positions(logits, batch)[0]),
+                                  seq, n_seqs)
+        return lp, mask, ent
+
+    def _prepare(self, records: list, train: bool, timer=None) -> dict:
+        """A micro-batch of records -> the tensors its micro-steps need, with the reward
+        model's scores and the frozen forwards (reference; for training, the proximal
+        policy and the critic's values)."""
+        import torch
+
+        from rlhf.logprobs import response_batch
+        from rlhf.rewards import shape_scores
+        from rlhf.rollouts import record_tables
+
+        cfg = self.cfg
+        P = [r.prompt_ids for r in records]
+        R = [r.response_ids for r in records]
+        batch = response_batch(P, R, pad_id=self.pad_id, packing=cfg.data.packing,
+                               attn_implementation=cfg.model.attn_implementation)
+        tables = record_tables(records)
+        parts = {x: sum(r.parts.get(x, 0.0) for r in records) for x in self.parts}
+        total = [r.score for r in records]
+        if self.scorer is not None:
+            texts = [self.tok.decode(p) for p in P]
+            resp = [self.tok.decode(x, skip_special_tokens=True) for x in R]
+            rm = self.scorer.score(texts, resp)
+            total = [t + cfg.reward.model_weight * v for t, v in zip(total, rm)]
+            if "model" in parts:
+                parts["model"] = float(sum(rm))
+        scores = shape_scores(torch.tensor(total, dtype=torch.float32), cfg.reward.clip)
+        if timer:
+            timer.mark("score")
+        d = {"batch": batch, "scores": scores, "behaviour": tables["behaviour"],
+             "loss_mask": tables["loss_mask"], "versions": tables["versions"],
+             "turn_rewards": tables["turn_rewards"], "n_seqs": len(records),
+             "prompt_tokens": sum(map(len, P)),
+             "response_tokens": float(tables["loss_mask"].sum()),
+             "ref": None, "old": None, "values": None, "passes": 0,
+             "parts": {f"reward[{x}]": v for x, v in parts.items()},
+             "records": records,
+             # trained positions: the response's model tokens (observations and
+             # filtered responses are 0 in the records' loss mask)
+             "mask": tables["loss_mask"]}
+        self._frozen_forwards(d, train, timer)
+        return d
+
+    def _frozen_forwards(self, d: dict | None, train: bool, timer) -> None:
+        """The no-grad forwards a rollout needs; with d None, the same forwards of the
+        dummy row (under ZeRO-3 every rank must join every gather)."""
+        import torch
+
+        batch, n = (d["batch"], d["n_seqs"]) if d else (self.batch([]), 1)
+        if d is None and self.scorer is not None:
+            self.scorer.dummy_forward()  # where the others score their responses
+        with torch.no_grad():
+            if self.ref_engine is not None:
+                ref = self._policy_tables(self.ref_engine, batch, n)[0]
+                if d:
+                    d["ref"] = ref
+                if timer:
+                    timer.mark("reference")
+            if train and self.need_old:
+                old = self._policy_tables(self.engine, batch, n)[0]
+                if d:
+                    d["old"] = old
+                if timer:
+                    timer.mark("old_logprobs")
+            if train and self.critic is not None:
+                values = self.critic.values(batch, n)
+                if d:
+                    d["values"] = values
+                if timer:
+                    timer.mark("values")
+
+    # ------------------------------------------------------------------ a step
+
+    def begin_step(self, micro_batches: list[list], timer) -> None:
+        from cluster.train import all_sum
+        from rlhf.rl_advantages import assign_advantages
+
+        if timer:  # the loop booked the wait for this step's rollouts as "data"
+            timer.times["generate"] = timer.times.pop("data", 0.0)
+        if self.delay_s:  # a slow trainer (rlhf.ppo.run's delay_training_s)
+            time.sleep(self.delay_s)
+        self.rollouts = {}
+        for mb in micro_batches:
+            if mb:
+                self.rollouts[self._key(mb)] = self._prepare(mb, True, timer)
+            else:
+                self._frozen_forwards(None, True, timer)
+        kl, responses = assign_advantages(list(self.rollouts.values()), self.cfg.algo,
+                                          self.cfg.rollout.samples_per_prompt,
+                                          self.kl_ctl.value, all_sum)
+        if responses:  # the adaptive controller follows the batch's KL per response
+            self.kl_ctl.update(kl / responses, int(responses))
+
+    @staticmethod
+    def _key(records: list) -> tuple:
+        return tuple((r.group, r.sample) for r in records)
+
+    def step_counts(self, micro_batches: list[list]) -> dict[str, float]:
+        from rlhf.rollouts import staleness_counts
+
+        ds = [self.rollouts[self._key(mb)] for mb in micro_batches if mb]
+        p = sum(d["prompt_tokens"] for d in ds)
+        resp = sum(d["response_tokens"] for d in ds)
+        records = [r for d in ds for r in d["records"]]
+        hist = staleness_counts(records, self.version)
+        out = {"samples": len(records), "tokens": p + resp, "unique_tokens": p + resp,
+               "response_tokens": resp,
+               **{f"staleness/{k}": float(hist.get(k, 0))
+                  for k in range(self.cfg.rollout.max_staleness + 1)},
+               **{f"batch/{k}": float(self.batch_stats.get(k, 0.0)) for k in self.BATCH_STATS}}
+        return out
+
+    def micro_step(self, engine, rows: list, totals: dict | None, grad: bool, timer):
+        import torch
+
+        from rlhf.advantages import kl_estimate
+        from rlhf.losses import online_rl_loss
+
+        a = self.cfg.algo
+        ent_on = bool(a.entropy_coef)
+        sums = dict.fromkeys(self.sum_keys, 0.0)
+        sums.update(dict.fromkeys(self.MAXES, 0.0))
+        if not rows:  # a zero-weight forward, so that ZeRO-3's gathers see every rank
+            if not grad:  # as an eval rollout would (training ones did in begin_step)
+                self._frozen_forwards(None, False, None)
+            with torch.set_grad_enabled(grad):
+                if self.critic is not None and grad:
+                    self.critic.dummy_update(self.batch([]))
+                lp, _, _ = self._policy_tables(engine, self.batch([]), 1)
+            return (lp.sum() * 0.0 if totals is not None else None), sums
+        d = self.rollouts[self._key(rows)] if grad else self._eval_rollout(rows)
+        if d is None:  # every held-out episode of this micro-batch failed
+            return self.micro_step(engine, [], totals, grad, timer)
+        first = d["passes"] == 0
+        d["passes"] += 1
+        # the token mean over the global batch (or its mini-batch), however it was split
+        k = self.world * self.accum / max(totals["response_tokens"], 1) if totals else 0.0
+        if totals is not None and self.critic is not None:
+            # the critic's update first: its graph is gone before the policy's is built
+            sums["value_loss"], sums["value_clipped"] = self.critic.update(
+                d["batch"], d["n_seqs"], d["values"], d["returns"], d["mask"], k,
+                a.value_clip)
+            if timer:
+                timer.mark("critic")
+        mask = d["mask"]
+        with torch.set_grad_enabled(grad):
+            lp, _, ent = self._policy_tables(engine, d["batch"], d["n_seqs"], ent_on)
+            mask = mask.to(lp.device)
+            if timer:
+                timer.mark("forward")
+            behaviour = d["behaviour"][:, :lp.shape[1]].to(lp.device)
+            per_token = torch.zeros_like(lp)
+            if grad:
+                # With one update per batch the proximal policy is the current one: the
+                # ratio is 1 in value and the clip bounds nothing (GRPO's num_iterations
+                # = 1); the gradient is the advantage-weighted score function.
+                prox = d["old"] if d["old"] is not None else lp.detach()
+                in_loss = d["ref"] is not None and a.kl_penalty == "loss"
+                out = online_rl_loss(
+                    lp, prox.to(lp.device), behaviour, d["adv"].to(lp.device), mask,
+                    clip_low=a.clip_low, clip_high=a.clip_high, rollout_is=self.rollout_is,
+                    rollout_is_cap=a.rollout_is_cap,
+                    ref_logprobs=d["ref"] if in_loss else None,
+                    kl_coef=self.kl_ctl.value if in_loss else 0.0, entropy=ent,
+                    entropy_coef=a.entropy_coef)
+                per_token = out.losses
+                kl = out.kl if in_loss else (d["reward_kl"].to(lp.device)
+                                             if d["ref"] is not None else torch.zeros_like(lp))
+                sums.update({"clipped": float(out.clipped.sum()),
+                             "is_weight": float(out.weights.weights.sum()),
+                             "is_limited": float(out.weights.limited.sum()),
+                             "max:is_weight": float(out.weights.raw.max())})
+            elif d["ref"] is not None:
+                kl = kl_estimate(lp, d["ref"].to(lp.device),
+                                 "k3" if a.kl_penalty == "loss" else "k1") * mask
+            else:
+                kl = torch.zeros_like(lp)
+        sums.update({"loss": float(per_token.detach().sum()), "kl": float(kl.detach().sum()),
+                     "tokens": float(mask.sum()),
+                     "entropy": float((ent.detach() * mask).sum()) if ent_on else 0.0})
+        if first:  # what was sampled: counted once however many passes train on it
+            sums.update(self._sample_sums(d, lp, behaviour, mask))
+        if totals is None:
+            return None, sums
+        return per_token.sum() * k, sums
+
+    def _sample_sums(self, d: dict, lp, behaviour, mask) -> dict:
+        """Per-sample sums of a micro-batch: rewards, the engine/trainer log-prob gap
+        (all tokens, and those sampled by the current weights: the numerical mismatch
+        alone), turns, tool use, partial rollouts and staleness."""
+        s = d["scores"]
+        sampler = (d["old"] if d["old"] is not None else lp.detach()).cpu()
+        diff = (sampler - behaviour.cpu()).abs() * mask.cpu()
+        fresh = (d["versions"][:, :lp.shape[1]] == self.version).float() * mask.cpu()
+        recs = d["records"]
+        return {"reward": float(s.sum()), "reward_sq": float((s ** 2).sum()),
+                "responses": float(d["n_seqs"]), "gap": float(diff.sum()),
+                "gap_tokens": float(mask.sum()), "max:gap": float(diff.max()),
+                "gap_fresh": float((diff * fresh).sum()), "fresh_tokens": float(fresh.sum()),
+                "response_tokens": float(mask.sum()),
+                "turns": float(sum(r.turns for r in recs)),
+                "tool_calls": float(sum(r.tool_calls for r in recs)),
+                "tool_episodes": float(sum(r.tool_calls > 0 for r in recs)),
+                "partial": float(sum(r.partial for r in recs)),
+                "staleness": float(sum(r.staleness(self.version) for r in recs)),
+                "max:staleness": float(max(r.staleness(self.version) for r in recs)),
+                **d["parts"]}
+
+    def _eval_rollout(self, rows: list[dict]) -> dict | None:
+        """A held-out micro-batch: rollouts with the current weights from the
+        coordinator, scored and with the reference's forward."""
+        import ray
+
+        from rlhf.rollouts import RolloutRecord
+
+        plain = [{"id": int(r["id"]), "prompt_ids": [int(t) for t in r["prompt_ids"]],
+                  "metadata": str(r["metadata"])} for r in rows]
+        got = ray.get(self.coordinator.eval_rollouts.remote(self.rank, plain, self.version))
+        records = [RolloutRecord(**x) for x in got["records"]]
+        if not records:
+            return None
+        return self._prepare(records, False)
+
+    # ------------------------------------------------------------------ weights
+
+    def resync(self, n: int) -> None:
+        """The coordinator found an engine restarted on the broadcast path: every rank
+        takes part in broadcasting the current weights again (once per request)."""
+        import ray
+
+        if n <= self.resynced:
+            return
+        self.resynced = n
+        print(f"rank {self.rank}: re-syncing the engines (weights {self.version})", flush=True)
+        self._sync(self.engine, self.version)
+        if self.rank == 0:
+            ray.get(self.coordinator.published.remote(self.version, True))
+
+    def _sync(self, engine, version: int) -> None:
+        """Every rank: the policy's current weights are published as `version` (shm file,
+        the store's buckets) or broadcast into every engine."""
+        from cluster.engine_client import engine_state
+        from cluster.train import gather_state_dict, iter_state_dict
+        from cluster.weight_sync import policy_weights, publish, push_buckets
+
+        c, lora = self.cfg.cluster, self.cfg.model.lora
+        streamed = self.store is not None or self.broadcasting
+        if streamed and not lora.enabled:  # one bucket at a time
+            pairs = iter_state_dict(engine, c.zero_stage)
+        else:  # the whole state on rank 0 (LoRA: merged first)
+            full = gather_state_dict(engine, c.zero_stage)
+            pairs = (policy_weights(full, lora) if self.rank == 0 else {}).items()
+        if self.broadcasting:
+            if self.broadcast is not None:
+                if self.broadcast.group is None:  # about to form it (first sync, or anew)
+                    for e in self.engines:  # a slow (re)start is waited for, not timed out
+                        engine_state(e)
+                self.sync_bytes = self.broadcast.send(pairs, version)["bytes"]
+            else:
+                for _ in pairs:  # ZeRO-3: rank 0's gathers need every rank
+                    pass
+            return
+        if self.store is not None:
+            sent = push_buckets(self.store, pairs, version,
+                                int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        elif self.rank == 0:
+            path = publish(dict(pairs), self.weights_dir, version)
+            sent = {"bytes": path.stat().st_size}
+        if self.rank == 0:
+            self.sync_bytes = sent["bytes"]
+
+    def end_step(self, engine, step: int, timer) -> None:
+        """The new weights are published for the engines (and, broadcasting, pushed into
+        them); the coordinator hears of them."""
+        import ray
+
+        self.rollouts = {}
+        self._sync(engine, step)
+        self.version = step
+        if self.rank == 0:
+            ray.get(self.coordinator.published.remote(step, self.broadcasting))
+        if timer:
+            timer.mark("sync")
+
+    def metrics(self, sums: dict, totals: dict | None, split: str) -> dict:
+        n, t = max(sums["responses"], 1), max(sums["tokens"], 1)
+        mean = sums["reward"] / n
+        out = {f"{split}/reward": mean,
+               f"{split}/reward_std": math.sqrt(max(sums["reward_sq"] / n - mean ** 2, 0.0)),
+               f"{split}/kl": sums["kl"] / t,
+               f"{split}/response_length": sums["response_tokens"] / n,
+               f"{split}/logprob_gap_vllm": sums["gap"] / max(sums["gap_tokens"], 1),
+               **{f"{split}/reward[{x}]": sums[f"reward[{x}]"] / n for x in self.parts}}
+        if self.cfg.rollout.environment:
+            out.update({f"{split}/turns": sums["turns"] / n,
+                        f"{split}/tool_calls": sums["tool_calls"] / n,
+                        f"{split}/tool_call_share": sums["tool_episodes"] / n})
+        if split != "train":
+            out["eval/responses"] = int(sums["responses"])
+            out["eval/prompts"] = int(sums["responses"]) // self.cfg.rollout.samples_per_prompt
+            return out
+        k = self.cfg.rollout.max_staleness
+        b = {key: totals.get(f"batch/{key}", 0.0) for key in self.BATCH_STATS}
+        samples = max(totals["samples"], 1)
+        out.update({"train/loss": sums["loss"] / t,
+                    "train/clip_fraction": sums["clipped"] / t,
+                    "train/kl_coef": self.kl_ctl.value,
+                    "train/generated_tokens_per_s": (totals["response_tokens"] / b["generate_s"]
+                                                     if b["generate_s"] else 0.0),
+                    "train/sync_mb": self.sync_bytes / 2**20,
+                    "train/is_weight_mean": sums["is_weight"] / t,
+                    "train/is_weight_max": sums["max:is_weight"],
+                    "train/is_limited_fraction": sums["is_limited"] / t,
+                    "train/logprob_gap_max": sums["max:gap"],
+                    "train/logprob_gap_fresh": (sums["gap_fresh"] / sums["fresh_tokens"]
+                                                if sums["fresh_tokens"] else 0.0),
+                    "train/staleness_mean": sums["staleness"] / n,
+                    "train/staleness_max": sums["max:staleness"],
+                    **{f"train/staleness/{i}": totals[f"staleness/{i}"] / samples
+                       for i in range(k + 1)},
+                    "train/partial_share": sums["partial"] / n,
+                    "train/rollout_wait_s": self.wait_s,
+                    "train/rollout_generate_s": b["generate_s"],
+                    "train/rollout_env_s": b["env_s"],
+                    "train/env_failures": b["env_failures"]})
+        if self.cfg.algo.entropy_coef:
+            out["train/entropy"] = sums["entropy"] / t
+        if self.critic is not None:
+            out["train/value_loss"] = sums["value_loss"] / t
+            out["train/value_clip_fraction"] = sums["value_clipped"] / t
+        return out
+
+
+def train_loop_per_worker(lc: dict) -> None:
+    from cluster.loop import train_loop
+    from rlhf.config import PPOConfig, _build
+
+    train_loop(lc, RLTask(_build(PPOConfig, lc["config"])))
