@@ -20,6 +20,10 @@
 #            the DPO task on one GPU, without Ray; loss must fall, export must reload
 #   speed    bench/gpu_packing_speed.py: tokens/s padded vs packed, ~120M Llama, bf16
 #   ray      tests/gpu/test_dpo_gpu.py: rlhf.dpo end to end on Ray Train + Ray Data
+#   async    bench/async_rollout.py --gpu: rlhf.ppo with max_staleness 0 / 1 / 2 side by
+#            side, one training GPU and one engine GPU; needs vLLM with CUDA and two GPUs
+#            (it says so and skips where either is missing: the wheels above carry no
+#            vLLM, so bring one in .whl/ or run on a machine that has it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
@@ -76,6 +80,10 @@ print(\"deepspeed accelerator:\", get_accelerator()._name)"'
   rm -rf /tmp/pt-dpo-gpu
   step ray 300 "$PY" -m pytest -q -rA -p no:cacheprovider --basetemp=/tmp/pt-dpo-gpu \
     tests/gpu/test_dpo_gpu.py ${GPU_RAY_K:+-k "$GPU_RAY_K"} --junitxml="$OUT/junit-dpo-gpu.xml"
+  step async 240 bash -c '
+    '"$PY"' -c "import vllm, torch; assert torch.cuda.device_count() >= 2" 2>/dev/null || {
+      echo "skipped: bench/async_rollout.py --gpu needs vLLM (CUDA) and 2 GPUs here"; exit 0; }
+    '"$PY"' bench/async_rollout.py --gpu --seeds 1 --steps 12 | tee "'"$OUT"'/async.txt"'
   for t in qlora_bf16 zero3_bf16_full; do  # the runs' summaries, when they got that far
     f=$(find /tmp/pt-dpo-gpu -path "*test_${t}*" -name summary.json 2>/dev/null | head -1)
     [ -n "$f" ] && cp "$f" "$OUT/summary-$t.json"

@@ -206,9 +206,9 @@ class RolloutCoordinator:
         self.queue: deque = deque()
         self.error: str | None = None
         self.sync_needed = 0  # > 0: the broadcast path needs the trainers to re-sync
-        self.busy = False  # the producer is making a batch
+        self.busy = 0  # batches being made
         self.paused = False
-        self.stream: PromptStream | None = None
+        self.reward_lock = threading.Lock()  # reward functions need not be thread-safe
 
     # ------------------------------------------------------------ the trainers' calls
 
@@ -226,12 +226,14 @@ class RolloutCoordinator:
             self.taken: dict[int, set[int]] = {}
             self.head = 0  # index of self.queue[0] among this attempt's items
             self.made = step + len(self.queue)  # steps with a batch (trained or queued)
-            self.error, self.sync_needed, self.busy, self.paused = None, 0, False, False
+            self.error, self.sync_needed, self.busy, self.paused = None, 0, 0, False
+            self.finished: dict[int, Batch] = {}  # made, waiting for an earlier step
+            self.queued = self.made  # the last step whose batch is queued
+            self.stream_lock = threading.Lock()
             self.client.forget()
             self.client.published(step)
             read = set(skip) | {i for b in self.queue for ids in b.ids for i in ids}
             self.stream_args = (epoch, read)
-            self.stream = None  # built by the producer (reading may wait for resources)
             self.cond.notify_all()
         threading.Thread(target=self._produce, args=(attempt,), daemon=True).start()
         return attempt
@@ -301,8 +303,8 @@ class RolloutCoordinator:
         return {"records": [rec.__dict__ for _, rec in scored], "failed": len(failed)}
 
     def snapshot(self) -> list[dict]:
-        """For a checkpoint: the producer finishes the batch it is making and pauses; the
-        batches of the current epoch not yet trained come back (JSON-able) and the
+        """For a checkpoint: the producer finishes the batches it is making and pauses;
+        the batches of the current epoch not yet trained come back (JSON-able) and the
         producer goes on."""
         with self.cond:
             self.paused = True
@@ -325,48 +327,85 @@ class RolloutCoordinator:
     # ------------------------------------------------------------ the producer
 
     def _produce(self, attempt: int) -> None:
+        """The dispatcher: for each next step, once the staleness bound lets its batch
+        start, take its prompts (in step order) and hand them to a maker thread. Up to
+        max_staleness + 1 batches are made at once: while one waits for its
+        environments, another generates. Finished batches are queued in step order; an
+        epoch ends once its makers are done."""
         try:
             epoch, read = self.stream_args
             stream = PromptStream(self.dataset, self.world, epoch, read,
                                   read_ahead=4 * self.micro * self.accum)
+            k = self.r.max_staleness
             while True:
                 with self.cond:
                     step = self.made + 1
-                    need = max(0, step - 1 - self.r.max_staleness)
+                    need = max(0, step - 1 - k)
                     while attempt == self.attempt and (
                             self.paused or self.client.latest < need or step > self.total_steps
-                            or self.sync_needed):
+                            or self.sync_needed or self.busy > k):
                         self.cond.wait(1.0)
                     if attempt != self.attempt:
                         return
-                    self.busy = True
-                try:
-                    batch = self._make_batch(stream, step, attempt)
-                finally:
+                first = self._take(stream, [self.micro * self.accum] * self.world)
+                if not any(first[0]):  # not one usable prompt left: the epoch is over
                     with self.cond:
-                        self.busy = False
-                        self.cond.notify_all()
-                with self.cond:
-                    if attempt != self.attempt:
-                        return
-                    if isinstance(batch, EpochEnd):
-                        self.queue.append(batch)
-                        if stream.epoch + 1 >= self.cfg.train.epochs:
-                            self.cond.notify_all()
+                        while attempt == self.attempt and self.busy:
+                            self.cond.wait(1.0)
+                        if attempt != self.attempt:
                             return
-                        stream.next_epoch()
-                    else:
-                        self.queue.append(batch)
-                        self.made += 1
-                    self.cond.notify_all()
+                        self.queue.append(EpochEnd(stream.epoch, [i for r in first[1] for i in r],
+                                                   first[2]))
+                        self.cond.notify_all()
+                    if stream.epoch + 1 >= self.cfg.train.epochs:
+                        return
+                    stream.next_epoch()
+                    continue
+                with self.cond:
+                    self.made += 1
+                    self.busy += 1
+                threading.Thread(target=self._maker, args=(attempt, stream, step, first),
+                                 daemon=True).start()
         except Exception as e:  # noqa: BLE001 - the trainers raise it with this message
-            import traceback
+            self._failed(attempt, e)
 
-            traceback.print_exc()
+    def _maker(self, attempt: int, stream: PromptStream, step: int, first: tuple) -> None:
+        batch = None
+        try:
+            batch = self._make_batch(stream, step, attempt, first)
+        except Exception as e:  # noqa: BLE001 - the trainers raise it with this message
+            self._failed(attempt, e)
+        finally:
             with self.cond:
                 if attempt == self.attempt:
-                    self.error = f"{type(e).__name__}: {e}"
-                    self.cond.notify_all()
+                    self.busy -= 1
+                    if batch is not None:
+                        self.finished[step] = batch
+                        while self.queued + 1 in self.finished:  # in step order
+                            self.queued += 1
+                            self.queue.append(self.finished.pop(self.queued))
+                self.cond.notify_all()
+
+    def _failed(self, attempt: int, e: Exception) -> None:
+        import traceback
+
+        traceback.print_exc()
+        with self.cond:
+            if attempt == self.attempt:
+                self.error = f"{type(e).__name__}: {e}"
+                self.cond.notify_all()
+
+    def _take(self, stream: PromptStream, wants: list[int]) -> tuple:
+        """([rows] per rank, [ids read] per rank, dropped counts): the next prompts of
+        each rank's split (makers running at once take them one at a time)."""
+        rows, ids, counts = [], [], Counter()
+        with self.stream_lock:
+            for rank, want in enumerate(wants):
+                got, seen, dropped = stream.take(rank, want) if want > 0 else ([], [], {})
+                rows.append(got)
+                ids.append(seen)
+                counts.update(dropped)
+        return rows, ids, counts
 
     def _wait_for_sync(self, attempt: int) -> None:
         """Broadcast path, an engine restarted: ask the trainers to broadcast the weights
@@ -377,37 +416,35 @@ class RolloutCoordinator:
             while attempt == self.attempt and self.sync_needed:
                 self.cond.wait(1.0)
 
-    def _make_batch(self, stream: PromptStream, step: int, attempt: int) -> Batch | EpochEnd:
-        """Batch `step` from the next prompts of each rank's split, or the end of the epoch
-        when not one usable prompt was left."""
+    def _make_batch(self, stream: PromptStream, step: int, attempt: int, first: tuple
+                    ) -> Batch | None:
+        """Batch `step` from `first` (each rank's prompts, taken in step order) and, for
+        groups dropped on the way, the next prompts of the rank's split; None if this
+        attempt was abandoned meanwhile."""
         n_ranks, slots = self.world, self.micro * self.accum
         t0 = time.perf_counter()
         accepted: list[list[list[RolloutRecord]]] = [[] for _ in range(n_ranks)]
-        ids: list[list[int]] = [[] for _ in range(n_ranks)]
-        counts: Counter = Counter()
+        rows, ids, counts = first
+        ids = [list(x) for x in ids]
+        counts = Counter(counts)
         stats: Counter = Counter()
         while True:
-            eps = []
-            for rank in range(n_ranks):
-                want = slots - len(accepted[rank])
-                if want > 0:
-                    rows, seen, dropped = stream.take(rank, want)
-                    ids[rank] += seen
-                    counts.update(dropped)
-                    eps += self._episodes(rank, rows, step - 1)
+            eps = [ep for rank in range(n_ranks) for ep in self._episodes(rank, rows[rank],
+                                                                          step - 1)]
             if not eps:
                 break
             t1 = time.perf_counter()
             self._run(eps, lambda ep: ep.rank % len(self.client.engines), step - 1, attempt,
                       stats, refresh=self.r.partial_rollouts)
-            stats["generate_s"] += time.perf_counter() - t1
+            stats["generate_s"] += time.perf_counter() - t1 - stats.pop("_env", 0.0)
             if attempt != self.attempt:
-                return EpochEnd(stream.epoch)  # abandoned; never queued
+                return None
             scored, failed = self._score(eps, train=True)
             for rank, group in self._filter(scored, failed, counts, stats):
                 accepted[rank].append(group)
-        if not any(accepted):
-            return EpochEnd(stream.epoch, [i for r in ids for i in r], counts)
+            rows, more, dropped = self._take(stream, [slots - len(a) for a in accepted])
+            ids = [a + b for a, b in zip(ids, more)]
+            counts.update(dropped)
         micro_batches = [[[r for g in groups[j * self.micro:(j + 1) * self.micro] for r in g]
                           for j in range(self.accum)] for groups in accepted]
         stats["batch_s"] = time.perf_counter() - t0
@@ -479,6 +516,7 @@ class RolloutCoordinator:
                 self._env_steps(ended)
                 if stats is not None:
                     stats["env_s"] += time.perf_counter() - t0
+                    stats["_env"] += time.perf_counter() - t0
 
     def _requests(self, live: list[Episode], engine_of, stage) -> dict[int, list]:
         """This round's requests per engine: [(episodes, request)]. A prompt's samples
@@ -619,7 +657,8 @@ class RolloutCoordinator:
         texts = [self.tok.decode(ep.prompt_ids) for ep in good]
         resp = [self.tok.decode(ep.response_ids, skip_special_tokens=True) for ep in good]
         meta = [json.loads(ep.metadata) for ep in good]
-        total, parts = self.rewards(texts, resp, meta)
+        with self.reward_lock:
+            total, parts = self.rewards(texts, resp, meta)
         recs = []
         a = self.a
         for i, ep in enumerate(good):

@@ -469,8 +469,9 @@ class RolloutConfig:
     environment: str = ""
     """A multi-turn environment as module:Class (rlhf.environments; e.g.
     rlhf.tasks:BoxLookupEnv for the tool demo): its rewards join reward.functions'."""
-    env_args: str = ""
-    """Keyword arguments of the environment, as a JSON object."""
+    env_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment: a mapping (on the command line in YAML's
+    flow form, e.g. rollout.env_args='{latency_s: 0.2}')."""
     max_turns: int = 1
     """Model turns per episode (an environment's observation between turns)."""
     max_observation_tokens: int = 64
@@ -612,13 +613,6 @@ class PPOConfig:
             raise ConfigError("rollout.env_args is given but no rollout.environment.")
         if r.env_timeout_s <= 0:
             raise ConfigError(f"rollout.env_timeout_s={r.env_timeout_s} must be positive.")
-        if r.env_args:
-            from rlhf.environments import parse_env_args
-
-            try:
-                parse_env_args(r.env_args)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
         if a.rollout_is_cap <= 1.0:
             raise ConfigError(f"algo.rollout_is_cap={a.rollout_is_cap} must be above 1 (2 is "
                               "usual): weights above it are truncated or dropped.")
@@ -942,6 +936,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, list) and lists:  # e.g. int | list[int]: a range
             return _coerce(key, value, lists[0])
         return _coerce(key, value, args[0])
+    if origin is dict or tp is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping (e.g. {key}='{{a: 1}}'), got "
+                              f"{value!r}.")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):

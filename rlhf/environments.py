@@ -1,7 +1,7 @@
 """Multi-turn environments and tools for online RL (rlhf.ppo with rollout.environment).
 
 An environment is a Python class named as `module:Class` (rollout.environment), built
-once per episode with rollout.env_args (a JSON object) as keyword arguments:
+once per episode with rollout.env_args (a mapping) as keyword arguments:
 
     class MyEnv(rlhf.environments.Environment):
         def reset(self, row: dict) -> None: ...       # the prompt row: prompt + its columns
@@ -80,12 +80,12 @@ class EnvironmentFailure(RuntimeError):
         self.env, self.kind, self.detail = env, kind, detail
 
 
-def load_environment(spec: str, args: str = "") -> Callable[[], Environment]:
-    """'module:Class' and a JSON object of keyword arguments -> a factory of episodes."""
+def load_environment(spec: str, args: dict | None = None) -> Callable[[], Environment]:
+    """'module:Class' and its keyword arguments -> a factory of episodes."""
     from rlhf.rewards import import_callable
 
     cls = import_callable(spec, "rollout.environment", "class", "rlhf.tasks:BoxLookupEnv")
-    kwargs = parse_env_args(args)
+    kwargs = dict(args or {})
 
     def make() -> Environment:
         env = cls(**kwargs)
@@ -94,20 +94,6 @@ def load_environment(spec: str, args: str = "") -> Callable[[], Environment]:
         return env
 
     return make
-
-
-def parse_env_args(args: str) -> dict:
-    if not args:
-        return {}
-    try:
-        kwargs = json.loads(args)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"rollout.env_args={args!r} is not JSON ({e.msg}); give an object, "
-                         "e.g. rollout.env_args='{\"latency_s\": 0.2}'.") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"rollout.env_args={args!r} must be a JSON object of keyword "
-                         "arguments.")
-    return kwargs
 
 
 def checked_step(env_name: str, out: Any) -> Step:

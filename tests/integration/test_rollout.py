@@ -215,7 +215,7 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
            "rollout.max_turns=3", "rollout.samples_per_prompt=2", "rollout.env_timeout_s=1",
            "rollout.max_new_tokens=12"]
     coord = _coordinator([*env, "rollout.partial_rollouts=true", "rollout.chunk_tokens=4",
-                          "algo.dynamic_sampling=true", "rollout.max_staleness=1"],
+                          "algo.dynamic_sampling=true"],
                          tiny_model_path, rows, tmp_path, wdir, engine, PublishesMidBatch)
     coord.start(world=1, micro=2, accum=1, step=0, epoch=0, skip=[])
     got = _take(coord, 0)

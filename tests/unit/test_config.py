@@ -159,6 +159,41 @@ def test_ppo_config_checks():
         parse_args(PPOConfig, ["algo.algorithm=a2c"], "x")
 
 
+def test_async_and_environment_config_checks():
+    from rlhf.config import PPOConfig, resolved_rollout_is
+    from rlhf.ppo import weight_sync_path
+
+    def cfg(*argv):
+        return parse_args(PPOConfig, list(argv), "x")
+
+    # rollout correction: none on-policy, truncated importance sampling when stale
+    assert resolved_rollout_is(cfg()) == "none"
+    assert resolved_rollout_is(cfg("rollout.max_staleness=1")) == "tis"
+    assert resolved_rollout_is(cfg("rollout.max_staleness=1", "algo.rollout_is=mis")) == "mis"
+    env = cfg("rollout.environment=rlhf.tasks:BoxLookupEnv", "rollout.max_turns=2",
+              "rollout.env_args={latency_s: 0.2}", "reward.functions=[]")  # env: a reward
+    assert env.rollout.env_args == {"latency_s": 0.2}
+    for argv, why in (
+            (["rollout.max_staleness=-1"], "0 \\(on-policy\\) or more"),
+            (["rollout.max_turns=2"], "needs an environment"),
+            (["rollout.env_args={a: 1}"], "no rollout.environment"),
+            (["rollout.environment=x:Y", "rollout.env_args=3"], "must be a mapping"),
+            (["rollout.env_errors=ignore"], "skip, stop"),
+            (["algo.rollout_is=clip"], "auto, none, tis, mis"),
+            (["algo.rollout_is_cap=0.5"], "above 1"),
+            (["algo.dynamic_sampling=true", "algo.algorithm=reinforce++"], "grpo and rloo"),
+            (["algo.dynamic_sampling=true", "reward.model=rm"], "after the filter"),
+            (["algo.overlong=cut"], "none, filter, penalty"),
+            (["rollout.placement=spread"], "colocated, separate"),
+            (["rollout.partial_rollouts=true", "rollout.chunk_tokens=0"], "chunk_tokens")):
+        with pytest.raises(ConfigError, match=why):
+            cfg(*argv)
+    # engines on nodes of their own cannot read the trainer's /dev/shm
+    assert weight_sync_path(cfg("rollout.placement=separate")) == "store"
+    with pytest.raises(ConfigError, match="weight_sync=shm needs the engines"):
+        weight_sync_path(cfg("rollout.placement=separate", "rollout.weight_sync=shm"))
+
+
 def test_elastic_worker_range():
     c = parse_args(DPOConfig, ["cluster.num_workers=[1,2]", "train.global_batch_size=8",
                                "train.micro_batch_size=4"], "x").cluster

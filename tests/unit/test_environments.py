@@ -50,8 +50,7 @@ def test_the_tool_demo_rewards_only_answers_after_the_tool():
         load_environment("rlhf.tasks.BoxLookupEnv")
     with pytest.raises(ValueError, match="no class 'Nope'"):
         load_environment("rlhf.tasks:Nope")
-    with pytest.raises(ValueError, match="not JSON"):
-        load_environment("rlhf.tasks:BoxLookupEnv", "{latency_s: 1}")
+    assert load_environment("rlhf.tasks:BoxLookupEnv", {"latency_s": 0.5})().latency_s == 0.5
 
 
 def test_failures_are_named_and_nothing_waits_past_the_deadline():

@@ -104,6 +104,20 @@ def test_every_recipe_fits_the_cluster_and_the_oom_is_predicted():
     assert all("GiB per training GPU" in v for v in plan.fits.values())
 
 
+def test_separate_placement_plans_each_side_on_its_own_nodes():
+    """rollout.placement=separate: the engines fit only node types labelled
+    rlhf-role=rollout, the training workers only the others; both must fit."""
+    plan, cfg = plan_recipe(ROOT / "launch/recipes/ppo-async-llama3-8b.yaml", [], CLUSTER,
+                            "meta-llama/Llama-3.1-8B")
+    assert plan.ok and cfg.rollout.placement == "separate"
+    assert plan.fits["gpu-h100x8-rollout"].startswith("rollout side: yes")
+    assert plan.fits["gpu-h100x8"].startswith("training side: yes")
+    assert {b.side for b in plan.bundles} == {"training", "rollout"}
+    no_rollout_nodes = [t for t in node_types(CLUSTER) if not t.rollout]
+    plan = make_plan("ppo", cfg, plan.arch, no_rollout_nodes)
+    assert not plan.ok and "no node type is labelled" in plan.fits["(rollout nodes)"]
+
+
 def test_cli_plan_and_submit_dry_run():
     run = [sys.executable, "-m", "launch"]
     out = subprocess.run(run + ["plan", "launch/recipes/dpo-llama3-8b.yaml"], cwd=ROOT,
