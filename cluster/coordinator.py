@@ -11,11 +11,13 @@ after the oldest weights that sampled it:
     k = 0   lock-step on-policy: batch s waits for step s - 1's weights (what rlhf.ppo
             always did; the same samples and losses);
     k = 1   one step off-policy: batch s + 1 is generated while step s trains;
-    k >= 2  the coordinator runs up to k batches ahead. With rollout.partial_rollouts a
-            generation is cut into pieces of rollout.chunk_tokens, the engines take new
-            weights between pieces, and a response carries the version of each token.
-A guard counts (and leaves out) any group staler than k when it is handed out; the
-records' staleness is reported per step as a histogram.
+    k >= 2  the coordinator runs up to k batches ahead.
+Up to k + 1 batches are made at once (one generates while another waits for its
+environments). With rollout.partial_rollouts a generation is cut into pieces of
+rollout.chunk_tokens, the engines take new weights between pieces, and a response
+carries the version of each token. A guard leaves out (and counts) any group staler
+than k when it is handed out (by construction none is); the records' staleness is
+reported per step as a histogram.
 
 Prompts: the train split is read through `streaming_split(world, equal=True)`, split
 r feeding training rank r, exactly as Ray Train splits a dataset, so the step-by-step
@@ -28,10 +30,10 @@ a partial rollout piece by piece. All of a batch's live episodes go to the engin
 together, one call per engine per round; environment steps run concurrently between
 rounds, each under rollout.env_timeout_s.
 
-Filters: a group whose rewards are all equal (algo.dynamic_sampling), a group with a
-failed environment episode (rollout.env_errors=skip) or a stale group is dropped,
-counted, and replaced by the next prompts of its rank's split. Over-long responses are
-masked out (algo.overlong=filter) or penalised (penalty).
+Filters: a group whose rewards are all equal (algo.dynamic_sampling) or one with a
+failed environment episode (rollout.env_errors=skip) is dropped, counted, and replaced
+by the next prompts of its rank's split. Over-long responses are masked out
+(algo.overlong=filter) or penalised (penalty).
 
 Checkpoints (`snapshot`): the coordinator finishes the batches it has started and
 hands over every batch of the checkpoint's epoch not yet trained; after a restore they
@@ -72,6 +74,7 @@ class PromptStream:
 
     def __init__(self, dataset, world: int, epoch: int, skip: set[int], read_ahead: int):
         self.world, self.epoch, self.skip = world, epoch, set(skip)
+        self.closed = False
         self.splits = dataset.streaming_split(world, equal=True)
         self.read_ahead = read_ahead
         self.exhausted = [False] * world
@@ -83,15 +86,29 @@ class PromptStream:
         for it, q in zip(self.splits, self.queues):
             threading.Thread(target=self._read, args=(it, q), daemon=True).start()
 
-    @staticmethod
-    def _read(it, q: queue.Queue) -> None:
+    def _read(self, it, q: queue.Queue) -> None:
         try:
             for batch in it.iter_batches(batch_size=64, batch_format="numpy"):
                 for i in range(len(batch["id"])):
-                    q.put({k: batch[k][i] for k in batch})
-            q.put(None)
+                    if not self._put(q, {k: batch[k][i] for k in batch}):
+                        return
+            self._put(q, None)
         except BaseException as e:  # noqa: BLE001 - raised where the rows are taken
-            q.put(e)
+            self._put(q, e)
+
+    def _put(self, q: queue.Queue, item) -> bool:
+        """Put, unless the stream is closed meanwhile (an abandoned attempt's reader
+        must not wait for ever on a queue nobody reads)."""
+        while not self.closed:
+            try:
+                q.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        self.closed = True
 
     def next_row(self, rank: int):
         if self.exhausted[rank]:
@@ -332,6 +349,7 @@ class RolloutCoordinator:
         max_staleness + 1 batches are made at once: while one waits for its
         environments, another generates. Finished batches are queued in step order; an
         epoch ends once its makers are done."""
+        stream = None
         try:
             epoch, read = self.stream_args
             stream = PromptStream(self.dataset, self.world, epoch, read,
@@ -368,6 +386,9 @@ class RolloutCoordinator:
                                  daemon=True).start()
         except Exception as e:  # noqa: BLE001 - the trainers raise it with this message
             self._failed(attempt, e)
+        finally:
+            if stream is not None:
+                stream.close()
 
     def _maker(self, attempt: int, stream: PromptStream, step: int, first: tuple) -> None:
         batch = None

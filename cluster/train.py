@@ -261,19 +261,15 @@ def rank_world() -> tuple[int, int]:
 
 def all_sum(values: list[float]) -> list[float]:
     """Sum a vector of floats over all workers (float64, so counts stay exact)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-    return t.cpu().tolist()
+    return _all_reduce(values, "sum")
 
 
 def all_max(values: list[float]) -> list[float]:
     """The largest of each float over all workers."""
+    return _all_reduce(values, "max")
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     import torch
     import torch.distributed as dist
 
@@ -281,7 +277,7 @@ def all_max(values: list[float]) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "nccl":
             t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.cpu().tolist()
 
 

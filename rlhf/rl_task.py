@@ -180,6 +180,7 @@ class RLTask(Task):
             # memory with cluster.offload_frozen
             self.scorer = sharded_scorer(cfg.reward.model, frozen_config_for(cfg, world),
                                          cfg.model.dtype)
+            # refuses a reward model whose tokenizer is not the policy's
             model_source(cfg.reward.model, policy_path=lc["model_path"], scorer=self.scorer)
         # with several sources each one's unweighted mean is reported too
         names = [reward_spec(s)[0] for s in cfg.reward.functions]

@@ -48,3 +48,37 @@ def test_digest_names_exactly_the_samples():
     a = [rec(0, 0, [1, 1]), rec(0, 1, [1, 2])]
     assert digest(a) == digest(a[::-1])  # order of hand-out does not matter
     assert digest(a) != digest([rec(0, 0, [1, 1]), rec(0, 1, [1, 1])])  # a version differs
+
+
+def test_saved_batches_round_trip_and_are_dealt_out_for_another_world_size():
+    """A checkpoint's batches (cluster.coordinator's JSON form) come back as they were,
+    and a resume at another number of workers deals their prompt groups out again, in
+    order, each group whole; the prompt ids they read are committed once (by rank 0)."""
+    from collections import Counter
+
+    from cluster.coordinator import Batch, _batch_from_json, _batch_to_json, _rebalanced
+
+    g = [[rec(i, 0, [3]), rec(i, 1, [3])] for i in range(8)]  # 8 groups of 2 samples
+    # 2 ranks x 2 micro-batches of 2 prompts
+    two = Batch(5, 0, [[g[0] + g[1], g[2] + g[3]], [g[4] + g[5], g[6] + g[7]]],
+                [[0, 1, 2, 3, 99], [4, 5, 6, 7]], Counter({"dropped: x": 1}), {"batch_s": 1.0})
+    back = _batch_from_json(_batch_to_json(two))
+    assert back == two
+    one = _rebalanced(back, world=1, micro=2, accum=4)  # 1 rank x 4 micro-batches
+    assert [[(r.group, r.sample) for r in mb] for mb in one.micro_batches[0]] == \
+        [[(i, 0), (i, 1), (i + 1, 0), (i + 1, 1)] for i in (0, 2, 4, 6)]
+    assert one.ids == [[0, 1, 2, 3, 99, 4, 5, 6, 7]] and one.step == 5
+    assert _rebalanced(back, world=2, micro=2, accum=2) is back  # the same layout: as is
+
+
+def test_newest_weights_file():
+    import tempfile
+    from pathlib import Path
+
+    from cluster.engine_client import newest_weights, weights_path
+
+    with tempfile.TemporaryDirectory() as d:
+        assert newest_weights(d) is None
+        for v in (3, 12):
+            weights_path(d, v).write_bytes(b"")
+        assert newest_weights(d) == (12, Path(d) / "weights-000012.safetensors")
