@@ -491,7 +491,7 @@ class RolloutCoordinator:
         if self.env_factory is not None:
             self._env_calls([(ep, lambda ep=ep: ep.env.reset(
                 {"prompt": self.tok.decode(ep.prompt_ids), **json.loads(ep.metadata)}))
-                for ep in eps], reset=True)
+                for ep in eps])
         return eps
 
     # ------------------------------------------------------------ rounds
@@ -610,7 +610,7 @@ class RolloutCoordinator:
 
     # ------------------------------------------------------------ environments
 
-    def _env_calls(self, calls: list[tuple[Episode, Any]], reset: bool = False) -> list:
+    def _env_calls(self, calls: list[tuple[Episode, Any]]) -> list:
         from rlhf.environments import call_all
 
         res = call_all([(ep.env.name, fn) for ep, fn in calls], self.r.env_timeout_s)

@@ -151,6 +151,19 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
     coordinator: list = []
 
     def setup(model_path: str, plan, pipes, total_steps: int, run_dir: Path) -> dict:
+        if r.environment:  # a wrong module, class or argument fails here, not mid-run
+            from rlhf.environments import load_environment
+
+            try:
+                make = load_environment(r.environment, r.env_args)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            try:
+                make()
+            except Exception as e:  # noqa: BLE001 - the user's class: any error, named
+                raise ConfigError(f"rollout.environment={r.environment} cannot be built "
+                                  f"with rollout.env_args={r.env_args}: {type(e).__name__}: "
+                                  f"{e}") from None
         if r.max_turns > 1 and not plan.train_layout.chat:
             raise DataError("rollout.max_turns > 1: a multi-turn episode is a conversation, "
                             "so the prompts must be chat messages (a list of {role, content} "

@@ -285,20 +285,36 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
     # 2 versions behind, and with the engine ahead the bound is reached.
     plain = [row(100 + i, "ok") for i in range(16)]
     fast = _coordinator(["rollout.max_staleness=2", "rollout.max_new_tokens=8",
-                         "rollout.samples_per_prompt=2",
+                         "rollout.samples_per_prompt=2", "algo.overlong=filter",
                          "reward.functions=[rlhf.tasks:demo_opening]"],
                         tiny_model_path, plain, tmp_path, wdir, engine, total_steps=6)
     publish(base.state_dict(), wdir, 0)
     fast.start(world=1, micro=2, accum=1, step=0, epoch=0, skip=[])
-    seen = []
+    seen, cut_any = [], False
     for step in range(1, 7):
         batch = _take(fast, step - 1)
-        seen.append(sorted({r.staleness(step - 1) for r in batch["micro_batches"][0]}))
+        recs = batch["micro_batches"][0]
+        seen.append(sorted({r.staleness(step - 1) for r in recs}))
+        for r in recs:  # DAPO's overlong filter: a response cut at 8 tokens is not trained
+            cut = r.finish_reason == "length"
+            assert r.loss_mask == [0 if cut else 1] * len(r.response_ids)
+            cut_any = cut_any or cut
         time.sleep(0.5)
         publish((moved if step % 2 else base).state_dict(), wdir, step)
         fast.published(step)
     fast.close()
     assert seen == [[0], [1], [2], [2], [2], [2]], seen
+    assert cut_any  # the random model rarely ends within 8 tokens
+    # DAPO's soft penalty instead: budget 8, buffer 4: 6 tokens -> -0.5, 8 -> -1
+    from cluster.coordinator import Episode
+
+    fast.a.overlong, fast.a.overlong_buffer = "penalty", 4
+    eps = [Episode(0, 7, j, [1, 2], "{}", response_ids=list(range(30, 30 + n)),
+                   logprobs=[-1.0] * n, versions=[0] * n, loss_mask=[1] * n)
+           for j, n in enumerate((3, 6, 8))]
+    scored, _ = fast._score(eps, train=True)
+    assert [rec.parts["overlong"] for _, rec in scored] == [0.0, -0.5, -1.0]
+    assert [rec.score for _, rec in scored] == [0.0, -0.5, -1.0]  # demo_opening: 0
     ledger = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert [x["staleness"] for x in ledger[-6:]] == [{"0": 4}, {"1": 4}, {"2": 4}, {"2": 4},
                                                    {"2": 4}, {"2": 4}]
