@@ -316,3 +316,49 @@ class BroadcastSender:
             "(raise rollout.sync_timeout_s, check the engines' logs)"
         return f"weight sync failed while {what}: {peers}. Cause: {error}"
 
+
+
+class WeightPublisher:
+    """Every training rank's side of the weight sync: the policy's weights as one version,
+    by the run's path (rollout.weight_sync resolved: shm, store or broadcast). Rank 0
+    writes the file, fills the store or broadcasts; under ZeRO-3 every rank takes part
+    in the gathers (one parameter at a time; LoRA policies are merged first, on rank 0)."""
+
+    def __init__(self, cfg, rank: int, sync: str, weights_dir: str, store, engines: list):
+        self.cfg, self.rank, self.sync = cfg, rank, sync
+        self.weights_dir, self.store, self.engines = Path(weights_dir), store, engines
+        self.broadcast = None  # rank 0's BroadcastSender on the broadcast path
+        if sync == "broadcast" and rank == 0:
+            r = cfg.rollout
+            self.broadcast = BroadcastSender(
+                engines, r.tensor_parallel_size, "nccl" if cfg.cluster.use_gpu else "gloo",
+                r.sync_timeout_s, int(r.sync_bucket_mb * 2**20))
+        self.bytes = 0  # the last version's size (rank 0)
+
+    def publish(self, engine, version: int) -> None:
+        from cluster.engine_client import engine_state
+        from cluster.train import gather_state_dict, iter_state_dict
+
+        c, lora = self.cfg.cluster, self.cfg.model.lora
+        if self.sync in ("store", "broadcast") and not lora.enabled:  # a bucket at a time
+            pairs = iter_state_dict(engine, c.zero_stage)
+        else:  # the whole state on rank 0 (LoRA: merged first)
+            full = gather_state_dict(engine, c.zero_stage)
+            pairs = (policy_weights(full, lora) if self.rank == 0 else {}).items()
+        if self.sync == "broadcast":
+            if self.broadcast is not None:
+                if self.broadcast.group is None:  # about to form it (first sync, or anew)
+                    for e in self.engines:  # a slow (re)start is waited for, not timed out
+                        engine_state(e)
+                self.bytes = self.broadcast.send(pairs, version)["bytes"]
+            else:
+                for _ in pairs:  # ZeRO-3: rank 0's gathers need every rank
+                    pass
+            return
+        if self.sync == "store":
+            sent = push_buckets(self.store, pairs, version,
+                                int(self.cfg.rollout.sync_bucket_mb * 2**20))
+        elif self.rank == 0:
+            sent = {"bytes": publish(dict(pairs), self.weights_dir, version).stat().st_size}
+        if self.rank == 0:
+            self.bytes = sent["bytes"]

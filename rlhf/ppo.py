@@ -15,17 +15,19 @@ one. Rollouts may run ahead of training by up to rollout.max_staleness weights v
 The flow (each piece a module of its own):
     prompts    the train split, streamed by Ray Data into the coordinator
                (cluster/coordinator.py), one split per training rank
+               (cluster/prompt_stream.py)
     generate   the coordinator sends them to the engines (cluster/rollout.py, through
                cluster/engine_client.py: weights versions, dead engines), with
-               environments between a multi-turn episode's turns (rlhf/environments.py)
+               environments between a multi-turn episode's turns (cluster/episodes.py,
+               rlhf/environments.py)
     records    typed rollout records (rlhf/rollouts.py): tokens, behaviour log-probs,
                weights version and loss mask per token, rewards
     filter     dynamic sampling, failed environments, length shaping; a queue bounded by
                the staleness rule
-    train      every worker takes its share of each step (rlhf/rl_task.py): reward
-               model, reference, proximal policy, critic (cluster/critic.py), advantages
-               (rlhf/rl_advantages.py), the policy loss with the rollout correction
-               (rlhf/losses.py)
+    train      every worker takes its share of each step (cluster/rollout_feed.py,
+               rlhf/rl_task.py): reward model, reference, proximal policy, critic
+               (cluster/critic.py), advantages (rlhf/rl_advantages.py), the policy loss
+               with the rollout correction (rlhf/losses.py)
     sync       new weights published after every step; the coordinator loads them into
                the engines when the bound asks for them (cluster/weight_sync.py)
 This file: the config, the built-in SFT policy, the engines and the coordinator, then the

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 
 from cluster.loop import Task
@@ -37,51 +36,6 @@ NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half)
               "overflow (use bf16 or fp32). The last good checkpoint is kept; fix the "
               "setting and rerun with train.resume=true.")
 BUFFER_FILE = "rollout_buffer.json"
-
-
-class RolloutFeed:
-    """The coordinator's batches as cluster.loop's feed (what RowFeed is for rows): steps
-    of this rank's micro-batches of records, until the coordinator ends the epoch."""
-
-    def __init__(self, task: RLTask, skip: set[int] | None):
-        self.task, self.skip = task, skip
-        self.consumed: list[int] = []
-        self.counts: Counter = Counter()
-
-    def steps(self, epoch: int = 0):
-        import ray
-
-        task = self.task
-        task.attach(epoch, self.skip)
-        while True:
-            t0 = time.perf_counter()
-            while True:
-                got = ray.get(task.coordinator.next_step.remote(task.rank, task.item))
-                if "error" in got:
-                    raise RuntimeError(f"rollouts failed: {got['error']}")
-                if "sync" in got:
-                    task.resync(got["sync"])
-                    continue
-                if "wait" not in got:
-                    break
-            task.item += 1
-            task.wait_s = time.perf_counter() - t0
-            if got.get("epoch_end"):
-                self.commit(got["ids"], Counter(got["counts"]))
-                return
-            task.batch_stats = got["stats"]
-            mbs = [[_record(r) for r in mb] for mb in got["micro_batches"]]
-            yield mbs, got["ids"], Counter(got["counts"])
-
-    def commit(self, ids: list[int], counts: Counter) -> None:
-        self.consumed.extend(ids)
-        self.counts.update(counts)
-
-
-def _record(r):
-    from rlhf.rollouts import RolloutRecord
-
-    return r if isinstance(r, RolloutRecord) else RolloutRecord(**r)
 
 
 class RLTask(Task):
@@ -124,12 +78,15 @@ class RLTask(Task):
         return rows_sequence_batch
 
     def feed(self, shard, micro: int, accum: int, skip: set[int] | None = None):
+        from cluster.rollout_feed import RolloutFeed
+
         return RolloutFeed(self, skip)
 
     # ------------------------------------------------------------------ set-up
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         from cluster.train import rank_world
+        from cluster.weight_sync import WeightPublisher
         from rlhf.advantages import AdaptiveKLController
         from rlhf.config import resolved_rollout_is
         from rlhf.rewards import reward_spec
@@ -140,20 +97,9 @@ class RLTask(Task):
         self.engine = engine  # the policy: it also recomputes the proximal log-probs
         self.rank = rank_world()[0]
         self.coordinator = lc["coordinator"]
-        self.engines = lc["engines"]
-        self.weights_dir = Path(lc["weights_dir"])
-        self.store = lc["store"]  # None: the shm or broadcast path (cluster.weight_sync)
-        self.broadcast = None  # rank 0's BroadcastSender on the broadcast path
         self.broadcasting = lc.get("sync") == "broadcast"
-        if self.broadcasting and self.rank == 0:
-            from cluster.weight_sync import BroadcastSender
-
-            r = cfg.rollout
-            self.broadcast = BroadcastSender(
-                self.engines, r.tensor_parallel_size,
-                "nccl" if cfg.cluster.use_gpu else "gloo", r.sync_timeout_s,
-                int(r.sync_bucket_mb * 2**20))
-        self.sync_bytes = 0
+        self.publisher = WeightPublisher(cfg, self.rank, lc["sync"], lc["weights_dir"],
+                                         lc["store"], lc["engines"])
         self.rollout_is = resolved_rollout_is(cfg)
         self.ref_engine = (self.frozen_reference(lc["model_path"], world)
                            if a.kl_coef else None)
@@ -491,42 +437,9 @@ class RLTask(Task):
             return
         self.resynced = n
         print(f"rank {self.rank}: re-syncing the engines (weights {self.version})", flush=True)
-        self._sync(self.engine, self.version)
+        self.publisher.publish(self.engine, self.version)
         if self.rank == 0:
             ray.get(self.coordinator.published.remote(self.version, True))
-
-    def _sync(self, engine, version: int) -> None:
-        """Every rank: the policy's current weights are published as `version` (shm file,
-        the store's buckets) or broadcast into every engine."""
-        from cluster.engine_client import engine_state
-        from cluster.train import gather_state_dict, iter_state_dict
-        from cluster.weight_sync import policy_weights, publish, push_buckets
-
-        c, lora = self.cfg.cluster, self.cfg.model.lora
-        streamed = self.store is not None or self.broadcasting
-        if streamed and not lora.enabled:  # one bucket at a time
-            pairs = iter_state_dict(engine, c.zero_stage)
-        else:  # the whole state on rank 0 (LoRA: merged first)
-            full = gather_state_dict(engine, c.zero_stage)
-            pairs = (policy_weights(full, lora) if self.rank == 0 else {}).items()
-        if self.broadcasting:
-            if self.broadcast is not None:
-                if self.broadcast.group is None:  # about to form it (first sync, or anew)
-                    for e in self.engines:  # a slow (re)start is waited for, not timed out
-                        engine_state(e)
-                self.sync_bytes = self.broadcast.send(pairs, version)["bytes"]
-            else:
-                for _ in pairs:  # ZeRO-3: rank 0's gathers need every rank
-                    pass
-            return
-        if self.store is not None:
-            sent = push_buckets(self.store, pairs, version,
-                                int(self.cfg.rollout.sync_bucket_mb * 2**20))
-        elif self.rank == 0:
-            path = publish(dict(pairs), self.weights_dir, version)
-            sent = {"bytes": path.stat().st_size}
-        if self.rank == 0:
-            self.sync_bytes = sent["bytes"]
 
     def end_step(self, engine, step: int, timer) -> None:
         """The new weights are published for the engines (and, broadcasting, pushed into
@@ -534,7 +447,7 @@ class RLTask(Task):
         import ray
 
         self.rollouts = {}
-        self._sync(engine, step)
+        self.publisher.publish(engine, step)
         self.version = step
         if self.rank == 0:
             ray.get(self.coordinator.published.remote(step, self.broadcasting))
@@ -566,7 +479,7 @@ class RLTask(Task):
                     "train/kl_coef": self.kl_ctl.value,
                     "train/generated_tokens_per_s": (totals["response_tokens"] / b["generate_s"]
                                                      if b["generate_s"] else 0.0),
-                    "train/sync_mb": self.sync_bytes / 2**20,
+                    "train/sync_mb": self.publisher.bytes / 2**20,
                     "train/is_weight_mean": sums["is_weight"] / t,
                     "train/is_weight_max": sums["max:is_weight"],
                     "train/is_limited_fraction": sums["is_limited"] / t,

@@ -132,17 +132,18 @@ def final_weights(run_dir: Path) -> dict:
 
 
 def test_a_run_grows_when_a_node_is_added(cluster, tmp_path):
-    """8 pairs, one global batch of 8, 32 epochs: every step sees all pairs whatever the
+    """8 pairs, one global batch of 8, 48 epochs: every step sees all pairs whatever the
     split, so the elastic run and the uninterrupted one-worker run take the same steps.
     The node comes at step 2; with a checkpoint saved at every step a step takes ~1 s
-    here, so the run has ~30 s to go, and Ray Train sees the new node at the autoscaling
-    coordinator's next look (within 20 s) and a resize check. Fewer checkpoints would
-    make the run faster than that look: it could end before it grows."""
-    one_batch = ["data.demo_pairs=8", "train.epochs=32", "train.max_steps=-1",
+    here (0.7 s on a fast day), so the run has 30-45 s to go, and Ray Train sees the new
+    node at the autoscaling coordinator's next look (within 20 s) and a resize check.
+    Fewer checkpoints or steps would make the run faster than that look: it could end
+    before it grows (with 32 epochs it once resumed on two workers at its last step)."""
+    one_batch = ["data.demo_pairs=8", "train.epochs=48", "train.max_steps=-1",
                  "train.global_batch_size=8", "train.micro_batch_size=4",
                  "train.eval_every=0", "cluster.zero_stage=2",
                  "train.lr_scheduler=constant", "train.warmup_ratio=0"]
-    # the uninterrupted run needs no checkpoints (32 saves less)
+    # the uninterrupted run needs no checkpoints (48 saves less)
     finish(dpo(tmp_path, cluster.address, *one_batch, "output.name=fixed",
                "train.checkpoint_every=0", "cluster.num_workers=1",
                "cluster.cpus_per_worker=2"))
@@ -163,7 +164,7 @@ def test_a_run_grows_when_a_node_is_added(cluster, tmp_path):
     workers = [r["train/workers"] for r in rows]
     assert workers[0] == 1 and workers[-1] == 2, workers
     s = summary(run_dir)
-    assert s["steps"] == 32 and s["samples"] == 256
+    assert s["steps"] == 48 and s["samples"] == 384
     a, b = final_weights(fixed), final_weights(run_dir)
     gap = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"node added -> training on two workers {grown_s:.0f} s later; elastic vs "

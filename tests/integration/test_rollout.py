@@ -172,7 +172,8 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
     import ray
     from transformers import AutoModelForCausalLM
 
-    from cluster.coordinator import DROP_UNIFORM, RolloutCoordinator
+    from cluster.coordinator import RolloutCoordinator
+    from cluster.episodes import DROP_UNIFORM
     from cluster.weight_sync import BroadcastSender, WeightSyncError, publish
     from rlhf.environments import ChatCodec
     from rlhf.losses import importance_weights
@@ -306,13 +307,13 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
     assert seen == [[0], [1], [2], [2], [2], [2]], seen
     assert cut_any  # the random model rarely ends within 8 tokens
     # DAPO's soft penalty instead: budget 8, buffer 4: 6 tokens -> -0.5, 8 -> -1
-    from cluster.coordinator import Episode
+    from cluster.episodes import Episode
 
     fast.a.overlong, fast.a.overlong_buffer = "penalty", 4
     eps = [Episode(0, 7, j, [1, 2], "{}", response_ids=list(range(30, 30 + n)),
                    logprobs=[-1.0] * n, versions=[0] * n, loss_mask=[1] * n)
            for j, n in enumerate((3, 6, 8))]
-    scored, _ = fast._score(eps, train=True)
+    scored, _ = fast.runner.score(eps, train=True)
     assert [rec.parts["overlong"] for _, rec in scored] == [0.0, -0.5, -1.0]
     assert [rec.score for _, rec in scored] == [0.0, -0.5, -1.0]  # demo_opening: 0
     ledger = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
