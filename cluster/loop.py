@@ -104,7 +104,7 @@ class Task:
 
     def feed(self, shard, micro: int, accum: int, skip: set[int] | None = None):
         """Where the steps' micro-batches come from: this worker's shard of the train
-        split (online RL: its rollout coordinator, rlhf.rl_task.RolloutFeed)."""
+        split (online RL: its rollout coordinator, cluster.rollout_feed.RolloutFeed)."""
         from cluster.train import RowFeed
 
         return RowFeed(shard, micro, accum, skip=skip, flags=self.flags)

@@ -53,7 +53,7 @@ class RLTask(Task):
             "value_loss", "value_clipped", "is_weight", "is_limited", "turns",
             "tool_calls", "tool_episodes", "partial", "staleness")
     MAXES = ("max:is_weight", "max:staleness", "max:gap")
-    BATCH_STATS = ("generate_s", "env_s", "batch_s", "env_failures")
+    BATCH_STATS = ("generate_s", "env_s", "env_failures")  # the coordinator's, per step
 
     @property
     def updates_per_step(self) -> int:
@@ -157,7 +157,7 @@ class RLTask(Task):
             return
         self.attached = True
         t = self.cfg.train
-        per_step = t.global_batch_size // (t.micro_batch_size * self.world)  # micro-batches
+        per_step = t.global_batch_size // (t.micro_batch_size * self.world)  # micro-batches/rank
         if self.rank == 0:
             ray.get(self.coordinator.start.remote(
                 self.world, t.micro_batch_size, per_step, self.version, epoch,
