@@ -100,12 +100,33 @@ class SourceConfig:
 
     path: str = BUILTIN_DATA
     """Training data: a .jsonl/.json/.parquet/.csv file (.gz allowed for JSON), a folder
-    of them, a folder written by `datasets.save_to_disk`, or `builtin:demo` (pairs the
-    project generates, with a held-out split of unseen topics)."""
+    of them, a folder written by `datasets.save_to_disk`, a hub dataset id (owner/name,
+    through datasets.load_dataset and the hub cache; HF_HUB_OFFLINE=1 for the cache
+    alone) or a folder laid out as one, an object-storage path (s3://bucket/prefix,
+    gs://...; credentials and endpoint from the usual AWS_* / GOOGLE_* variables), or
+    `builtin:demo` (pairs the project generates, with a held-out split of unseen
+    topics). UltraFeedback (argilla's and HuggingFaceH4's binarized sets) and
+    OpenAssistant message tables (oasst1/oasst2) are recognised by their columns."""
     eval_path: str | None = None
-    """Held-out data, same forms as `path`. Empty: a `test` split of a saved DatasetDict,
-    the demo's own held-out split, or else `eval_fraction` of `path`, chosen by a hash of
-    each row's position (stable across runs)."""
+    """Held-out data, same forms as `path`. Empty: the held-out split of a multi-split
+    data set (test_prefs/test_sft/test_gen for DPO/SFT/PPO, else test, validation,
+    eval), the demo's own held-out split, or else `eval_fraction` of `path`, chosen by a
+    hash of each row's position (of each tree, for OpenAssistant; stable across runs)."""
+    split: str = ""
+    """Training split of a multi-split data set (hub id, saved DatasetDict). Empty: the
+    entry point's own (train_prefs for DPO and the reward model, train_sft for SFT,
+    train_gen for PPO), else train, else the only split."""
+    eval_split: str = ""
+    """Held-out split of a multi-split data set. Empty: the training split's test_
+    counterpart (train_prefs -> test_prefs), else test, validation or eval."""
+    subset: str = ""
+    """Hub data sets with several configurations: which one (load_dataset's `name`)."""
+    revision: str = ""
+    """Hub data sets: a branch, tag or commit to load. Empty: the default branch."""
+    lang: str = ""
+    """OpenAssistant data: keep messages in these languages (comma-separated codes, e.g.
+    en or en,de); other messages and what follows them are left out, counted. Empty:
+    every language."""
     eval_fraction: float = 0.05
     """Share of `path` held out for evaluation when no held-out data is given."""
     assistant_marker: str = "\n\nAssistant:"
@@ -143,6 +164,12 @@ class DataConfig(SourceConfig):
     truncation: str = "truncate"
     """What to do with pairs over the limits: truncate (prompt from the left, responses
     from the right) or drop. Either way the count is reported."""
+    min_score_gap: float = 0.0
+    """Data with ratings (UltraFeedback's, or any score_chosen/score_rejected or
+    score_gap columns): drop pairs whose chosen score is ahead by less than this, ties
+    included, counted. 0 keeps ties. Pairs whose chosen side scored lower are always
+    dropped, counted. data.columns.margin=score_gap passes the difference to the
+    reward model as its margin."""
 
 
 @dataclass
@@ -831,6 +858,9 @@ def check_pairs(cfg: Any) -> None:
     d = cfg.data
     _one_of("data.format", d.format, ("auto", "explicit", "implicit", "conversational"))
     _one_of("data.truncation", d.truncation, ("truncate", "drop"))
+    if d.min_score_gap < 0:
+        raise ConfigError(f"data.min_score_gap={d.min_score_gap} must be >= 0 (0 keeps "
+                          "ties; 1 drops pairs rated less than a point apart).")
     if d.max_prompt_length >= d.max_length:
         raise ConfigError(
             f"data.max_prompt_length={d.max_prompt_length} leaves no room for a response "

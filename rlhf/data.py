@@ -29,10 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from rlhf import dataset_formats
 from rlhf.config import DataConfig
+from rlhf.dataset_formats import SCORE_COLUMNS, SCORE_GAP
 # DataError, Source, peek_rows and resolve_sources are part of this module's API too.
-from rlhf.readers import (ROWS_PER_BLOCK, DataError, Source, iter_file_rows,  # noqa: F401
-                          peek_rows, resolve_sources)
+from rlhf.readers import (PAIR_SPLITS, ROWS_PER_BLOCK, DataError, Source,  # noqa: F401
+                          Splits, iter_file_rows, peek_rows, resolve_sources)
 
 FILE_SHIFT = 40  # row id = file index << 40 | row number in that file
 
@@ -44,6 +46,10 @@ DROP_NO_MARKER = "no assistant marker in the shared prefix"
 DROP_TOO_LONG = "longer than max_length (truncation=drop)"
 DROP_PROMPT_TOO_LONG = "prompt fills max_length, no room for a response"
 DROP_MARGIN = "margin missing or not a number"
+DROP_SCORE_MISSING = "score missing or not a number"
+DROP_SCORE_REVERSED = "chosen scored below rejected"
+DROP_SCORE_TIE = "scores tied (data.min_score_gap)"
+DROP_SCORE_GAP = "score gap below data.min_score_gap"
 
 
 # --------------------------------------------------------------------- normalisation
@@ -60,6 +66,8 @@ class Layout:
     rejected: str
     marker: str
     margin: str = ""  # optional numeric column (reward model), "" for none
+    scored: bool = False  # rows carry scores (score_chosen/score_rejected or score_gap)
+    min_score_gap: float = 0.0
 
     def table(self, ids: list[int], rows: list[dict]):
         """Raw rows -> the normalised Arrow table (NORMALISED_COLUMNS)."""
@@ -106,8 +114,19 @@ def detect_layout(row: dict, cfg: DataConfig, source_name: str) -> Layout:
         raise DataError(
             f"data.format=conversational but {source_name}'s {cols.chosen!r} holds "
             f"{type(row[cols.chosen]).__name__}, not a list of {{role, content}} messages.")
+    scored = SCORE_GAP in row or all(c in row for c in SCORE_COLUMNS)
+    if cols.margin == SCORE_GAP and not scored:
+        raise DataError(
+            f"data.columns.margin={SCORE_GAP} takes the score difference, but {source_name} "
+            f"has no scores (columns {', '.join(SCORE_COLUMNS)} or {SCORE_GAP}). Columns "
+            f"found: {', '.join(found)}. Name a numeric column instead.")
+    if getattr(cfg, "min_score_gap", 0.0) > 0 and not scored:
+        raise DataError(
+            f"data.min_score_gap={cfg.min_score_gap} needs scores, but {source_name} has "
+            f"none (columns {', '.join(SCORE_COLUMNS)} or {SCORE_GAP}). Columns found: "
+            f"{', '.join(found)}. Set data.min_score_gap=0.")
     return Layout(fmt, chat, cols.prompt, cols.chosen, cols.rejected, cfg.assistant_marker,
-                  cols.margin)
+                  cols.margin, scored, getattr(cfg, "min_score_gap", 0.0))
 
 
 def _common_prefix_len(a: list, b: list) -> int:
@@ -176,11 +195,7 @@ def normalise_row(row: dict, lay: Layout) -> tuple[str, str, str, bool, str]:
 NORMALISED_COLUMNS = ("id", "prompt", "chosen", "rejected", "chat", "drop", "margin")
 
 
-def row_margin(row: dict, lay: Layout) -> float | None:
-    """The row's margin (0.0 without a margin column), or None when it is unusable."""
-    if not lay.margin:
-        return 0.0
-    v = row.get(lay.margin)
+def _finite(v: Any) -> float | None:
     try:
         v = float(v)
     except (TypeError, ValueError):
@@ -188,10 +203,44 @@ def row_margin(row: dict, lay: Layout) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def score_gap(row: dict) -> float | None:
+    """How much better the chosen response scored: the score_gap column, else
+    score_chosen - score_rejected; None when the scores are missing or not numbers."""
+    if SCORE_GAP in row:
+        return _finite(row[SCORE_GAP])
+    c, r = (_finite(row.get(k)) for k in SCORE_COLUMNS)
+    return None if c is None or r is None else c - r
+
+
+def row_margin(row: dict, lay: Layout) -> float | None:
+    """The row's margin (0.0 without a margin column), or None when it is unusable."""
+    if not lay.margin:
+        return 0.0
+    if lay.margin == SCORE_GAP:
+        return score_gap(row)
+    return _finite(row.get(lay.margin))
+
+
+def score_drop(row: dict, lay: Layout) -> str:
+    """Drop reason from the scores ("" = keep): a tie or a gap under data.min_score_gap,
+    or the chosen side scored lower (the label contradicts the ratings)."""
+    if not lay.scored:
+        return ""
+    gap = score_gap(row)
+    if gap is None:
+        return DROP_SCORE_MISSING if lay.min_score_gap > 0 else ""
+    if gap < 0:
+        return DROP_SCORE_REVERSED
+    if gap < lay.min_score_gap:
+        return DROP_SCORE_TIE if gap == 0 else DROP_SCORE_GAP
+    return ""
+
+
 def _normalised_table(ids: list[int], rows: list[dict], lay: Layout):
     import pyarrow as pa
 
     out = [normalise_row(r, lay) for r in rows]
+    out = [o if o[4] else (*o[:4], score_drop(r, lay)) for o, r in zip(out, rows)]
     margins = [row_margin(r, lay) for r in rows]
     out = [o if m is not None or o[4] else (*o[:4], DROP_MARGIN)
            for o, m in zip(out, margins)]
@@ -206,15 +255,20 @@ def _normalised_table(ids: list[int], rows: list[dict], lay: Layout):
     })
 
 
+def _file_key(path: str) -> str:
+    # Ray hands object-store paths back without their scheme (bucket/key).
+    return path.split("://", 1)[1] if "://" in path else os.path.abspath(path)
+
+
 def _datasource_class():
     from ray.data.datasource import FileBasedDatasource
 
     class RowFiles(FileBasedDatasource):
         """Streams rows out of files, normalised, with row ids (file index, row)."""
 
-        def __init__(self, files: list[str], layout):
-            super().__init__(files)
-            self._file_index = {os.path.abspath(p): i for i, p in enumerate(files)}
+        def __init__(self, files: list[str], layout, filesystem=None):
+            super().__init__(files, filesystem=filesystem)
+            self._file_index = {_file_key(p): i for i, p in enumerate(files)}
             self._layout = layout
 
         def _open_input_source(self, filesystem, path, **open_args):
@@ -223,7 +277,7 @@ def _datasource_class():
             return super()._open_input_source(filesystem, path, **open_args)
 
         def _read_stream(self, f, path):
-            base = self._file_index[os.path.abspath(path)] << FILE_SHIFT
+            base = self._file_index[_file_key(path)] << FILE_SHIFT
             ids, rows = [], []
             for n, row in iter_file_rows(f, path):
                 ids.append(base | n)
@@ -262,6 +316,27 @@ def _rows_with_ids(batch, layout, id_column: str | None):
 def read_normalised(source: Source, layout, demo_pairs: int = 0):
     """Source -> Ray Dataset of normalised rows (`layout.table`'s columns: for pairs
     NORMALISED_COLUMNS, for SFT examples rlhf.sft_data's), streamed."""
+    ds = _read(source, layout, demo_pairs)
+    # Formats spread over rows (OpenAssistant's message trees) are put together here.
+    return layout.regroup(ds, _shuffle_partitions(source)) if hasattr(layout, "regroup") else ds
+
+
+def _shuffle_partitions(source: Source) -> int:
+    """Partitions of a group-by: one per ~16 MB of input, 2..64 (Ray's default of 200
+    costs more than the grouping on small data)."""
+    size = 0
+    if source.kind == "files":
+        import pyarrow.fs as pafs
+
+        fs = source.filesystem or pafs.LocalFileSystem()
+        size = sum(i.size or 0 for i in fs.get_file_info(list(source.files)))
+    elif source.kind == "hf":
+        size = source.obj.data.nbytes
+    return int(min(64, max(2, size // (16 << 20))))
+
+
+def _read(source: Source, layout, demo_pairs: int):
+    import pyarrow as pa
     import ray.data
 
     if source.kind == "demo":
@@ -270,10 +345,16 @@ def read_normalised(source: Source, layout, demo_pairs: int = 0):
                                                      "layout": layout},
                               batch_format="numpy", batch_size=ROWS_PER_BLOCK)
     if source.kind == "files":
-        return ray.data.read_datasource(_datasource_class()(list(source.files), layout))
+        return ray.data.read_datasource(_datasource_class()(list(source.files), layout,
+                                                            source.filesystem))
     if source.kind == "hf":
-        hf = source.obj.add_column("__row_id", list(range(len(source.obj))))
-        ds = ray.data.from_huggingface(hf)
+        # From the Arrow table, not ray.data.from_huggingface: that first asks the hub
+        # for parquet copies of hub-loaded data (a minute of timeouts without network).
+        table = source.obj.with_format("arrow")[:]
+        table = table.append_column("__row_id", pa.array(np.arange(len(table), dtype=np.int64)))
+        step = 8 * ROWS_PER_BLOCK
+        ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)]
+                                 or [table])
         return ds.map_batches(_rows_with_ids, fn_kwargs={"layout": layout,
                                                          "id_column": "__row_id"},
                               batch_format="pyarrow", batch_size=ROWS_PER_BLOCK)
@@ -292,13 +373,16 @@ def _in_eval_split(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def _split_filter(batch: dict[str, np.ndarray], fraction: float, seed: int, held: bool):
-    keep = _in_eval_split(batch["id"], fraction, seed)
+    # Rows of one group (an OpenAssistant tree) fall on the same side: a prompt held
+    # out is not also trained on through a sibling pair.
+    keep = _in_eval_split(batch["group"] if "group" in batch else batch["id"], fraction, seed)
     keep = keep if held else ~keep
     return {k: v[keep] for k, v in batch.items()}
 
 
 def split_held_out(ds, fraction: float, seed: int):
-    """(train, held-out) views of one normalised dataset, by a hash of the row id."""
+    """(train, held-out) views of one normalised dataset, by a hash of the row id (of
+    the group id where rows come in groups)."""
     kw = {"batch_format": "numpy", "batch_size": ROWS_PER_BLOCK}
     return (ds.map_batches(_split_filter, fn_kwargs={"fraction": fraction, "seed": seed,
                                                      "held": False}, **kw),
@@ -422,6 +506,7 @@ class RowKind:
     name: str  # what a row is called in messages
     detect: Callable
     tokenize: Callable
+    splits: Splits = PAIR_SPLITS  # which splits of a multi-split dataset it reads
 
 
 PAIRS = RowKind("pairs", detect_layout, tokenize)
@@ -430,23 +515,36 @@ PAIRS = RowKind("pairs", detect_layout, tokenize)
 # ------------------------------------------------------------------- driver-side scan
 
 
+GROUP_KEY = "group:"  # scan's per-group counts of usable rows: "group:<id>" -> n
+
+
 def _count_drops(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    reasons, counts = np.unique(batch["drop"].astype(str), return_counts=True)
+    keys = batch["drop"].astype(str)
+    if "group" in batch:  # count the usable rows of each group (tree) too
+        usable = keys == ""
+        keys = np.concatenate([keys, np.char.add(GROUP_KEY, batch["group"][usable].astype(str))])
+    reasons, counts = np.unique(keys, return_counts=True)
     return {"drop": reasons, "n": counts}
 
 
-def scan(ds) -> Counter:
-    """One streamed pass (no tokenising) counting rows by drop reason ("" = usable).
+def scan(ds, per_group: list[int] | None = None) -> Counter:
+    """One streamed pass (no tokenising) counting rows by drop reason ("" = usable); for
+    grouped rows (OpenAssistant trees) the usable rows of each group with any are
+    appended to per_group.
 
     Also surfaces malformed files before any worker starts.
     """
+    columns = ["drop", "group"] if "group" in (ds.columns() or []) else ["drop"]
     totals: Counter = Counter()
-    for batch in ds.select_columns(["drop"]).map_batches(
+    for batch in ds.select_columns(columns).map_batches(
             _count_drops, batch_format="numpy", batch_size=4096).iter_batches(
             batch_format="numpy", batch_size=None):
         for reason, n in zip(batch["drop"], batch["n"]):
             totals[str(reason)] += int(n)
-    return totals
+    groups = {k: n for k, n in totals.items() if k.startswith(GROUP_KEY)}
+    if per_group is not None:
+        per_group.extend(groups.values())
+    return Counter({k: n for k, n in totals.items() if k not in groups})
 
 
 @dataclass
@@ -464,20 +562,33 @@ def inspect(cfg: Any, dataset: Any = None, eval_dataset: Any = None,
             kind: RowKind = PAIRS) -> Plan:
     """Resolve sources and detect their format from the first row, without Ray: missing
     files, empty data and missing columns fail here, in a second, with the fix named."""
-    train_src, held_src = resolve_sources(cfg, dataset, eval_dataset)
+    train_src, held_src = resolve_sources(cfg, dataset, eval_dataset, kind.splits)
     first = peek_rows(train_src, 1)
     if not first:
         raise DataError(f"{train_src.name}: the data set is empty (no rows).")
-    layout = kind.detect(first[0], cfg, train_src.name)
+    layout = detect(kind, first[0], cfg, train_src.name)
     held_layout = None
     if held_src is not None:
         held_first = peek_rows(held_src, 1)
         if not held_first:
             raise DataError(f"{held_src.name}: the held-out data set is empty.")
-        held_layout = kind.detect(held_first[0], cfg, held_src.name)
+        held_layout = detect(kind, held_first[0], cfg, held_src.name)
     elif cfg.eval_fraction <= 0:
         raise DataError("No held-out data: set data.eval_path or data.eval_fraction > 0.")
     return Plan(train_src, held_src, layout, held_layout, kind)
+
+
+def detect(kind: RowKind, row: dict, cfg: Any, source_name: str) -> Any:
+    """The layout of a source from its first row: a known public format
+    (rlhf.dataset_formats: UltraFeedback, OpenAssistant) around the kind's own layout,
+    or the kind's layout alone."""
+    fmt = dataset_formats.recognise(row)
+    if not fmt:
+        return kind.detect(row, cfg, source_name)
+    inner = kind.detect(dataset_formats.sample_row(fmt, kind.name, row), cfg,
+                        f"{source_name} ({dataset_formats.describe(fmt)})")
+    langs = tuple(x.strip() for x in getattr(cfg, "lang", "").split(",") if x.strip())
+    return dataset_formats.wrap(fmt, inner, kind.name, langs, row)
 
 
 @dataclass
@@ -488,6 +599,7 @@ class Pipelines:
     eval: Any
     train_counts: Counter
     eval_counts: Counter
+    notes: tuple[str, ...] = ()  # what the driver prints after the counts
 
 
 def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
@@ -497,7 +609,8 @@ def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
         train, held = split_held_out(train, cfg.eval_fraction, seed)
     else:
         held = read_normalised(plan.held, plan.held_layout, cfg.demo_eval_pairs)
-    train_counts, eval_counts = scan(train), scan(held)
+    per_group: list[int] = []
+    train_counts, eval_counts = scan(train, per_group), scan(held, per_group)
     what = plan.kind.name
     if train_counts[""] == 0:
         raise DataError(f"{plan.train.name}: no usable {what} "
@@ -505,8 +618,16 @@ def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
     if eval_counts[""] == 0:
         raise DataError(f"held-out data: no usable {what} ({describe_counts(eval_counts)}).")
     tok = plan.kind.tokenize
+    notes = []
+    fmt = getattr(plan.train_layout, "source_format", "")
+    if fmt:
+        notes.append(f"format: {dataset_formats.describe(fmt)}")
+    if per_group:
+        notes.append(f"{what} per tree: {np.mean(per_group):.2f} mean, "
+                     f"{int(np.median(per_group))} median, {max(per_group)} max, over "
+                     f"{len(per_group)} trees with any")
     return Pipelines(tok(train, tokenizer_path, cfg), tok(held, tokenizer_path, cfg),
-                     train_counts, eval_counts)
+                     train_counts, eval_counts, tuple(notes))
 
 
 def describe_counts(counts: Counter) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from rlhf.config import PromptDataConfig
 from rlhf.data import DROP_EMPTY, DROP_MISSING, DataError, RowKind, _is_messages, _tokenizer, encode
-from rlhf.readers import ROWS_PER_BLOCK
+from rlhf.readers import ROWS_PER_BLOCK, Splits
 
 DROP_PROMPT_TOO_LONG = "prompt longer than max_prompt_length"
 
@@ -106,4 +106,5 @@ def tokenize_prompts(ds, tokenizer_path: str, cfg: PromptDataConfig):
                                      "max_prompt_length": cfg.max_prompt_length})
 
 
-PROMPTS = RowKind("prompts", detect_prompt_layout, tokenize_prompts)
+PROMPTS = RowKind("prompts", detect_prompt_layout, tokenize_prompts,
+                  Splits(("train_gen", "train"), ("test_gen", "test", "validation", "eval")))

@@ -1,13 +1,21 @@
-"""Where preference rows come from: files, folders, saved datasets, in-memory datasets
-and the demo, read as plain row dicts with their position (file, line) so errors can
-name it. Ray is touched only to recognise (and peek at) a ray.data.Dataset; rlhf.data
-streams these readers through Ray Data.
+"""Where rows come from: files, folders, saved datasets, hub datasets, object storage
+(s3://, gs://), in-memory datasets and the demo, read as plain row dicts with their
+position (file, line) so errors can name it. Ray is touched only to recognise (and peek
+at) a ray.data.Dataset; rlhf.data streams these readers through Ray Data.
+
+Split names: a saved DatasetDict or a hub dataset holds several splits; the entry point
+says which it wants (`Splits`: DPO and the reward model take train_prefs/test_prefs
+before train/test, SFT train_sft/test_sft, PPO train_gen/test_gen, as
+HuggingFaceH4/ultrafeedback_binarized names them), data.split / data.eval_split name
+them outright.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,19 @@ class Source:
     files: tuple[str, ...] = ()
     obj: Any = None
     demo_split: str = "train"
+    filesystem: Any = None  # pyarrow filesystem of `files` (object storage); None: local
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Which splits of a multi-split dataset an entry point reads, best first."""
+
+    train: tuple[str, ...] = ("train",)
+    held: tuple[str, ...] = ("test", "validation", "eval")
+
+
+PAIR_SPLITS = Splits(("train_prefs", "train"), ("test_prefs", "test", "validation", "eval"))
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _data_files(folder: Path) -> list[str]:
@@ -50,8 +71,8 @@ def _saved_dataset_files(folder: Path) -> list[str]:
     return [str(folder / f["filename"]) for f in state["_data_files"]]
 
 
-def resolve_sources(cfg: DataConfig, dataset: Any = None, eval_dataset: Any = None
-                    ) -> tuple[Source, Source | None]:
+def resolve_sources(cfg: DataConfig, dataset: Any = None, eval_dataset: Any = None,
+                    splits: Splits = PAIR_SPLITS) -> tuple[Source, Source | None]:
     """Config (or in-memory datasets) -> (train source, held-out source or None).
 
     None for held-out means: hold out cfg.eval_fraction of the training source.
@@ -66,9 +87,9 @@ def resolve_sources(cfg: DataConfig, dataset: Any = None, eval_dataset: Any = No
     if cfg.path == BUILTIN_TOOLS:
         return (Source("demo", BUILTIN_TOOLS, demo_split="tools-train"),
                 Source("demo", BUILTIN_TOOLS + " (held-out)", demo_split="tools-eval"))
-    train, held = _path_source(cfg.path, "data.path")
+    train, held = _path_source(cfg.path, "data.path", cfg, splits)
     if cfg.eval_path:
-        held, _ = _path_source(cfg.eval_path, "data.eval_path")
+        held, _ = _path_source(cfg.eval_path, "data.eval_path", cfg, splits)
     return train, held
 
 
@@ -84,32 +105,152 @@ def _object_source(obj: Any, what: str) -> Source:
                     "ray.data.Dataset, or a path in data.path.")
 
 
-def _path_source(path_str: str, key: str) -> tuple[Source, Source | None]:
+def _path_source(path_str: str, key: str, cfg: Any, splits: Splits
+                 ) -> tuple[Source, Source | None]:
+    if "://" in path_str:
+        return _object_store_source(path_str, key), None
     path = Path(path_str).expanduser()
     if not path.exists():
+        if HUB_ID.match(path_str):
+            return _hub_source(path_str, key, cfg, splits)
         raise DataError(f"{key}={path_str}: no such file or folder. Give a .jsonl/.json/"
                         ".parquet/.csv file, a folder of them, a datasets.save_to_disk "
-                        f"folder, {BUILTIN_DATA} or {BUILTIN_TOOLS}.")
+                        "folder, a hub dataset id (owner/name), an s3:// or gs:// path, "
+                        f"{BUILTIN_DATA} or {BUILTIN_TOOLS}.")
     path = path.resolve()
+    if path.is_dir() and _is_dataset_repo(path):
+        return _hub_source(str(path), key, cfg, splits)
     if path.is_file():
         if not path.name.endswith(READABLE):
             raise DataError(f"{key}={path_str}: cannot read this file type; use one of "
                             f"{', '.join(READABLE)}.")
         return Source("files", str(path), files=(str(path),)), None
     if (path / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-        if "train" not in splits:
-            raise DataError(f"{key}={path_str}: saved DatasetDict has splits {splits}, "
-                            "none named 'train'; point data.path at one split's folder.")
-        train = Source("files", f"{path}/train",
-                       files=tuple(_saved_dataset_files(path / "train")))
-        held = next((s for s in ("test", "validation", "eval") if s in splits), None)
+        names = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        train, held = pick_splits(names, cfg, splits, f"{key}={path_str}")
+        train_src = Source("files", f"{path}/{train}",
+                           files=tuple(_saved_dataset_files(path / train)))
         held_src = (Source("files", f"{path}/{held}",
                            files=tuple(_saved_dataset_files(path / held))) if held else None)
-        return train, held_src
+        return train_src, held_src
     if (path / "state.json").is_file():  # Dataset.save_to_disk
         return Source("files", str(path), files=tuple(_saved_dataset_files(path))), None
     return Source("files", str(path), files=tuple(_data_files(path))), None
+
+
+def pick_splits(names: list[str], cfg: Any, splits: Splits, where: str
+                ) -> tuple[str, str | None]:
+    """(training split, held-out split or None) among a dataset's split names."""
+    want = getattr(cfg, "split", "")
+    if want:
+        if want not in names:
+            raise DataError(f"{where}: no split named data.split={want!r}; its splits are "
+                            f"{', '.join(names)}.")
+        train = want
+    else:
+        train = next((s for s in splits.train if s in names), None)
+        if train is None and len(names) == 1:
+            train = names[0]
+        if train is None:
+            raise DataError(f"{where}: splits {', '.join(names)}, none named "
+                            f"{' or '.join(splits.train)}; say which with data.split=<name>.")
+    want_held = getattr(cfg, "eval_split", "")
+    if want_held:
+        if want_held not in names:
+            raise DataError(f"{where}: no split named data.eval_split={want_held!r}; its "
+                            f"splits are {', '.join(names)}.")
+        return train, want_held
+    # train_prefs pairs with test_prefs, train with test.
+    paired = train.replace("train", "test", 1) if train.startswith("train") else ""
+    held = next((s for s in (paired,) + splits.held if s and s in names and s != train), None)
+    return train, held
+
+
+def _is_dataset_repo(folder: Path) -> bool:
+    """A folder laid out as a hub dataset repository: a README.md whose YAML header
+    declares the data files (configs:) or the dataset's features (dataset_info:)."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return False
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return False
+    header = text.split("---", 2)[1] if text.count("---") >= 2 else ""
+    return bool(re.search(r"^(configs|dataset_info):", header, re.M))
+
+
+HUB_TIMEOUT_S = "10"  # per request: an unreachable hub fails in seconds, not minutes
+
+
+def _hub_source(name: str, key: str, cfg: Any, splits: Splits
+                ) -> tuple[Source, Source | None]:
+    """A hub id (or a folder laid out as a hub repository) through datasets.load_dataset
+    and the hub cache (HF_HUB_OFFLINE=1: the cache only)."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", HUB_TIMEOUT_S)
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", HUB_TIMEOUT_S)
+    import datasets
+
+    subset = getattr(cfg, "subset", "") or None
+    revision = getattr(cfg, "revision", "") or None
+    where = f"{key}={name}" + (f" (data.subset={subset})" if subset else "")
+    try:
+        loaded = datasets.load_dataset(name, subset, revision=revision)
+    except Exception as e:  # noqa: BLE001 -- every failure gets the same advice
+        raise DataError(_hub_advice(name, where, e)) from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.DatasetDict({"train": loaded})
+    train, held = pick_splits(list(loaded), cfg, splits, where)
+    held_src = Source("hf", f"{name} [{held}]", obj=loaded[held]) if held else None
+    return Source("hf", f"{name} [{train}]", obj=loaded[train]), held_src
+
+
+def _hub_advice(name: str, where: str, e: Exception) -> str:
+    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    if Path(name).is_dir():
+        return f"{where}: the folder could not be loaded as a hub dataset ({text})."
+    if offline:
+        return (f"{where}: not in the local hub cache and HF_HUB_OFFLINE is set ({text}). "
+                "Download it once on a machine with network access (python -c \"import "
+                f"datasets; datasets.load_dataset('{name}')\") and share HF_HOME, or point "
+                "data.path at local files.")
+    return (f"{where}: could not load it from the hub ({text}). Check the id (and "
+            "data.subset / data.revision), your network and HF_TOKEN for gated data sets; "
+            "without network, set HF_HUB_OFFLINE=1 to use the local cache, or point "
+            "data.path at local files.")
+
+
+def _object_store_source(uri: str, key: str) -> Source:
+    """s3://bucket/prefix, gs://..., or any URI pyarrow has a filesystem for: one file,
+    or every readable file under the prefix. Credentials and endpoints come from the
+    usual environment (AWS_*, GOOGLE_*), read by pyarrow on every node."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            files = [root]
+        elif info.type == pafs.FileType.Directory:
+            files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                           if i.type == pafs.FileType.File and i.path.endswith(READABLE)
+                           and not os.path.basename(i.path).startswith("."))
+        else:
+            files = []
+    except (OSError, ValueError) as e:
+        raise DataError(f"{key}={uri}: cannot read it ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0]}). Check the path and the "
+                        "credentials in the environment (AWS_ACCESS_KEY_ID, "
+                        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or "
+                        "GOOGLE_APPLICATION_CREDENTIALS).") from None
+    if not files:
+        raise DataError(f"{key}={uri}: no data files there (looked for "
+                        f"{', '.join(READABLE)}).")
+    for f in files:
+        if not f.endswith(READABLE):
+            raise DataError(f"{key}={uri}: cannot read this file type; use one of "
+                            f"{', '.join(READABLE)}.")
+    return Source("files", uri, files=tuple(files), filesystem=fs)
 
 
 # ------------------------------------------------------------------ raw rows from files
@@ -199,7 +340,7 @@ def peek_rows(source: Source, n: int = 1) -> list[dict]:
 
     rows: list[dict] = []
     for path in source.files:
-        fs = pafs.LocalFileSystem()
+        fs = source.filesystem or pafs.LocalFileSystem()
         compression = "gzip" if path.endswith(".gz") else None
         opener = fs.open_input_file if path.endswith(".parquet") else (
             lambda p: fs.open_input_stream(p, compression=compression))

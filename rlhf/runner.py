@@ -82,6 +82,8 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             add_to_pipelines(pipes, model_path)
         print(f"train: {data.describe_counts(pipes.train_counts)}\n"
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
+        for note in pipes.notes:
+            print(note, flush=True)
         t, c = cfg.train, cfg.cluster
         total = math.ceil(pipes.train_counts[""] / t.global_batch_size) * t.epochs
         if t.max_steps > 0:

@@ -28,7 +28,7 @@ from rlhf.config import ColumnsConfig, DataConfig, SFTDataConfig
 from rlhf.data import (DROP_EMPTY, DROP_MISSING, DROP_TOO_LONG, DataError, Layout, RowKind,
                        _common_prefix_len, _is_messages, _tokenizer, detect_layout, encode,
                        normalise_row)
-from rlhf.readers import ROWS_PER_BLOCK
+from rlhf.readers import ROWS_PER_BLOCK, Splits
 
 DROP_NO_ASSISTANT = "no assistant message to train on"
 DROP_NO_TARGET = "no completion token within max_length"
@@ -254,4 +254,5 @@ def resolve_chat_template(value: str) -> str:
     return value
 
 
-EXAMPLES = RowKind("examples", detect_sft_layout, tokenize_sft)
+EXAMPLES = RowKind("examples", detect_sft_layout, tokenize_sft,
+                   Splits(("train_sft", "train"), ("test_sft", "test", "validation", "eval")))

@@ -151,3 +151,81 @@ def test_prompt_pipeline_counts_and_metadata(ray_cluster, tiny_model_path, tmp_p
     assert pipes.train_counts == {"": 2, data.DROP_EMPTY: 1}
     drops = sorted(r["drop"] for r in _rows(pipes.train))
     assert drops == ["", data.DROP_EMPTY, DROP_PROMPT_TOO_LONG]
+
+
+def test_public_formats_with_no_column_flags(ray_cluster, tmp_path, tiny_model_path):
+    """UltraFeedback (argilla's) and OpenAssistant message tables through the pipeline:
+    recognised by their columns, ratings filtered, trees rebuilt in Ray Data (grouped by
+    tree id) with each tree on one side of the held-out split; every drop counted."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rlhf import dataset_formats as fmt
+    from rlhf.config import SFTDataConfig
+    from rlhf.sft_data import EXAMPLES
+    from tests.data_samples import argilla_rows, oasst_tree
+
+    f = tmp_path / "uf.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in argilla_rows(40)))
+    plan, pipes = _build(DataConfig(path=str(f), eval_path=str(f), min_score_gap=0.5),
+                         tiny_model_path)
+    assert plan.train_layout.source_format == fmt.ULTRAFEEDBACK_ARGILLA
+    assert pipes.train_counts == {"": 30, data.DROP_SCORE_GAP: 10}
+    good = [r for r in _rows(pipes.train) if not r["drop"]]
+    assert len(good) == 30 and all(r["chosen_ids"] and r["prompt_ids"] for r in good)
+
+    messages = [m for t in range(30) for m in oasst_tree(t, "de" if t % 10 == 9 else "en")]
+    pq.write_table(pa.Table.from_pylist(messages), tmp_path / "oasst.parquet")
+    cfg = DataConfig(path=str(tmp_path / "oasst.parquet"), eval_fraction=0.3, lang="en")
+    plan, pipes = _build(cfg, tiny_model_path)
+    both = pipes.train_counts + pipes.eval_counts
+    # 27 English trees: 3 pairs each (tree 1 loses a deleted reply: 2), one unreviewed
+    # reply each; 3 German trees: the root left out and its 7 messages below it.
+    assert both == {"": 27 * 3 - 1, fmt.DROP_UNREVIEWED: 27, fmt.DROP_DELETED: 1,
+                    fmt.DROP_LANG: 3, fmt.DROP_BELOW: 21}
+    assert "pairs per tree: 2.96 mean, 3 median, 3 max, over 27 trees" in pipes.notes[1]
+    normalised = data.read_normalised(plan.train, plan.train_layout)
+    trees = [{r["group"] for r in _rows(split.select_columns(["group", "drop"])) if not r["drop"]}
+             for split in data.split_held_out(normalised, 0.3, seed=0)]
+    assert trees[0] and trees[1] and not trees[0] & trees[1]
+    sft_cfg = SFTDataConfig(path=cfg.path, eval_fraction=0.3, lang="en")
+    _, pipes = _build(sft_cfg, tiny_model_path, kind=EXAMPLES)
+    assert (pipes.train_counts + pipes.eval_counts)[""] == 27  # one thread per tree
+
+
+def test_hub_layout_folder_picks_each_entry_points_splits(ray_cluster, tmp_path,
+                                                          tiny_model_path):
+    """A folder laid out as a hub dataset repository (HuggingFaceH4/ultrafeedback_binarized's
+    split names, data files plus the card's YAML configs) goes through
+    datasets.load_dataset, the call a hub id takes; DPO reads train_prefs/test_prefs
+    (ties dropped at data.min_score_gap), SFT train_sft, PPO train_gen's prompts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rlhf.config import PromptDataConfig, SFTDataConfig
+    from rlhf.prompt_data import PROMPTS
+    from rlhf.sft_data import EXAMPLES
+    from tests.data_samples import h4_row
+
+    repo = tmp_path / "ultrafeedback_binarized"
+    (repo / "data").mkdir(parents=True)
+    sizes = {"train_prefs": 20, "test_prefs": 5, "train_sft": 12, "test_sft": 4,
+             "train_gen": 8, "test_gen": 3}
+    start = 0
+    for split, n in sizes.items():
+        pq.write_table(pa.Table.from_pylist([h4_row(start + i) for i in range(n)]),
+                       repo / "data" / f"{split}-00000-of-00001.parquet")
+        start += n
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n"
+        + "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in sizes)
+        + "---\n# UltraFeedback binarized (sample)\n")
+    plan, pipes = _build(DataConfig(path=str(repo), min_score_gap=1.0), tiny_model_path)
+    assert plan.train.name.endswith("[train_prefs]") and plan.held.name.endswith("[test_prefs]")
+    assert pipes.train_counts == {"": 16, data.DROP_SCORE_TIE: 4}
+    assert pipes.eval_counts == {"": 4, data.DROP_SCORE_TIE: 1}
+    plan, pipes = _build(SFTDataConfig(path=str(repo)), tiny_model_path, kind=EXAMPLES)
+    assert plan.train.name.endswith("[train_sft]") and pipes.train_counts == {"": 12}
+    assert plan.train_layout.format == "conversational"
+    plan, pipes = _build(PromptDataConfig(path=str(repo)), tiny_model_path, kind=PROMPTS)
+    assert plan.train.name.endswith("[train_gen]") and pipes.eval_counts == {"": 3}
