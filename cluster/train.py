@@ -33,6 +33,9 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from cluster.console import divert_errors_to
+
+    divert_errors_to()  # a failed task's traceback goes to the run's errors.log
 
 
 def connect(cluster_cfg: Any, extra_cpus: float = 0.0) -> None:
@@ -90,6 +93,14 @@ def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, n
     resources = {"CPU": cluster_cfg.cpus_per_worker}
     if cluster_cfg.use_gpu:
         resources["GPU"] = 1
+    filesystem = None
+    if "://" in storage_path:
+        # Object storage (s3://, gs://): the driver resolves the filesystem, endpoint and
+        # credentials from its environment, and Ray Train ships it to the controller and
+        # workers (a path alone would be resolved there, from a Ray cluster's own env).
+        from rlhf.readers import object_store
+
+        filesystem, storage_path = object_store(storage_path)
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -105,7 +116,7 @@ def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, n
         # A lost peer must surface as an error naming it, not a silent hang.
         torch_config=TorchConfig(timeout_s=1800),
         run_config=RunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cluster_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, keep_checkpoints)),
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
@@ -563,7 +574,16 @@ class TrainingError(RuntimeError):
 
 def make_run_dir(output_cfg: Any, resume: bool, prefix: str) -> Path:
     """The run directory: output.dir/output.name, or a new `{prefix}-<time>`; with resume,
-    the named run or the newest `{prefix}-*` run holding a config.yaml."""
+    the named run or the newest `{prefix}-*` run holding a config.yaml. Ray's error logs
+    go to its errors.log from here on (cluster.console)."""
+    from cluster.console import LOG_NAME, divert_errors_to
+
+    run = _run_dir(output_cfg, resume, prefix)
+    divert_errors_to(run / LOG_NAME)
+    return run
+
+
+def _run_dir(output_cfg: Any, resume: bool, prefix: str) -> Path:
     from datetime import datetime
 
     from rlhf.config import ConfigError

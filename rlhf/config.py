@@ -331,7 +331,12 @@ class ClusterConfig:
     """Restart the workers from the last checkpoint this many times after a failure."""
     storage_path: str | None = None
     """Where Ray Train writes checkpoints. Empty: inside the run directory (fine on one
-    machine); multi-node runs need storage every node reaches (s3://, gs://, NFS)."""
+    machine); multi-node runs need storage every node reaches (s3://bucket/prefix,
+    gs://..., NFS). Object storage is reached with the launching machine's credentials
+    and endpoint (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for
+    S3-compatible stores, GOOGLE_APPLICATION_CREDENTIALS); checkpoints land under
+    <storage_path>/<run name>/, and train.resume=true output.name=<run name> continues
+    from the newest one there."""
 
     @property
     def worker_range(self) -> tuple[int, int]:

@@ -652,8 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run(parse_args(EvalConfig, argv, "rlhf.evaluate"))
     except (ConfigError, DataError) as e:
-        inner = getattr(e, "cause", None)
-        print(f"error: {inner if isinstance(inner, DataError) else e}", file=sys.stderr)
+        from cluster import console
+
+        console.fail(e)  # the traceback to the run's errors.log, the message last
         return 2
     print("\n" + describe(out))
     return 0

@@ -179,20 +179,19 @@ def _is_dataset_repo(folder: Path) -> bool:
     return bool(re.search(r"^(configs|dataset_info):", header, re.M))
 
 
-HUB_TIMEOUT_S = "10"  # per request: an unreachable hub fails in seconds, not minutes
-
-
 def _hub_source(name: str, key: str, cfg: Any, splits: Splits
                 ) -> tuple[Source, Source | None]:
     """A hub id (or a folder laid out as a hub repository) through datasets.load_dataset
     and the hub cache (HF_HUB_OFFLINE=1: the cache only)."""
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", HUB_TIMEOUT_S)
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", HUB_TIMEOUT_S)
     import datasets
 
     subset = getattr(cfg, "subset", "") or None
     revision = getattr(cfg, "revision", "") or None
     where = f"{key}={name}" + (f" (data.subset={subset})" if subset else "")
+    if not Path(name).is_dir() and not _offline() and not _hub_reachable():
+        # datasets retries an unreachable hub for ~25 s with backoff; say it at once.
+        raise DataError(_hub_advice(name, where, ConnectionError(
+            f"{_hub_host()} cannot be reached")))
     try:
         loaded = datasets.load_dataset(name, subset, revision=revision)
     except Exception as e:  # noqa: BLE001 -- every failure gets the same advice
@@ -204,12 +203,33 @@ def _hub_source(name: str, key: str, cfg: Any, splits: Splits
     return Source("hf", f"{name} [{train}]", obj=loaded[train]), held_src
 
 
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() not in ("", "0", "false", "no")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub (name lookup included), a few seconds at most."""
+    import socket
+
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_advice(name: str, where: str, e: Exception) -> str:
     text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     if Path(name).is_dir():
         return f"{where}: the folder could not be loaded as a hub dataset ({text})."
-    if offline:
+    if _offline():
         return (f"{where}: not in the local hub cache and HF_HUB_OFFLINE is set ({text}). "
                 "Download it once on a machine with network access (python -c \"import "
                 f"datasets; datasets.load_dataset('{name}')\") and share HF_HOME, or point "
@@ -220,6 +240,29 @@ def _hub_advice(name: str, where: str, e: Exception) -> str:
             "data.path at local files.")
 
 
+def object_store(uri: str):
+    """(pyarrow filesystem, path without the scheme) for s3://, gs://, ... URIs.
+
+    S3 credentials, endpoint and region found in this process's environment (AWS_*) are
+    written into the filesystem object, which travels with the work to Ray's workers:
+    they may run under another environment (a Ray cluster started before the variables
+    were set, other nodes). Without them, each node's own chain applies (instance roles).
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    env = os.environ
+    if uri.startswith("s3://") and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        kw = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"],
+              "session_token": env.get("AWS_SESSION_TOKEN"), "region": fs.region}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        fs = pafs.S3FileSystem(**kw)
+    return fs, path
+
+
 def _object_store_source(uri: str, key: str) -> Source:
     """s3://bucket/prefix, gs://..., or any URI pyarrow has a filesystem for: one file,
     or every readable file under the prefix. Credentials and endpoints come from the
@@ -227,7 +270,7 @@ def _object_store_source(uri: str, key: str) -> Source:
     import pyarrow.fs as pafs
 
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
+        fs, root = object_store(uri)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.File:
             files = [root]
@@ -285,7 +328,7 @@ def iter_file_rows(f: Any, path: str):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
-                    f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}). "
+                    f"{path}, line {lineno}: not valid JSON ({e.msg}, column {e.colno}). "
                     "Fix or delete that line.") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {lineno}: expected a JSON object with the "

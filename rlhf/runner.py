@@ -186,6 +186,7 @@ def main(cfg_cls: type, prog: str, run: Callable, done: Callable[[dict], str],
          argv: list[str] | None = None) -> int:
     """parse -> run -> print where the results are; clean messages and exit codes
     (2: bad config or data, 1: training failed)."""
+    from cluster import console
     from cluster.train import TrainingError
     from rlhf.data import DataError
 
@@ -194,12 +195,10 @@ def main(cfg_cls: type, prog: str, run: Callable, done: Callable[[dict], str],
         cfg = parse_args(cfg_cls, argv, prog=prog)
         run_dir = run(cfg)
     except (ConfigError, DataError) as e:
-        # A DataError raised inside a Ray Data task arrives wrapped with its traceback.
-        inner = getattr(e, "cause", None)
-        print(f"error: {inner if isinstance(inner, DataError) else e}", file=sys.stderr)
+        console.fail(e)  # the traceback to the run's errors.log, the message last
         return 2
     except TrainingError as e:
-        print(f"error: training failed: {e}", file=sys.stderr)
+        console.fail(e, "error: training failed: ")
         return 1
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"\ndone in {summary['wall_time_s']:.0f} s: {done(summary)}")

@@ -32,6 +32,39 @@ def ray_cluster():
     shared_ray()
 
 
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A real S3-compatible server (moto's, in a thread of this process) on 127.0.0.1 and
+    an empty bucket in it; the AWS_* variables point pyarrow (and so Ray Data and Ray
+    Train) at it. Yields (boto3 client, bucket name). Stands in for S3 itself, which
+    cannot be reached from here."""
+    import logging
+    import socket
+    import uuid
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    bucket = f"rlhf-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield client, bucket
+    finally:
+        server.stop()
+
+
 SMALL = ["data.demo_pairs=96", "data.demo_eval_pairs=32", "train.eval_every=6",
          "train.checkpoint_every=0", "train.log_every=1"]
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rlhf.demo import demo_pair
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,14 +34,31 @@ def main(tmp_path, capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_missing_columns(tmp_path):
+def test_malformed_line_from_the_shell_is_one_message_last(tmp_path):
+    """The error a Ray Data task raises reaches the shell as one line, printed last; the
+    tracebacks Ray logs on the way are in the run's errors.log, not on the terminal."""
+    lines = [json.dumps(demo_pair(i)) for i in range(30)]
+    lines[17] = lines[17][:-5]
     f = tmp_path / "pairs.jsonl"
-    f.write_text(json.dumps({"prompt": "p", "preferred": "a", "dispreferred": "b"}) + "\n")
+    f.write_text("\n".join(lines) + "\n")
     out = cli(tmp_path, f"data.path={f}")
     assert out.returncode == 2
-    assert "Could not find column(s) 'chosen', 'rejected'" in out.stderr
-    assert "Columns found: prompt, preferred, dispreferred" in out.stderr
-    assert "data.columns.chosen=<column>" in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {f}, line 18: not valid JSON (") and last.endswith(
+        "). Fix or delete that line."), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr + out.stdout
+    logs = list((tmp_path / "runs").glob("dpo-*/errors.log"))
+    assert logs and "Traceback" in logs[0].read_text()
+
+
+def test_missing_columns(tmp_path, capsys):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "preferred": "a", "dispreferred": "b"}) + "\n")
+    code, err = main(tmp_path, capsys, f"data.path={f}")
+    assert code == 2
+    assert "Could not find column(s) 'chosen', 'rejected'" in err
+    assert "Columns found: prompt, preferred, dispreferred" in err
+    assert "data.columns.chosen=<column>" in err
 
 
 def test_empty_file_and_missing_model(tmp_path, capsys):
@@ -58,14 +77,29 @@ def test_unknown_key_and_contradiction(tmp_path, capsys):
     assert code == 2 and "multiple of" in err
 
 
-def test_malformed_json_line_deep_in_the_file(ray_cluster, tmp_path, capsys):
+@pytest.mark.parametrize("entry", ["rlhf.rm", "rlhf.sft", "rlhf.ppo", "rlhf.evaluate"])
+def test_malformed_line_is_the_last_line_of_every_entry_point(ray_cluster, tmp_path, capfd,
+                                                              entry):
+    """Every entry point (rlhf.dpo: above, from the shell) stops on a malformed line deep
+    in the file with the one message last and no traceback on the terminal."""
+    import importlib
+
     lines = [json.dumps(demo_pair(i)) for i in range(40)]
     lines[30] = "{not json"
     f = tmp_path / "pairs.jsonl"
     f.write_text("\n".join(lines) + "\n")
-    code, err = main(tmp_path, capsys, f"data.path={f}")
-    assert code == 2, err[-2000:]
-    assert f"{f}, line 31: not valid JSON" in err
+    args = [f"data.path={f}", f"output.dir={tmp_path / 'runs'}"]
+    if entry == "rlhf.evaluate":
+        args += ["model=builtin:tiny-llama", "base=builtin:tiny-llama",
+                 "judge.model=builtin:tiny-llama"]
+    capfd.readouterr()
+    code = importlib.import_module(entry).main(args)
+    out, err = capfd.readouterr()
+    assert code == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"error: {f}, line 31: not valid JSON (Expecting "
+                                            "property name enclosed in double quotes, "
+                                            "column 2). Fix or delete that line."), err[-3000:]
+    assert "Traceback" not in out + err
 
 
 def test_nan_loss_stops_with_advice_and_keeps_last_checkpoint(ray_cluster, tmp_path, capsys):

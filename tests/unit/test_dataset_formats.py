@@ -135,3 +135,23 @@ def test_split_names_per_entry_point():
     cfg.split = "nope"
     with pytest.raises(DataError, match="no split named data.split='nope'"):
         pick_splits(names, cfg, PAIR_SPLITS, "x")
+
+
+def test_unreachable_hub_fails_at_once_with_what_to_do(monkeypatch):
+    """No network here: a hub id fails after one connection attempt, not datasets'
+    ~25 s of retries; offline, the message says how to fill the cache."""
+    import time
+
+    from rlhf import readers
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(readers, "_hub_reachable", lambda: False)  # whatever the sandbox
+    t = time.time()
+    with pytest.raises(DataError, match=r"data.path=nobody/nothing: could not load it from "
+                                        r"the hub .*HF_HUB_OFFLINE=1 to use the local cache"):
+        readers.resolve_sources(DataConfig(path="nobody/nothing"))
+    assert time.time() - t < 5
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = readers._hub_advice("a/b", "data.path=a/b", ConnectionError("x"))
+    assert "not in the local hub cache" in text and "share HF_HOME" in text
