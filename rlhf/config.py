@@ -739,6 +739,34 @@ class JudgeConfig:
 
 
 @dataclass
+class BenchmarksConfig:
+    """MT-Bench and AlpacaEval: both models answer, the answers are written in each
+    tool's format under benchmarks/ (with the official judges' commands), and the local
+    judge grades them."""
+
+    mt_bench: str = ""
+    """MT-Bench questions: FastChat's data/mt_bench/question.jsonl (question_id,
+    category, turns). Each turn is answered after the model's own previous answer, at
+    FastChat's temperature for the category. The local judge (judge.model) grades every
+    answer 1-10. Empty: skipped."""
+    alpaca_eval: str = ""
+    """AlpacaEval instructions: its alpaca_eval.json (or any JSON / JSON-lines file of
+    {instruction} rows), answered at generation.temperature; the local judge (judge.model
+    or judge.reward_model) gives the aligned model's win rate against its base. Empty:
+    skipped."""
+    max_questions: int = 0
+    """Ask at most this many questions of each set (0: all)."""
+    max_new_tokens: int = 1024
+    """Longest answer in tokens (FastChat's and AlpacaEval's default is 1024 or more)."""
+    max_prompt_length: int = 2048
+    """Longest prompt in tokens (a second MT-Bench turn carries the first); longer ones
+    keep their end, counted."""
+    model_id: str = ""
+    """The aligned model's name in the exported files. Empty: the run's directory name
+    (the base is named after its folder)."""
+
+
+@dataclass
 class EvalConfig:
     """Compare an aligned model with its base on held-out prompts: win rate, held-out
     preference accuracy, drift and degeneration, with a report."""
@@ -768,6 +796,8 @@ class EvalConfig:
     """Sampling of both models."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """Who decides which response is better."""
+    benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
+    """MT-Bench and AlpacaEval hand-off (answers in their formats, a local judge)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray (address, use_gpu); the training fields are unused."""
     output: OutputConfig = field(default_factory=OutputConfig)

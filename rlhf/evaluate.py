@@ -523,8 +523,16 @@ def run(cfg: EvalConfig) -> Path:
             decode = lambda ss: [[tok.decode(s["token_ids"], skip_special_tokens=True)  # noqa: E731
                                   for s in o] for o in ss]
             texts_a, texts_b = decode(aligned["samples"]), decode(base["samples"])
-            judge = (judge_pairwise if setup.judge == "pairwise" else judge_reward_model)(
-                cfg, setup, engines, items, texts_a, texts_b)
+            judge_fn = judge_pairwise if setup.judge == "pairwise" else judge_reward_model
+            judge = judge_fn(cfg, setup, engines, items, texts_a, texts_b)
+            benchmarks = None
+            if cfg.benchmarks.mt_bench or cfg.benchmarks.alpaca_eval:
+                from rlhf import benchmark_pass
+
+                print("benchmarks: both models answer "
+                      + " and ".join(k for k in ("mt_bench", "alpaca_eval")
+                                     if getattr(cfg.benchmarks, k)), flush=True)
+                benchmarks = benchmark_pass.run(cfg, setup, engines, judge_fn)
         finally:
             engines.close()
     finally:
@@ -535,6 +543,11 @@ def run(cfg: EvalConfig) -> Path:
     results["engines"] = {"started": engines.started, "reloaded": engines.reloaded}
     results["wall_time_s"] = round(time.time() - t_start, 1)
     out_dir = make_run_dir(cfg.output, False, "eval")
+    if benchmarks is not None:
+        from rlhf import benchmark_pass
+
+        results["benchmarks"] = benchmarks["results"]
+        results["benchmarks"]["official_commands"] = benchmark_pass.write(out_dir, benchmarks)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     with open(out_dir / "samples.jsonl", "w") as f:
         for s in samples:
@@ -625,9 +638,33 @@ def describe(out: Path) -> str:
                      f"{p['accuracy']:.1%} over {p['pairs']} pairs, margin {p['margin']:.3f}")
     lines.append(f"KL to the base: {r['kl']['per_token']:.3f} nats per token")
     lines += [f"warning [{f['flag']}]: {f['message']}" for f in r["flags"]]
+    lines += describe_benchmarks(r.get("benchmarks"), out)
     lines.append(f"report: {out / 'report.html'}\n  results: {out / 'results.json'}\n  "
                  f"samples: {out / 'samples.jsonl'}")
     return "\n".join(lines)
+
+
+def describe_benchmarks(b: dict | None, out: Path) -> list[str]:
+    if not b:
+        return []
+    lines = []
+    mt, ae = b.get("mt_bench"), b.get("alpaca_eval")
+    if mt and "aligned" in mt:
+        a, c, d = mt["aligned"], mt["base"], mt["difference"]
+        lines.append(f"MT-Bench, local judge (1-10, {mt['questions']} questions): aligned "
+                     f"{a['score']:.2f} (95% CI {a['ci95'][0]:.2f}-{a['ci95'][1]:.2f}), base "
+                     f"{c['score']:.2f} ({c['ci95'][0]:.2f}-{c['ci95'][1]:.2f}); difference "
+                     f"{d['score']:+.2f} ({d['ci95'][0]:+.2f} to {d['ci95'][1]:+.2f})")
+    elif mt:
+        lines.append(f"MT-Bench: answers exported, not graded ({mt['judge']})")
+    if ae:
+        lines.append(f"AlpacaEval, local judge: win rate against the base {ae['win_rate']:.1%} "
+                     f"(95% CI {ae['ci95'][0]:.1%}-{ae['ci95'][1]:.1%}, {ae['instructions']} "
+                     f"instructions): {ae['says']}")
+    lines.append(f"benchmark files: {out / 'benchmarks'}; the official judges need an "
+                 "OpenAI key, their commands:")
+    lines += b["official_commands"]
+    return lines
 
 
 def after_training(run_dir: Path, ev: Any, cluster: Any) -> Path:

