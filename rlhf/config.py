@@ -748,12 +748,14 @@ class BenchmarksConfig:
     """MT-Bench questions: FastChat's data/mt_bench/question.jsonl (question_id,
     category, turns). Each turn is answered after the model's own previous answer, at
     FastChat's temperature for the category. The local judge (judge.model) grades every
-    answer 1-10. Empty: skipped."""
+    answer 1-10. `auto`: the copy an installed package ships (a FastChat source
+    checkout; the fschat wheel has none). Empty: skipped."""
     alpaca_eval: str = ""
     """AlpacaEval instructions: its alpaca_eval.json (or any JSON / JSON-lines file of
     {instruction} rows), answered at generation.temperature; the local judge (judge.model
-    or judge.reward_model) gives the aligned model's win rate against its base. Empty:
-    skipped."""
+    or judge.reward_model) gives the aligned model's win rate against its base. `auto`:
+    alpaca_eval.json from the tatsu-lab/alpaca_eval hub data set (or the hub cache).
+    Empty: skipped."""
     max_questions: int = 0
     """Ask at most this many questions of each set (0: all)."""
     max_new_tokens: int = 1024

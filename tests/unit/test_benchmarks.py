@@ -61,3 +61,18 @@ def test_exports_in_each_tools_layout(tmp_path):
     out = json.loads((tmp_path / "alpaca_eval/m.json").read_text())
     assert out[0] == {"instruction": alpaca_eval_set()[0]["instruction"], "output": "o",
                       "generator": "m", "dataset": "helpful_base"}
+
+
+def test_auto_question_sets_say_where_to_get_them(monkeypatch):
+    import importlib.util
+
+    from rlhf import readers
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # none installed
+    with pytest.raises(DataError, match="no installed package ships MT-Bench's questions"):
+        bm.load_mt_bench("auto")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(readers, "_hub_reachable", lambda: False)
+    with pytest.raises(DataError, match="hub cannot be reached for tatsu-lab/alpaca_eval"):
+        bm.load_alpaca_eval("auto")
