@@ -769,6 +769,28 @@ class BenchmarksConfig:
 
 
 @dataclass
+class GeneralTasksConfig:
+    """General tasks through lm-evaluation-harness (pip install lm-eval): the base and
+    the aligned model side by side, the difference with its paired standard error, and
+    a flag where the aligned model is worse beyond noise."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names (built-in, e.g. [arc_easy,hellaswag], or defined by YAML in
+    general.include_path). Empty: skipped."""
+    include_path: str = ""
+    """A folder of lm-eval task YAML files (local data: dataset_path: json with
+    dataset_kwargs.data_files)."""
+    backend: str = "hf"
+    """lm-eval's model backend: hf (transformers; CPU or GPU) or vllm (GPU)."""
+    limit: int = 0
+    """Documents per task (0: all)."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt. Empty: each task's own default."""
+    batch_size: int = 8
+    """lm-eval's batch size."""
+
+
+@dataclass
 class EvalConfig:
     """Compare an aligned model with its base on held-out prompts: win rate, held-out
     preference accuracy, drift and degeneration, with a report."""
@@ -800,6 +822,8 @@ class EvalConfig:
     """Who decides which response is better."""
     benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
     """MT-Bench and AlpacaEval hand-off (answers in their formats, a local judge)."""
+    general: GeneralTasksConfig = field(default_factory=GeneralTasksConfig)
+    """General tasks (lm-evaluation-harness): no degradation against the base."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray (address, use_gpu); the training fields are unused."""
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -818,6 +842,17 @@ class EvalConfig:
             raise ConfigError("data.max_prompts must be at least 1.")
         if self.judge.reward_model and self.judge.model:
             raise ConfigError("Give one judge: judge.reward_model or judge.model, not both.")
+        gt = self.general
+        _one_of("general.backend", gt.backend, ("hf", "vllm"))
+        if gt.tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ConfigError("general.tasks needs lm-evaluation-harness: pip install "
+                                  "lm-eval (0.4.13 is tested).")
+            if gt.include_path and not Path(gt.include_path).expanduser().is_dir():
+                raise ConfigError(f"general.include_path={gt.include_path}: no such folder "
+                                  "(give the folder holding your lm-eval task YAML files).")
 
 
 # ------------------------------------------------------------------- cross-field checks

@@ -535,12 +535,29 @@ def run(cfg: EvalConfig) -> Path:
                 benchmarks = benchmark_pass.run(cfg, setup, engines, judge_fn)
         finally:
             engines.close()
+        general = None
+        if cfg.general.tasks:  # after the engines: the harness may want the GPU
+            from rlhf import general_tasks
+
+            print(f"general tasks (lm-evaluation-harness): {', '.join(cfg.general.tasks)}",
+                  flush=True)
+            general = general_tasks.run_both(cfg, setup.aligned, setup.base)
     finally:
         if started:
             ray.shutdown()
     results, samples = summarise(cfg, setup, items, aligned, base, texts_a, texts_b, judge,
                                  counts, left_out, em)
     results["engines"] = {"started": engines.started, "reloaded": engines.reloaded}
+    if general is not None:
+        results["general_tasks"] = general
+        results["flags"] += [
+            {"flag": "general_task_worse",
+             "message": f"{r['task']} ({r['metric']}): the aligned model scores "
+                        f"{r['aligned']:.3f} against its base's {r['base']:.3f}, "
+                        f"{r['difference']:+.3f} +- {r['difference_stderr']:.3f}: worse beyond "
+                        "noise on a general task. Try: a lower learning rate, a higher beta, "
+                        "fewer epochs, or LoRA."}
+            for r in general if r["worse_beyond_noise"]]
     results["wall_time_s"] = round(time.time() - t_start, 1)
     out_dir = make_run_dir(cfg.output, False, "eval")
     if benchmarks is not None:
@@ -639,6 +656,10 @@ def describe(out: Path) -> str:
     lines.append(f"KL to the base: {r['kl']['per_token']:.3f} nats per token")
     lines += [f"warning [{f['flag']}]: {f['message']}" for f in r["flags"]]
     lines += describe_benchmarks(r.get("benchmarks"), out)
+    if r.get("general_tasks"):
+        from rlhf import general_tasks
+
+        lines += ["general tasks (aligned - base):"] + general_tasks.describe(r["general_tasks"])
     lines.append(f"report: {out / 'report.html'}\n  results: {out / 'results.json'}\n  "
                  f"samples: {out / 'samples.jsonl'}")
     return "\n".join(lines)

@@ -98,3 +98,25 @@ def alpaca_eval_set() -> list[dict]:
         ("How did US states get their names?", "helpful_base"),
         ("Give three tips for staying healthy.", "selfinstruct"),
         ("Write a haiku about the autumn rain.", "oasst"))]
+
+
+def lm_eval_task(folder) -> str:
+    """A multiple-choice lm-evaluation-harness task on local data (its YAML and a JSON
+    lines file) in `folder`; returns the task's name."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1),
+                                                               str(a * b + 7)],
+             "answer": 0} for a, b in [(1, 2), (2, 3), (4, 4), (5, 1), (3, 3), (6, 2),
+                                       (7, 1), (2, 2), (8, 1), (9, 0), (1, 1), (3, 4)]]
+    (folder / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "tiny_sums.yaml").write_text(
+        "task: tiny_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'sums.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: answer\nmetric_list:\n  - {metric: acc, aggregation: mean, "
+        "higher_is_better: true}\nmetadata: {version: 1.0}\n")
+    return "tiny_sums"

@@ -80,7 +80,7 @@ def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_mod
     base model itself: the verdicts mean little, the mechanics are what is tested) in
     both orders, so a verdict that only follows the position is a tie."""
     from rlhf.evaluate import main
-    from tests.data_samples import alpaca_eval_set, mt_bench_questions
+    from tests.data_samples import alpaca_eval_set, lm_eval_task, mt_bench_questions
 
     run_dir = dpo(tmp_path, "data.demo_pairs=240", "train.learning_rate=0.05",
                   "train.eval_every=0")
@@ -92,9 +92,19 @@ def test_a_learning_rate_far_too_high_is_flagged(ray_cluster, tmp_path, tiny_mod
                  "data.max_prompts=16", f"judge.model={tiny_model_path}",
                  "judge.both_orders=true", f"benchmarks.mt_bench={mt}",
                  f"benchmarks.alpaca_eval={ae}", "benchmarks.max_new_tokens=24",
-                 "benchmarks.max_prompt_length=256"]) == 0
+                 "benchmarks.max_prompt_length=256",
+                 f"general.tasks=[{lm_eval_task(tmp_path / 'tasks')}]",
+                 f"general.include_path={tmp_path / 'tasks'}"]) == 0
     r = json.loads((tmp_path / "ev" / "results.json").read_text())
     _check_benchmark_exports(tmp_path / "ev", r["benchmarks"], run_dir.name)
+    # general tasks through lm-evaluation-harness (a task on local files): both models
+    # on the same 12 documents, the paired difference and the flag where it is worse
+    (g,) = r["general_tasks"]
+    print("general", g)
+    assert (g["task"], g["metric"], g["documents"]) == ("tiny_sums", "acc", 12)
+    assert g["difference"] == pytest.approx(g["aligned"] - g["base"])
+    assert g["worse_beyond_noise"] == (g["difference"] < -1.96 * g["difference_stderr"])
+    assert any(f["flag"] == "general_task_worse" for f in r["flags"]) == g["worse_beyond_noise"]
     print("flags", r["flags"], "stats", r["stats"], "data", r["data"])
     assert r["data"]["source"] == str(hh_rlhf) and r["data"]["rows_read"] == 2312
     assert r["data"]["left_out"]["prompt longer than max_prompt_length"] > 0
