@@ -210,7 +210,11 @@ def plan_data(dcfg: EvalDataConfig) -> DataPlan:
     if not first:
         raise DataError(f"{dcfg.eval_path or dcfg.path}: the data set is empty (no rows): "
                         "give a file of held-out prompts or preference pairs.")
-    pairs = d.columns.chosen in first[0] and d.columns.rejected in first[0]
+    from rlhf.dataset_formats import recognise
+
+    # preference pairs: the pair's columns, or a public format that holds pairs
+    pairs = bool(d.columns.chosen in first[0] and d.columns.rejected in first[0]
+                 or recognise(first[0]))
     if not pairs:  # prompts alone (rlhf.ppo's data)
         d = PromptDataConfig(**{f.name: getattr(d, f.name) for f in fields(PromptDataConfig)
                                 if hasattr(d, f.name)}, prompt_column=d.columns.prompt)
