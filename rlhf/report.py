@@ -182,6 +182,7 @@ def write_report(out: Path, results: dict, samples: list[dict]) -> Path:
             f"</small></td><td>{outcome}</td></tr>")
     d = results["data"]
     dropped = ", ".join(f"{n} {r}" for r, n in {**d["dropped"], **d["left_out"]}.items())
+    more = _benchmarks_html(results.get("benchmarks"), results.get("general_tasks"))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Evaluation: {e(Path(results['aligned']).name)} vs base</title>
@@ -211,6 +212,7 @@ pre {{ white-space: pre-wrap; margin: 0; font-size: .85em; }}
 <table><tr><th>measure</th><th>base</th><th>aligned</th></tr>{table}</table>
 {_img(plots['rewards'], 'judge scores of base and aligned responses')}
 {_img(plots['lengths'], 'response lengths and repetition')}
+{more}
 <h2>Examples</h2>
 <table><tr><th></th><th>prompt</th><th>base</th><th>aligned</th><th>better</th></tr>
 {''.join(ex_rows)}</table>
@@ -229,3 +231,40 @@ window.addEventListener("load", function () {{
     path = out / "report.html"
     path.write_text(page)
     return path
+
+
+def _benchmarks_html(b: dict | None, general: list | None) -> str:
+    """MT-Bench / AlpacaEval (local judge) and general tasks, as tables; "" when none ran."""
+    e = html.escape
+    parts = []
+    if b:
+        rows = []
+        mt, ae = b.get("mt_bench"), b.get("alpaca_eval")
+        if mt and "aligned" in mt:
+            a, c, dd = mt["aligned"], mt["base"], mt["difference"]
+            rows.append(f"<tr><td>MT-Bench, {mt['questions']} questions (1-10, local judge)"
+                        f"</td><td>{c['score']:.2f} ({c['ci95'][0]:.2f}-{c['ci95'][1]:.2f})</td>"
+                        f"<td>{a['score']:.2f} ({a['ci95'][0]:.2f}-{a['ci95'][1]:.2f})</td>"
+                        f"<td>{dd['score']:+.2f} ({dd['ci95'][0]:+.2f} to {dd['ci95'][1]:+.2f})"
+                        "</td></tr>")
+        if ae:
+            rows.append(f"<tr><td>AlpacaEval, {ae['instructions']} instructions (win rate "
+                        f"against the base, local judge)</td><td></td><td>{ae['win_rate']:.1%} "
+                        f"({ae['ci95'][0]:.1%}-{ae['ci95'][1]:.1%})</td><td>{e(ae['verdict'])}"
+                        "</td></tr>")
+        parts.append("<h2>Benchmarks</h2><table><tr><th>benchmark</th><th>base</th><th>"
+                     "aligned</th><th>difference</th></tr>" + "".join(rows) + "</table>"
+                     "<p><small>Files for the official judges (they need an OpenAI key) and "
+                     "their commands: benchmarks/COMMANDS.txt</small></p>")
+    if general:
+        flagged = ' class="flag"'
+        rows = "".join(
+            f"<tr{flagged if r['worse_beyond_noise'] else ''}><td>{e(r['task'])} "
+            f"{e(r['metric'])}</td><td>{r['base']:.3f}</td><td>{r['aligned']:.3f}</td><td>"
+            f"{r['difference']:+.3f} &plusmn; {r['difference_stderr']:.3f}"
+            f"{' (worse beyond noise)' if r['worse_beyond_noise'] else ''}</td></tr>"
+            for r in general)
+        parts.append("<h2>General tasks (lm-evaluation-harness)</h2><table><tr><th>task"
+                     "</th><th>base</th><th>aligned</th><th>difference (paired SE)</th></tr>"
+                     + rows + "</table>")
+    return "\n".join(parts)

@@ -1,7 +1,9 @@
 """Integration tests: a real local Ray cluster (4 logical CPUs: 2 training workers
 plus the Ray Data pipeline), real DeepSpeed engines, the tiny model, CPU only."""
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,10 +36,17 @@ def ray_cluster():
 
 @pytest.fixture
 def s3_bucket(monkeypatch):
+    """A real S3-compatible server on 127.0.0.1 and an empty bucket (s3_server)."""
+    with s3_server(monkeypatch.setenv) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def s3_server(setenv=os.environ.__setitem__):
     """A real S3-compatible server (moto's, in a thread of this process) on 127.0.0.1 and
-    an empty bucket in it; the AWS_* variables point pyarrow (and so Ray Data and Ray
-    Train) at it. Yields (boto3 client, bucket name). Stands in for S3 itself, which
-    cannot be reached from here."""
+    an empty bucket in it; the AWS_* variables (set with `setenv`) point pyarrow, and so
+    Ray Data and Ray Train, at it. Yields (boto3 client, bucket name). Stands in for S3
+    itself, which cannot be reached from here."""
     import logging
     import socket
     import uuid
@@ -55,7 +64,7 @@ def s3_bucket(monkeypatch):
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
                  "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(k, v)
+        setenv(k, v)
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     bucket = f"rlhf-{uuid.uuid4().hex[:8]}"
     client.create_bucket(Bucket=bucket)
