@@ -528,13 +528,13 @@ def _count_drops(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def scan(ds, per_group: list[int] | None = None) -> Counter:
-    """One streamed pass (no tokenising) counting rows by drop reason ("" = usable); for
-    grouped rows (OpenAssistant trees) the usable rows of each group with any are
-    appended to per_group.
+    """One streamed pass (no tokenising) counting rows by drop reason ("" = usable); with
+    per_group (rows in groups: OpenAssistant trees, a `group` column), the usable rows of
+    each group with any are appended to it.
 
     Also surfaces malformed files before any worker starts.
     """
-    columns = ["drop", "group"] if "group" in (ds.columns() or []) else ["drop"]
+    columns = ["drop", "group"] if per_group is not None else ["drop"]
     totals: Counter = Counter()
     for batch in ds.select_columns(columns).map_batches(
             _count_drops, batch_format="numpy", batch_size=4096).iter_batches(
@@ -609,8 +609,11 @@ def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
         train, held = split_held_out(train, cfg.eval_fraction, seed)
     else:
         held = read_normalised(plan.held, plan.held_layout, cfg.demo_eval_pairs)
-    per_group: list[int] = []
-    train_counts, eval_counts = scan(train, per_group), scan(held, per_group)
+    grouped = hasattr(plan.train_layout, "regroup")
+    per_group: list[int] | None = [] if grouped else None
+    train_counts = scan(train, per_group)
+    eval_counts = scan(held, per_group if hasattr(plan.held_layout or plan.train_layout,
+                                                  "regroup") else None)
     what = plan.kind.name
     if train_counts[""] == 0:
         raise DataError(f"{plan.train.name}: no usable {what} "

@@ -234,7 +234,8 @@ def _hub_advice(name: str, where: str, e: Exception) -> str:
                 "Download it once on a machine with network access (python -c \"import "
                 f"datasets; datasets.load_dataset('{name}')\") and share HF_HOME, or point "
                 "data.path at local files.")
-    return (f"{where}: could not load it from the hub ({text}). Check the id (and "
+    return (f"{where}: no local file or folder of that name, and could not load it from "
+            f"the hub ({text}). Check the path, or the id (and "
             "data.subset / data.revision), your network and HF_TOKEN for gated data sets; "
             "without network, set HF_HUB_OFFLINE=1 to use the local cache, or point "
             "data.path at local files.")

@@ -148,8 +148,9 @@ def test_unreachable_hub_fails_at_once_with_what_to_do(monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(readers, "_hub_reachable", lambda: False)  # whatever the sandbox
     t = time.time()
-    with pytest.raises(DataError, match=r"data.path=nobody/nothing: could not load it from "
-                                        r"the hub .*HF_HUB_OFFLINE=1 to use the local cache"):
+    with pytest.raises(DataError, match=r"data.path=nobody/nothing: no local file or folder "
+                                        r"of that name, and could not load it from the hub "
+                                        r".*HF_HUB_OFFLINE=1 to use the local cache"):
         readers.resolve_sources(DataConfig(path="nobody/nothing"))
     assert time.time() - t < 5
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
