@@ -44,22 +44,12 @@ def formats_table(tmp: Path) -> list[str]:
     from rlhf.data import PAIRS
     from rlhf.prompt_data import PROMPTS
     from rlhf.sft_data import EXAMPLES
-    from tests.data_samples import argilla_rows, h4_row, oasst_tree
+    from tests.data_samples import argilla_rows, oasst_tree, write_h4_repo
 
     uf = tmp / "argilla.jsonl"
     uf.write_text("".join(json.dumps(r) + "\n" for r in argilla_rows(400)))
-    repo = tmp / "h4"
-    (repo / "data").mkdir(parents=True)
-    splits = {"train_prefs": 400, "test_prefs": 40, "train_sft": 400, "test_sft": 40,
-              "train_gen": 400, "test_gen": 40}
-    start = 0
-    for s, n in splits.items():
-        pq.write_table(pa.Table.from_pylist([h4_row(start + i) for i in range(n)]),
-                       repo / "data" / f"{s}-00000-of-00001.parquet")
-        start += n
-    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
-                                    + "".join(f"  - split: {s}\n    path: data/{s}-*\n"
-                                              for s in splits) + "---\n")
+    repo = write_h4_repo(tmp / "h4", {"train_prefs": 400, "test_prefs": 40, "train_sft": 400,
+                                      "test_sft": 40, "train_gen": 400, "test_gen": 40})
     msgs = [m for t in range(300) for m in oasst_tree(t, "de" if t % 10 == 9 else "en")]
     pq.write_table(pa.Table.from_pylist(msgs), tmp / "oasst.parquet")
     cases = [

@@ -152,13 +152,14 @@ def run(cfg: Any, setup: Any, engines: Any, judge_fn: Any) -> dict:
     need = b.max_prompt_length + b.max_new_tokens
     results: dict = {"model_ids": {"aligned": aligned_id, "base": base_id}}
     export: dict[str, Any] = {}
+    def each_model(answer, asked):  # one model after the other in the engine slot
+        return {mid: answer(engines.get(path, need), load_tokenizer(path), asked, cfg,
+                            setup.seed, b.max_prompt_length, counts)
+                for mid, path in paths.items()}
+
     if b.mt_bench:
         questions = bm.load_mt_bench(b.mt_bench, b.max_questions)
-        answers = {}
-        for mid, path in paths.items():
-            engine = engines.get(path, need)
-            answers[mid] = mt_bench_answers(engine, load_tokenizer(path), questions, cfg,
-                                            setup.seed, b.max_prompt_length, counts)
+        answers = each_model(mt_bench_answers, questions)
         export["mt_bench"] = (questions, answers)
         r = {"questions": len(questions), "turns": sum(len(q["turns"]) for q in questions)}
         if setup.judge == "pairwise":  # a judge LM grades; a reward model cannot
@@ -184,11 +185,7 @@ def run(cfg: Any, setup: Any, engines: Any, judge_fn: Any) -> dict:
         results["mt_bench"] = r
     if b.alpaca_eval:
         rows = bm.load_alpaca_eval(b.alpaca_eval, b.max_questions)
-        outputs = {}
-        for mid, path in paths.items():
-            engine = engines.get(path, need)
-            outputs[mid] = alpaca_eval_outputs(engine, load_tokenizer(path), rows, cfg,
-                                               setup.seed, b.max_prompt_length, counts)
+        outputs = each_model(alpaca_eval_outputs, rows)
         export["alpaca_eval"] = (rows, outputs)
         items = [{"id": i, "prompt": json.dumps([{"role": "user", "content": r["instruction"]}]),
                   "chat": True} for i, r in enumerate(rows)]

@@ -120,3 +120,26 @@ def lm_eval_task(folder) -> str:
         "doc_to_target: answer\nmetric_list:\n  - {metric: acc, aggregation: mean, "
         "higher_is_better: true}\nmetadata: {version: 1.0}\n")
     return "tiny_sums"
+
+
+def write_h4_repo(folder, sizes: dict[str, int]):
+    """A folder laid out as the HuggingFaceH4/ultrafeedback_binarized hub repository:
+    data/<split>-00000-of-00001.parquet per split (h4_row rows, distinct across splits)
+    and a README.md whose YAML header lists the splits (the dataset card's configs)."""
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = Path(folder)
+    (repo / "data").mkdir(parents=True, exist_ok=True)
+    start = 0
+    for split, n in sizes.items():
+        pq.write_table(pa.Table.from_pylist([h4_row(start + i) for i in range(n)]),
+                       repo / "data" / f"{split}-00000-of-00001.parquet")
+        start += n
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n"
+        + "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in sizes)
+        + "---\n# UltraFeedback binarized (sample)\n")
+    return repo

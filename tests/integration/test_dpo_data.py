@@ -199,27 +199,14 @@ def test_hub_layout_folder_picks_each_entry_points_splits(ray_cluster, tmp_path,
     split names, data files plus the card's YAML configs) goes through
     datasets.load_dataset, the call a hub id takes; DPO reads train_prefs/test_prefs
     (ties dropped at data.min_score_gap), SFT train_sft, PPO train_gen's prompts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from rlhf.config import PromptDataConfig, SFTDataConfig
     from rlhf.prompt_data import PROMPTS
     from rlhf.sft_data import EXAMPLES
-    from tests.data_samples import h4_row
+    from tests.data_samples import write_h4_repo
 
-    repo = tmp_path / "ultrafeedback_binarized"
-    (repo / "data").mkdir(parents=True)
-    sizes = {"train_prefs": 20, "test_prefs": 5, "train_sft": 12, "test_sft": 4,
-             "train_gen": 8, "test_gen": 3}
-    start = 0
-    for split, n in sizes.items():
-        pq.write_table(pa.Table.from_pylist([h4_row(start + i) for i in range(n)]),
-                       repo / "data" / f"{split}-00000-of-00001.parquet")
-        start += n
-    (repo / "README.md").write_text(
-        "---\nconfigs:\n- config_name: default\n  data_files:\n"
-        + "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in sizes)
-        + "---\n# UltraFeedback binarized (sample)\n")
+    repo = write_h4_repo(tmp_path / "ultrafeedback_binarized",
+                         {"train_prefs": 20, "test_prefs": 5, "train_sft": 12, "test_sft": 4,
+                          "train_gen": 8, "test_gen": 3})
     plan, pipes = _build(DataConfig(path=str(repo), min_score_gap=1.0), tiny_model_path)
     assert plan.train.name.endswith("[train_prefs]") and plan.held.name.endswith("[test_prefs]")
     assert pipes.train_counts == {"": 16, data.DROP_SCORE_TIE: 4}
