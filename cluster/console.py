@@ -28,10 +28,12 @@ class _ToFile(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self.path: Path | None = None
+        self.diverted = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
+        self.diverted += 1
         with open(self.path or _fallback(), "a") as f:
             f.write(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
                     .format(record) + "\n")
@@ -82,4 +84,6 @@ def fail(e: BaseException, prefix: str = "error: ") -> None:
         pass
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    print(f"(the traceback{' and Ray error log' if _FILTER.diverted else ''}: {path})",
+          file=sys.stderr)
     print(f"{prefix}{message(e)}", file=sys.stderr, flush=True)
