@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+# Ray's log handlers keep the stream sys.stderr is when ray and ray.data are first
+# imported: imported inside a test that captures output (capsys), they would write to
+# that test's closed stream for the rest of the session ("--- Logging error ---").
+import ray.data  # noqa: F401
 
 
 def shared_ray() -> None:
