@@ -84,6 +84,6 @@ def fail(e: BaseException, prefix: str = "error: ") -> None:
         pass
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    print(f"(the traceback{' and Ray error log' if _FILTER.diverted else ''}: {path})",
-          file=sys.stderr)
+    if _FILTER.diverted or getattr(e, "cause", None) is not None:  # it came through Ray
+        print(f"(the traceback and Ray's error log: {path})", file=sys.stderr)
     print(f"{prefix}{message(e)}", file=sys.stderr, flush=True)

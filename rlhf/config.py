@@ -1079,18 +1079,105 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return value
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Instantiate a nested dataclass from a nested dict; unknown keys fail."""
+# Common flags of TRL's trainers (DPOConfig, SFTConfig, RewardConfig, GRPOConfig, ...)
+# and OpenRLHF's CLI, and their keys here: unknown keys are pointed at them, and the
+# README's table is this one. A value with "=" names the setting, not only the key.
+PEER_FLAGS = {
+    "beta": "loss.beta", "loss_type": "loss.type", "label_smoothing": "loss.label_smoothing",
+    "rpo_alpha": "loss.rpo_alpha", "simpo_gamma": "loss.simpo_gamma",
+    "learning_rate": "train.learning_rate", "lr": "train.learning_rate",
+    "actor_learning_rate": "train.learning_rate",
+    "critic_learning_rate": "algo.critic_learning_rate",
+    "num_train_epochs": "train.epochs", "max_epochs": "train.epochs",
+    "max_steps": "train.max_steps", "per_device_train_batch_size": "train.micro_batch_size",
+    "micro_train_batch_size": "train.micro_batch_size", "train_batch_size":
+    "train.global_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
+    "warmup_ratio": "train.warmup_ratio", "lr_scheduler_type": "train.lr_scheduler",
+    "lr_scheduler": "train.lr_scheduler", "weight_decay": "train.weight_decay",
+    "l2": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
+    "max_norm": "train.max_grad_norm", "seed": "train.seed", "logging_steps":
+    "train.log_every", "eval_steps": "train.eval_every", "save_steps":
+    "train.checkpoint_every", "save_total_limit": "train.keep_checkpoints",
+    "resume_from_checkpoint": "train.resume", "load_checkpoint": "train.resume",
+    "max_length": "data.max_length", "max_len": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length", "prompt_max_len":
+    "data.max_prompt_length", "max_completion_length": "rollout.max_new_tokens",
+    "generate_max_len": "rollout.max_new_tokens", "dataset": "data.path",
+    "dataset_name": "data.path", "prompt_data": "data.path", "eval_dataset":
+    "data.eval_path", "dataset_text_field": "data.columns.text", "chosen_key":
+    "data.columns.chosen", "rejected_key": "data.columns.rejected", "prompt_key":
+    "data.columns.prompt", "input_key": "data.prompt_column", "padding_free": "data.packing",
+    "packing": "data.packing", "model_name_or_path": "model.name_or_path", "pretrain":
+    "model.name_or_path", "ref_model": "model.ref_name_or_path", "ref_pretrain":
+    "model.ref_name_or_path", "reward_pretrain": "reward.model", "reward_model":
+    "reward.model", "critic_pretrain": "algo.critic_model", "lora_r": "model.lora.r",
+    "lora_rank": "model.lora.r", "lora_alpha": "model.lora.alpha", "lora_dropout":
+    "model.lora.dropout", "lora_target_modules": "model.lora.target_modules",
+    "target_modules": "model.lora.target_modules", "use_peft": "model.lora.enabled",
+    "load_in_4bit": "model.lora.load_in_4bit", "gradient_checkpointing":
+    "model.gradient_checkpointing", "bf16": "model.dtype=bf16", "fp16": "model.dtype=fp16",
+    "torch_dtype": "model.dtype", "attn_implementation": "model.attn_implementation",
+    "flash_attn": "model.attn_implementation=flash_attention_2", "zero_stage":
+    "cluster.zero_stage", "adam_offload": "cluster.offload_optimizer", "output_dir":
+    "output.dir", "save_path": "output.dir", "run_name": "output.name", "num_generations":
+    "rollout.samples_per_prompt", "n_samples_per_prompt": "rollout.samples_per_prompt",
+    "temperature": "rollout.temperature", "top_p": "rollout.top_p", "init_kl_coef":
+    "algo.kl_coef", "kl_coef": "algo.kl_coef", "advantage_estimator": "algo.algorithm",
+    "eps_clip": "algo.clip_low", "epsilon": "algo.clip_low", "epsilon_high":
+    "algo.clip_high", "ppo_epochs": "algo.ppo_epochs", "num_iterations": "algo.ppo_epochs",
+    "gamma": "algo.gamma", "lambd": "algo.lam", "vllm_num_engines": "rollout.engines",
+    "vllm_tensor_parallel_size": "rollout.tensor_parallel_size",
+    "vllm_gpu_memory_utilization": "rollout.kv_cache_fraction",
+}
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every setting of a config tree, dotted (e.g. loss.beta)."""
+    hints, out = _hints(cls), []
+    for f in dataclasses.fields(cls):
+        if _is_section(hints[f.name]):
+            out += _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def suggest(key: str, root: type) -> list[str]:
+    """Known keys of `root` an unknown dotted key may mean: the same last name in another
+    section (beta -> loss.beta), the key's TRL/OpenRLHF name (per_device_train_batch_size
+    -> train.micro_batch_size), then near spellings of the whole key or its last name."""
+    import difflib
+
+    known = _leaf_keys(root)
+    last = key.rsplit(".", 1)[-1]
+    out = [k for k in known if k.rsplit(".", 1)[-1] == last and k != key]
+    peer = PEER_FLAGS.get(last.replace("-", "_"))
+    if peer and peer.split("=")[0] in known:
+        out.append(peer)
+    out += difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    lasts: dict[str, list[str]] = {}
+    for k in known:
+        lasts.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    for name in difflib.get_close_matches(last, list(lasts), n=3, cutoff=0.75):
+        out += lasts[name]
+    return list(dict.fromkeys(k for k in out if k != key))[:5]
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "",
+           root: type | None = None) -> Any:
+    """Instantiate a nested dataclass from a nested dict; unknown keys fail, with the
+    known keys they may mean (`suggest`)."""
+    root = root or cls
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = [n for n in names if n.startswith(key[:3])]
-            hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ConfigError(f"Unknown config key '{full}'. Known keys here: "
-                              f"{', '.join(prefix + n for n in names)}.{hint}")
+            close = suggest(full, root)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"Unknown config key '{full}'.{hint} Known keys here: "
+                              f"{', '.join(prefix + n for n in names)}.")
         tp = hints[key]
         if _is_section(tp):
             if not isinstance(value, dict):
@@ -1101,7 +1188,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             f = next(f for f in dataclasses.fields(cls) if f.name == key)
             if f.default_factory is not dataclasses.MISSING:
                 value = _merge(dataclasses.asdict(f.default_factory()), value)
-            kwargs[key] = _build(tp, value, full + ".")
+            kwargs[key] = _build(tp, value, full + ".", root)
         else:
             kwargs[key] = _coerce(full, value, tp)
     return cls(**kwargs)

@@ -217,3 +217,27 @@ def test_builtin_models_are_cached_under_their_configs_hash():
     assert key("data.demo_pairs=2400") == key()  # the default, spelt out: the same config
     assert key() != default_model_key(parse_args(DPOConfig, [], "x"))
     assert len(key()) == 12 and key() == key()
+
+
+def test_unknown_keys_point_at_what_they_may_mean():
+    """By last name in another section, by the TRL/OpenRLHF flag name, by spelling."""
+    from rlhf.config import DPOConfig, PPOConfig, suggest
+
+    assert suggest("beta", DPOConfig) == ["loss.beta"]
+    assert suggest("learning_rate", DPOConfig) == ["train.learning_rate"]
+    assert suggest("per_device_train_batch_size", DPOConfig) == ["train.micro_batch_size"]
+    assert suggest("lora_r", DPOConfig) == ["model.lora.r"]
+    assert suggest("loss.bta", DPOConfig) == ["loss.beta"]
+    assert suggest("train.lr", DPOConfig) == ["train.learning_rate"]
+    assert suggest("num_generations", PPOConfig) == ["rollout.samples_per_prompt"]
+    assert suggest("num_generations", DPOConfig) == []  # no such setting in DPO
+    with pytest.raises(ConfigError, match=r"Unknown config key 'beta'. Did you mean loss.beta\?"):
+        parse_args(DPOConfig, ["beta=0.1"], "rlhf.dpo")
+
+
+def test_every_peer_flag_points_at_a_real_key():
+    from rlhf.config import (PEER_FLAGS, DPOConfig, PPOConfig, RMConfig, SFTConfig,
+                             _leaf_keys)
+
+    known = {k for cls in (DPOConfig, PPOConfig, RMConfig, SFTConfig) for k in _leaf_keys(cls)}
+    assert {v.split("=")[0] for v in PEER_FLAGS.values()} <= known
