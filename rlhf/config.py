@@ -63,7 +63,7 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = BUILTIN_MODEL
     """Policy to start from: a local Hugging Face model folder, a hub id (only where the
-    hub is reachable), or `builtin:tiny-llama`, a 0.7M-parameter Llama with a byte-level
+    hub is reachable), or `builtin:tiny-llama`, a 0.64M-parameter Llama with a byte-level
     BPE tokenizer that the project builds itself (deterministic, cached)."""
     ref_name_or_path: str | None = None
     """Reference model. Empty means the same base as the policy (the usual choice). A

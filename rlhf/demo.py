@@ -40,7 +40,7 @@ CHAT_TEMPLATE = (
 )
 
 # ------------------------------------------------------------------------ demo pairs
-# A preference a 0.7M-parameter model can learn in a minute: the chosen answer is polite,
+# A preference a 0.64M-parameter model can learn in a minute: the chosen answer is polite,
 # on topic and informative; the rejected one is rude, off topic or stuck repeating
 # itself (the repetitive-output failure the project also checks for). Held-out pairs
 # use topics never seen in training, so accuracy there measures the learned style, not

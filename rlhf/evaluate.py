@@ -42,9 +42,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import BUILTIN_DATA, ConfigError, EvalConfig, EvalDataConfig
+from rlhf.config import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, EvalConfig, EvalDataConfig
 
 BUILTIN_RM = "builtin:demo-rm"
+DEMO_NOTE = (" (The demo: a tiny model that starts from random weights, on the project's "
+             "generated pairs, judged by a reward model trained on the same kind of pairs. "
+             "'Working' means training moved the model the way the demo preference asks, "
+             "polite and on topic; its text is still word salad.)")
 DROP_EMPTY_PROMPT = "empty prompt"
 
 
@@ -61,6 +65,7 @@ class Setup:
     seed: int
     judge: str  # "reward_model" or "pairwise"
     judge_path: str
+    demo: bool = False  # the built-in tiny model on the demo data: the verdict says so
 
 
 # --------------------------------------------------------------------------- resolve
@@ -132,6 +137,7 @@ def resolve(cfg: EvalConfig) -> Setup:
     if not base:
         raise ConfigError("base= is needed: the model the aligned one was trained from "
                           "(or give run=<training run directory>, which records it).")
+    demo = base == BUILTIN_MODEL
     base = _model_folder(base, "base")
     va, vb = load_tokenizer(aligned).get_vocab(), load_tokenizer(base).get_vocab()
     if va != vb:
@@ -161,7 +167,8 @@ def resolve(cfg: EvalConfig) -> Setup:
     elif judge == "reward_model" and not (Path(judge_path) / "rlhf_reward.json").is_file():
         raise ConfigError(f"judge.reward_model={judge_path}: not a reward model exported by "
                           "rlhf.rm (no rlhf_reward.json). Train one with python -m rlhf.rm.")
-    return Setup(aligned, base, run_dir, data, plan_data(data), beta, seed, judge, judge_path)
+    return Setup(aligned, base, run_dir, data, plan_data(data), beta, seed, judge, judge_path,
+                 demo and data.path == BUILTIN_DATA)
 
 
 BUILTIN_RM_PAIRS = 800
@@ -638,6 +645,8 @@ def summarise(cfg, setup, items, aligned, base, texts_a, texts_b, judge, counts,
             aligned["chosen"], base["chosen"], aligned["rejected"], base["rejected"],
             setup.beta)}
     results["flags"] = em.drift_flags(sb, sa, kl_tok, cfg.max_kl_per_token)
+    if setup.demo:
+        results["win_rate"]["says"] += DEMO_NOTE
     if results["flags"] and v != "worse":
         results["win_rate"]["says"] += (" But the aligned responses show signs of "
                                         "degeneration (below), and a judge can be fooled by "

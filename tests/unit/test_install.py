@@ -34,3 +34,20 @@ def test_pip_config_becomes_uv_flags():
     # a site (venv) file beats the user's, whatever the order pip lists them in
     assert pip_to_uv.uv_flags("site.find-links='/a'\nuser.find-links='/b'") == \
         ["--find-links", "/a"]
+
+
+def test_the_package_ships_what_users_import():
+    """The wheel's packages (pyproject's find rules): rlhf, cluster, launch and their
+    recipes and demos; no top-level `tests` package to shadow a user's own."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = find_packages(where=str(ROOT), include=cfg["packages"]["find"]["include"])
+    assert {"rlhf", "cluster", "launch"} <= set(found)
+    assert not [p for p in found if p.split(".")[0] in ("tests", "bench")]
+    data = cfg["package-data"]["launch"]
+    for pattern in data:
+        assert list((ROOT / "launch").glob(pattern)), pattern
+    assert {"recipes/*.yaml", "demos/*.yaml"} <= set(data)
