@@ -1092,7 +1092,8 @@ PEER_FLAGS = {
     "max_steps": "train.max_steps", "per_device_train_batch_size": "train.micro_batch_size",
     "micro_train_batch_size": "train.micro_batch_size", "train_batch_size":
     "train.global_batch_size", "gradient_accumulation_steps": "train.global_batch_size",
-    "warmup_ratio": "train.warmup_ratio", "lr_scheduler_type": "train.lr_scheduler",
+    "warmup_ratio": "train.warmup_ratio", "lr_warmup_ratio": "train.warmup_ratio",
+    "lr_scheduler_type": "train.lr_scheduler",
     "lr_scheduler": "train.lr_scheduler", "weight_decay": "train.weight_decay",
     "l2": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
     "max_norm": "train.max_grad_norm", "seed": "train.seed", "logging_steps":
@@ -1107,7 +1108,7 @@ PEER_FLAGS = {
     "data.eval_path", "dataset_text_field": "data.columns.text", "chosen_key":
     "data.columns.chosen", "rejected_key": "data.columns.rejected", "prompt_key":
     "data.columns.prompt", "input_key": "data.prompt_column", "padding_free": "data.packing",
-    "packing": "data.packing", "model_name_or_path": "model.name_or_path", "pretrain":
+    "packing": "data.packing", "packing_samples": "data.packing", "model_name_or_path": "model.name_or_path", "pretrain":
     "model.name_or_path", "ref_model": "model.ref_name_or_path", "ref_pretrain":
     "model.ref_name_or_path", "reward_pretrain": "reward.model", "reward_model":
     "reward.model", "critic_pretrain": "algo.critic_model", "lora_r": "model.lora.r",
