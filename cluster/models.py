@@ -5,6 +5,7 @@ checkpointing) and export a trained model in Hugging Face format.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,41 @@ def dequantize_4bit(state_dict: dict) -> dict:
     return out
 
 
+def with_original_base(state_dict: dict, path: str, dtype: Any) -> dict:
+    """A QLoRA state dict whose 4-bit packed base weights are replaced by the base
+    model's own weights from its folder, in `dtype`: the export then merges the adapters
+    into what the base really is, not into its 4-bit approximation (the frozen base never
+    changed in training). Without the base's safetensors at `path` (a hub id not in a
+    local folder), the packed weights are dequantised instead (dequantize_4bit).
+    State dicts without 4-bit weights pass unchanged."""
+    marker = ".quant_state.bitsandbytes__"
+    keys = [k.split(marker)[0] for k in state_dict if marker in k]
+    if not keys:
+        return state_dict
+    import torch
+    from safetensors import safe_open
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    where = {}
+    for f in sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []:
+        with safe_open(str(f), framework="pt") as sf:
+            where.update({k: f for k in sf.keys()})
+
+    def base_name(key: str) -> str:
+        key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        return key.replace(".base_layer.", ".")
+
+    if not all(base_name(k) in where for k in keys):
+        return dequantize_4bit(state_dict)
+    out = dict(state_dict)
+    for key in keys:
+        for k in [k for k in out if k.startswith(key + ".")]:  # its quantisation state
+            del out[k]
+        with safe_open(str(where[base_name(key)]), framework="pt") as sf:
+            out[key] = sf.get_tensor(base_name(key)).to(dtype)
+    return out
+
+
 def score_head(model):
     """The scalar head of a reward model, through DeepSpeed's and peft's wrappers."""
     m = getattr(model, "module", model)  # DeepSpeed engine
@@ -237,7 +273,9 @@ def export_hf(state_dict: dict, path: str, out_dir: Path, model_cfg: Any, tokeni
         save_file(tensors, str(out_dir / "adapter_model.safetensors"))
     else:
         if lora.enabled:
-            state_dict = merge_lora_state_dict(dequantize_4bit(state_dict), lora.alpha / lora.r)
+            state_dict = merge_lora_state_dict(
+                with_original_base(state_dict, path, TORCH_DTYPES[model_cfg.dtype]),
+                lora.alpha / lora.r)
         config.dtype = TORCH_DTYPES[model_cfg.dtype]
         with torch.device("meta"):  # a skeleton for names and config; weights come from sd
             cls = AutoModelForSequenceClassification if reward_head else AutoModelForCausalLM
@@ -250,6 +288,8 @@ def export_hf(state_dict: dict, path: str, out_dir: Path, model_cfg: Any, tokeni
                                                       for k in expected},
                                  safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if (Path(path) / "generation_config.json").is_file():  # the base's sampling defaults
+        shutil.copyfile(Path(path) / "generation_config.json", out_dir / "generation_config.json")
     (out_dir / "rlhf_export.json").write_text(json.dumps({
         "base": path, "dtype": model_cfg.dtype, "lora": lora.enabled,
         "merged": (not lora.enabled) or lora.merge_on_export}, indent=2))

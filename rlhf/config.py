@@ -356,6 +356,18 @@ class OutputConfig:
     """Folder that holds one sub-folder per run."""
     name: str | None = None
     """Run name. Empty: dpo-<date>-<time> (with train.resume: the newest run in `dir`)."""
+    push_to_hub: bool = False
+    """Upload model/ (weights, tokenizer, model card) to the hub at the end, as
+    output.hub_model_id. Credentials from HF_TOKEN (or `hf auth login`), never the
+    config. A failed upload is reported with the command to retry; the run stays."""
+    hub_model_id: str = ""
+    """The hub repository to push to (owner/name)."""
+    hub_private: bool = True
+    """Create the hub repository private."""
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("output.push_to_hub=true needs output.hub_model_id=<owner/name>.")
 
 
 @dataclass

@@ -136,10 +136,34 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             report = after_training(run_dir, after, cfg.cluster)
             summary["eval_report"] = str(report / "report.html")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        finish_export(run_dir, prefix, cfg.output, summary)
         return run_dir
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def finish_export(run_dir: Path, prefix: str, output: Any, summary: dict) -> None:
+    """The model card (model/README.md, with the evaluation when one ran) and, with
+    output.push_to_hub, the upload; a failed upload is reported (summary.json:
+    hub_upload) with the command that retries it, and the run stays as it is."""
+    from rlhf import model_card
+
+    model_card.write(run_dir, prefix)
+    if not output.push_to_hub:
+        return
+    model_dir = run_dir / "model"
+    try:
+        url = model_card.push(model_dir, output.hub_model_id, output.hub_private)
+        summary["hub_upload"] = {"repo": output.hub_model_id, "url": url}
+        print(f"uploaded to the hub: {url}", flush=True)
+    except Exception as e:  # noqa: BLE001 -- the run is done; say what failed and how to retry
+        retry = f"hf upload {output.hub_model_id} {model_dir} ."
+        summary["hub_upload"] = {"repo": output.hub_model_id, "error": f"{type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}", "retry": retry}
+        print(f"warning: the upload to {output.hub_model_id} failed ({type(e).__name__}: {e}); "
+              f"the model is in {model_dir}. Retry with: {retry}", file=sys.stderr, flush=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def default_model_key(cfg: Any) -> str:

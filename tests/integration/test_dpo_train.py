@@ -2,7 +2,9 @@
 mid-run, the export (its own held-out metrics are the reported ones), LoRA merged and
 adapter-only. ZeRO-3 with offload is checked against ZeRO-2 in test_dpo_invariance."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +71,16 @@ def test_run_directory_learning_epochs_and_a_lost_worker(ray_cluster, tmp_path,
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model/model.safetensors",
                  "model/tokenizer.json", "model/config.json", "curves.png"):
         assert (run_dir / name).is_file(), name
+    # the export carries the base's generation config and a model card
+    assert ((run_dir / "model" / "generation_config.json").read_text()
+            == (Path(tiny_model_path) / "generation_config.json").read_text())
+    card = (run_dir / "model" / "README.md").read_text()
+    s = json.loads((run_dir / "summary.json").read_text())
+    for text in ("base_model: builtin:tiny-llama", "DPO (direct preference optimisation)",
+                 f"train: {s['data']['train']['rows']} rows read",
+                 f"| eval/rewards/accuracy | {s['eval/rewards/accuracy']:.4g} |",
+                 "python -m rlhf.dpo --config config.yaml", "beta: 0.1"):
+        assert text in card, text
 
     # the crash: steps 5-6 redone from the step-4 state
     assert (run_dir / ".crash-injected").read_text() == "6"

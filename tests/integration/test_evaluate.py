@@ -21,7 +21,8 @@ def good_run(ray_cluster, tmp_path_factory):
     """The embedded default DPO run (fewer pairs: 60 steps), evaluated at its end."""
     tmp = tmp_path_factory.mktemp("good")
     return dpo(tmp, "data.demo_pairs=480", "data.demo_eval_pairs=48", "train.eval_every=0",
-               "eval.after_training=true", "eval.max_prompts=48")
+               "eval.after_training=true", "eval.max_prompts=48",
+               "output.push_to_hub=true", "output.hub_model_id=someone/tiny-dpo")
 
 
 def test_default_dpo_run_beats_its_base(good_run):
@@ -44,6 +45,30 @@ def test_default_dpo_run_beats_its_base(good_run):
     assert len(rows) == 48 and all(len(x["aligned"]) == len(x["base"]) == 1 for x in rows)
     for name in ("win_rate.png", "rewards.png", "lengths_repetition.png", "report.html"):
         assert (out / name).stat().st_size > 1000, name
+    assert "(The demo: a tiny model that starts from random weights" in w["says"]
+
+
+def test_the_model_card_and_the_folder_the_hub_would_get(good_run):
+    """The card carries the evaluation's verdict. The upload itself cannot be reached
+    from here (no network): the run says so, with the command to retry, and keeps the
+    folder it would have uploaded, which is tested instead: a loadable model, its
+    tokenizer, the base's generation config and the card."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    s = summary(good_run)
+    up = s["hub_upload"]
+    assert up["repo"] == "someone/tiny-dpo" and "error" in up
+    assert up["retry"] == f"hf upload someone/tiny-dpo {good_run / 'model'} ."
+    folder = good_run / "model"
+    card = (folder / "README.md").read_text()
+    r = json.loads((good_run / "eval" / "results.json").read_text())
+    assert "## Evaluation against the base (rlhf.evaluate)" in card
+    assert f"win rate {r['win_rate']['rate']:.1%}" in card and "**working**" in card
+    assert {p.name for p in folder.iterdir()} >= {
+        "README.md", "config.json", "generation_config.json", "model.safetensors",
+        "tokenizer.json", "tokenizer_config.json"}
+    AutoModelForCausalLM.from_pretrained(folder)
+    AutoTokenizer.from_pretrained(folder)
 
 
 def _chromium() -> str | None:

@@ -90,3 +90,32 @@ def test_reference_with_another_vocabulary_is_refused(tiny_model_path, other_tok
     with pytest.raises(ConfigError, match="another vocabulary"):
         check_reference(tiny_model_path, other_tokenizer_dir)
     assert any("not the policy's base" in n for n in check_reference(tiny_model_path, tiny_model_path))
+
+
+def test_qlora_export_merges_into_the_original_base_weights(tmp_path):
+    """A QLoRA state dict (packed 4-bit base weight plus its quantisation state, as
+    bitsandbytes leaves it) exports as the base folder's own weight + scaling * B @ A, in
+    the model's dtype; no bitsandbytes needed (the packed bytes are never read)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cluster.models import merge_lora_state_dict, with_original_base
+
+    w = torch.randn(4, 6)
+    save_file({"lin.weight": w, "other.weight": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    a, b = torch.randn(2, 6), torch.randn(4, 2)
+    sd = {"base_model.model.lin.base_layer.weight": torch.zeros(12, 1, dtype=torch.uint8),
+          "base_model.model.lin.base_layer.weight.absmax": torch.ones(1),
+          "base_model.model.lin.base_layer.weight.quant_map": torch.ones(16),
+          "base_model.model.lin.base_layer.weight.quant_state.bitsandbytes__nf4":
+              torch.zeros(3, dtype=torch.uint8),
+          "base_model.model.lin.lora_A.default.weight": a,
+          "base_model.model.lin.lora_B.default.weight": b,
+          "base_model.model.other.weight": torch.ones(2)}
+    out = merge_lora_state_dict(with_original_base(sd, str(tmp_path), "bfloat16"), 0.5)
+    assert set(out) == {"lin.weight", "other.weight"}
+    expected = (w.to(torch.bfloat16).float() + 0.5 * b @ a).to(torch.bfloat16)
+    assert out["lin.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["lin.weight"], expected)
+    plain = {"base_model.model.lin.weight": w}
+    assert with_original_base(plain, str(tmp_path), "float32") is plain
