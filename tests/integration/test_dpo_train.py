@@ -158,3 +158,16 @@ def test_lora_zero3_adapter_only_export(ray_cluster, tmp_path, tiny_model_path):
     peft_model = PeftModel.from_pretrained(base, run_dir / "model")
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (B starts at 0)
+    # rlhf.evaluate takes the adapter as the aligned model: merged into its base's
+    # weights for the engine (the base then reloaded into it in place). Same seeds for
+    # both: a KL of exactly 0 would mean the adapter was not applied.
+    from rlhf.evaluate import main
+
+    assert main([f"run={run_dir}", f"output.dir={tmp_path}", "output.name=ev",
+                 "data.max_prompts=8", "generation.max_new_tokens=16"]) == 0
+    r = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert r["aligned"] == str((run_dir / "model").resolve())
+    assert r["adapter_merged"] and r["engines"] == {"started": 1, "reloaded": 1}
+    s = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert len(s) == 8 and r["kl"]["per_response"] != 0
+    assert any(x["aligned"] != x["base"] for x in s)
