@@ -14,17 +14,17 @@ from typing import Any
 from rlhf import benchmarks as bm
 
 
-def _render(tok, messages: list[dict]) -> tuple[list[int], bool]:
-    """(token ids, templated) of a conversation ending where the assistant answers: the
-    chat template with its generation prompt, or hh-rlhf's plain layout without one."""
+def _render(tok, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ending where the assistant answers: the chat template
+    with its generation prompt, or hh-rlhf's plain layout without one."""
     from rlhf.data import encode
 
     if tok.chat_template:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return encode(tok, text, True), True
+        return encode(tok, text, True)
     text = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
                    for m in messages) + "\n\nAssistant:"
-    return encode(tok, text, False), False
+    return encode(tok, text, False)
 
 
 def _answer(engine, tok, conversations: list[list[dict]], temperatures: list[float],
@@ -36,7 +36,7 @@ def _answer(engine, tok, conversations: list[list[dict]], temperatures: list[flo
 
     prompts = []
     for conv in conversations:
-        ids, _ = _render(tok, conv)
+        ids = _render(tok, conv)
         if len(ids) > max_prompt:
             counts["prompt cut to fit the engine (kept its end)"] += 1
             ids = ids[-max_prompt:]

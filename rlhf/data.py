@@ -18,7 +18,6 @@ streaming are this module's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -307,8 +306,7 @@ def _rows_with_ids(batch, layout, id_column: str | None):
     if id_column:
         ids = [int(r[id_column]) for r in rows]
     else:  # content hash: stable across runs whatever the block order
-        ids = [int.from_bytes(hashlib.blake2b(json.dumps(r, sort_keys=True, default=str)
-                                              .encode(), digest_size=8).digest(), "little") >> 1
+        ids = [dataset_formats.stable_id(json.dumps(r, sort_keys=True, default=str))
                for r in rows]
     return layout.table(ids, rows)
 
@@ -609,11 +607,10 @@ def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
         train, held = split_held_out(train, cfg.eval_fraction, seed)
     else:
         held = read_normalised(plan.held, plan.held_layout, cfg.demo_eval_pairs)
-    grouped = hasattr(plan.train_layout, "regroup")
-    per_group: list[int] | None = [] if grouped else None
-    train_counts = scan(train, per_group)
-    eval_counts = scan(held, per_group if hasattr(plan.held_layout or plan.train_layout,
-                                                  "regroup") else None)
+    per_group: list[int] = []  # usable rows per tree, where rows come in trees
+    train_counts = scan(train, per_group if hasattr(plan.train_layout, "regroup") else None)
+    held_layout = plan.held_layout or plan.train_layout  # None: held out of the train split
+    eval_counts = scan(held, per_group if hasattr(held_layout, "regroup") else None)
     what = plan.kind.name
     if train_counts[""] == 0:
         raise DataError(f"{plan.train.name}: no usable {what} "

@@ -159,8 +159,7 @@ def _tree_table(batch, layout: OasstTrees):
     messages = batch.to_pylist()
     rows, ids, drops = tree_rows(messages, layout.kind, layout.langs, layout.reviewed)
     out_ids = [i for i, _ in rows] + ids
-    table = layout.inner.table([i for i, _ in rows] + ids,
-                               [r for _, r in rows] + [{} for _ in ids])
+    table = layout.inner.table(out_ids, [r for _, r in rows] + [{} for _ in ids])
     reasons = table.column("drop").to_pylist()
     reasons[len(rows):] = drops
     table = table.set_column(table.schema.get_field_index("drop"), "drop",

@@ -85,9 +85,14 @@ def _model_folder(path: str, key: str) -> str:
     from cluster.models import resolve_model_path
 
     p = Path(path).expanduser()
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "adapter_config.json").is_file():
-        return str(p.resolve())  # a LoRA adapter (merged onto its base by merged_adapter)
+    if _is_adapter(p):
+        return str(p.resolve())  # merged onto its base by merged_adapter
     return resolve_model_path(path, key)
+
+
+def _is_adapter(p: Path) -> bool:
+    """A LoRA adapter folder alone: peft's adapter_config.json without whole weights."""
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
 
 
 def merged_adapter(adapter: str, dtype: str, into: Path) -> str:
@@ -106,7 +111,7 @@ def merged_adapter(adapter: str, dtype: str, into: Path) -> str:
     from cluster.models import TORCH_DTYPES, resolve_model_path
 
     p = Path(adapter)
-    if not (p / "adapter_config.json").is_file() or (p / "config.json").is_file():
+    if not _is_adapter(p):
         return adapter
     base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:

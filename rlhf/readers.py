@@ -267,13 +267,16 @@ def object_store(uri: str):
 def _object_store_source(uri: str, key: str) -> Source:
     """s3://bucket/prefix, gs://..., or any URI pyarrow has a filesystem for: one file,
     or every readable file under the prefix. Credentials and endpoints come from the
-    usual environment (AWS_*, GOOGLE_*), read by pyarrow on every node."""
+    usual environment (AWS_*, GOOGLE_*; see object_store for where they are read)."""
     import pyarrow.fs as pafs
 
     try:
         fs, root = object_store(uri)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.File:
+            if not root.endswith(READABLE):
+                raise DataError(f"{key}={uri}: cannot read this file type; use one of "
+                                f"{', '.join(READABLE)}.")
             files = [root]
         elif info.type == pafs.FileType.Directory:
             files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -290,10 +293,6 @@ def _object_store_source(uri: str, key: str) -> Source:
     if not files:
         raise DataError(f"{key}={uri}: no data files there (looked for "
                         f"{', '.join(READABLE)}).")
-    for f in files:
-        if not f.endswith(READABLE):
-            raise DataError(f"{key}={uri}: cannot read this file type; use one of "
-                            f"{', '.join(READABLE)}.")
     return Source("files", uri, files=tuple(files), filesystem=fs)
 
 
