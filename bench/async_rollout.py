@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ENV = ["rollout.environment=rlhf.tasks:OpeningEnv", "rollout.env_args={latency_s: 0.2}",
+ENV = ["rollout.environment=rlhf.core.tasks:OpeningEnv", "rollout.env_args={latency_s: 0.2}",
        "reward.functions=[]"]
 
 

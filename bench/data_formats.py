@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _counts(cfg, kind):
-    from rlhf import data
-    from rlhf.demo import tiny_model_path
+    from rlhf.data import pipeline as data
+    from rlhf.data.demo import tiny_model_path
 
     plan = data.inspect(cfg, kind=kind)
     pipes = data.build(plan, cfg, str(tiny_model_path()), seed=0)
@@ -41,9 +41,9 @@ def formats_table(tmp: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     from rlhf.config import DataConfig, PromptDataConfig, SFTDataConfig
-    from rlhf.data import PAIRS
-    from rlhf.prompt_data import PROMPTS
-    from rlhf.sft_data import EXAMPLES
+    from rlhf.data.pipeline import PAIRS
+    from rlhf.data.prompts import PROMPTS
+    from rlhf.data.examples import EXAMPLES
     from tests.data_samples import argilla_rows, oasst_tree, write_h4_repo
 
     uf = tmp / "argilla.jsonl"
@@ -87,7 +87,7 @@ def formats_table(tmp: Path) -> list[str]:
 
 def s3_round_trip(tmp: Path) -> list[str]:
     """A short DPO run reading its pairs from S3 and checkpointing there, then resumed."""
-    from rlhf.demo import demo_pair
+    from rlhf.data.demo import demo_pair
     from tests.integration.conftest import dpo, s3_server, summary
 
     with s3_server() as (client, bucket):

@@ -9,7 +9,7 @@ Per variant: DPOTask.trainable (cluster.models.load_causal_lm: bf16, packing, Lo
 4-bit), cluster.loop.build_engine (DeepSpeed config and engine), DPOTask.prepare (the frozen
 reference engine, or the policy with adapters off under LoRA), then steps of
 DPOTask.micro_step + engine.backward + engine.step on demo pairs tokenised by the Ray
-pipeline's own body (rlhf.data.tokenize_batch), held-out metrics, and the export
+pipeline's own body (rlhf.data.pipeline.tokenize_batch), held-out metrics, and the export
 (cluster.train.gather_state_dict + DPOTask.export) reloaded with transformers. Prints a
 line per step (loss, accuracy, seconds, tokens/s) and fails unless the loss falls.
 What it leaves to tests/gpu/test_dpo_gpu.py: Ray Train, Ray Data, checkpoints.
@@ -45,8 +45,8 @@ def demo_rows(n: int, split: str, cfg, model_path: str) -> list[dict]:
     """Demo pairs through the pipeline's tokenising body, as the workers receive them."""
     import numpy as np
 
-    from rlhf.data import tokenize_batch
-    from rlhf.demo import demo_pair
+    from rlhf.data.pipeline import tokenize_batch
+    from rlhf.data.demo import demo_pair
 
     pairs = [demo_pair(i, split) for i in range(n)]
     batch = {"id": np.arange(n), "drop": np.array([""] * n, dtype=object),
@@ -130,7 +130,7 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     from rlhf.dpo import _logps
-    from rlhf.logprobs import batch_logprobs, model_inputs, rows_pair_batch
+    from rlhf.core.logprobs import batch_logprobs, model_inputs, rows_pair_batch
 
     rows = held[:t.micro_batch_size]
     with torch.no_grad():

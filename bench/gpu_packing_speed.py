@@ -5,9 +5,9 @@
 
 A step is what a DPO micro-batch costs without DeepSpeed: the policy's forward and
 backward over the pair batch and a no-grad reference forward (the same model), the
-loss from rlhf.losses.dpo_loss. Models come from cluster.models.load_causal_lm (padded:
+loss from rlhf.core.losses.dpo_loss. Models come from cluster.models.load_causal_lm (padded:
 transformers' SDPA with a padding mask; packed: the project's rlhf_varlen kernel), batches
-from rlhf.logprobs.pad_pairs / pack_pairs (with and without the shared prompt). Pairs are
+from rlhf.core.logprobs.pad_pairs / pack_pairs (with and without the shared prompt). Pairs are
 random token ids with hh-rlhf-like lengths (prompt 32-384, responses 16-256 tokens).
 tokens/s counts prompt+chosen and prompt+rejected tokens, as the trainer's metric does.
 """
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.models import load_causal_lm
     from rlhf.config import ModelConfig
-    from rlhf.logprobs import (batch_logprobs, model_inputs, pack_pairs, pad_pairs,
+    from rlhf.core.logprobs import (batch_logprobs, model_inputs, pack_pairs, pad_pairs,
                                split_pairs)
-    from rlhf.losses import dpo_loss
+    from rlhf.core.losses import dpo_loss
 
     shape = SMALL if args.small else BIG
     rng = random.Random(0)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    from rlhf import attention
+    from rlhf.core import attention
 
     for layout in ("padded", "packed", "packed-loop-kernel", "packed-no-shared-prompt"):
         packing = layout != "padded"

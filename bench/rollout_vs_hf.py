@@ -38,7 +38,7 @@ from bench.dpo_vs_trl import HH, build_model  # noqa: E402
 
 
 def prompts(tok, n: int, max_prompt: int = 128) -> list[list[int]]:
-    from rlhf.data import Layout, normalise_row
+    from rlhf.data.pipeline import Layout, normalise_row
 
     lay = Layout("implicit", False, "prompt", "chosen", "rejected", "\n\nAssistant:")
     out = []

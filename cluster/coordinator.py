@@ -1,8 +1,8 @@
 """The rollout coordinator: a Ray actor the driver owns that runs online RL's data flow.
 
     prompts (Ray Data) -> engines (vLLM actors) -> episodes (environments, tools) ->
-    rollout records (rlhf.rollouts) -> rewards -> filters -> a bounded queue of batches
-    -> the Ray Train workers (rlhf.rl_task's feed), who send new weights back
+    rollout records (rlhf.core.rollouts) -> rewards -> filters -> a bounded queue of batches
+    -> the Ray Train workers (rlhf.train.rl_task's feed), who send new weights back
 
 Batch s trains at step s, whose policy is weights version s - 1. It may be generated
 once the trainers have published version s - 1 - k (k = rollout.max_staleness), with
@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from cluster.engine_client import EngineClient
 from cluster.episodes import EpisodeRunner
 from cluster.prompt_stream import PromptStream
-from rlhf.rollouts import RolloutRecord, digest, split_stale, staleness_counts
+from rlhf.core.rollouts import RolloutRecord, digest, split_stale, staleness_counts
 
 DROP_STALE = "dropped: staler than rollout.max_staleness"
 

@@ -34,7 +34,7 @@ class Critic:
 
     def values(self, batch: dict, n_seqs: int):
         """(S, T) the critic's value of the state each response token is drawn in."""
-        from rlhf.logprobs import model_inputs, right_padded, scored_positions
+        from rlhf.core.logprobs import model_inputs, right_padded, scored_positions
 
         inputs = model_inputs(batch, self.engine.device)
         inputs.pop("logits_to_keep", None)  # a causal-LM option; the head is per position
@@ -46,7 +46,7 @@ class Critic:
                value_clip: float | None):
         """One micro-batch of the clipped value loss, scaled by `scale` (the global token
         normalisation), backward and step; returns (summed loss, summed clipped)."""
-        from rlhf.losses import ppo_value_loss
+        from rlhf.core.losses import ppo_value_loss
 
         values = self.values(batch, n_seqs)
         vl, clipped = ppo_value_loss(values, old_values, returns, mask, value_clip)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 class EngineNeedsSync(RuntimeError):
     """An engine lost its weights (restarted) on the broadcast path: the training group
-    must broadcast them again (rlhf.rl_task's feed does, when the coordinator asks)."""
+    must broadcast them again (rlhf.train.rl_task's feed does, when the coordinator asks)."""
 
     def __init__(self, index: int, held: int, wanted: int):
         super().__init__(f"engine {index} holds weights {held}, needs {wanted}: it "

@@ -8,8 +8,8 @@ cluster.rollout.sample_seed, as rlhf.ppo always sampled); a sample that goes on 
 next piece of a partial rollout, a multi-turn episode's next turn) as a request of its
 own, seeded by its prompt, sample and piece. All live episodes go to the engines
 together, one call per engine per round; the environments' steps run concurrently
-between rounds, each under rollout.env_timeout_s (rlhf.environments.call_all), and their
-observations are appended token in, token out (rlhf.environments.ChatCodec).
+between rounds, each under rollout.env_timeout_s (rlhf.core.environments.call_all), and their
+observations are appended token in, token out (rlhf.core.environments.ChatCodec).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.engine_client import EngineClient, EngineNeedsSync
-from rlhf.rollouts import OBSERVATION, RolloutRecord
+from rlhf.core.rollouts import OBSERVATION, RolloutRecord
 
 DROP_UNIFORM = "dropped: uniform rewards (algo.dynamic_sampling)"
 
@@ -60,7 +60,7 @@ class EpisodeRunner:
     docstring). Thread-safe: batches made at once take the engines a round at a time."""
 
     def __init__(self, cfg, client: EngineClient, tok):
-        from rlhf.rewards import Rewards, function_source, reward_spec
+        from rlhf.core.rewards import Rewards, function_source, reward_spec
 
         self.cfg, self.r, self.a = cfg, cfg.rollout, cfg.algo
         self.client, self.tok = client, tok
@@ -69,11 +69,11 @@ class EpisodeRunner:
         self.codec = None
         self.stop_ids = None  # the engines' default: the model's end-of-sequence tokens
         if self.r.environment:
-            from rlhf.environments import load_environment
+            from rlhf.core.environments import load_environment
 
             self.env_factory = load_environment(self.r.environment, self.r.env_args)
             if self.r.max_turns > 1:
-                from rlhf.environments import ChatCodec
+                from rlhf.core.environments import ChatCodec
 
                 self.codec = ChatCodec(self.tok)
                 self.stop_ids = self.codec.stop_ids
@@ -215,7 +215,7 @@ class EpisodeRunner:
     # ------------------------------------------------------------ environments
 
     def _env_calls(self, calls: list[tuple[Episode, Any]]) -> list:
-        from rlhf.environments import call_all
+        from rlhf.core.environments import call_all
 
         res = call_all([(ep.env.name, fn) for ep, fn in calls], self.r.env_timeout_s)
         for (ep, _), (ok, value) in zip(calls, res):
@@ -233,7 +233,7 @@ class EpisodeRunner:
     def _env_steps(self, ended: list[Episode]) -> None:
         """The environment's answer to each model turn that just ended: its reward, and
         either the end of the episode or the observation, appended token-in-token-out."""
-        from rlhf.environments import checked_step
+        from rlhf.core.environments import checked_step
 
         if not ended:
             return
@@ -276,7 +276,7 @@ class EpisodeRunner:
         """([(episode, record)] of the finished episodes, [failed episodes]), with the
         rollout-side reward: the functions' weighted sum, then the environment's turn
         rewards, then length shaping (training only)."""
-        from rlhf.advantages import overlong_penalty
+        from rlhf.core.advantages import overlong_penalty
 
         good = [ep for ep in eps if ep.failure is None]
         texts = [self.tok.decode(ep.prompt_ids) for ep in good]
@@ -319,7 +319,7 @@ class EpisodeRunner:
         are all equal."""
         import torch
 
-        from rlhf.advantages import uniform_groups
+        from rlhf.core.advantages import uniform_groups
 
         groups: dict[tuple[int, int], list[RolloutRecord]] = {}
         for ep, rec in scored:

@@ -67,7 +67,7 @@ class Task:
         raise NotImplementedError
 
     def batch_builder(self):
-        """The rlhf.logprobs function that turns tokenised rows into a model input."""
+        """The rlhf.core.logprobs function that turns tokenised rows into a model input."""
         raise NotImplementedError
 
     def batch(self, rows: list[dict]) -> dict:
@@ -136,12 +136,12 @@ class PairTask(Task):
     flags = PAIR_FLAGS
 
     def dummy_rows(self, token_id: int) -> list[dict]:
-        from rlhf.logprobs import dummy_pair_rows
+        from rlhf.core.logprobs import dummy_pair_rows
 
         return dummy_pair_rows(token_id)
 
     def batch_builder(self):
-        from rlhf.logprobs import rows_pair_batch
+        from rlhf.core.logprobs import rows_pair_batch
 
         return rows_pair_batch
 

@@ -17,7 +17,7 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def resolve_model_path(name_or_path: str, key: str = "model.name_or_path") -> str:
     """builtin:tiny-llama -> its cached folder (built on first use); a folder must exist."""
     if name_or_path == BUILTIN_MODEL:
-        from rlhf.demo import ensure_tiny_model
+        from rlhf.data.demo import ensure_tiny_model
 
         return str(ensure_tiny_model())
     path = Path(name_or_path).expanduser()
@@ -66,15 +66,15 @@ def check_reference(policy_path: str, ref_path: str) -> list[str]:
 def attention_implementation(model_cfg: Any, packing: bool) -> str:
     """The attn_implementation to load a model with.
 
-    Packed batches (rlhf.logprobs.pack_pairs) need a varlen kernel: flash attention 2
-    where configured, else the project's (rlhf/attention.py), registered here with
+    Packed batches (rlhf.core.logprobs.pack_pairs) need a varlen kernel: flash attention 2
+    where configured, else the project's (rlhf/core/attention.py), registered here with
     transformers under its own name so that it is used for exactly these models.
     """
     if not packing or model_cfg.attn_implementation == "flash_attention_2":
         return model_cfg.attn_implementation
     from transformers import AttentionInterface
 
-    from rlhf import attention
+    from rlhf.core import attention
 
     # No mask function is registered with it, so transformers builds no (N, N) mask
     # for a packed row: the kernel reads the sequence boundaries from the batch.

@@ -12,7 +12,7 @@ class RolloutFeed:
     of this rank's micro-batches of records, until the coordinator ends the epoch."""
 
     def __init__(self, task, skip: set[int] | None):
-        """task: rlhf.rl_task.RLTask (its coordinator handle, rank, the next item to take,
+        """task: rlhf.train.rl_task.RLTask (its coordinator handle, rank, the next item to take,
         `attach` once per attempt, `resync` on the broadcast path)."""
         self.task, self.skip = task, skip
         self.consumed: list[int] = []
@@ -49,6 +49,6 @@ class RolloutFeed:
 
 
 def _record(r):
-    from rlhf.rollouts import RolloutRecord
+    from rlhf.core.rollouts import RolloutRecord
 
     return r if isinstance(r, RolloutRecord) else RolloutRecord(**r)

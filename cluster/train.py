@@ -98,7 +98,7 @@ def make_trainer(loop, loop_config: dict, cluster_cfg: Any, datasets: dict, *, n
         # Object storage (s3://, gs://): the driver resolves the filesystem, endpoint and
         # credentials from its environment, and Ray Train ships it to the controller and
         # workers (a path alone would be resolved there, from a Ray cluster's own env).
-        from rlhf.readers import object_store
+        from rlhf.data.readers import object_store
 
         filesystem, storage_path = object_store(storage_path)
     return TorchTrainer(

@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRIES = ("dpo", "rm", "sft", "ppo")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
@@ -48,12 +47,14 @@ def _ray() -> str:
 
 
 def entry_of(recipe: Path, entry: str | None) -> str:
+    from rlhf.config.entry_points import TRAINING as ENTRIES
+
     kind = entry or recipe.name.split("-")[0]
     if kind.startswith("rlhf."):
         kind = kind[len("rlhf."):]
     if kind not in ENTRIES:
         raise SystemExit(f"{recipe.name}: cannot tell the entry point; name the recipe "
-                         f"<{'|'.join(ENTRIES)}>-... or pass --entry rlhf.dpo (or rm, sft, ppo).")
+                         f"<{'|'.join(ENTRIES)}>-... or pass --entry rlhf.<{'|'.join(ENTRIES)}>.")
     return kind
 
 

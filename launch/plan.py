@@ -99,7 +99,7 @@ def resolve_arch(name_or_path: str, arch: str | None = None) -> Arch:
 
     for name in ([arch] if arch else []) + [name_or_path]:
         if name == BUILTIN_MODEL:
-            from rlhf.demo import ensure_tiny_model
+            from rlhf.data.demo import ensure_tiny_model
 
             name = str(ensure_tiny_model())
         config = Path(name).expanduser() / "config.json"
@@ -429,16 +429,15 @@ def plan_recipe(recipe: Path, overrides: list[str], cluster_yaml: Path,
                 arch: str | None = None, kind: str | None = None) -> tuple[Plan, Any]:
     """Parse a recipe (plus overrides) as its entry point would and plan it; returns
     (plan, config)."""
-    from rlhf.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, parse_args
+    from rlhf.config import ConfigError, parse_args
+    from rlhf.config.entry_points import ENTRY_POINTS, TRAINING
 
     kind = kind or recipe.name.split("-")[0]
-    classes = {"dpo": DPOConfig, "rm": RMConfig, "sft": SFTConfig, "ppo": PPOConfig}
-    if kind not in classes:
-        from rlhf.config import ConfigError
-
+    if kind not in TRAINING:
         raise ConfigError(f"{recipe.name}: cannot tell the entry point (the file name starts "
-                          f"with one of {', '.join(classes)}, or pass --entry).")
-    cfg = parse_args(classes[kind], ["--config", str(recipe), *overrides], f"rlhf.{kind}")
+                          f"with one of {', '.join(TRAINING)}, or pass --entry).")
+    entry = ENTRY_POINTS[kind]
+    cfg = parse_args(entry.config, ["--config", str(recipe), *overrides], entry.module)
     return make_plan(kind, cfg, resolve_arch(cfg.model.name_or_path, arch),
                      node_types(cluster_yaml)), cfg
 

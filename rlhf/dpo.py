@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.loop import PairTask
-from rlhf.config import DPOConfig, _build
+from rlhf.config import DPOConfig, build
 
 NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half), a beta "
               "too small, or fp16 overflow (use bf16 or fp32). The last good checkpoint is "
@@ -34,7 +34,7 @@ def _logps(engine, batch: dict, device, adapters_off: bool = False):
     """(2B,) summed response log-probs and token counts of a `pair_batch` (either layout)."""
     import contextlib
 
-    from rlhf.logprobs import model_inputs, batch_logprobs
+    from rlhf.core.logprobs import model_inputs, batch_logprobs
 
     ctx = engine.module.disable_adapter() if adapters_off else contextlib.nullcontext()
     with ctx:
@@ -47,8 +47,8 @@ def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list
     """Policy (and reference) forward on one micro-batch -> losses and rewards (B,)."""
     import torch
 
-    from rlhf.logprobs import split_pairs
-    from rlhf.losses import dpo_loss
+    from rlhf.core.logprobs import split_pairs
+    from rlhf.core.losses import dpo_loss
 
     with torch.set_grad_enabled(grad):
         logps, ntok = _logps(engine, batch, device)
@@ -135,7 +135,7 @@ def train_loop_per_worker(lc: dict) -> None:
     """Runs on every Ray Train worker. Everything it needs comes in `lc`."""
     from cluster.loop import train_loop
 
-    train_loop(lc, DPOTask(_build(DPOConfig, lc["config"])))
+    train_loop(lc, DPOTask(build(DPOConfig, lc["config"])))
 
 
 # ============================================================================ driver
@@ -143,9 +143,10 @@ def train_loop_per_worker(lc: dict) -> None:
 
 def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         crash_once_at_step: int | None = None) -> Path:
-    """Train; returns the run directory (see rlhf.runner.run_training for the arguments)."""
+    """Train; returns the run directory (see rlhf.train.runner.run_training for the arguments)."""
     from cluster.models import check_reference, resolve_model_path
-    from rlhf.runner import run_training
+    from rlhf.evaluate import after_training_of
+    from rlhf.train.runner import run_training
 
     ref_path = policy_path = resolve_model_path(cfg.model.name_or_path)
     notes: list[str] = []
@@ -159,7 +160,7 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         if not cfg.loss.precompute_reference:
             return
         from cluster.models import load_tokenizer
-        from rlhf.reference import add_reference_logps
+        from rlhf.train.reference import add_reference_logps
 
         kw = dict(model_path=ref_path, model_cfg=cfg.model,
                   pad_id=load_tokenizer(model_path).pad_token_id,
@@ -176,11 +177,12 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
                         eval_dataset=eval_dataset, loop_config={"ref_path": ref_path},
                         add_to_pipelines=reference_pass, notes=notes,
                         plot_keys=("loss", "rewards/accuracy"),
-                        crash_once_at_step=crash_once_at_step)
+                        crash_once_at_step=crash_once_at_step,
+                        evaluate=after_training_of(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf import runner
+    from rlhf.train import runner
 
     return runner.main(DPOConfig, "rlhf.dpo", run, lambda s: (
         f"held-out reward accuracy {s['eval/rewards/accuracy']:.3f}, margin "

@@ -38,6 +38,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,8 @@ def resolve(cfg: EvalConfig) -> Setup:
                           "rlhf.rm> or judge.model=<a causal LM to ask which response is "
                           "better>. (The built-in demo reward model only knows builtin:demo.)")
     if judge_path == BUILTIN_RM:
+        from rlhf.builtin_models import builtin_reward_model
+
         judge_path = builtin_reward_model()
     elif judge == "reward_model" and not (Path(judge_path) / "rlhf_reward.json").is_file():
         raise ConfigError(f"judge.reward_model={judge_path}: not a reward model exported by "
@@ -208,35 +211,15 @@ def resolve(cfg: EvalConfig) -> Setup:
                  demo and data.path == BUILTIN_DATA)
 
 
-BUILTIN_RM_PAIRS = 800
-
-
-def builtin_reward_model() -> str:
-    """rlhf.rm's embedded default run on 800 demo pairs (the tiny model), trained once
-    and cached beside the tiny model: the judge of the demo data. 800 pairs: its
-    held-out accuracy is 1.0 as on the default 2,400, in half the time (27 s against
-    52 s on 2 CPU cores), which every fresh machine and CI run pays."""
-    from rlhf.config import RMConfig
-    from rlhf.demo import tiny_model_path
-    from rlhf.rm import run as rm_run
-    from rlhf.runner import cached_default_model
-
-    tiny = tiny_model_path()
-    return cached_default_model(tiny.with_name(f"{tiny.name}-rm"),
-                                RMConfig, "rlhf.rm", rm_run,
-                                "the judge: the built-in reward model on the demo pairs",
-                                overrides=(f"data.demo_pairs={BUILTIN_RM_PAIRS}",))
-
-
 # ------------------------------------------------------------------------------ data
 
 
 @dataclass
 class DataPlan:
-    """The held-out source, checked on the driver without Ray (rlhf.data.inspect)."""
+    """The held-out source, checked on the driver without Ray (rlhf.data.pipeline.inspect)."""
 
     cfg: Any  # the data section as read: EvalDataConfig, or PromptDataConfig for prompts
-    plan: Any  # rlhf.data.Plan
+    plan: Any  # rlhf.data.pipeline.Plan
     pairs: bool  # preference pairs (else prompts alone: no preference accuracy)
     whole: bool  # data.eval_path: the whole file is held out
 
@@ -244,17 +227,17 @@ class DataPlan:
 def plan_data(dcfg: EvalDataConfig) -> DataPlan:
     """Missing files, empty data and missing columns fail here, before any engine starts.
     data.eval_path is read whole; otherwise data.path's held-out split."""
-    from rlhf import data as pipeline
+    from rlhf.data import pipeline
     from rlhf.config import PromptDataConfig
-    from rlhf.prompt_data import PROMPTS
-    from rlhf.readers import DataError, peek_rows, resolve_sources
+    from rlhf.data.prompts import PROMPTS
+    from rlhf.data.readers import DataError, peek_rows, resolve_sources
 
     d = replace(dcfg, path=dcfg.eval_path, eval_path=None) if dcfg.eval_path else dcfg
     first = peek_rows(resolve_sources(d)[0], 1)
     if not first:
         raise DataError(f"{dcfg.eval_path or dcfg.path}: the data set is empty (no rows): "
                         "give a file of held-out prompts or preference pairs.")
-    from rlhf.dataset_formats import recognise
+    from rlhf.data.formats import recognise
 
     # preference pairs: the pair's columns, or a public format that holds pairs
     pairs = bool(d.columns.chosen in first[0] and d.columns.rejected in first[0]
@@ -270,8 +253,8 @@ def held_out_rows(dp: DataPlan, seed: int) -> tuple[list[dict], Counter]:
     """The held-out rows, normalised by the data pipeline (Ray Data), usable ones sorted
     by row id, and the counts by drop reason over every row read ("" = usable). The
     split is the one training used (same hash of the row id, same seed)."""
-    from rlhf import data as pipeline
-    from rlhf.readers import DataError
+    from rlhf.data import pipeline
+    from rlhf.data.readers import DataError
 
     d, plan = dp.cfg, dp.plan
     if dp.whole:
@@ -293,8 +276,8 @@ def tokenize_rows(rows: list[dict], tok, dcfg: EvalDataConfig, pairs: bool
                   ) -> tuple[list[dict], Counter]:
     """Rows -> [{"id", "prompt", "chat", "prompt_ids", "pair": (p, c, r) ids or None}] for
     the first data.max_prompts usable ones, and the counts of the ones left out."""
-    from rlhf.data import tokenize_pair
-    from rlhf.prompt_data import tokenize_prompt
+    from rlhf.data.pipeline import tokenize_pair
+    from rlhf.data.prompts import tokenize_prompt
 
     out, left_out = [], Counter()
     for r in rows:
@@ -469,7 +452,7 @@ JUDGE_QUESTION = (
 def _judge_prompt(tok, prompt: str, a: str, b: str, chat: bool, max_length: int
                   ) -> tuple[list[int], list[int]]:
     """Token ids of the judge's question followed by "A", and by "B"."""
-    from rlhf.data import encode
+    from rlhf.data.pipeline import encode
 
     if chat:
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in json.loads(prompt))
@@ -496,7 +479,7 @@ def judge_pairwise(cfg: EvalConfig, setup: Setup, engines: EngineSlot, items: li
     import ray
 
     from cluster.models import load_tokenizer
-    from rlhf.data import _common_prefix_len
+    from rlhf.data.pipeline import _common_prefix_len
 
     tok = load_tokenizer(setup.judge_path)
     rng = random.Random(f"{setup.seed}/judge")
@@ -559,8 +542,8 @@ def _run(cfg: EvalConfig, setup: Setup, tok, shown: str, t_start: float) -> Path
     import ray
 
     from cluster.train import connect, make_run_dir
-    from rlhf import eval_metrics as em
-    from rlhf.report import write_report
+    from rlhf.core import eval_metrics as em
+    from rlhf.evaluation.report import write_report
 
     if setup.aligned != shown:
         print(f"  (a LoRA adapter: merged into its base for the engines, {setup.aligned})",
@@ -572,7 +555,7 @@ def _run(cfg: EvalConfig, setup: Setup, tok, shown: str, t_start: float) -> Path
         rows, counts = held_out_rows(setup.data_plan, setup.seed)
         items, left_out = tokenize_rows(rows, tok, setup.data, setup.data_plan.pairs)
         if not items:
-            from rlhf.readers import DataError
+            from rlhf.data.readers import DataError
 
             raise DataError(f"No held-out prompt left to evaluate: {dict(left_out)}.")
         print(f"held-out: {sum(counts.values())} rows read, {counts['']} usable; evaluating "
@@ -592,7 +575,7 @@ def _run(cfg: EvalConfig, setup: Setup, tok, shown: str, t_start: float) -> Path
             judge = judge_fn(cfg, setup, engines, items, texts_a, texts_b)
             benchmarks = None
             if cfg.benchmarks.mt_bench or cfg.benchmarks.alpaca_eval:
-                from rlhf import benchmark_pass
+                from rlhf.evaluation import benchmark_pass
 
                 print("benchmarks: both models answer "
                       + " and ".join(k for k in ("mt_bench", "alpaca_eval")
@@ -602,7 +585,7 @@ def _run(cfg: EvalConfig, setup: Setup, tok, shown: str, t_start: float) -> Path
             engines.close()
         general = None
         if cfg.general.tasks:  # after the engines: the harness may want the GPU
-            from rlhf import general_tasks
+            from rlhf.evaluation import general_tasks
 
             print(f"general tasks (lm-evaluation-harness): {', '.join(cfg.general.tasks)}",
                   flush=True)
@@ -628,7 +611,7 @@ def _run(cfg: EvalConfig, setup: Setup, tok, shown: str, t_start: float) -> Path
     results["wall_time_s"] = round(time.time() - t_start, 1)
     out_dir = make_run_dir(cfg.output, False, "eval")
     if benchmarks is not None:
-        from rlhf import benchmark_pass
+        from rlhf.evaluation import benchmark_pass
 
         results["benchmarks"] = benchmarks["results"]
         results["benchmarks"]["official_commands"] = benchmark_pass.write(out_dir, benchmarks)
@@ -726,7 +709,7 @@ def describe(out: Path) -> str:
     lines += [f"warning [{f['flag']}]: {f['message']}" for f in r["flags"]]
     lines += describe_benchmarks(r.get("benchmarks"), out)
     if r.get("general_tasks"):
-        from rlhf import general_tasks
+        from rlhf.evaluation import general_tasks
 
         lines += ["general tasks (aligned - base):"] + general_tasks.describe(r["general_tasks"])
     lines.append(f"report: {out / 'report.html'}\n  results: {out / 'results.json'}\n  "
@@ -771,9 +754,19 @@ def after_training(run_dir: Path, ev: Any, cluster: Any) -> Path:
     return out
 
 
+def after_training_of(cfg: Any) -> Callable[[Path], Path] | None:
+    """What a training entry point hands rlhf.train.runner.run_training as `evaluate`:
+    after_training with its eval and cluster sections, or None without
+    eval.after_training."""
+    ev = getattr(cfg, "eval", None)
+    if ev is None or not ev.after_training:
+        return None
+    return lambda run_dir: after_training(run_dir, ev, cfg.cluster)
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhf.config import parse_args
-    from rlhf.readers import DataError
+    from rlhf.data.readers import DataError
 
     argv = sys.argv[1:] if argv is None else argv
     try:

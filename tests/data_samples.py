@@ -1,4 +1,4 @@
-"""Small samples of the public data sets rlhf.dataset_formats recognises, with their real
+"""Small samples of the public data sets rlhf.data.formats recognises, with their real
 column names and value shapes (no network here, so the tests build them).
 
 Where each shape was checked (the data sets' cards on the Hugging Face hub, the YAML

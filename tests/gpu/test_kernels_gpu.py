@@ -1,5 +1,5 @@
 """The packed shared-prompt layout on CUDA, without Ray or DeepSpeed: the block kernel
-(rlhf/attention.py) and a packed model (attn_implementation "rlhf_varlen") give the
+(rlhf/core/attention.py) and a packed model (attn_implementation "rlhf_varlen") give the
 padded layout's per-token log-probs in fp32 and bf16. The CPU versions are in
 tests/unit/test_packing.py, whose helpers these reuse. Skipped without a CUDA GPU.
 
@@ -22,7 +22,7 @@ GRAD_RTOL = {"fp32": 1e-3, "bf16": 5e-2}  # |g_packed - g_padded| / |g_padded|, 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_block_kernel_on_cuda(dtype):
-    from rlhf.attention import block_attention
+    from rlhf.core.attention import block_attention
 
     torch.manual_seed(0)
     dt = DTYPES[dtype]
@@ -50,7 +50,7 @@ def test_block_kernel_on_cuda(dtype):
 
 
 def _token_logprobs(model, batch, packed: bool):
-    from rlhf.logprobs import (model_inputs, packed_sequence_logprobs, sequence_logprobs,
+    from rlhf.core.logprobs import (model_inputs, packed_sequence_logprobs, sequence_logprobs,
                                token_logprobs)
 
     logits = model(**model_inputs(batch, "cuda")).logits
@@ -74,7 +74,7 @@ def test_packed_equals_padded_on_cuda(tiny_model_path, tokenizer, dtype, attn, s
     gradients of the summed log-probs."""
     from cluster.models import load_causal_lm
     from rlhf.config import ModelConfig
-    from rlhf.logprobs import pack_pairs, pad_pairs
+    from rlhf.core.logprobs import pack_pairs, pad_pairs
 
     P, C, R = _pairs(tokenizer, 8)
     cfg = ModelConfig(dtype=dtype, attn_implementation=attn)
@@ -108,7 +108,7 @@ def test_bf16_packing_adds_no_error_beyond_bf16(tiny_model_path, tokenizer):
     than the bf16 padded ones (up to a bf16 rounding step)."""
     from cluster.models import load_causal_lm
     from rlhf.config import ModelConfig
-    from rlhf.logprobs import pack_pairs, pad_pairs
+    from rlhf.core.logprobs import pack_pairs, pad_pairs
 
     P, C, R = _pairs(tokenizer, 8)
     padded = pad_pairs(P, C, R, tokenizer.pad_token_id)
@@ -132,7 +132,7 @@ def test_varlen_path_equals_attention_on_each_sequence(dtype):
     """The one-call flash varlen path (what rlhf_varlen runs on CUDA in bf16/fp16): the
     loop kernel's result in fp32, forward and gradients, for shared prompts (an empty
     one included), a plain sequence and grouped-query attention."""
-    from rlhf.attention import _varlen_fn, block_attention, varlen_block_attention
+    from rlhf.core.attention import _varlen_fn, block_attention, varlen_block_attention
 
     if _varlen_fn() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")

@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from rlhf import data
+from rlhf.data import pipeline as data
 from rlhf.config import ColumnsConfig, DataConfig
-from rlhf.demo import demo_pair
+from rlhf.data.demo import demo_pair
 
 
-def _build(cfg, tokenizer_path, **kw):
+def build(cfg, tokenizer_path, **kw):
     plan = data.inspect(cfg, **kw)
     return plan, data.build(plan, cfg, tokenizer_path, seed=0)
 
@@ -22,7 +22,7 @@ def _rows(ds):
 def test_hh_rlhf_implicit_format(ray_cluster, hh_rlhf, tiny_model_path, tokenizer):
     cfg = DataConfig(path=str(hh_rlhf), max_length=256, max_prompt_length=128,
                      eval_fraction=0.2)
-    plan, pipes = _build(cfg, tiny_model_path)
+    plan, pipes = build(cfg, tiny_model_path)
     assert plan.train_layout.format == "implicit"
     total = sum(pipes.train_counts.values()) + sum(pipes.eval_counts.values())
     assert total == 2312  # every line read, in train or held-out
@@ -56,7 +56,7 @@ def test_explicit_files_in_every_format(ray_cluster, tmp_path, tiny_model_path):
     pq.write_table(pa.Table.from_pylist(pairs[20:30]), folder / "c.parquet")
     pcsv.write_csv(pa.Table.from_pylist(pairs[30:40]), folder / "d.csv")
     cfg = DataConfig(path=str(folder), eval_path=str(folder / "a.jsonl"))
-    _, pipes = _build(cfg, tiny_model_path)
+    _, pipes = build(cfg, tiny_model_path)
     assert pipes.train_counts == {"": 38, data.DROP_IDENTICAL: 1, data.DROP_EMPTY: 1}
     rows = _rows(pipes.train)
     assert len(rows) == 40 and len({r["id"] for r in rows}) == 40
@@ -75,7 +75,7 @@ def test_conversational_in_memory_dataset(ray_cluster, tiny_model_path, tokenize
 
     ds = datasets.Dataset.from_list([conv(i) for i in range(24)])
     held = datasets.Dataset.from_list([conv(100 + i) for i in range(8)])
-    plan, pipes = _build(DataConfig(format="conversational"), tiny_model_path,
+    plan, pipes = build(DataConfig(format="conversational"), tiny_model_path,
                          dataset=ds, eval_dataset=held)
     assert plan.train_layout.chat
     rows = _rows(pipes.train)
@@ -94,7 +94,7 @@ def test_column_mapping_and_saved_dataset(ray_cluster, tmp_path, tiny_model_path
     datasets.Dataset.from_list(renamed).save_to_disk(tmp_path / "saved")
     cfg = DataConfig(path=str(tmp_path / "saved"), eval_fraction=0.25,
                      columns=ColumnsConfig(prompt="question", chosen="good", rejected="bad"))
-    _, pipes = _build(cfg, tiny_model_path)
+    _, pipes = build(cfg, tiny_model_path)
     assert pipes.train_counts[""] + pipes.eval_counts[""] == 20
 
 
@@ -105,7 +105,7 @@ def test_drop_policy_counts_too_long_pairs(ray_cluster, tmp_path, tiny_model_pat
     f.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     cfg = DataConfig(path=str(f), eval_path=str(f), max_length=128, max_prompt_length=64,
                      truncation="drop")
-    _, pipes = _build(cfg, tiny_model_path)
+    _, pipes = build(cfg, tiny_model_path)
     rows = _rows(pipes.train)
     assert sum(r["drop"] == data.DROP_TOO_LONG for r in rows) == 1
 
@@ -117,7 +117,7 @@ def test_malformed_line_stops_the_scan_with_file_and_line(ray_cluster, tmp_path,
     lines[17] = lines[17][:-5]
     f.write_text("\n".join(lines) + "\n")
     with pytest.raises(Exception, match=r"bad.jsonl, line 18: not valid JSON"):
-        _build(DataConfig(path=str(f)), tiny_model_path)
+        build(DataConfig(path=str(f)), tiny_model_path)
 
 
 def test_ray_dataset_source_gets_content_ids(ray_cluster, tiny_model_path):
@@ -125,7 +125,7 @@ def test_ray_dataset_source_gets_content_ids(ray_cluster, tiny_model_path):
 
     train = ray.data.from_items([demo_pair(i) for i in range(30)])
     held = ray.data.from_items([demo_pair(i, "eval") for i in range(6)])
-    _, pipes = _build(DataConfig(), tiny_model_path, dataset=train, eval_dataset=held)
+    _, pipes = build(DataConfig(), tiny_model_path, dataset=train, eval_dataset=held)
     assert pipes.train_counts == {"": 30} and pipes.eval_counts == {"": 6}
     ids = sorted(r["id"] for r in _rows(pipes.train))
     assert len(set(ids)) == 30 and ids == sorted(r["id"] for r in _rows(pipes.train))
@@ -135,10 +135,10 @@ def test_prompt_pipeline_counts_and_metadata(ray_cluster, tiny_model_path, tmp_p
     """Online RL's prompts on the same pipeline: the demo pairs serve as prompts (their
     other columns as metadata); empty and too-long prompts are counted."""
     from rlhf.config import PromptDataConfig
-    from rlhf.prompt_data import DROP_PROMPT_TOO_LONG, PROMPTS
+    from rlhf.data.prompts import DROP_PROMPT_TOO_LONG, PROMPTS
 
     cfg = PromptDataConfig(demo_pairs=40, demo_eval_pairs=8)
-    plan, pipes = _build(cfg, tiny_model_path, kind=PROMPTS)
+    plan, pipes = build(cfg, tiny_model_path, kind=PROMPTS)
     rows = _rows(pipes.train)
     assert pipes.train_counts[""] == 40 and len(rows) == 40
     assert all(len(r["prompt_ids"]) > 0 and "chosen" in json.loads(r["metadata"]) for r in rows)
@@ -147,7 +147,7 @@ def test_prompt_pipeline_counts_and_metadata(ray_cluster, tiny_model_path, tmp_p
         {"prompt": "What is 1+1?", "answer": "2"}, {"prompt": "", "answer": "x"},
         {"prompt": "word " * 600, "answer": "y"}]) + "\n")
     cfg = PromptDataConfig(path=str(f), eval_path=str(f), max_prompt_length=64)
-    plan, pipes = _build(cfg, tiny_model_path, kind=PROMPTS)
+    plan, pipes = build(cfg, tiny_model_path, kind=PROMPTS)
     assert pipes.train_counts == {"": 2, data.DROP_EMPTY: 1}
     drops = sorted(r["drop"] for r in _rows(pipes.train))
     assert drops == ["", data.DROP_EMPTY, DROP_PROMPT_TOO_LONG]
@@ -160,14 +160,14 @@ def test_public_formats_with_no_column_flags(ray_cluster, tmp_path, tiny_model_p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rlhf import dataset_formats as fmt
+    from rlhf.data import formats as fmt
     from rlhf.config import SFTDataConfig
-    from rlhf.sft_data import EXAMPLES
+    from rlhf.data.examples import EXAMPLES
     from tests.data_samples import argilla_rows, oasst_tree
 
     f = tmp_path / "uf.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in argilla_rows(40)))
-    plan, pipes = _build(DataConfig(path=str(f), eval_path=str(f), min_score_gap=0.5),
+    plan, pipes = build(DataConfig(path=str(f), eval_path=str(f), min_score_gap=0.5),
                          tiny_model_path)
     assert plan.train_layout.source_format == fmt.ULTRAFEEDBACK_ARGILLA
     assert pipes.train_counts == {"": 30, data.DROP_SCORE_GAP: 10}
@@ -177,7 +177,7 @@ def test_public_formats_with_no_column_flags(ray_cluster, tmp_path, tiny_model_p
     messages = [m for t in range(30) for m in oasst_tree(t, "de" if t % 10 == 9 else "en")]
     pq.write_table(pa.Table.from_pylist(messages), tmp_path / "oasst.parquet")
     cfg = DataConfig(path=str(tmp_path / "oasst.parquet"), eval_fraction=0.3, lang="en")
-    plan, pipes = _build(cfg, tiny_model_path)
+    plan, pipes = build(cfg, tiny_model_path)
     both = pipes.train_counts + pipes.eval_counts
     # 27 English trees: 3 pairs each (tree 1 loses a deleted reply: 2), one unreviewed
     # reply each; 3 German trees: the root left out and its 7 messages below it.
@@ -189,7 +189,7 @@ def test_public_formats_with_no_column_flags(ray_cluster, tmp_path, tiny_model_p
              for split in data.split_held_out(normalised, 0.3, seed=0)]
     assert trees[0] and trees[1] and not trees[0] & trees[1]
     sft_cfg = SFTDataConfig(path=cfg.path, eval_fraction=0.3, lang="en")
-    _, pipes = _build(sft_cfg, tiny_model_path, kind=EXAMPLES)
+    _, pipes = build(sft_cfg, tiny_model_path, kind=EXAMPLES)
     assert (pipes.train_counts + pipes.eval_counts)[""] == 27  # one thread per tree
 
 
@@ -200,19 +200,19 @@ def test_hub_layout_folder_picks_each_entry_points_splits(ray_cluster, tmp_path,
     datasets.load_dataset, the call a hub id takes; DPO reads train_prefs/test_prefs
     (ties dropped at data.min_score_gap), SFT train_sft, PPO train_gen's prompts."""
     from rlhf.config import PromptDataConfig, SFTDataConfig
-    from rlhf.prompt_data import PROMPTS
-    from rlhf.sft_data import EXAMPLES
+    from rlhf.data.prompts import PROMPTS
+    from rlhf.data.examples import EXAMPLES
     from tests.data_samples import write_h4_repo
 
     repo = write_h4_repo(tmp_path / "ultrafeedback_binarized",
                          {"train_prefs": 20, "test_prefs": 5, "train_sft": 12, "test_sft": 4,
                           "train_gen": 8, "test_gen": 3})
-    plan, pipes = _build(DataConfig(path=str(repo), min_score_gap=1.0), tiny_model_path)
+    plan, pipes = build(DataConfig(path=str(repo), min_score_gap=1.0), tiny_model_path)
     assert plan.train.name.endswith("[train_prefs]") and plan.held.name.endswith("[test_prefs]")
     assert pipes.train_counts == {"": 16, data.DROP_SCORE_TIE: 4}
     assert pipes.eval_counts == {"": 4, data.DROP_SCORE_TIE: 1}
-    plan, pipes = _build(SFTDataConfig(path=str(repo)), tiny_model_path, kind=EXAMPLES)
+    plan, pipes = build(SFTDataConfig(path=str(repo)), tiny_model_path, kind=EXAMPLES)
     assert plan.train.name.endswith("[train_sft]") and pipes.train_counts == {"": 12}
     assert plan.train_layout.format == "conversational"
-    plan, pipes = _build(PromptDataConfig(path=str(repo)), tiny_model_path, kind=PROMPTS)
+    plan, pipes = build(PromptDataConfig(path=str(repo)), tiny_model_path, kind=PROMPTS)
     assert plan.train.name.endswith("[train_gen]") and pipes.eval_counts == {"": 3}

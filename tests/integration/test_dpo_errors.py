@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.demo import demo_pair
+from rlhf.config.entry_points import ENTRY_POINTS
+from rlhf.data.demo import demo_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,7 @@ def test_unknown_key_and_contradiction(tmp_path, capsys):
     assert code == 2 and "multiple of" in err
 
 
-@pytest.mark.parametrize("entry", ["rlhf.rm", "rlhf.sft", "rlhf.ppo", "rlhf.evaluate"])
+@pytest.mark.parametrize("entry", [e.module for e in ENTRY_POINTS.values() if e.name != "dpo"])
 def test_malformed_line_is_the_last_line_of_every_entry_point(ray_cluster, tmp_path, capfd,
                                                               entry):
     """Every entry point (rlhf.dpo: above, from the shell) stops on a malformed line deep

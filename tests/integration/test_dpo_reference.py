@@ -10,10 +10,10 @@ import torch
 def test_streamed_reference_equals_direct_forward(ray_cluster, tiny_model_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from rlhf import data
+    from rlhf.data import pipeline as data
     from rlhf.config import DataConfig, ModelConfig
-    from rlhf.logprobs import pad_pairs, sequence_logprobs
-    from rlhf.reference import add_reference_logps
+    from rlhf.core.logprobs import pad_pairs, sequence_logprobs
+    from rlhf.train.reference import add_reference_logps
 
     cfg = DataConfig(demo_pairs=40, demo_eval_pairs=8)
     pipes = data.build(data.inspect(cfg), cfg, tiny_model_path, seed=0)

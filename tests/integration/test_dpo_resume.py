@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from rlhf.demo import demo_pair
+from rlhf.data.demo import demo_pair
 from tests.integration.conftest import dpo, metrics, summary
 
 

@@ -26,9 +26,9 @@ def _held_out_metrics(model, ref, tok, n: int = 32, beta: float = 0.1) -> dict:
     """DPO's held-out metrics of `model` against `ref` through plain transformers, one
     padded pair at a time: the demo's held-out pairs, tokenised as the pipeline does."""
     from rlhf.config import DataConfig
-    from rlhf.data import tokenize_pair
-    from rlhf.demo import demo_pair
-    from rlhf.logprobs import pad_pairs, sequence_logprobs
+    from rlhf.data.pipeline import tokenize_pair
+    from rlhf.data.demo import demo_pair
+    from rlhf.core.logprobs import pad_pairs, sequence_logprobs
 
     d = DataConfig()
     acc = margin = logp_chosen = 0.0

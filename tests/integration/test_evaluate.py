@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.evaluate import builtin_reward_model
+from rlhf.builtin_models import builtin_reward_model
 from tests.integration.conftest import dpo, summary
 
 

@@ -134,7 +134,7 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
         assert all(r["train/generated_tokens_per_s"] > 0 for r in rows)
         for r in rows:  # each source's own mean beside the weighted sum
             assert r["train/reward"] == pytest.approx(
-                r["train/reward[rlhf.tasks:demo_opening]"] + 0.05 * r["train/reward[model]"],
+                r["train/reward[rlhf.core.tasks:demo_opening]"] + 0.05 * r["train/reward[model]"],
                 abs=1e-5)
         return rows
 

@@ -9,7 +9,7 @@ from tests.integration.conftest import metrics, rm, summary
 
 
 def _held_out(n=24):
-    from rlhf.demo import demo_pair
+    from rlhf.data.demo import demo_pair
 
     return [demo_pair(i, "eval") for i in range(n)]
 
@@ -20,7 +20,7 @@ def test_zero2_learns_and_exports_a_scorable_model(ray_cluster, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from cluster.scoring import reward_actor
-    from rlhf.scoring import RewardScorer
+    from cluster.scoring import RewardScorer
 
     run_dir = rm(tmp_path, "data.demo_pairs=320", "train.eval_every=20",
                  "cluster.zero_stage=2")
@@ -57,8 +57,8 @@ def test_zero3_lora_with_a_margin_column_exports_merged(ray_cluster, tmp_path):
     and the margin test.)"""
     from datasets import Dataset
 
-    from rlhf.demo import demo_pair
-    from rlhf.scoring import RewardScorer
+    from rlhf.data.demo import demo_pair
+    from cluster.scoring import RewardScorer
 
     rows = [{**demo_pair(i), "gap": 100.0} for i in range(63)]
     rows.append({**demo_pair(63), "gap": None})  # a missing value
@@ -113,7 +113,7 @@ def test_sharded_scorer_gives_the_plain_scores(ray_cluster, tmp_path, reward_mod
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rlhf.scoring import RewardScorer
+    from cluster.scoring import RewardScorer
 
     pairs = [(p["prompt"], p[k]) for p in _held_out(4) for k in ("chosen", "rejected")]
     shares = [[pairs[:5], pairs[5:7]], [pairs[7:8], []]]

@@ -42,7 +42,7 @@ def test_engine_follows_the_trainers_weights(engine, tiny_model_path, tokenizer)
     from transformers import AutoModelForCausalLM
 
     from cluster.weight_sync import publish, shm_dir
-    from rlhf.demo import demo_pair
+    from rlhf.data.demo import demo_pair
 
     eos = tokenizer.eos_token_id
     prompts = [tokenizer(demo_pair(i)["prompt"])["input_ids"] for i in range(4)]
@@ -132,7 +132,7 @@ class ScriptedEnv:
         self.mode, self.turn = row["mode"], 0
 
     def step(self, text: str):
-        from rlhf.environments import Step
+        from rlhf.core.environments import Step
 
         self.turn += 1
         if self.mode == "raise":
@@ -175,9 +175,9 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
     from cluster.coordinator import RolloutCoordinator
     from cluster.episodes import DROP_UNIFORM
     from cluster.weight_sync import BroadcastSender, WeightSyncError, publish
-    from rlhf.environments import ChatCodec
-    from rlhf.losses import importance_weights
-    from rlhf.rollouts import OBSERVATION
+    from rlhf.core.environments import ChatCodec
+    from rlhf.core.losses import importance_weights
+    from rlhf.core.rollouts import OBSERVATION
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     moved = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
@@ -287,7 +287,7 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
     plain = [row(100 + i, "ok") for i in range(16)]
     fast = _coordinator(["rollout.max_staleness=2", "rollout.max_new_tokens=8",
                          "rollout.samples_per_prompt=2", "algo.overlong=filter",
-                         "reward.functions=[rlhf.tasks:demo_opening]"],
+                         "reward.functions=[rlhf.core.tasks:demo_opening]"],
                         tiny_model_path, plain, tmp_path, wdir, engine, total_steps=6)
     publish(base.state_dict(), wdir, 0)
     fast.start(world=1, micro=2, accum=1, step=0, epoch=0, skip=[])

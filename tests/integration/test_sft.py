@@ -11,8 +11,8 @@ from tests.integration.conftest import metrics, sft, summary
 
 
 def _held_out_examples(tokenizer, n):
-    from rlhf.demo import demo_pair
-    from rlhf.sft_data import tokenize_example
+    from rlhf.data.demo import demo_pair
+    from rlhf.data.examples import tokenize_example
 
     return [tokenize_example(tokenizer, d["prompt"], d["chosen"], False, 1024, "keep_start")
             for d in (demo_pair(i, "eval") for i in range(n))]
@@ -56,7 +56,7 @@ def test_zero2_learns_resumes_and_exports_a_causal_lm(ray_cluster, tmp_path, tok
 def test_zero3_lora_on_conversations_counts_bad_rows(ray_cluster, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from rlhf.demo import demo_pair
+    from rlhf.data.demo import demo_pair
 
     def conv(i, split="train"):
         d = demo_pair(i, split)

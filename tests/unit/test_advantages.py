@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from rlhf.advantages import (AdaptiveKLController, discounted_returns, gae, grpo_advantages,
+from rlhf.core.advantages import (AdaptiveKLController, discounted_returns, gae, grpo_advantages,
                              kl_estimate, masked_moments, masked_whiten, rloo_advantages,
                              token_rewards, whiten_with)
-from rlhf.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from rlhf.core.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 
 T = torch.tensor
 

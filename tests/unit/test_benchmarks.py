@@ -1,12 +1,12 @@
-"""MT-Bench / AlpacaEval formats and the local judge's maths (rlhf/benchmarks.py)."""
+"""MT-Bench / AlpacaEval formats and the local judge's maths (rlhf/evaluation/benchmarks.py)."""
 
 import json
 import math
 
 import pytest
 
-from rlhf import benchmarks as bm
-from rlhf.readers import DataError
+from rlhf.evaluation import benchmarks as bm
+from rlhf.data.readers import DataError
 from tests.data_samples import alpaca_eval_set, mt_bench_questions
 
 
@@ -66,7 +66,7 @@ def test_exports_in_each_tools_layout(tmp_path):
 def test_auto_question_sets_say_where_to_get_them(monkeypatch):
     import importlib.util
 
-    from rlhf import readers
+    from rlhf.data import readers
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # none installed
     with pytest.raises(DataError, match="no installed package ships MT-Bench's questions"):

@@ -170,7 +170,7 @@ def test_async_and_environment_config_checks():
     assert resolved_rollout_is(cfg()) == "none"
     assert resolved_rollout_is(cfg("rollout.max_staleness=1")) == "tis"
     assert resolved_rollout_is(cfg("rollout.max_staleness=1", "algo.rollout_is=mis")) == "mis"
-    env = cfg("rollout.environment=rlhf.tasks:BoxLookupEnv", "rollout.max_turns=2",
+    env = cfg("rollout.environment=rlhf.core.tasks:BoxLookupEnv", "rollout.max_turns=2",
               "rollout.env_args={latency_s: 0.2}", "reward.functions=[]")  # env: a reward
     assert env.rollout.env_args == {"latency_s": 0.2}
     for argv, why in (
@@ -207,7 +207,7 @@ def test_builtin_models_are_cached_under_their_configs_hash():
     resolved config that trains them: another setting (an override, a changed default)
     gets a model of its own; where the run writes its files does not."""
     from rlhf.config import RMConfig
-    from rlhf.runner import default_model_key
+    from rlhf.builtin_models import default_model_key
 
     def key(*argv):
         return default_model_key(parse_args(RMConfig, list(argv), "x"))
@@ -236,8 +236,38 @@ def test_unknown_keys_point_at_what_they_may_mean():
 
 
 def test_every_peer_flag_points_at_a_real_key():
-    from rlhf.config import (PEER_FLAGS, DPOConfig, PPOConfig, RMConfig, SFTConfig,
-                             _leaf_keys)
+    from rlhf.config import PEER_FLAGS, DPOConfig, PPOConfig, RMConfig, SFTConfig
+    from rlhf.config.loader import _leaf_keys
 
     known = {k for cls in (DPOConfig, PPOConfig, RMConfig, SFTConfig) for k in _leaf_keys(cls)}
     assert {v.split("=")[0] for v in PEER_FLAGS.values()} <= known
+
+
+def test_load_is_the_command_line_from_python(tmp_path):
+    """rlhf.config.load: defaults <- recipe <- overrides, checked as on the command line."""
+    from rlhf.config import ConfigError, DPOConfig, load
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("loss:\n  beta: 0.3\ntrain:\n  max_steps: 7\n")
+    cfg = load(DPOConfig, recipe, ["loss.beta=0.2"])
+    assert (cfg.loss.beta, cfg.train.max_steps) == (0.2, 7)
+    assert load(DPOConfig).loss.beta == DPOConfig().loss.beta
+    with pytest.raises(ConfigError, match="Did you mean loss.beta"):
+        load(DPOConfig, overrides=["beta=0.1"])
+
+
+def test_one_table_of_entry_points():
+    """Each entry of rlhf.config.entry_points is a `python -m` module with main() and
+    its config; launch/ has a recipe for each one that trains."""
+    import importlib
+    from pathlib import Path
+
+    from rlhf.config import help_text
+    from rlhf.config.entry_points import ENTRY_POINTS, TRAINING
+
+    for e in ENTRY_POINTS.values():
+        module = importlib.import_module(e.module)
+        assert callable(module.main), e.module
+        assert help_text(e.config, e.module).startswith(f"usage: python -m {e.module}")
+    recipes = Path(__file__).resolve().parents[2] / "launch" / "recipes"
+    assert {r.name.split("-")[0] for r in recipes.glob("*.yaml")} == set(TRAINING)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rlhf import data
+from rlhf.data import pipeline as data
 from rlhf.config import ColumnsConfig, DataConfig
 
 EXPLICIT = data.Layout("explicit", False, "prompt", "chosen", "rejected", "\n\nAssistant:")
@@ -158,7 +158,7 @@ def test_eval_split_is_stable_and_sized():
 
 
 def test_demo_pairs_are_deterministic_and_held_out_topics_unseen():
-    from rlhf.demo import EVAL_TOPICS, TRAIN_TOPICS, demo_pair
+    from rlhf.data.demo import EVAL_TOPICS, TRAIN_TOPICS, demo_pair
 
     assert demo_pair(7) == demo_pair(7)
     assert not set(EVAL_TOPICS) & set(TRAIN_TOPICS)

@@ -1,11 +1,13 @@
-"""Public data sets recognised by their columns (rlhf.dataset_formats): UltraFeedback's two
+"""Public data sets recognised by their columns (rlhf.data.formats): UltraFeedback's two
 forms, OpenAssistant trees -> pairs / threads / prompts, the score filter, split names."""
 
 import pytest
 
-from rlhf import data, dataset_formats as fmt
+from rlhf.data import pipeline as data
+
+from rlhf.data import formats as fmt
 from rlhf.config import DataConfig
-from rlhf.readers import PAIR_SPLITS, DataError, Splits, pick_splits
+from rlhf.data.readers import PAIR_SPLITS, DataError, Splits, pick_splits
 from tests.data_samples import argilla_rows, h4_row, oasst_tree
 
 
@@ -142,7 +144,7 @@ def test_unreachable_hub_fails_at_once_with_what_to_do(monkeypatch):
     ~25 s of retries; offline, the message says how to fill the cache."""
     import time
 
-    from rlhf import readers
+    from rlhf.data import readers
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)

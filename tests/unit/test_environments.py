@@ -1,4 +1,4 @@
-"""Environments and tools (rlhf.environments): tool-call parsing in both formats and its
+"""Environments and tools (rlhf.core.environments): tool-call parsing in both formats and its
 errors, the tool environment, malformed steps, raising and hanging environments under a
 deadline, and token-in-token-out observations through the tiny model's chat template
 (the conversation kept as ids decodes to what the template renders, nothing the model
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rlhf.environments import (ChatCodec, EnvironmentFailure, Step, ToolCallError, call_all,
+from rlhf.core.environments import (ChatCodec, EnvironmentFailure, Step, ToolCallError, call_all,
                                checked_step, load_environment, parse_tool_calls)
 
 
@@ -30,10 +30,10 @@ def test_tool_calls_are_parsed_in_both_formats():
 
 
 def test_the_tool_demo_rewards_only_answers_after_the_tool():
-    make = load_environment("rlhf.tasks:BoxLookupEnv")
+    make = load_environment("rlhf.core.tasks:BoxLookupEnv")
     env = make()
     env.reset({"answer": "plum", "prompt": "What is in the box?"})
-    assert env.name == "rlhf.tasks:BoxLookupEnv"
+    assert env.name == "rlhf.core.tasks:BoxLookupEnv"
     call = '<tool_call>{"name": "open_box", "arguments": {}}</tool_call>'
     assert env.step(call) == Step("a plum", 0.0, False)
     assert env.step("The box holds a plum.") == Step("", 1.0, True)
@@ -46,11 +46,11 @@ def test_the_tool_demo_rewards_only_answers_after_the_tool():
         '<tool_call>{"name": "dig", "arguments": {}}</tool_call>').observation
     assert "unexpected keyword" in wrong.step(
         '<tool_call>{"name": "open_box", "arguments": {"x": 1}}</tool_call>').observation
-    with pytest.raises(ValueError, match="module:class, e.g. rlhf.tasks:BoxLookupEnv"):
-        load_environment("rlhf.tasks.BoxLookupEnv")
+    with pytest.raises(ValueError, match="module:class, e.g. rlhf.core.tasks:BoxLookupEnv"):
+        load_environment("rlhf.core.tasks.BoxLookupEnv")
     with pytest.raises(ValueError, match="no class 'Nope'"):
-        load_environment("rlhf.tasks:Nope")
-    assert load_environment("rlhf.tasks:BoxLookupEnv", {"latency_s": 0.5})().latency_s == 0.5
+        load_environment("rlhf.core.tasks:Nope")
+    assert load_environment("rlhf.core.tasks:BoxLookupEnv", {"latency_s": 0.5})().latency_s == 0.5
 
 
 def test_failures_are_named_and_nothing_waits_past_the_deadline():

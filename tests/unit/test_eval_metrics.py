@@ -1,8 +1,8 @@
-"""rlhf.eval_metrics against hand-computed values."""
+"""rlhf.core.eval_metrics against hand-computed values."""
 
 import pytest
 
-from rlhf import eval_metrics as em
+from rlhf.core import eval_metrics as em
 
 
 def test_outcomes_and_win_rate_count_a_tie_as_half():

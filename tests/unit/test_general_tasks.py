@@ -1,10 +1,10 @@
-"""The general-task comparison's maths (rlhf/general_tasks.py), by hand."""
+"""The general-task comparison's maths (rlhf/evaluation/general_tasks.py), by hand."""
 
 import math
 
 import pytest
 
-from rlhf.general_tasks import compare, paired
+from rlhf.evaluation.general_tasks import compare, paired
 
 
 def test_paired_difference_and_its_standard_error():

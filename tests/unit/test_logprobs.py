@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from rlhf.logprobs import pad_pairs, sequence_logprobs, split_pairs, token_logprobs
+from rlhf.core.logprobs import pad_pairs, sequence_logprobs, split_pairs, token_logprobs
 
 
 def test_token_logprobs_by_hand():

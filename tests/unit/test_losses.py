@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.losses import bradley_terry_loss, dpo_loss, nll_per_token
+from rlhf.core.losses import bradley_terry_loss, dpo_loss, nll_per_token
 
 
 def logsig(x):

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from rlhf.advantages import (discounted_returns, gae, grpo_advantages, overlong_penalty,
+from rlhf.core.advantages import (discounted_returns, gae, grpo_advantages, overlong_penalty,
                              token_rewards, uniform_groups)
-from rlhf.losses import importance_weights, online_rl_loss, ppo_policy_loss
+from rlhf.core.losses import importance_weights, online_rl_loss, ppo_policy_loss
 
 T = torch.tensor
 
@@ -65,9 +65,9 @@ def test_observation_tokens_get_no_gradient(tiny_model_path, tokenizer):
     gradient."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf.environments import ChatCodec
-    from rlhf.logprobs import response_batch, right_padded, scored_token_logprobs
-    from rlhf.rollouts import OBSERVATION, RolloutRecord, record_tables
+    from rlhf.core.environments import ChatCodec
+    from rlhf.core.logprobs import response_batch, right_padded, scored_token_logprobs
+    from rlhf.core.rollouts import OBSERVATION, RolloutRecord, record_tables
 
     codec = ChatCodec(tokenizer)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -156,12 +156,12 @@ def test_overlong_penalty_and_uniform_groups_by_hand():
 
 
 def test_advantage_dispatch_matches_the_pure_functions():
-    """rlhf.rl_advantages on two micro-batches: grpo per group with the KL in the reward
+    """rlhf.core.rl_advantages on two micro-batches: grpo per group with the KL in the reward
     taken off the score; reinforce++ whitened over both (the all-reduce is the sum of
     one worker's moments here)."""
     from types import SimpleNamespace
 
-    from rlhf.rl_advantages import assign_advantages
+    from rlhf.core.rl_advantages import assign_advantages
 
     def micro(scores, old, ref):
         mask = torch.ones(len(scores), 2)

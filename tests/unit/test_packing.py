@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf.attention import block_attention, blocks_from_cu_seq_lens
+from rlhf.core.attention import block_attention, blocks_from_cu_seq_lens
 from rlhf.config import ModelConfig
-from rlhf.logprobs import (model_inputs, pack_pairs, packed_sequence_logprobs, pad_pairs,
+from rlhf.core.logprobs import (model_inputs, pack_pairs, packed_sequence_logprobs, pad_pairs,
                            sequence_logprobs, token_logprobs)
 
 
@@ -87,8 +87,8 @@ def test_block_kernel_equals_attention_on_each_sequence():
 
 
 def _pairs(tokenizer, n):
-    from rlhf.data import tokenize_pair
-    from rlhf.demo import demo_pair
+    from rlhf.data.pipeline import tokenize_pair
+    from rlhf.data.demo import demo_pair
 
     toks = [tokenize_pair(tokenizer, d["prompt"], d["chosen"], d["rejected"], False, 1024, 512,
                           "truncate") for d in (demo_pair(i) for i in range(n))]
@@ -150,7 +150,7 @@ def test_packed_model_still_reads_padded_batches(tiny_model_path, tokenizer):
 def test_sliding_window_longer_than_a_sequence_is_refused():
     from types import SimpleNamespace
 
-    from rlhf.attention import attention_forward
+    from rlhf.core.attention import attention_forward
 
     module = SimpleNamespace(sliding_window=4, config=SimpleNamespace())
     q = torch.randn(1, 2, 10, 8)
@@ -162,7 +162,7 @@ def test_sliding_window_longer_than_a_sequence_is_refused():
 
 
 def test_sequence_layout_by_hand():
-    from rlhf.logprobs import pack_sequences
+    from rlhf.core.logprobs import pack_sequences
 
     b = pack_sequences([[1, 2, 3], [4, 5]], [[0, 1, 1], [1, 1]])
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
@@ -182,9 +182,9 @@ def test_packed_sequences_equal_padded_and_the_models_own_loss(tiny_model_path, 
     """SFT's token-weighted NLL: packed == padded (per token within 1e-5) == the loss
     transformers computes itself from labels with -100 on untrained tokens."""
     from cluster.models import load_causal_lm
-    from rlhf.demo import demo_pair
-    from rlhf.logprobs import batch_logprobs, pack_sequences, pad_sequences
-    from rlhf.sft_data import tokenize_example
+    from rlhf.data.demo import demo_pair
+    from rlhf.core.logprobs import batch_logprobs, pack_sequences, pad_sequences
+    from rlhf.data.examples import tokenize_example
 
     ex = [tokenize_example(tokenizer, d["prompt"], d["chosen"], False, 1024, "keep_start")
           for d in (demo_pair(i) for i in range(5))]
@@ -213,7 +213,7 @@ def test_varlen_plan_gives_the_loop_kernels_result(monkeypatch):
     torch.nn.attention.varlen.varlen_attn that implements its documented semantics
     (bottom-right aligned causal mask per sequence): the same output as the loop kernel.
     tests/gpu checks the real kernel."""
-    from rlhf import attention
+    from rlhf.core import attention
 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
         assert window_size == (-1, 0) and q.dtype == torch.float32
@@ -246,7 +246,7 @@ def test_response_token_logprobs_per_token(tiny_model_path, tokenizer, packing):
     give the same (B, T) table, each response from column 0, and it equals a direct
     forward over each prompt + response alone."""
     from cluster.models import load_causal_lm
-    from rlhf.logprobs import response_batch, right_padded, scored_token_logprobs
+    from rlhf.core.logprobs import response_batch, right_padded, scored_token_logprobs
 
     P = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     R = [[20, 21], [22, 23, 24, 25], [26]]
@@ -269,7 +269,7 @@ def test_scored_positions_pick_the_state_before_each_response_token():
     """A value head's output is read where the log-probs are: at the position before
     each response token. Feed each layout a per-position tensor holding (sequence,
     position in its sequence) and check both pick the same states, by hand."""
-    from rlhf.logprobs import response_batch, right_padded, scored_positions
+    from rlhf.core.logprobs import response_batch, right_padded, scored_positions
 
     P, R = [[5, 6, 7], [8, 9]], [[20, 21], [22, 23, 24]]
     picked = {}

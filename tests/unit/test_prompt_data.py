@@ -6,8 +6,8 @@ import json
 import pytest
 
 from rlhf.config import PromptDataConfig
-from rlhf.data import DROP_EMPTY, DataError
-from rlhf.prompt_data import (DROP_PROMPT_TOO_LONG, detect_prompt_layout, normalise_prompt,
+from rlhf.data.pipeline import DROP_EMPTY, DataError
+from rlhf.data.prompts import (DROP_PROMPT_TOO_LONG, detect_prompt_layout, normalise_prompt,
                               tokenize_prompt)
 
 
@@ -33,8 +33,8 @@ def test_tokenize_prompts(tokenizer):
 
 
 def test_demo_reward():
-    from rlhf.rewards import call_function, load_function
+    from rlhf.core.rewards import call_function, load_function
 
-    fn = load_function("rlhf.tasks:demo_opening")
+    fn = load_function("rlhf.core.tasks:demo_opening")
     assert call_function(fn, "demo", ["p"] * 3,
                          [" Of course. Rivers...", "Sure! Rivers", ""], [{}] * 3) == [1.0, 0.0, 0.0]

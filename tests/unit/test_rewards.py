@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from rlhf.rewards import (RewardError, Rewards, call_function, function_source,
+from rlhf.core.rewards import (RewardError, Rewards, call_function, function_source,
                           load_function, shape_scores)
 
 
@@ -71,8 +71,8 @@ def test_reward_model_source_scores_and_refuses_another_tokenizer(
     """A reward-model folder as rlhf.rm exports it scores through the same checks,
     whatever the batch size (one forward or several); a policy with another vocabulary
     is refused."""
-    from rlhf.rewards import model_source
-    from rlhf.scoring import RewardScorer
+    from cluster.scoring import model_source
+    from cluster.scoring import RewardScorer
 
     src = model_source(reward_model_dir, weight=1.0, policy_path=tiny_model_path)
     prompts = ["\n\nHuman: hi\n\nAssistant:"] * 3

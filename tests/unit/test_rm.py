@@ -13,7 +13,7 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TQDM_DISABLE
                   WANDB_DISABLED="true")
 
 from rlhf.config import RMConfig  # noqa: E402
-from rlhf.logprobs import pack_pairs, pad_pairs, sequence_end_values  # noqa: E402
+from rlhf.core.logprobs import pack_pairs, pad_pairs, sequence_end_values  # noqa: E402
 
 
 def test_score_position_by_hand():
@@ -31,7 +31,7 @@ def test_score_position_by_hand():
 
 
 def _rows():
-    from rlhf.demo import demo_pair
+    from rlhf.data.demo import demo_pair
 
     pairs = [demo_pair(i) for i in range(4)]
     pairs.append({"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " Hello! How can I help?",
@@ -57,8 +57,8 @@ def test_matches_trl_reward_trainer(reward_model, tokenizer, tiny_model_path, pa
     from datasets import Dataset
 
     from cluster.models import load_causal_lm
-    from rlhf.data import tokenize_pair
-    from rlhf.losses import bradley_terry_loss
+    from rlhf.data.pipeline import tokenize_pair
+    from rlhf.core.losses import bradley_terry_loss
     from rlhf.rm import RMTask
 
     data = _rows()

@@ -1,10 +1,10 @@
-"""Rollout records (rlhf.rollouts): shapes checked, staleness and partial rollouts, the
+"""Rollout records (rlhf.core.rollouts): shapes checked, staleness and partial rollouts, the
 padded tables the trainers use, the staleness guard (whole groups) and the digest."""
 
 import pytest
 import torch
 
-from rlhf.rollouts import (OBSERVATION, RolloutRecord, digest, record_tables, split_stale,
+from rlhf.core.rollouts import (OBSERVATION, RolloutRecord, digest, record_tables, split_stale,
                            staleness_counts)
 
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from rlhf.config import SFTColumnsConfig, SFTDataConfig
-from rlhf.data import DROP_EMPTY, DROP_TOO_LONG, DataError
-from rlhf.sft_data import (DROP_NO_ASSISTANT, DROP_NO_TARGET, detect_sft_layout,
+from rlhf.data.pipeline import DROP_EMPTY, DROP_TOO_LONG, DataError
+from rlhf.data.examples import (DROP_NO_ASSISTANT, DROP_NO_TARGET, detect_sft_layout,
                            normalise_example, tokenize_example)
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -161,7 +161,7 @@ def test_tokens_and_labels_match_trl_sft(tmp_path, tiny_model_path, tokenizer, e
 
 
 def test_chat_template_option(tokenizer, tmp_path):
-    from rlhf.sft_data import resolve_chat_template
+    from rlhf.data.examples import resolve_chat_template
 
     template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                 "{% if add_generation_prompt %}[assistant] {% endif %}")

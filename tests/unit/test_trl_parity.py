@@ -17,10 +17,10 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TQDM_DISABLE
 
 trl = pytest.importorskip("trl")
 
-from rlhf.data import tokenize_pair  # noqa: E402
-from rlhf.demo import demo_pair  # noqa: E402
-from rlhf.logprobs import pad_pairs, sequence_logprobs, split_pairs  # noqa: E402
-from rlhf.losses import dpo_loss  # noqa: E402
+from rlhf.data.pipeline import tokenize_pair  # noqa: E402
+from rlhf.data.demo import demo_pair  # noqa: E402
+from rlhf.core.logprobs import pad_pairs, sequence_logprobs, split_pairs  # noqa: E402
+from rlhf.core.losses import dpo_loss  # noqa: E402
 
 BETA = 0.1
 

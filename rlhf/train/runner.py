@@ -2,7 +2,7 @@
 
 config -> Ray -> pipelines (counts printed) -> TorchTrainer -> fit -> model copied to
 the run directory -> summary.json, curves.png. The entry point supplies its worker
-loop, what its rows are (rlhf.data.PAIRS or rlhf.sft_data.EXAMPLES), what it adds to
+loop, what its rows are (rlhf.data.pipeline.PAIRS or rlhf.data.examples.EXAMPLES), what it adds to
 the pipelines (DPO's reference pass) and its final message.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,14 +25,15 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                  plot_keys: tuple[str, ...] = ("loss",), kind: Any = None,
                  setup: Callable | None = None, extra_cpus: float = 0.0,
                  train_split_to_workers: bool = True, worker_labels: dict | None = None,
-                 crash_once_at_step: int | None = None) -> Path:
+                 crash_once_at_step: int | None = None,
+                 evaluate: Callable[[Path], Path] | None = None) -> Path:
     """Train; returns the run directory.
 
     dataset / eval_dataset: in-memory datasets.Dataset or ray.data.Dataset (then
     data.path is ignored). loop_config: extra keys for the worker (model_path,
     total_steps, learning_rate, run_log and config are always there).
     add_to_pipelines(pipes, model_path): a last stage on the pipelines, before training.
-    kind: the rows' rlhf.data.RowKind (default: preference pairs).
+    kind: the rows' rlhf.data.pipeline.RowKind (default: preference pairs).
     setup(model_path, plan=, pipes=, total_steps=, run_dir=) -> dict: after Ray is up
     and the pipelines are built, before training; its result joins the loop config
     (online RL: the engines and the rollout coordinator). extra_cpus: CPUs those need,
@@ -43,6 +43,11 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     workers (online RL with rollout.placement=separate keeps them off rollout nodes).
     crash_once_at_step: fault injection for tests; the last worker exits hard once
     after that step, to exercise Ray Train's restart from the last checkpoint.
+    evaluate(run_dir) -> the report's folder: the entry point's evaluation of the export
+    (rlhf.dpo and rlhf.ppo with eval.after_training: rlhf.evaluate.after_training). It
+    runs here, on the Ray cluster this run started and before the model card is written,
+    so the card carries its verdict; the entry point hands it in because this module sits
+    below the evaluation (see the layers in README).
     """
     import ray
     import ray.data
@@ -51,7 +56,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     from cluster.models import load_tokenizer, resolve_model_path
     from cluster.train import (check_resources, connect, fit, make_run_dir, make_trainer,
                                plot_curves, quiet_ray_data, start_run_log)
-    from rlhf import data
+    from rlhf.data import pipeline as data
 
     kind = kind or data.PAIRS
     t_start = time.time()
@@ -128,12 +133,9 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                 pipes.train_counts[""] * t.epochs - summary["samples"] - worker_drops)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run_dir, plot_keys)
-        after = getattr(cfg, "eval", None)
-        if after is not None and after.after_training:  # DPO and PPO: eval.after_training
-            from rlhf.evaluate import after_training
-
+        if evaluate is not None:
             print("evaluating the exported model against its base ...", flush=True)
-            report = after_training(run_dir, after, cfg.cluster)
+            report = evaluate(run_dir)
             summary["eval_report"] = str(report / "report.html")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         finish_export(run_dir, prefix, cfg.output, summary)
@@ -147,7 +149,7 @@ def finish_export(run_dir: Path, prefix: str, output: Any, summary: dict) -> Non
     """The model card (model/README.md, with the evaluation when one ran) and, with
     output.push_to_hub, the upload; a failed upload is reported (summary.json:
     hub_upload) with the command that retries it, and the run stays as it is."""
-    from rlhf import model_card
+    from rlhf.train import model_card
 
     model_card.write(run_dir, prefix)
     if not output.push_to_hub:
@@ -166,53 +168,13 @@ def finish_export(run_dir: Path, prefix: str, output: Any, summary: dict) -> Non
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def default_model_key(cfg: Any) -> str:
-    """rlhf.demo.spec_key of a resolved config, its output section left out: the name
-    under which a built-in model trained from that config is cached. Built from the
-    config itself, so a changed default or override (a new release's SFT length, another
-    demo set) trains a model of its own instead of reusing one trained from other
-    settings."""
-    from rlhf.demo import spec_key
-
-    return spec_key({k: v for k, v in to_dict(cfg).items() if k != "output"})
-
-
-def cached_default_model(stem: Path, cfg_cls: type, prog: str, run: Callable,
-                         what: str, overrides: tuple[str, ...] = ()) -> str:
-    """The exported model/ of an entry point's embedded default run (with `overrides`),
-    trained once and kept at `<stem>-<default_model_key(config)>` (a built-in model of
-    the demo: rlhf.ppo's SFT policy, rlhf.evaluate's reward model). Safe with several
-    processes at once: each builds into a folder of its own and renames it into place;
-    the first rename wins."""
-    import shutil
-    import tempfile
-
-    cfg = parse_args(cfg_cls, ["train.eval_every=0", "train.checkpoint_every=0", *overrides],
-                     prog)
-    path = stem.with_name(f"{stem.name}-{default_model_key(cfg)}")
-    if (path / "config.json").is_file():
-        return str(path)
-    print(f"building {what} (once, a minute or two) ...", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg.output.dir = tmp  # not part of the key
-        run_dir = run(cfg)
-        staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-        shutil.copytree(run_dir / "model", staging, dirs_exist_ok=True)
-        try:
-            os.rename(staging, path)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(path)
-
-
 def main(cfg_cls: type, prog: str, run: Callable, done: Callable[[dict], str],
          argv: list[str] | None = None) -> int:
     """parse -> run -> print where the results are; clean messages and exit codes
     (2: bad config or data, 1: training failed)."""
     from cluster import console
     from cluster.train import TrainingError
-    from rlhf.data import DataError
+    from rlhf.data.pipeline import DataError
 
     argv = sys.argv[1:] if argv is None else argv
     try:

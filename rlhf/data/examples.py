@@ -1,4 +1,4 @@
-"""SFT examples through the pipeline of rlhf/data.py: detect the format, normalise to
+"""SFT examples through the pipeline of rlhf/data/pipeline.py: detect the format, normalise to
 prompt / completion, apply the chat template, tokenise with a loss mask, truncate, count.
 
 Formats (data.format; `auto` looks for these columns in the first row, in this order):
@@ -9,9 +9,9 @@ Formats (data.format; `auto` looks for these columns in the first row, in this o
                        conversational): the prompt and its chosen response
     text               {"text": ...}: loss on every token
 
-Sources, row ids, the held-out split, drop counting and streaming are rlhf/data.py's;
+Sources, row ids, the held-out split, drop counting and streaming are rlhf/data/pipeline.py's;
 this module supplies the `EXAMPLES` row kind. Tokenising follows the DPO pipeline
-(rlhf.data.tokenize_pair): plain text gets EOS appended, chat turns are closed by the
+(rlhf.data.pipeline.tokenize_pair): plain text gets EOS appended, chat turns are closed by the
 template, and the boundary between prompt and completion is found by common prefix of
 the token ids, so a model SFT'd here sees the layout DPO and the reward model use.
 """
@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from rlhf.config import ColumnsConfig, DataConfig, SFTDataConfig
-from rlhf.data import (DROP_EMPTY, DROP_MISSING, DROP_TOO_LONG, DataError, Layout, RowKind,
+from rlhf.data.pipeline import (DROP_EMPTY, DROP_MISSING, DROP_TOO_LONG, DataError, Layout, RowKind,
                        _common_prefix_len, _is_messages, _tokenizer, detect_layout, encode,
                        normalise_row)
-from rlhf.readers import ROWS_PER_BLOCK, Splits
+from rlhf.data.readers import ROWS_PER_BLOCK, Splits
 
 DROP_NO_ASSISTANT = "no assistant message to train on"
 DROP_NO_TARGET = "no completion token within max_length"
@@ -47,7 +47,7 @@ class SFTLayout:
     completion: str
     messages: str
     text: str
-    pair: Layout | None = None  # preference: how rlhf.data reads the pair
+    pair: Layout | None = None  # preference: how rlhf.data.pipeline reads the pair
 
     def table(self, ids: list[int], rows: list[dict]):
         import pyarrow as pa

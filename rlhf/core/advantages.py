@@ -148,7 +148,7 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | N
     response's score at its last token (the KL-in-reward form of PPO in RLHF).
 
     turn_rewards: (B, T), a multi-turn episode's per-turn rewards at each turn's last
-    model token (rlhf.rollouts.record_tables); they are part of `scores`, so what they
+    model token (rlhf.core.rollouts.record_tables); they are part of `scores`, so what they
     hold is taken off the score at the last token and placed where it was earned."""
     out = torch.zeros_like(mask, dtype=scores.dtype)
     if kl is not None and kl_coef:

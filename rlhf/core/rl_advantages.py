@@ -1,7 +1,7 @@
 """Advantage dispatch for online RL: from a step's scored rollouts (one dict per
-micro-batch, as rlhf/rl_task.py prepares them) to each token's advantage, by
+micro-batch, as rlhf/train/rl_task.py prepares them) to each token's advantage, by
 algo.algorithm, with the KL to the reference in the reward where algo.kl_penalty says
-so. The maths are rlhf/advantages.py's pure functions; what is here is which of them,
+so. The maths are rlhf/core/advantages.py's pure functions; what is here is which of them,
 on what, and the global-batch statistics (an all-reduce across training workers, given
 as `all_sum`, so that whitening does not depend on how the batch was split).
 
@@ -25,7 +25,7 @@ def assign_advantages(rollouts: list[dict], algo, samples_per_prompt: int, kl_co
     """Sets each rollout's advantages in place; returns (summed KL of the sampling policy
     to the reference, responses) over the global batch, for the adaptive KL controller
     (0, 0 without the KL in the reward)."""
-    from rlhf.advantages import (discounted_returns, gae, grpo_advantages, masked_moments,
+    from rlhf.core.advantages import (discounted_returns, gae, grpo_advantages, masked_moments,
                                  rloo_advantages, token_rewards, whiten_with)
 
     a, n = algo, samples_per_prompt

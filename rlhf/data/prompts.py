@@ -1,8 +1,8 @@
-"""Prompts for online RL through the pipeline of rlhf/data.py: detect the prompt column,
+"""Prompts for online RL through the pipeline of rlhf/data/pipeline.py: detect the prompt column,
 keep the other columns as metadata for reward functions, render chat prompts with the
 generation prompt, tokenise, drop (and count) prompts that are empty or too long.
 
-Sources, row ids, the held-out split, drop counting and streaming are rlhf/data.py's;
+Sources, row ids, the held-out split, drop counting and streaming are rlhf/data/pipeline.py's;
 this module supplies the `PROMPTS` row kind. Preference data works as a prompt source
 too (its chosen/rejected columns become metadata), so `builtin:demo` serves.
 """
@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from rlhf.config import PromptDataConfig
-from rlhf.data import DROP_EMPTY, DROP_MISSING, DataError, RowKind, _is_messages, _tokenizer, encode
-from rlhf.readers import ROWS_PER_BLOCK, Splits
+from rlhf.data.pipeline import (DROP_EMPTY, DROP_MISSING, DataError, RowKind, _is_messages,
+                                _tokenizer, encode)
+from rlhf.data.readers import ROWS_PER_BLOCK, Splits
 
 DROP_PROMPT_TOO_LONG = "prompt longer than max_prompt_length"
 

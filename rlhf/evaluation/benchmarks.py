@@ -1,5 +1,5 @@
 """MT-Bench and AlpacaEval: their question sets in, their answer files out, and the maths
-of the local judge. Pure functions and file formats; rlhf/benchmark_pass.py runs the
+of the local judge. Pure functions and file formats; rlhf/evaluation/benchmark_pass.py runs the
 models and the judge.
 
 Formats (as the tools' own loaders read them):
@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf.readers import DataError
+from rlhf.data.readers import DataError
 
 # FastChat's gen_model_answer.py samples each category at its own temperature.
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
@@ -84,7 +84,7 @@ def find_mt_bench() -> str:
 
 def find_alpaca_eval() -> str:
     """benchmarks.alpaca_eval=auto: the evaluation set from the hub (or its cache)."""
-    from rlhf.readers import _hub_reachable, _offline
+    from rlhf.data.readers import _hub_reachable, _offline
 
     repo, name = ALPACA_EVAL_HUB
     advice = (f"Give the file instead: benchmarks.alpaca_eval=<path to {name}> (from the "

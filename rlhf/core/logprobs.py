@@ -85,7 +85,7 @@ def pack_pairs(
     """Padding-free layout of a pair batch: everything back to back in one row.
 
     With `share_prompt` pair i is laid out once as [prompt | chosen | rejected] (the
-    prompt goes through the model once; rlhf/attention.py keeps the rejected tokens
+    prompt goes through the model once; rlhf/core/attention.py keeps the rejected tokens
     from seeing the chosen ones, read from `packed_blocks`). Without it, as flash
     attention's varlen kernel needs, the 2B sequences prompt+chosen (0..B-1) and
     prompt+rejected (B..2B-1) follow each other, their boundaries in `cu_seq_lens_q/k`.

@@ -5,8 +5,8 @@ Both are deterministic functions of their spec: the model folder is built once a
 cached (`$RLHF_CACHE`, default ~/.cache/rlhf), and demo pair i is a pure function of
 (seed, i), so any Ray task on any node generates the same pair without shipping files.
 
-    python -m rlhf.demo            # build (or find) the tiny model, print its path
-    python -m rlhf.demo --pairs 3  # also print a few demo pairs
+    python -m rlhf.data.demo            # build (or find) the tiny model, print its path
+    python -m rlhf.data.demo --pairs 3  # also print a few demo pairs
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def demo_pair(index: int, split: str = "train", seed: int = 0) -> dict:
 
 # ------------------------------------------------------------------------ tool demo
 # A task only a tool solves, for multi-turn RL (rlhf.ppo with data.path=builtin:tools and
-# rollout.environment=rlhf.tasks:BoxLookupEnv): the user asks what is in a box; the
+# rollout.environment=rlhf.core.tasks:BoxLookupEnv): the user asks what is in a box; the
 # fruit in it is drawn per row and shown only by the tool `open_box`. The built-in SFT
 # on these conversations shows the call format in half of them and a guess in the
 # other half, so the SFT'd model calls the tool about half the time; the environment

@@ -3,7 +3,7 @@
 An environment is a Python class named as `module:Class` (rollout.environment), built
 once per episode with rollout.env_args (a mapping) as keyword arguments:
 
-    class MyEnv(rlhf.environments.Environment):
+    class MyEnv(rlhf.core.environments.Environment):
         def reset(self, row: dict) -> None: ...       # the prompt row: prompt + its columns
         def step(self, text: str) -> Step: ...        # after each model turn
 
@@ -17,7 +17,7 @@ re-tokenised; an observation is rendered through the tokenizer's chat template e
 as a message after the model's turn would be, and only the new text (the end of the
 model's turn it did not write itself, the observation message, the next assistant
 header) is tokenised and appended (`ChatCodec`). Observation tokens are masked out of
-the loss and the KL (rlhf.rollouts.RolloutRecord.loss_mask).
+the loss and the KL (rlhf.core.rollouts.RolloutRecord.loss_mask).
 
 Tools: `ToolEnvironment` parses tool calls from the model's turn and calls its tools.
 The call format is the one the Hermes / Qwen chat templates use (and vLLM's `hermes`
@@ -82,9 +82,9 @@ class EnvironmentFailure(RuntimeError):
 
 def load_environment(spec: str, args: dict | None = None) -> Callable[[], Environment]:
     """'module:Class' and its keyword arguments -> a factory of episodes."""
-    from rlhf.rewards import import_callable
+    from rlhf.core.rewards import import_callable
 
-    cls = import_callable(spec, "rollout.environment", "class", "rlhf.tasks:BoxLookupEnv")
+    cls = import_callable(spec, "rollout.environment", "class", "rlhf.core.tasks:BoxLookupEnv")
     kwargs = dict(args or {})
 
     def make() -> Environment:
@@ -101,7 +101,7 @@ def checked_step(env_name: str, out: Any) -> Step:
     if not isinstance(out, Step):
         raise EnvironmentFailure(env_name, "malformed step",
                                  f"step() returned {type(out).__name__} {str(out)[:80]!r}; "
-                                 "return rlhf.environments.Step(observation, reward, done)")
+                                 "return rlhf.core.environments.Step(observation, reward, done)")
     if not isinstance(out.observation, str):
         raise EnvironmentFailure(env_name, "malformed step", "the observation must be a "
                                  f"string, got {type(out.observation).__name__}")

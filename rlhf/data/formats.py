@@ -9,7 +9,7 @@
         prompt, chosen / rejected (message lists holding the user turn too),
         score_chosen, score_rejected, messages (the *_sft splits)
         -> read as they are (the generic conversational format); the scores act through
-           rlhf.data (data.min_score_gap, data.columns.margin=score_gap)
+           rlhf.data.pipeline (data.min_score_gap, data.columns.margin=score_gap)
     OpenAssistant/oasst1, oasst2 (one row per message)
         message_id, parent_id, message_tree_id, role (prompter | assistant), text, rank,
         lang, deleted, review_result, ...
@@ -17,17 +17,16 @@
            pairs (rlhf.dpo, rlhf.rm), the top-ranked thread (rlhf.sft), every prompter
            turn with the conversation before it (rlhf.ppo)
 
-A recognised format wraps the entry point's own layout (rlhf.data.Layout, rlhf.sft_data.
-SFTLayout, rlhf.prompt_data.PromptLayout): rows are rewritten into the generic columns
-and then normalised, counted and tokenised exactly like any other data.
-
-OpenAssistant pairing rule: at every prompter turn, the best-ranked assistant reply
-(rank 0) is paired with each lower-ranked sibling (k ranked replies -> k-1 pairs).
-Every pair then teaches what the SFT thread teaches (the top reply), the count grows
-linearly with the siblings rather than quadratically (all k(k-1)/2 pairs would let
-trees with many replies dominate), and pairs between two poor replies, whose order the
-rankers agree on least, are left out. The reward model's margin (`data.columns.margin=
-score_gap`) is the rank difference.
+A recognised format wraps the entry point's own layout (rlhf.data.pipeline.Layout,
+rlhf.data.examples.SFTLayout, rlhf.data.prompts.PromptLayout): rows are rewritten into
+the generic columns and then normalised, counted and tokenised exactly like any other
+data. OpenAssistant pairing rule: at every prompter turn, the best-ranked assistant reply
+(rank 0) is paired with each lower-ranked sibling (k ranked replies -> k-1 pairs). Every
+pair then teaches what the SFT thread teaches (the top reply), the count grows linearly
+with the siblings rather than quadratically (all k(k-1)/2 pairs would let trees with many
+replies dominate), and pairs between two poor replies, whose order the rankers agree on
+least, are left out. The reward model's margin (`data.columns.margin= score_gap`) is the
+rank difference.
 """
 
 from __future__ import annotations
@@ -115,7 +114,7 @@ class OasstTrees:
     """
 
     inner: Any
-    kind: str  # "pairs", "examples" or "prompts" (rlhf.data.RowKind.name)
+    kind: str  # "pairs", "examples" or "prompts" (rlhf.data.pipeline.RowKind.name)
     langs: tuple[str, ...] = ()  # data.lang; () keeps every language
     reviewed: bool = True  # the table has review_result: leave out what failed review
     source_format: str = OASST

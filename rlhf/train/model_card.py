@@ -103,7 +103,7 @@ def push(model_dir: Path, repo_id: str, private: bool) -> str:
     Credentials: HF_TOKEN or `hf auth login`'s cache, never the config."""
     from huggingface_hub import HfApi
 
-    from rlhf.readers import _hub_host, _hub_reachable
+    from rlhf.data.readers import _hub_host, _hub_reachable
 
     if not _hub_reachable():
         raise ConnectionError(f"{_hub_host()} cannot be reached")

@@ -1,7 +1,7 @@
 """rlhf.evaluate's benchmark hand-off: both models answer MT-Bench's questions (turn by
 turn, each turn after the model's own previous answer) and AlpacaEval's instructions in
 the vLLM engine slot rlhf.evaluate uses; the answers are written in each tool's format;
-the local judge grades them (rlhf/benchmarks.py has the formats and the maths).
+the local judge grades them (rlhf/evaluation/benchmarks.py has the formats and the maths).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from rlhf import benchmarks as bm
+from rlhf.evaluation import benchmarks as bm
 
 
 def _render(tok, messages: list[dict]) -> list[int]:
     """Token ids of a conversation ending where the assistant answers: the chat template
     with its generation prompt, or hh-rlhf's plain layout without one."""
-    from rlhf.data import encode
+    from rlhf.data.pipeline import encode
 
     if tok.chat_template:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -95,7 +95,7 @@ def grade(engines, judge_path: str, questions: list[dict], answers: list[list[st
     import ray
 
     from cluster.models import load_tokenizer
-    from rlhf.data import _common_prefix_len, encode
+    from rlhf.data.pipeline import _common_prefix_len, encode
 
     tok = load_tokenizer(judge_path)
     seqs, starts, where = [], [], []
@@ -143,7 +143,7 @@ def run(cfg: Any, setup: Any, engines: Any, judge_fn: Any) -> dict:
     one. Returns {"files": {relative path: text}, "results": {...}} (rlhf.evaluate
     writes the files once its run directory exists)."""
     from cluster.models import load_tokenizer
-    from rlhf import eval_metrics as em
+    from rlhf.core import eval_metrics as em
 
     b = cfg.benchmarks
     aligned_id, base_id = model_ids(cfg, setup)

@@ -11,8 +11,8 @@ One step, on every worker, over its share of the step's rollout records:
     old        with several updates per batch, or the KL in the reward, the proximal
                policy's log-probs (the policy at the step's start) recomputed; for PPO,
                the critic's values
-    advantages rlhf/rl_advantages.py (grpo, rloo, reinforce++, ppo)
-    train      algo.ppo_epochs x algo.mini_batches updates of `rlhf.losses.online_rl_loss`:
+    advantages rlhf/core/rl_advantages.py (grpo, rloo, reinforce++, ppo)
+    train      algo.ppo_epochs x algo.mini_batches updates of `rlhf.core.losses.online_rl_loss`:
                the clipped ratio to the proximal policy, weighted by the rollout
                correction pi_prox / mu (algo.rollout_is: tis, mis or none) against the
                engine's behaviour log-probs, + k3 KL - entropy bonus, the token mean over
@@ -68,12 +68,12 @@ class RLTask(Task):
         return groups * self.cfg.algo.ppo_epochs
 
     def dummy_rows(self, token_id: int) -> list[dict]:
-        from rlhf.logprobs import dummy_sequence_rows
+        from rlhf.core.logprobs import dummy_sequence_rows
 
         return dummy_sequence_rows(token_id)
 
     def batch_builder(self):
-        from rlhf.logprobs import rows_sequence_batch
+        from rlhf.core.logprobs import rows_sequence_batch
 
         return rows_sequence_batch
 
@@ -87,9 +87,9 @@ class RLTask(Task):
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         from cluster.train import rank_world
         from cluster.weight_sync import WeightPublisher
-        from rlhf.advantages import AdaptiveKLController
+        from rlhf.core.advantages import AdaptiveKLController
         from rlhf.config import resolved_rollout_is
-        from rlhf.rewards import reward_spec
+        from rlhf.core.rewards import reward_spec
 
         cfg, a = self.cfg, self.cfg.algo
         self.world, self.accum = world, accum  # accum: micro-batches per optimizer update
@@ -120,7 +120,7 @@ class RLTask(Task):
         if cfg.reward.model:
             from cluster.deepspeed import frozen_config_for
             from cluster.scoring import sharded_scorer
-            from rlhf.rewards import model_source
+            from cluster.scoring import model_source
 
             # a frozen DeepSpeed engine like the reference: sharded under ZeRO-3, in CPU
             # memory with cluster.offload_frozen
@@ -190,9 +190,9 @@ class RLTask(Task):
     def _policy_tables(self, model_engine, batch: dict, n_seqs: int, entropy: bool = False):
         """(log-probs (S, T), mask (S, T), entropy (S, T) or None) of the response
         positions at the sampling temperature."""
-        from rlhf.logprobs import (model_inputs, right_padded, scored_positions,
+        from rlhf.core.logprobs import (model_inputs, right_padded, scored_positions,
                                    scored_token_logprobs)
-        from rlhf.losses import entropy_from_logits
+        from rlhf.core.losses import entropy_from_logits
 
         out = model_engine(**model_inputs(batch, model_engine.device))
         logits = out.logits / self.cfg.rollout.temperature
@@ -210,9 +210,9 @@ class RLTask(Task):
         policy and the critic's values)."""
         import torch
 
-        from rlhf.logprobs import response_batch
-        from rlhf.rewards import shape_scores
-        from rlhf.rollouts import record_tables
+        from rlhf.core.logprobs import response_batch
+        from rlhf.core.rewards import shape_scores
+        from rlhf.core.rollouts import record_tables
 
         cfg = self.cfg
         P = [r.prompt_ids for r in records]
@@ -278,7 +278,7 @@ class RLTask(Task):
 
     def begin_step(self, micro_batches: list[list], timer) -> None:
         from cluster.train import all_sum
-        from rlhf.rl_advantages import assign_advantages
+        from rlhf.core.rl_advantages import assign_advantages
 
         if timer:  # the loop booked the wait for this step's rollouts as "data"
             timer.times["generate"] = timer.times.pop("data", 0.0)
@@ -301,7 +301,7 @@ class RLTask(Task):
         return tuple((r.group, r.sample) for r in records)
 
     def step_counts(self, micro_batches: list[list]) -> dict[str, float]:
-        from rlhf.rollouts import staleness_counts
+        from rlhf.core.rollouts import staleness_counts
 
         ds = [self.rollouts[self._key(mb)] for mb in micro_batches if mb]
         p = sum(d["prompt_tokens"] for d in ds)
@@ -318,8 +318,8 @@ class RLTask(Task):
     def micro_step(self, engine, rows: list, totals: dict | None, grad: bool, timer):
         import torch
 
-        from rlhf.advantages import kl_estimate
-        from rlhf.losses import online_rl_loss
+        from rlhf.core.advantages import kl_estimate
+        from rlhf.core.losses import online_rl_loss
 
         a = self.cfg.algo
         ent_on = bool(a.entropy_coef)
@@ -416,7 +416,7 @@ class RLTask(Task):
         coordinator, scored and with the reference's forward."""
         import ray
 
-        from rlhf.rollouts import RolloutRecord
+        from rlhf.core.rollouts import RolloutRecord
 
         plain = [{"id": int(r["id"]), "prompt_ids": [int(t) for t in r["prompt_ids"]],
                   "metadata": str(r["metadata"])} for r in rows]
@@ -505,6 +505,6 @@ class RLTask(Task):
 
 def train_loop_per_worker(lc: dict) -> None:
     from cluster.loop import train_loop
-    from rlhf.config import PPOConfig, _build
+    from rlhf.config import PPOConfig, build
 
-    train_loop(lc, RLTask(_build(PPOConfig, lc["config"])))
+    train_loop(lc, RLTask(build(PPOConfig, lc["config"])))

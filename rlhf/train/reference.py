@@ -31,7 +31,7 @@ class ReferenceLogps:
     def _score(self, rows: list[int], batch: dict[str, np.ndarray]):
         import torch
 
-        from rlhf.logprobs import model_inputs, pair_batch, batch_logprobs, split_pairs
+        from rlhf.core.logprobs import model_inputs, pair_batch, batch_logprobs, split_pairs
 
         t = pair_batch([batch["prompt_ids"][i].tolist() for i in rows],
                        [batch["chosen_ids"][i].tolist() for i in rows],

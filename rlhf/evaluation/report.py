@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from rlhf.eval_metrics import WORKING, WORSE, repeated_ngram_rate
+from rlhf.core.eval_metrics import WORKING, WORSE, repeated_ngram_rate
 
 COLORS = {"base": "#8c8c8c", "aligned": "#1f77b4"}
 

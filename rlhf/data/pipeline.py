@@ -11,7 +11,7 @@ reason so the training workers count them, and the driver's first pass counts th
 before training starts. Row ids make resumption exact: a checkpoint records the ids
 already trained on, and a resumed run skips exactly those.
 
-SFT examples take the same path (`RowKind`): rlhf/sft_data.py supplies their format
+SFT examples take the same path (`RowKind`): rlhf/data/examples.py supplies their format
 detection, normalisation and tokenising; sources, ids, the held-out split, counting and
 streaming are this module's.
 """
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from rlhf import dataset_formats
+from rlhf.data import formats
 from rlhf.config import DataConfig
-from rlhf.dataset_formats import SCORE_COLUMNS, SCORE_GAP
+from rlhf.data.formats import SCORE_COLUMNS, SCORE_GAP
 # DataError, Source, peek_rows and resolve_sources are part of this module's API too.
-from rlhf.readers import (PAIR_SPLITS, ROWS_PER_BLOCK, DataError, Source,  # noqa: F401
+from rlhf.data.readers import (PAIR_SPLITS, ROWS_PER_BLOCK, DataError, Source,  # noqa: F401
                           Splits, iter_file_rows, peek_rows, resolve_sources)
 
 FILE_SHIFT = 40  # row id = file index << 40 | row number in that file
@@ -291,7 +291,7 @@ def _datasource_class():
 
 
 def _demo_rows(batch: dict[str, np.ndarray], split: str, layout):
-    from rlhf.demo import demo_row
+    from rlhf.data.demo import demo_row
 
     ids = [int(i) for i in batch["id"]]
     return layout.table(ids, [demo_row(i, split) for i in ids])
@@ -306,14 +306,14 @@ def _rows_with_ids(batch, layout, id_column: str | None):
     if id_column:
         ids = [int(r[id_column]) for r in rows]
     else:  # content hash: stable across runs whatever the block order
-        ids = [dataset_formats.stable_id(json.dumps(r, sort_keys=True, default=str))
+        ids = [formats.stable_id(json.dumps(r, sort_keys=True, default=str))
                for r in rows]
     return layout.table(ids, rows)
 
 
 def read_normalised(source: Source, layout, demo_pairs: int = 0):
     """Source -> Ray Dataset of normalised rows (`layout.table`'s columns: for pairs
-    NORMALISED_COLUMNS, for SFT examples rlhf.sft_data's), streamed."""
+    NORMALISED_COLUMNS, for SFT examples rlhf.data.examples's), streamed."""
     ds = _read(source, layout, demo_pairs)
     # Formats spread over rows (OpenAssistant's message trees) are put together here.
     return layout.regroup(ds, _shuffle_partitions(source)) if hasattr(layout, "regroup") else ds
@@ -493,7 +493,7 @@ def tokenize(ds, tokenizer_path: str, cfg: DataConfig):
 @dataclass(frozen=True)
 class RowKind:
     """What a pipeline carries: preference pairs (DPO, reward model) or SFT examples
-    (rlhf.sft_data.EXAMPLES). The stages around them (sources, ids, held-out split,
+    (rlhf.data.examples.EXAMPLES). The stages around them (sources, ids, held-out split,
     counting, streaming to workers) are the same.
 
     detect(first_row, data_cfg, source_name) -> a layout whose .table(ids, rows) gives
@@ -578,15 +578,15 @@ def inspect(cfg: Any, dataset: Any = None, eval_dataset: Any = None,
 
 def detect(kind: RowKind, row: dict, cfg: Any, source_name: str) -> Any:
     """The layout of a source from its first row: a known public format
-    (rlhf.dataset_formats: UltraFeedback, OpenAssistant) around the kind's own layout,
+    (rlhf.data.formats: UltraFeedback, OpenAssistant) around the kind's own layout,
     or the kind's layout alone."""
-    fmt = dataset_formats.recognise(row)
+    fmt = formats.recognise(row)
     if not fmt:
         return kind.detect(row, cfg, source_name)
-    inner = kind.detect(dataset_formats.sample_row(fmt, kind.name, row), cfg,
-                        f"{source_name} ({dataset_formats.describe(fmt)})")
+    inner = kind.detect(formats.sample_row(fmt, kind.name, row), cfg,
+                        f"{source_name} ({formats.describe(fmt)})")
     langs = tuple(x.strip() for x in getattr(cfg, "lang", "").split(",") if x.strip())
-    return dataset_formats.wrap(fmt, inner, kind.name, langs, row)
+    return formats.wrap(fmt, inner, kind.name, langs, row)
 
 
 @dataclass
@@ -621,7 +621,7 @@ def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
     notes = []
     fmt = getattr(plan.train_layout, "source_format", "")
     if fmt:
-        notes.append(f"format: {dataset_formats.describe(fmt)}")
+        notes.append(f"format: {formats.describe(fmt)}")
     if per_group:
         notes.append(f"{what} per tree: {np.mean(per_group):.2f} mean, "
                      f"{int(np.median(per_group))} median, {max(per_group)} max, over "

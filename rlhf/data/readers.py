@@ -1,7 +1,7 @@
 """Where rows come from: files, folders, saved datasets, hub datasets, object storage
 (s3://, gs://), in-memory datasets and the demo, read as plain row dicts with their
 position (file, line) so errors can name it. Ray is touched only to recognise (and peek
-at) a ray.data.Dataset; rlhf.data streams these readers through Ray Data.
+at) a ray.data.Dataset; rlhf.data.pipeline streams these readers through Ray Data.
 
 Split names: a saved DatasetDict or a hub dataset holds several splits; the entry point
 says which it wants (`Splits`: DPO and the reward model take train_prefs/test_prefs
@@ -372,7 +372,7 @@ def _chain_first(first: str, rest):
 def peek_rows(source: Source, n: int = 1) -> list[dict]:
     """The first n raw rows of a source, read directly (no Ray), for format detection."""
     if source.kind == "demo":
-        from rlhf.demo import demo_row
+        from rlhf.data.demo import demo_row
 
         return [demo_row(i, source.demo_split) for i in range(n)]
     if source.kind == "hf":

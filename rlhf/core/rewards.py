@@ -17,7 +17,6 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class RewardError(ValueError):
@@ -46,7 +45,7 @@ def import_callable(spec: str, what: str, kind: str, example: str,
 
 def load_function(spec: str) -> Callable:
     """'package.module:function' -> the reward function."""
-    return import_callable(spec, "reward function", "function", "rlhf.tasks:count_reward",
+    return import_callable(spec, "reward function", "function", "rlhf.core.tasks:count_reward",
                            RewardError)
 
 
@@ -86,30 +85,6 @@ class RewardSource:
 def function_source(spec: str, weight: float = 1.0) -> RewardSource:
     fn = load_function(spec)
     return RewardSource(spec, weight, lambda p, r, m: call_function(fn, spec, p, r, m))
-
-
-def model_source(path: str, weight: float = 1.0, policy_path: str | None = None,
-                 scorer: Any = None, **scorer_kw: Any) -> RewardSource:
-    """A reward model exported by rlhf.rm, loaded here as a RewardScorer(path,
-    **scorer_kw) unless `scorer` is one already (e.g. cluster.scoring.sharded_scorer).
-    With policy_path, its tokenizer must be the policy's: it scores the policy's text as
-    training tokenised it, and a different vocabulary means a model trained for another
-    policy family."""
-    if scorer is None:
-        from rlhf.scoring import RewardScorer
-
-        scorer = RewardScorer(path, **scorer_kw)
-    if policy_path is not None:
-        from cluster.models import load_tokenizer
-
-        policy_tok = load_tokenizer(policy_path)
-        if policy_tok.get_vocab() != scorer.tok.get_vocab():
-            raise RewardError(
-                f"reward model {path} has another tokenizer than the policy {policy_path} "
-                f"({len(scorer.tok)} vs {len(policy_tok)} tokens): train "
-                "the reward model from the policy's base (rlhf.rm model.name_or_path=...).")
-    return RewardSource(path, weight, lambda p, r, m: call_function(
-        lambda pp, rr, _: scorer.score(pp, rr), path, p, r, m))
 
 
 @dataclass

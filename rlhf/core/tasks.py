@@ -1,5 +1,5 @@
 """Reward functions for the project's own online-RL tasks (and examples of the
-`module:function` form rlhf.rewards loads: (prompts, responses, metadata) -> floats).
+`module:function` form rlhf.core.rewards loads: (prompts, responses, metadata) -> floats).
 
 demo_opening: the embedded default's verifiable target. After the built-in SFT on the
 demo's chosen answers the tiny model opens with one of four learned phrasings about as
@@ -19,13 +19,13 @@ def demo_opening(prompts: Sequence[str], responses: Sequence[str],
 
 
 # ------------------------------------------------------------------- environments
-# For rlhf.ppo's rollout.environment (see rlhf/environments.py).
+# For rlhf.ppo's rollout.environment (see rlhf/core/environments.py).
 
-from rlhf.environments import Environment, Step, ToolEnvironment  # noqa: E402
+from rlhf.core.environments import Environment, Step, ToolEnvironment  # noqa: E402
 
 
 class BoxLookupEnv(ToolEnvironment):
-    """The tool demo (data.path=builtin:tools, rlhf.demo.tool_demo_row): the fruit in the
+    """The tool demo (data.path=builtin:tools, rlhf.data.demo.tool_demo_row): the fruit in the
     box is the row's `answer`, shown only by the tool `open_box`. The final answer earns
     1 when it names that fruit and the tool was called first, else 0: the reward can only
     be earned through the tool (a guess earns nothing, however lucky). latency_s: each

@@ -1,0 +1,250 @@
+"""rlhf.ppo's config: rollout, algorithm, rewards, on top of the shared sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from rlhf.config.base import ConfigError, one_of
+from rlhf.config.sections import (AfterTrainingConfig, ClusterConfig, ModelConfig,
+                                  OutputConfig, PromptDataConfig, TrainConfig, check_common)
+
+
+@dataclass
+class RolloutConfig:
+    engines: int = 1
+    """vLLM engine actors generating the responses (each serves the training workers
+    whose rank modulo this count is its index)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine (tensor parallel); 1 on CPU."""
+    cpus_per_engine: float = 1.0
+    """CPUs reserved per engine actor."""
+    samples_per_prompt: int = 4
+    """Responses sampled per prompt (GRPO's and RLOO's group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (the trainer's log-probs use the same)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 48
+    """Longest response in tokens."""
+    kv_cache_fraction: float = 0.15
+    """vLLM's gpu_memory_utilization (on CPU: the share of host memory for the KV cache)."""
+    weight_sync: str = "auto"
+    """How new weights reach the engines: shm (a file in /dev/shm: one machine), store
+    (buckets through Ray's object store, any number of nodes), broadcast (a process group
+    of training rank 0 and the engine workers: NCCL on GPUs, gloo on CPU; no copy kept,
+    so an engine lost mid-step costs a resume from the last checkpoint) or auto (shm on
+    a local Ray this run starts, store on a cluster)."""
+    sync_bucket_mb: float = 512.0
+    """store, broadcast: the weights travel in buckets of about this size (ZeRO-3
+    gathers one bucket at a time, so no rank holds the whole model)."""
+    sync_timeout_s: float = 600.0
+    """broadcast: the longest wait for the group to form or a bucket to arrive; past it
+    the step fails with the engines that did not answer named."""
+    max_staleness: int = 0
+    """How many weights versions a sample may lag the policy it trains: 0 is lock-step
+    on-policy (each step's samples come from the step's own starting weights); 1 lets
+    the engines generate the next step's samples while this one trains; k >= 2 lets them
+    run up to k steps ahead. Staleness is shown per step (train/staleness/...)."""
+    partial_rollouts: bool = False
+    """Generate in pieces of rollout.chunk_tokens and let the engines take new weights
+    between pieces: a response interrupted by a weight update continues under the new
+    weights, each token tagged with the version that sampled it (with max_staleness >= 1
+    the engines then never wait for a long response to finish)."""
+    chunk_tokens: int = 16
+    """partial_rollouts: tokens per piece."""
+    placement: str = "colocated"
+    """colocated: the engines go wherever Ray finds room, beside the training workers if
+    need be; separate: engines only on nodes labelled rlhf-role=rollout and training
+    workers only on the others (ray-cluster.yaml's rollout node type), so generation and
+    training never share a GPU."""
+    environment: str = ""
+    """A multi-turn environment as module:Class (rlhf.core.environments; e.g.
+    rlhf.core.tasks:BoxLookupEnv for the tool demo): its rewards join reward.functions'."""
+    env_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment: a mapping (on the command line in YAML's
+    flow form, e.g. rollout.env_args='{latency_s: 0.2}')."""
+    max_turns: int = 1
+    """Model turns per episode (an environment's observation between turns)."""
+    max_observation_tokens: int = 64
+    """The longest observation appended (its content is cut to this many tokens)."""
+    env_timeout_s: float = 30.0
+    """The longest an environment's reset or step may take; past it the episode fails."""
+    env_errors: str = "skip"
+    """An environment that raises, hangs or returns a malformed step: skip (the prompt's
+    group is dropped, counted, and replaced by the next prompt) or stop (the run ends
+    with the environment's name and error)."""
+
+
+@dataclass
+class RLAlgoConfig:
+    algorithm: str = "grpo"
+    """grpo (group-normalised advantages), rloo (leave-one-out baseline), reinforce++
+    (batch-whitened returns), all without a critic; or ppo (GAE with a critic)."""
+    scale_rewards: bool = True
+    """grpo: divide by the group's reward std (false: Dr. GRPO)."""
+    ppo_epochs: int = 1
+    """Passes over each batch of samples."""
+    mini_batches: int = 1
+    """Optimizer updates per pass, each over 1/mini_batches of the batch (must divide
+    the micro-batches per worker). With ppo_epochs x mini_batches > 1 the policy that
+    sampled is recomputed first, and the clip bounds the later updates."""
+    clip_low: float = 0.2
+    """Policy ratio clip below 1."""
+    clip_high: float | None = None
+    """Policy ratio clip above 1 (empty: clip_low; larger: DAPO's clip-higher)."""
+    kl_coef: float = 0.02
+    """Weight of the KL to the reference (0: no reference model is loaded)."""
+    kl_penalty: str = "loss"
+    """loss: kl_coef x k3 KL added to the policy loss; reward: -kl_coef x k1 KL added to
+    every token's reward (PPO's classic RLHF form; for grpo/rloo the response's summed
+    KL is taken off its score before the baseline)."""
+    kl_target: float | None = None
+    """kl_penalty=reward: adapt kl_coef towards this KL per response (Ziegler et al.
+    2019); empty: the coefficient stays fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL: responses over which a full correction is made."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (subtracted from the loss)."""
+    gamma: float = 1.0
+    """ppo, reinforce++: discount over response tokens."""
+    lam: float = 0.95
+    """ppo: GAE lambda."""
+    value_clip: float | None = 0.2
+    """ppo: clip of the critic's change per update (empty: plain squared error)."""
+    critic_model: str | None = None
+    """ppo: the critic's starting point (empty: the policy with a fresh value head; a
+    reward model exported by rlhf.rm: its trained head)."""
+    critic_learning_rate: float | None = None
+    """ppo: the critic's learning rate (empty: the policy's)."""
+    rollout_is: str = "auto"
+    """Correction for the engine's sampling policy mu against the trainer's proximal
+    policy (the policy at the step's start): each token's loss is weighted by
+    pi_prox / mu, truncated at rollout_is_cap (tis) or dropped above it (mis); none
+    ignores mu. auto: tis when rollout.max_staleness > 0 (stale samples: the decoupled
+    PPO objective), none when 0."""
+    rollout_is_cap: float = 2.0
+    """The largest importance weight kept (tis) or trained on (mis)."""
+    dynamic_sampling: bool = False
+    """grpo, rloo: drop prompts whose samples all score the same (no learning signal) and
+    sample more prompts until the batch is full (DAPO); counted per step."""
+    overlong: str = "none"
+    """Responses that reach the token budget: none, filter (left out of the loss) or
+    penalty (DAPO's soft penalty over the last overlong_buffer tokens)."""
+    overlong_buffer: int = 8
+    """overlong=penalty: tokens before the budget where the penalty starts."""
+    overlong_penalty: float = 1.0
+    """overlong=penalty: the penalty at the budget."""
+
+
+@dataclass
+class RewardConfig:
+    functions: list[str] = field(default_factory=lambda: ["rlhf.core.tasks:demo_opening"])
+    """Reward functions as module:function or module:function=weight, summed."""
+    model: str | None = None
+    """A reward model exported by rlhf.rm, added to the functions' sum."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score."""
+    clip: float | None = None
+    """Clip each response's total reward to [-clip, clip]."""
+
+
+@dataclass
+class PPOConfig:
+    """Online RL (GRPO, RLOO, REINFORCE++, PPO with a critic) with vLLM rollout engines on
+    Ray, the policy (and critic) trained by Ray Train + DeepSpeed, prompts through Ray
+    Data."""
+
+    PRETRAINED_LR: ClassVar[float] = 1e-6
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to start from (usually an SFT model); also the reference."""
+    data: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(
+        demo_pairs=256, demo_eval_pairs=32))
+    """Prompts."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        global_batch_size=16, micro_batch_size=8, max_steps=24, eval_every=8,
+        warmup_ratio=0.0, lr_scheduler="constant", checkpoint_every=0))
+    """Iterations, each over train.global_batch_size prompts (algo.ppo_epochs x
+    algo.mini_batches optimizer updates each)."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """vLLM engines and sampling."""
+    algo: RLAlgoConfig = field(default_factory=RLAlgoConfig)
+    """Advantages and the policy loss."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Where rewards come from."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray and DeepSpeed."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results land."""
+    eval: AfterTrainingConfig = field(default_factory=AfterTrainingConfig)
+    """Comparison with the base model after training (rlhf.evaluate)."""
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        a, r = self.algo, self.rollout
+        one_of("rollout.weight_sync", r.weight_sync, ("auto", "shm", "store", "broadcast"))
+        if r.sync_timeout_s <= 0:
+            raise ConfigError(f"rollout.sync_timeout_s={r.sync_timeout_s}: the weight sync's "
+                              "timeout in seconds must be positive (e.g. 600)")
+        one_of("rollout.placement", r.placement, ("colocated", "separate"))
+        one_of("rollout.env_errors", r.env_errors, ("skip", "stop"))
+        one_of("algo.rollout_is", a.rollout_is, ("auto", "none", "tis", "mis"))
+        one_of("algo.overlong", a.overlong, ("none", "filter", "penalty"))
+        if r.max_staleness < 0:
+            raise ConfigError(f"rollout.max_staleness={r.max_staleness} must be 0 (on-policy) "
+                              "or more.")
+        if r.partial_rollouts and r.chunk_tokens < 1:
+            raise ConfigError("rollout.chunk_tokens must be at least 1 with "
+                              "rollout.partial_rollouts.")
+        if r.max_turns < 1 or (r.max_turns > 1 and not r.environment):
+            raise ConfigError(f"rollout.max_turns={r.max_turns}: more than one turn needs an "
+                              "environment (rollout.environment=module:Class) to answer the "
+                              "model's turns.")
+        if r.env_args and not r.environment:
+            raise ConfigError("rollout.env_args is given but no rollout.environment.")
+        if r.env_timeout_s <= 0:
+            raise ConfigError(f"rollout.env_timeout_s={r.env_timeout_s} must be positive.")
+        if a.rollout_is_cap <= 1.0:
+            raise ConfigError(f"algo.rollout_is_cap={a.rollout_is_cap} must be above 1 (2 is "
+                              "usual): weights above it are truncated or dropped.")
+        if a.dynamic_sampling and a.algorithm not in ("grpo", "rloo"):
+            raise ConfigError("algo.dynamic_sampling drops prompts whose samples all score the "
+                              "same, which carry no signal only for grpo and rloo.")
+        if a.dynamic_sampling and self.reward.model:
+            raise ConfigError("algo.dynamic_sampling filters on rewards known when a sample is "
+                              "made (reward.functions, the environment); reward.model scores "
+                              "on the trainers, after the filter. Drop one of the two.")
+        if a.overlong == "penalty" and a.overlong_buffer < 1:
+            raise ConfigError("algo.overlong_buffer must be at least 1 token.")
+        one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo"))
+        one_of("algo.kl_penalty", a.kl_penalty, ("loss", "reward"))
+        if a.algorithm in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(f"rollout.samples_per_prompt must be at least 2: "
+                              f"{a.algorithm} compares the samples of one prompt.")
+        if a.ppo_epochs < 1 or a.mini_batches < 1:
+            raise ConfigError("algo.ppo_epochs and algo.mini_batches must be at least 1.")
+        lo, hi = self.cluster.worker_range
+        for world in range(lo, hi + 1):
+            per_worker = self.train.global_batch_size // (self.train.micro_batch_size * world)
+            if per_worker % a.mini_batches:
+                raise ConfigError(
+                    f"algo.mini_batches={a.mini_batches} does not divide the {per_worker} "
+                    f"micro-batch(es) each of {world} workers runs per step "
+                    f"(train.global_batch_size / (train.micro_batch_size x workers)): lower "
+                    f"train.micro_batch_size or algo.mini_batches.")
+        if not self.reward.functions and not self.reward.model and not r.environment:
+            raise ConfigError("No reward: give reward.functions (module:function), "
+                              "reward.model (a reward model exported by rlhf.rm) or "
+                              "rollout.environment (module:Class), or several.")
+        if a.kl_target is not None and a.kl_penalty != "reward":
+            raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "
+                              "algo.kl_penalty=reward too.")
+
+
+def resolved_rollout_is(cfg: Any) -> str:
+    """algo.rollout_is with auto resolved: tis for stale samples, none on-policy."""
+    if cfg.algo.rollout_is != "auto":
+        return cfg.algo.rollout_is
+    return "tis" if cfg.rollout.max_staleness > 0 else "none"
+

@@ -1,0 +1,442 @@
+"""The sections the entry points share: model (and LoRA), data (pairs, SFT examples,
+prompts), loss, train, cluster, output, and the after-training evaluation; the checks
+across them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf.config.base import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, one_of
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft LoRA) instead of all weights. The reference model is
+    then the policy with its adapters disabled: no second copy of the model in memory."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    """Names of the linear modules that get adapters."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes). GPU only."""
+    merge_on_export: bool = True
+    """Merge the adapters into the base weights when exporting `model/`. False saves the
+    adapter alone (peft format) next to the tokenizer."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = BUILTIN_MODEL
+    """Policy to start from: a local Hugging Face model folder, a hub id (only where the
+    hub is reachable), or `builtin:tiny-llama`, a 0.64M-parameter Llama with a byte-level
+    BPE tokenizer that the project builds itself (deterministic, cached)."""
+    ref_name_or_path: str | None = None
+    """Reference model. Empty means the same base as the policy (the usual choice). A
+    different model is allowed but must share the tokenizer; you will be warned."""
+    dtype: str = "fp32"
+    """Weights and compute dtype for every model and adapter: fp32, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, eager or flash_attention_2 (GPU).
+    With data.packing, sdpa and eager give way to the project's packed kernel."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA settings."""
+
+
+@dataclass
+class ColumnsConfig:
+    prompt: str = "prompt"
+    """Column holding the prompt (explicit format). Absent -> implicit prompt format."""
+    chosen: str = "chosen"
+    """Column holding the preferred response (or whole preferred dialogue)."""
+    rejected: str = "rejected"
+    """Column holding the dispreferred response (or whole dialogue)."""
+    margin: str = ""
+    """Optional numeric column: how much better the chosen response is. The reward model
+    then needs its score ahead by at least that much (Llama 2's margin loss); DPO ignores
+    it. Empty: no margin. Rows where it is missing or not a number are dropped, counted."""
+
+
+@dataclass
+class SourceConfig:
+    """Where the rows come from and how they are streamed; shared by every entry point's
+    data section (DataConfig for preference pairs, SFTDataConfig for SFT examples)."""
+
+    path: str = BUILTIN_DATA
+    """Training data: a .jsonl/.json/.parquet/.csv file (.gz allowed for JSON), a folder
+    of them, a folder written by `datasets.save_to_disk`, a hub dataset id (owner/name,
+    through datasets.load_dataset and the hub cache; HF_HUB_OFFLINE=1 for the cache
+    alone) or a folder laid out as one, an object-storage path (s3://bucket/prefix,
+    gs://...; credentials and endpoint from the usual AWS_* / GOOGLE_* variables), or
+    `builtin:demo` (pairs the project generates, with a held-out split of unseen
+    topics). UltraFeedback (argilla's and HuggingFaceH4's binarized sets) and
+    OpenAssistant message tables (oasst1/oasst2) are recognised by their columns."""
+    eval_path: str | None = None
+    """Held-out data, same forms as `path`. Empty: the held-out split of a multi-split
+    data set (test_prefs/test_sft/test_gen for DPO/SFT/PPO, else test, validation,
+    eval), the demo's own held-out split, or else `eval_fraction` of `path`, chosen by a
+    hash of each row's position (of each tree, for OpenAssistant; stable across runs)."""
+    split: str = ""
+    """Training split of a multi-split data set (hub id, saved DatasetDict). Empty: the
+    entry point's own (train_prefs for DPO and the reward model, train_sft for SFT,
+    train_gen for PPO), else train, else the only split."""
+    eval_split: str = ""
+    """Held-out split of a multi-split data set. Empty: the training split's test_
+    counterpart (train_prefs -> test_prefs), else test, validation or eval."""
+    subset: str = ""
+    """Hub data sets with several configurations: which one (load_dataset's `name`)."""
+    revision: str = ""
+    """Hub data sets: a branch, tag or commit to load. Empty: the default branch."""
+    lang: str = ""
+    """OpenAssistant data: keep messages in these languages (comma-separated codes, e.g.
+    en or en,de); other messages and what follows them are left out, counted. Empty:
+    every language."""
+    eval_fraction: float = 0.05
+    """Share of `path` held out for evaluation when no held-out data is given."""
+    assistant_marker: str = "\n\nAssistant:"
+    """Implicit preference format: the text that opens an assistant turn (hh-rlhf's)."""
+    preserve_order: bool = False
+    """Keep the source order through the pipeline: with one worker, batches (and so runs)
+    are reproducible step for step. Costs some pipelining."""
+    packing: bool = True
+    """Put each micro-batch's sequences back to back in one row with no padding;
+    attention stays inside each sequence (flash_attention_2's varlen kernel on a GPU,
+    otherwise the project's per-sequence SDPA kernel, which replaces sdpa or eager, and
+    which runs a DPO pair's prompt once for both responses). Same log-probs as the
+    padded layout, no compute spent on padding."""
+    demo_pairs: int = 2400
+    """builtin:demo only: number of training pairs to generate (SFT trains on their
+    chosen answers)."""
+    demo_eval_pairs: int = 256
+    """builtin:demo only: number of held-out pairs (topics unseen in training)."""
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """Preference pairs (DPO, reward model)."""
+
+    format: str = "auto"
+    """explicit (prompt/chosen/rejected), implicit (two whole dialogues; the prompt is
+    their shared prefix up to the last assistant marker), conversational (lists of
+    {role, content} messages, rendered with the chat template), or auto (detect)."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """Column names in the source; e.g. data.columns.chosen=preferred."""
+    max_length: int = 1024
+    """Longest prompt + response in tokens."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens; longer prompts lose their beginning."""
+    truncation: str = "truncate"
+    """What to do with pairs over the limits: truncate (prompt from the left, responses
+    from the right) or drop. Either way the count is reported."""
+    min_score_gap: float = 0.0
+    """Data with ratings (UltraFeedback's, or any score_chosen/score_rejected or
+    score_gap columns): drop pairs whose chosen score is ahead by less than this, ties
+    included, counted. 0 keeps ties. Pairs whose chosen side scored lower are always
+    dropped, counted. data.columns.margin=score_gap passes the difference to the
+    reward model as its margin."""
+
+
+@dataclass
+class SFTColumnsConfig:
+    prompt: str = "prompt"
+    """Prompt column (prompt/completion and explicit preference data)."""
+    completion: str = "completion"
+    """Completion column (prompt/completion data): the text, or the assistant messages,
+    the loss is computed on."""
+    messages: str = "messages"
+    """Conversation column (conversational data): a list of {role, content} messages;
+    the loss is computed on the assistant messages."""
+    text: str = "text"
+    """Plain-text column (text data): the loss is computed on all of it."""
+    chosen: str = "chosen"
+    """Preference data: the preferred response (or dialogue), trained on as the completion."""
+    rejected: str = "rejected"
+    """Preference data: the other response; not trained on, but needed to find the
+    prompt of implicit (hh-rlhf style) dialogues."""
+
+
+@dataclass
+class SFTDataConfig(SourceConfig):
+    """Supervised examples (SFT)."""
+
+    format: str = "auto"
+    """prompt_completion (a prompt and its completion, text or messages), conversational
+    (a list of messages), text (plain text), preference (the chosen side of preference
+    pairs, in any format rlhf.dpo reads), or auto: detect from the first row's columns
+    (messages, then completion, then chosen, then text)."""
+    columns: SFTColumnsConfig = field(default_factory=SFTColumnsConfig)
+    """Column names in the source; e.g. data.columns.completion=response."""
+    max_length: int = 1024
+    """Longest example in tokens (prompt and completion together)."""
+    truncation: str = "keep_start"
+    """Examples over max_length: keep_start (their first max_length tokens, as TRL does),
+    keep_end (their last ones: long prompts lose their beginning, the completion stays),
+    or drop. Either way the count is reported; an example left with no completion token
+    is dropped, counted."""
+    chat_template: str = ""
+    """A Jinja chat template (or a file holding one) for conversational data, when the
+    tokenizer has none (most base models) or to replace its own. The export saves it
+    with the tokenizer, so DPO, the reward model and PPO on the SFT model render chats
+    the same way. Empty: the tokenizer's own."""
+    completion_only: bool = True
+    """Compute the loss on completion tokens only (the assistant messages of a
+    conversation); false: on every token, prompt included. Plain-text data is all
+    completion either way."""
+
+
+@dataclass
+class PromptDataConfig(SourceConfig):
+    """Prompts for online RL (rlhf.ppo); generation makes the responses."""
+
+    prompt_column: str = "prompt"
+    """Column holding the prompt: text, or a list of {role, content} messages (rendered
+    with the chat template and its generation prompt). Every other column travels with
+    the prompt as metadata for reward functions (e.g. the expected answer)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens are dropped and counted (cutting a prompt
+    would change the task it poses)."""
+
+
+@dataclass
+class LossConfig:
+    type: str = "sigmoid"
+    """sigmoid (DPO), ipo, hinge, or simpo (reference-free, length-normalised)."""
+    beta: float = 0.1
+    """Strength of the pull towards the reference (DPO's beta); 0.1 is the usual start,
+    raise to 0.2-0.5 if the model drifts or repeats itself."""
+    label_smoothing: float = 0.0
+    """Conservative DPO (cDPO): assumed probability that a label is flipped, in [0, 0.5)."""
+    rpo_alpha: float = 0.0
+    """Weight of an NLL term on the chosen response (RPO); 0 disables it."""
+    precompute_reference: bool = False
+    """Compute the reference log-probs once, in a Ray Data pass over an actor pool
+    (cluster.reference_actors), and stream them with the pairs: the training workers
+    then hold no reference model and run no reference forward."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin, as a fraction of beta (TRL's gamma_beta_ratio)."""
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float | None = None
+    """Peak learning rate. Empty: the usual setting for a pretrained model (DPO 5e-7,
+    reward model 1e-5, SFT 2e-5), or 1e-3 for builtin:tiny-llama, which starts from
+    random weights."""
+    epochs: int = 1
+    """Passes over the training data."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run the epochs)."""
+    micro_batch_size: int = 4
+    """Rows (preference pairs, or SFT examples) per worker per forward pass; a pair is
+    two sequences."""
+    global_batch_size: int = 8
+    """Rows per optimizer step over all workers; gradient accumulation makes up the
+    rest: global = micro_batch_size x workers x accumulation steps."""
+    warmup_ratio: float = 0.1
+    """Share of the steps spent warming the learning rate up linearly from 0."""
+    lr_scheduler: str = "cosine"
+    """After warm-up: cosine, linear (both decay to 0) or constant."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    seed: int = 42
+    """Seed for weights of new parts (LoRA), dropout and the eval split."""
+    eval_every: int = 100
+    """Evaluate on the held-out data every N steps (and always at the end); 0: only at
+    the end."""
+    checkpoint_every: int = 200
+    """Save a resumable checkpoint every N steps (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    resume: bool = False
+    """Continue the run named output.name (or the newest run in output.dir) from its last
+    checkpoint, without repeating or skipping rows."""
+    log_every: int = 1
+    """Print and record training metrics every N steps."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    """Ray cluster to join. Empty: the one in RAY_ADDRESS (set by `ray job submit`) or
+    else a new local Ray started by this process. `auto` joins a running local cluster."""
+    num_workers: int | list[int] = 2
+    """Training workers (one per GPU on GPU clusters). A range [min, max] makes the run
+    elastic: it starts with what the cluster has (at least min), grows when nodes are
+    added and goes on at a smaller size when nodes are lost, each time from the latest
+    checkpoint; gradient accumulation keeps train.global_batch_size at every size."""
+    resize_check_s: float = 60.0
+    """Elastic runs: how often Ray Train looks for room for more workers. A resize
+    restarts from the latest checkpoint, so keep train.checkpoint_every short enough."""
+    use_gpu: bool = False
+    """Give each worker one GPU."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per training worker."""
+    data_cpus: float = 2.0
+    """Logical CPUs added for the Ray Data pipeline when this process starts Ray itself;
+    without them the pipeline cannot run beside the workers and training waits forever."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3 (shards parameters too)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO 1-3; uses DeepSpeed's CPU Adam)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
+    offload_frozen: bool = False
+    """Keep the frozen models (reference, PPO's reward model) in CPU memory, streamed to
+    the GPU layer by layer at each forward, whatever the policy's ZeRO stage: they only
+    run forwards, so this frees their whole weights for the trained models' states at
+    the cost of a host-to-GPU copy per forward."""
+    reference_actors: int = 1
+    """loss.precompute_reference: Ray Data actors holding the reference model."""
+    reference_gpus_per_actor: float = 0.0
+    """loss.precompute_reference: GPUs per reference actor (0 on CPU)."""
+    max_failures: int = 0
+    """Restart the workers from the last checkpoint this many times after a failure."""
+    storage_path: str | None = None
+    """Where Ray Train writes checkpoints. Empty: inside the run directory (fine on one
+    machine); multi-node runs need storage every node reaches (s3://bucket/prefix,
+    gs://..., NFS). Object storage is reached with the launching machine's credentials
+    and endpoint (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for
+    S3-compatible stores, GOOGLE_APPLICATION_CREDENTIALS); checkpoints land under
+    <storage_path>/<run name>/, and train.resume=true output.name=<run name> continues
+    from the newest one there."""
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) training workers; equal unless the run is elastic."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+    @property
+    def elastic(self) -> bool:
+        lo, hi = self.worker_range
+        return lo != hi
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs"
+    """Folder that holds one sub-folder per run."""
+    name: str | None = None
+    """Run name. Empty: dpo-<date>-<time> (with train.resume: the newest run in `dir`)."""
+    push_to_hub: bool = False
+    """Upload model/ (weights, tokenizer, model card) to the hub at the end, as
+    output.hub_model_id. Credentials from HF_TOKEN (or `hf auth login`), never the
+    config. A failed upload is reported with the command to retry; the run stays."""
+    hub_model_id: str = ""
+    """The hub repository to push to (owner/name)."""
+    hub_private: bool = True
+    """Create the hub repository private."""
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("output.push_to_hub=true needs output.hub_model_id=<owner/name>.")
+
+
+@dataclass
+class AfterTrainingConfig:
+    """Evaluation at the end of a training run (rlhf.evaluate against the run's base)."""
+
+    after_training: bool = False
+    """Run rlhf.evaluate on the exported model once training ends; the report lands in
+    the run directory's eval/."""
+    reward_model: str = ""
+    """Judge: a reward model exported by rlhf.rm. Empty: the built-in demo reward model
+    on builtin:demo data (otherwise a judge must be given)."""
+    max_prompts: int = 128
+    """Held-out prompts to compare the two models on."""
+
+
+def check_common(cfg: Any) -> None:
+    """Checks shared by every entry point that has model/data/train/cluster sections."""
+    m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.cluster
+    one_of("model.dtype", m.dtype, ("fp32", "bf16", "fp16"))
+    one_of("model.attn_implementation", m.attn_implementation,
+            ("sdpa", "eager", "flash_attention_2"))
+    one_of("train.lr_scheduler", t.lr_scheduler, ("cosine", "linear", "constant"))
+    one_of("cluster.zero_stage", c.zero_stage, (0, 1, 2, 3))
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
+    if isinstance(c.num_workers, list) and (len(c.num_workers) != 2
+                                            or c.num_workers[0] > c.num_workers[1]):
+        raise ConfigError(f"cluster.num_workers={c.num_workers}: give one number or a range "
+                          "[min, max] with min <= max, e.g. cluster.num_workers=[2,8].")
+    lo, hi = c.worker_range
+    if lo < 1:
+        raise ConfigError(f"cluster.num_workers={c.num_workers} must be at least 1.")
+    if t.micro_batch_size < 1:
+        raise ConfigError("train.micro_batch_size must be at least 1.")
+    if lo == hi and t.global_batch_size % (t.micro_batch_size * lo):
+        per_step = t.micro_batch_size * lo
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x cluster.num_workers = {t.micro_batch_size} x {lo} = "
+            f"{per_step}: set train.global_batch_size to a multiple of {per_step} (e.g. "
+            f"{max(per_step, t.global_batch_size // per_step * per_step)}).")
+    # an elastic run may run at any size in its range: the batch must split at each
+    bad = [w for w in range(lo, hi + 1) if t.global_batch_size % (t.micro_batch_size * w)]
+    if bad:
+        import math
+
+        good = [w for w in range(lo, hi + 1) if w not in bad]
+        every = t.micro_batch_size * math.lcm(*range(lo, hi + 1))
+        raise ConfigError(
+            f"cluster.num_workers={c.num_workers}: Ray Train may run this elastic job with "
+            f"any number of workers in the range, and train.global_batch_size="
+            f"{t.global_batch_size} does not split into micro-batches of "
+            f"{t.micro_batch_size} over {', '.join(map(str, bad))} of them. Use a range "
+            f"of sizes that divide it ({', '.join(map(str, good)) or 'none here'} do), or a "
+            f"global batch size that is a multiple of {every}.")
+    if c.offload_params and c.zero_stage != 3:
+        raise ConfigError("cluster.offload_params needs cluster.zero_stage=3.")
+    if c.offload_optimizer and c.zero_stage == 0:
+        raise ConfigError("cluster.offload_optimizer needs cluster.zero_stage 1, 2 or 3.")
+    if m.dtype == "fp16" and not c.use_gpu:
+        raise ConfigError("model.dtype=fp16 needs GPUs (cluster.use_gpu=true); on CPU use "
+                          "fp32 or bf16.")
+    if m.lora.load_in_4bit and not m.lora.enabled:
+        raise ConfigError("model.lora.load_in_4bit (QLoRA) trains adapters only: also set "
+                          "model.lora.enabled=true.")
+    if m.lora.load_in_4bit and not c.use_gpu:
+        raise ConfigError("model.lora.load_in_4bit needs GPUs: bitsandbytes 4-bit kernels do "
+                          "not run on CPU. Set cluster.use_gpu=true on a GPU cluster, or "
+                          "drop load_in_4bit (plain LoRA works on CPU).")
+    if m.lora.load_in_4bit and c.zero_stage == 3:
+        raise ConfigError("4-bit weights cannot be sharded by ZeRO-3: use "
+                          "cluster.zero_stage=2 with model.lora.load_in_4bit.")
+    if t.learning_rate is not None and t.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate={t.learning_rate} must be positive.")
+
+
+def check_pairs(cfg: Any) -> None:
+    """check_common plus the preference-pair data section."""
+    check_common(cfg)
+    d = cfg.data
+    one_of("data.format", d.format, ("auto", "explicit", "implicit", "conversational"))
+    one_of("data.truncation", d.truncation, ("truncate", "drop"))
+    if d.min_score_gap < 0:
+        raise ConfigError(f"data.min_score_gap={d.min_score_gap} must be >= 0 (0 keeps "
+                          "ties; 1 drops pairs rated less than a point apart).")
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length={d.max_prompt_length} leaves no room for a response "
+            f"within data.max_length={d.max_length}: lower max_prompt_length or raise "
+            "max_length.")
+
+
+def resolved_learning_rate(cfg: Any) -> float:
+    """The learning rate a run uses (see TrainConfig.learning_rate)."""
+    if cfg.train.learning_rate is not None:
+        return cfg.train.learning_rate
+    return 1e-3 if cfg.model.name_or_path == BUILTIN_MODEL else cfg.PRETRAINED_LR
+

@@ -1,0 +1,117 @@
+"""The code's layers are one-way. Each module may import its own layer and the layers
+below it, never one above; the two layers that share a level (training, evaluation) do
+not import each other; and no module imports itself back through others (no cycles).
+Function-local imports count as much as top-level ones: they run too.
+
+    launch/                          7  how a person starts it
+    rlhf/{dpo,rm,sft,ppo,evaluate}.py  6  entry points (+ rlhf/builtin_models.py, which
+                                        the demo's entry points share)
+    rlhf/train/  rlhf/evaluation/    5  the training driver, export and model card | the
+                                        evaluation passes, benchmarks, report
+    cluster/                         4  Ray, DeepSpeed, vLLM plumbing
+    rlhf/data/                       3  reading, formats, pipelines, demo data and model
+    rlhf/core/                       2  maths and RL interfaces (torch, no Ray/DeepSpeed/vLLM)
+    rlhf/config/                     1  dataclasses and the loader (imports nothing of ours)
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRY_POINTS = ("rlhf.dpo", "rlhf.rm", "rlhf.sft", "rlhf.ppo", "rlhf.evaluate",
+                "rlhf.builtin_models")
+LAYERS = [  # (name, level, module prefixes)
+    ("config", 1, ("rlhf.config",)),
+    ("core", 2, ("rlhf.core",)),
+    ("data", 3, ("rlhf.data",)),
+    ("cluster", 4, ("cluster",)),
+    ("train", 5, ("rlhf.train",)),
+    ("evaluation", 5, ("rlhf.evaluation",)),
+    ("entry points", 6, ENTRY_POINTS),
+    ("launch", 7, ("launch",)),
+]
+# what the two bottom layers may not pull in (DESIGN.md: tested in milliseconds)
+HEAVY = ("ray", "deepspeed", "vllm")
+
+
+def _layer(module: str) -> tuple[str, int] | None:
+    for name, level, prefixes in LAYERS:
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return name, level
+    return None
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in ("rlhf", "cluster", "launch"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """(our modules it imports, the top-level names of the others), anywhere in the file.
+    `from pkg import name` counts as pkg.name where that is a module."""
+    ours, others = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                     else node.module for a in node.names]
+        else:
+            continue
+        for name in names:
+            (ours if name.split(".")[0] in ("rlhf", "cluster", "launch") else others).add(
+                name if name.split(".")[0] in ("rlhf", "cluster", "launch")
+                else name.split(".")[0])
+    return ours, others
+
+
+def test_every_module_has_a_layer_and_imports_run_one_way():
+    modules = _modules()
+    graph, wrong = {}, []
+    for mod, path in sorted(modules.items()):
+        if mod in ("rlhf", "cluster", "launch"):  # the packages' (empty) __init__
+            continue
+        here = _layer(mod)
+        assert here, f"{mod} ({path.relative_to(ROOT)}) is in no layer: move it into one"
+        ours, others = _imports(path, modules)
+        graph[mod] = {m for m in ours if m != mod}
+        for dep in graph[mod]:
+            there = _layer(dep)
+            assert there, f"{mod} imports {dep}, which is in no layer"
+            if there[1] > here[1] or (there[1] == here[1] and there[0] != here[0]):
+                wrong.append(f"{mod} ({here[0]}) imports {dep} ({there[0]})")
+        if here[1] <= 2:
+            wrong += [f"{mod} ({here[0]}) imports {o}" for o in sorted(others) if o in HEAVY]
+    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+    # no cycles, within layers included (rlhf.config's __init__ gathers its own modules)
+    state: dict[str, int] = {}
+
+    def visit(m: str, trail: list[str]) -> None:
+        if state.get(m) == 2:
+            return
+        assert state.get(m) != 1, "import cycle: " + " -> ".join(trail + [m])
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if d != "rlhf.config" or not m.startswith("rlhf.config."):
+                visit(d, trail + [m])
+        state[m] = 2
+
+    for m in graph:
+        visit(m, [])
+
+
+def test_the_walk_sees_function_local_imports(tmp_path):
+    """A lazy import inside a function is an import: the walk must see it."""
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from rlhf.ppo import main\n    import ray\n")
+    ours, others = _imports(f, {"rlhf.ppo": f})
+    assert ours == {"rlhf.ppo"} and others == {"ray"}
