@@ -46,6 +46,11 @@ def test_the_package_ships_what_users_import():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     found = find_packages(where=str(ROOT), include=cfg["packages"]["find"]["include"])
     assert {"rlhf", "cluster", "launch"} <= set(found)
+    # every folder of Python modules under them is a package the wheel carries (a folder
+    # without __init__.py imports here as a namespace package and is left out of it)
+    folders = {".".join(f.parent.relative_to(ROOT).parts)
+               for top in ("rlhf", "cluster", "launch") for f in (ROOT / top).rglob("*.py")}
+    assert folders <= set(found), folders - set(found)
     assert not [p for p in found if p.split(".")[0] in ("tests", "bench")]
     data = cfg["package-data"]["launch"]
     for pattern in data:

@@ -1,0 +1,1 @@
+"""Layer 2: maths and RL interfaces, torch and the standard library only (README: Layout)."""
