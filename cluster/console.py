@@ -15,6 +15,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from cluster.trackers import redact_text
+
 LOG_NAME = "errors.log"
 # Ray Data appends these to a task's exception text; they are advice about Ray's
 # retries, not about the input.
@@ -35,8 +37,8 @@ class _ToFile(logging.Filter):
             return True
         self.diverted += 1
         with open(self.path or _fallback(), "a") as f:
-            f.write(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-                    .format(record) + "\n")
+            f.write(redact_text(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                                  "%(message)s").format(record)) + "\n")
         return False
 
 
@@ -79,11 +81,11 @@ def fail(e: BaseException, prefix: str = "error: ") -> None:
     path = _FILTER.path or _fallback()
     try:
         with open(path, "a") as f:
-            f.write("".join(traceback.format_exception(e)) + "\n")
+            f.write(redact_text("".join(traceback.format_exception(e))) + "\n")
     except OSError:
         pass
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     if _FILTER.diverted or getattr(e, "cause", None) is not None:  # it came through Ray
         print(f"(the traceback and Ray's error log: {path})", file=sys.stderr)
-    print(f"{prefix}{message(e)}", file=sys.stderr, flush=True)
+    print(f"{prefix}{redact_text(message(e))}", file=sys.stderr, flush=True)

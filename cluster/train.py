@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -146,28 +147,33 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 class RunLog:
-    """Ray actor (on the driver's node) that writes metrics.jsonl and TensorBoard
-    events into the run directory and prints the progress line."""
+    """Ray actor (on the driver's node) that writes metrics.jsonl into the run
+    directory, hands every record to the trackers of output.report_to
+    (cluster.trackers: TensorBoard events in the run directory, W&B, MLflow) and prints
+    the progress line."""
 
-    def __init__(self, run_dir: str, total_steps: int, unit: str = "pairs"):
+    def __init__(self, run_dir: str, total_steps: int, unit: str = "pairs",
+                 env: dict[str, str] | None = None):
         self.run_dir = Path(run_dir)
         self.unit = unit  # what a row is called: pairs, examples
         self.metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.total = total_steps
         self.t0 = time.time()
         self.first_step: int | None = None
-        try:
-            self.tb = _ScalarEvents(self.run_dir / "tensorboard")
-        except ImportError:  # tensorboard is a dependency; tolerate its absence
-            self.tb = None
+        self.trackers = None
+        self.status: dict | None = None
+        os.environ.update(env or {})  # the launching process's WANDB_*, MLFLOW_*
+
+    def start_trackers(self, report_to: list[str], config: dict) -> None:
+        from cluster.trackers import Trackers
+
+        self.trackers = Trackers(report_to, self.run_dir, self.run_dir.name, config)
 
     def log(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
         step = record["step"]
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.log(record)
         if "train/loss" in record:
             if self.first_step is None:
                 self.first_step, self.t0 = step, time.time()
@@ -186,32 +192,14 @@ class RunLog:
     def summary(self) -> dict:
         return dict(getattr(self, "_summary", {}))
 
-    def close(self) -> None:
-        self.metrics.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class _ScalarEvents:
-    """TensorBoard scalars through tensorboard's own event writer: what torch's
-    SummaryWriter.add_scalar writes (one simple_value per tag and step), without
-    importing torch into this actor (2 s of CPU at every run's start)."""
-
-    def __init__(self, logdir: Path):
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self._event, self._summary = Event, Summary
-        self._writer = EventFileWriter(str(logdir))
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        value = self._summary.Value(tag=tag, simple_value=float(value))
-        self._writer.add_event(self._event(wall_time=time.time(), step=step,
-                                           summary=self._summary(value=[value])))
-
-    def close(self) -> None:
-        self._writer.close()
+    def close(self, summary: dict | None = None) -> dict:
+        """The trackers get the final summary (None: the run failed) and end their runs;
+        metrics.jsonl is closed. Returns each tracker's status (summary.json: trackers).
+        A second call returns the first one's status."""
+        if self.status is None:
+            self.status = self.trackers.finish(summary) if self.trackers is not None else {}
+            self.metrics.close()
+        return self.status
 
 
 def _brief(record: dict, split: str) -> str:
@@ -235,15 +223,49 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def start_run_log(run_dir: Path, total_steps: int, unit: str = "pairs"):
+def start_run_log(run_dir: Path, total_steps: int, unit: str = "pairs",
+                  report_to: tuple[str, ...] | list[str] = ("tensorboard",),
+                  config: dict | None = None):
+    """The run log actor with its trackers started (given `config`, redacted there);
+    a tracker that cannot start is a ConfigError, before training starts."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from cluster.trackers import tracker_env
+    from rlhf.config import ConfigError
+
     here = ray.get_runtime_context().get_node_id()
+    # The environment goes as an argument, not as the actor's runtime_env: Ray keeps
+    # and logs a runtime_env, and it may hold credentials (WANDB_API_KEY, ...).
     actor = ray.remote(num_cpus=0)(RunLog).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-    ).remote(str(run_dir), total_steps, unit)
+    ).remote(str(run_dir), total_steps, unit, tracker_env())
+    try:
+        ray.get(actor.start_trackers.remote(list(report_to), config or {}))
+    except ray.exceptions.RayTaskError as e:
+        ray.kill(actor)
+        raise ConfigError(f"output.report_to: {root_cause(e)}") from None
     return actor
+
+
+def close_run_log(run_log, summary: dict | None = None, timeout_s: float = 120) -> dict:
+    """End the run log (its trackers get `summary`; None: the run failed) and the actor;
+    returns the trackers' status. Never raises: the run's own outcome stands."""
+    import ray
+
+    from cluster.trackers import redact_text
+
+    try:
+        return ray.get(run_log.close.remote(summary), timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: the run log did not close cleanly: "
+              f"{redact_text(f'{type(e).__name__}: {e}')[:300]}", file=sys.stderr, flush=True)
+        return {}
+    finally:
+        try:
+            ray.kill(run_log)
+        except Exception:  # noqa: BLE001 -- already gone
+            pass
 
 
 # --------------------------------------------------------------------------- worker
@@ -622,8 +644,7 @@ def fit(trainer, run_log, run_dir: Path):
     except Exception as e:  # noqa: BLE001 - report the worker's own error
         cause = root_cause(e)
         raise TrainingError(f"{type(cause).__name__}: {cause}") from None
-    summary = ray.get(run_log.summary.remote())
-    ray.get(run_log.close.remote())
+    summary = ray.get(run_log.summary.remote())  # the run log is closed by the caller
     with result.checkpoint.as_directory() as d:
         if (run_dir / "model").exists():
             shutil.rmtree(run_dir / "model")

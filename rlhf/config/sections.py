@@ -5,7 +5,7 @@ across them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from rlhf.config.base import BUILTIN_DATA, BUILTIN_MODEL, ConfigError, one_of
 
@@ -337,10 +337,44 @@ class OutputConfig:
     """The hub repository to push to (owner/name)."""
     hub_private: bool = True
     """Create the hub repository private."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get every metrics record, the resolved config and the
+    final summary (from the run log, rank 0 alone): tensorboard (event files in the run
+    directory), wandb, mlflow, or none; several comma-separated (tensorboard,wandb).
+    Each reads its usual environment variables: WANDB_PROJECT (default rlhf),
+    WANDB_ENTITY, WANDB_MODE (offline: files only), WANDB_DIR (default: the run
+    directory), WANDB_API_KEY; MLFLOW_TRACKING_URI (needed: an http(s) tracking server,
+    spoken to over its REST API with no package; other URIs need the mlflow package),
+    MLFLOW_EXPERIMENT_NAME (default rlhf), MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN.
+    Credentials live in the environment: nothing that looks like one is written or
+    reported. metrics.jsonl is always written; a tracker failing mid-run is counted in
+    summary.json, training goes on. wandb: pip install 'rlhf-ray[trackers]'."""
+
+    # tracker -> (module that must import, package that brings it); mlflow needs none
+    # for an http(s) server (cluster/trackers.py checks the rest when the run starts)
+    TRACKERS: ClassVar[dict[str, tuple[str, str] | None]] = {
+        "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+        "mlflow": None}
 
     def __post_init__(self) -> None:
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("output.push_to_hub=true needs output.hub_model_id=<owner/name>.")
+        import importlib.util
+
+        given = self.report_to.split(",") if isinstance(self.report_to, str) else self.report_to
+        names = [str(n).strip().lower() for n in given if str(n).strip()]
+        names = [] if names == ["none"] else list(dict.fromkeys(names))
+        for name in names:
+            if name not in self.TRACKERS:
+                raise ConfigError(
+                    f"output.report_to: unknown tracker '{name}'; choose from "
+                    f"{', '.join(self.TRACKERS)} (comma-separated), or none.")
+            need = self.TRACKERS[name]
+            if need is not None and importlib.util.find_spec(need[0]) is None:
+                raise ConfigError(
+                    f"output.report_to={name} needs the {need[1]} package, which is not "
+                    f"installed: pip install 'rlhf-ray[trackers]' (or pip install {need[1]}).")
+        self.report_to = names
 
 
 @dataclass

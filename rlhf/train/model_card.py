@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from cluster.trackers import REDACTED, redact_text, secret_name
+
 METHODS = {"dpo": "DPO (direct preference optimisation)", "rm": "reward model",
            "sft": "supervised fine-tuning", "ppo": "online RL"}
 
@@ -25,8 +27,17 @@ def command(prefix: str) -> str:
     that reproduces it from the run's config.yaml."""
     argv0 = Path(sys.argv[0]).name if sys.argv else ""
     if argv0 == f"{prefix}.py" or argv0 == "-m":
-        return " ".join(["python", "-m", f"rlhf.{prefix}", *map(shlex.quote, sys.argv[1:])])
+        return " ".join(["python", "-m", f"rlhf.{prefix}", *map(_shown, sys.argv[1:])])
     return f"python -m rlhf.{prefix} --config config.yaml"
+
+
+def _shown(arg: str) -> str:
+    """A command-line argument without credentials (cluster.trackers.redact_text; the
+    value of a secret-named key=value goes whole)."""
+    key, eq, _ = arg.partition("=")
+    if eq and not key.startswith("-") and secret_name(key):
+        return shlex.quote(f"{key}={REDACTED}")
+    return shlex.quote(redact_text(arg))
 
 
 def card(run_dir: Path, prefix: str, config: dict, summary: dict,

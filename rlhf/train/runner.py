@@ -53,12 +53,14 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     import ray.data
     import yaml
 
+    from cluster import trackers
     from cluster.models import load_tokenizer, resolve_model_path
-    from cluster.train import (check_resources, connect, fit, make_run_dir, make_trainer,
-                               plot_curves, quiet_ray_data, start_run_log)
+    from cluster.train import (check_resources, close_run_log, connect, fit, make_run_dir,
+                               make_trainer, plot_curves, quiet_ray_data, start_run_log)
     from rlhf.data import pipeline as data
 
     kind = kind or data.PAIRS
+    trackers.check(cfg.output.report_to)
     t_start = time.time()
     model_path = resolve_model_path(cfg.model.name_or_path)
     tok = load_tokenizer(model_path)  # a bad path or tokenizer fails here, not in a worker
@@ -73,6 +75,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
     run_dir = make_run_dir(cfg.output, cfg.train.resume, prefix)
 
     started_ray = not ray.is_initialized()
+    run_log = None
     connect(cfg.cluster, extra_cpus)
     quiet_ray_data()
     # Ray Train carries the driver's ordering choice into each worker's shard.
@@ -80,7 +83,8 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
         cfg.data.preserve_order
     try:
         check_resources(cfg.cluster)
-        print(f"reading {kind.name} from {cfg.data.path if dataset is None else 'memory'} ...",
+        print(f"reading {kind.name} from "
+              f"{trackers.redact_text(cfg.data.path) if dataset is None else 'memory'} ...",
               flush=True)
         pipes = data.build(plan, cfg.data, model_path, cfg.train.seed)
         if add_to_pipelines:
@@ -88,7 +92,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
         print(f"train: {data.describe_counts(pipes.train_counts)}\n"
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
         for note in pipes.notes:
-            print(note, flush=True)
+            print(trackers.redact_text(note), flush=True)
         t, c = cfg.train, cfg.cluster
         total = math.ceil(pipes.train_counts[""] / t.global_batch_size) * t.epochs
         if t.max_steps > 0:
@@ -97,9 +101,10 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                  if setup else {})
         resolved = to_dict(cfg)
         lr = resolved["train"]["learning_rate"] = resolved_learning_rate(cfg)
+        resolved = trackers.redact(resolved)  # no credential is written or reported
         if not cfg.train.resume:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        run_log = start_run_log(run_dir, total, kind.name)
+        run_log = start_run_log(run_dir, total, kind.name, cfg.output.report_to, resolved)
         trainer = make_trainer(
             loop,
             {"config": to_dict(cfg), "model_path": model_path, "total_steps": total,
@@ -125,6 +130,7 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
                                         ("eval", pipes.eval_counts))},
             "warnings": notes or [], "model": str(run_dir / "model"),
             "checkpoint": result.checkpoint.path})
+        summary = trackers.redact(summary)
         if t.max_steps <= 0 or summary["steps"] < t.max_steps:
             # Whole epochs ran: every usable row was trained on, dropped by a worker
             # (counted), or left out by the equal split across workers (< num_workers).
@@ -139,8 +145,13 @@ def run_training(cfg: Any, *, prefix: str, loop: Callable, dataset: Any = None,
             summary["eval_report"] = str(report / "report.html")
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         finish_export(run_dir, prefix, cfg.output, summary)
+        summary["trackers"] = close_run_log(run_log, summary)
+        run_log = None
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return run_dir
     finally:
+        if run_log is not None:  # failed or interrupted: the trackers' runs end FAILED
+            close_run_log(run_log, None)
         if started_ray:
             ray.shutdown()
 
