@@ -30,8 +30,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlhf.config.entry_points import TRAINING as ENTRIES
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+ENTRY_HELP = ", ".join(f"rlhf.{e}" for e in ENTRIES)  # the training entry points
 
 
 def _address(a) -> str:
@@ -47,14 +50,12 @@ def _ray() -> str:
 
 
 def entry_of(recipe: Path, entry: str | None) -> str:
-    from rlhf.config.entry_points import TRAINING as ENTRIES
-
     kind = entry or recipe.name.split("-")[0]
     if kind.startswith("rlhf."):
         kind = kind[len("rlhf."):]
     if kind not in ENTRIES:
         raise SystemExit(f"{recipe.name}: cannot tell the entry point; name the recipe "
-                         f"<{'|'.join(ENTRIES)}>-... or pass --entry rlhf.<{'|'.join(ENTRIES)}>.")
+                         f"<{'|'.join(ENTRIES)}>-... or pass --entry {ENTRY_HELP}.")
     return kind
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", help="model shape to assume (a hub id known to launch.plan "
                                   "or a local folder): for a policy path that is not here")
     p.add_argument("--cluster", type=Path, default=ROOT / "ray-cluster.yaml")
-    p.add_argument("--entry", help="rlhf.dpo, rlhf.rm, rlhf.sft or rlhf.ppo")
+    p.add_argument("--entry", help=ENTRY_HELP)
     s = sub.add_parser("submit", help="ray job submit a recipe")
     s.add_argument("recipe", type=Path)
     s.add_argument("overrides", nargs="*")
