@@ -9,13 +9,12 @@ rlhf.evaluate use it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rlhf.config import BUILTIN_TOOLS, RMConfig, SFTConfig, parse_args, to_dict
-from rlhf.data.demo import spec_key, tiny_model_path
+from rlhf.data.demo import build_once, spec_key, tiny_model_path
 
 
 def default_model_key(cfg: Any) -> str:
@@ -31,9 +30,8 @@ def cached_default_model(stem: Path, cfg_cls: type, prog: str, run: Callable,
                          what: str, overrides: tuple[str, ...] = ()) -> str:
     """The exported model/ of an entry point's embedded default run (with `overrides`),
     trained once and kept at `<stem>-<default_model_key(config)>` (a built-in model of
-    the demo: rlhf.ppo's SFT policy, rlhf.evaluate's reward model). Safe with several
-    processes at once: each builds into a folder of its own and renames it into place;
-    the first rename wins."""
+    the demo: rlhf.ppo's SFT policy, rlhf.evaluate's reward model); built once
+    (rlhf.data.demo.build_once)."""
     import shutil
     import tempfile
 
@@ -43,17 +41,13 @@ def cached_default_model(stem: Path, cfg_cls: type, prog: str, run: Callable,
     if (path / "config.json").is_file():
         return str(path)
     print(f"building {what} (once, a minute or two) ...", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg.output.dir = tmp  # not part of the key
-        run_dir = run(cfg)
-        staging = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-        shutil.copytree(run_dir / "model", staging, dirs_exist_ok=True)
-        try:
-            os.rename(staging, path)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(path)
+
+    def build(folder: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg.output.dir = tmp  # not part of the key
+            shutil.copytree(run(cfg) / "model", folder, dirs_exist_ok=True)
+
+    return str(build_once(path, build))
 
 
 def builtin_sft_model(data_path: str) -> str:

@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Bump when the builder changes, so stale caches are not reused.
@@ -213,10 +214,19 @@ def ensure_tiny_model() -> Path:
     path = tiny_model_path()
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
+    return build_once(path, build_tiny_model)
+
+
+def build_once(path: Path, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` into a folder of its own beside `path`, then renamed into place:
+    safe with several processes at once (the first rename wins, the others' folders are
+    removed), and a build that fails leaves nothing behind. The caller checks first
+    whether `path` is already there (the tiny model, the demo's trained models, the
+    tests' MLflow server environment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
-        build_tiny_model(tmp)
+        build(tmp)
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished first

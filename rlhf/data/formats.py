@@ -216,26 +216,22 @@ def tree_rows(messages: list[dict], kind: str, langs: tuple[str, ...] = (),
 
     kept: dict[str, list[dict]] = {}  # message id -> its kept children, best first
 
-    def walk(m: dict) -> None:
-        kids = []
-        for c in children.get(m["message_id"], []):
-            reason = left_out(c)
+    def keep(ms: list[dict]) -> list[dict]:
+        """The messages of `ms` that stay, each walked below; the others dropped with
+        everything under them."""
+        out = []
+        for m in ms:
+            reason = left_out(m)
             if reason:
-                drop_subtree(c, reason)
+                drop_subtree(m, reason)
             else:
-                kids.append(c)
-                walk(c)
-        kept[m["message_id"]] = sorted(kids, key=_order)
+                out.append(m)
+                kept[m["message_id"]] = sorted(keep(children.get(m["message_id"], [])),
+                                               key=_order)
+        return out
 
     roots = [m for m in messages if m.get("parent_id") is None or m["parent_id"] not in by_id]
-    live_roots = []
-    for r in roots:
-        reason = left_out(r)
-        if reason:
-            drop_subtree(r, reason)
-        else:
-            live_roots.append(r)
-            walk(r)
+    live_roots = keep(roots)
 
     rows: list[tuple[int, dict]] = []
 

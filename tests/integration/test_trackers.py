@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.data.demo import demo_pair
+from rlhf.data.demo import build_once, demo_pair
 from tests.integration.conftest import dpo, metrics, summary
 
 MLFLOW_SERVER = "mlflow==3.17.2"  # server and read-back client; the run speaks REST to it
@@ -30,18 +30,17 @@ MLFLOW_SERVER = "mlflow==3.17.2"  # server and read-back client; the run speaks 
 def _server_python() -> Path:
     """The python of a virtual environment holding MLflow's server, made once under the
     project's cache (~/.cache/rlhf, or $RLHF_CACHE) and reused; with uv (~15 s cold on
-    2 cores, bytecode compiled: the server starts in seconds), else pip. Built in a
-    folder of its own and renamed into place, so concurrent sessions never share a
-    half-made one. Skips the test where it cannot be installed (no package index)."""
+    2 cores, bytecode compiled: the server starts in seconds), else pip; built once
+    (rlhf.data.demo.build_once: never a half-made one). Skips the test where it cannot
+    be installed (no package index)."""
     root = Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf")
     venv = root / f"mlflow-server-{MLFLOW_SERVER.split('==')[1]}"
     python = venv / "bin" / "python"
     if (venv / ".ready").is_file():
         return python
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".{venv.name}.{uuid.uuid4().hex[:8]}"
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-    try:
+
+    def build(staging: Path) -> None:
         if uv:
             steps = [[uv, "venv", "-q", "--python", sys.executable, str(staging)],
                      [uv, "pip", "install", "-q", "--compile-bytecode", "--python",
@@ -56,12 +55,8 @@ def _server_python() -> Path:
                 pytest.skip(f"could not install {MLFLOW_SERVER} for the tracking server "
                             f"({' '.join(cmd[:3])}): {done.stderr.strip()[-500:]}")
         (staging / ".ready").write_text("")
-        try:
-            os.rename(staging, venv)
-        except OSError:  # another session finished first
-            pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    build_once(venv, build)
     return python
 
 
