@@ -1,16 +1,16 @@
 """The DPO training engine on one GPU without Ray: the project's own pieces, in the
-order cluster/loop.py's train_loop calls them, in one process (world size 1, NCCL).
+order rlhf/train/loop.py's train_loop calls them, in one process (world size 1, NCCL).
 
     python bench/gpu_engine_check.py                        # zero2, zero3, lora, qlora
     python bench/gpu_engine_check.py --variants zero2 --steps 30
     python bench/gpu_engine_check.py --cpu --variants zero2,zero3,lora   # smoke run, gloo
 
 Per variant: DPOTask.trainable (cluster.models.load_causal_lm: bf16, packing, LoRA /
-4-bit), cluster.loop.build_engine (DeepSpeed config and engine), DPOTask.prepare (the frozen
+4-bit), rlhf.train.loop.build_engine (DeepSpeed config and engine), DPOTask.prepare (the frozen
 reference engine, or the policy with adapters off under LoRA), then steps of
 DPOTask.micro_step + engine.backward + engine.step on demo pairs tokenised by the Ray
 pipeline's own body (rlhf.data.pipeline.tokenize_batch), held-out metrics, and the export
-(cluster.train.gather_state_dict + DPOTask.export) reloaded with transformers. Prints a
+(cluster.checkpoints.gather_state_dict + DPOTask.export) reloaded with transformers. Prints a
 line per step (loss, accuracy, seconds, tokens/s) and fails unless the loss falls.
 What it leaves to tests/gpu/test_dpo_gpu.py: Ray Train, Ray Data, checkpoints.
 """
@@ -62,11 +62,12 @@ def demo_rows(n: int, split: str, cfg, model_path: str) -> list[dict]:
 def run_variant(name: str, steps: int, cuda: bool) -> None:
     import torch
 
-    from cluster.loop import _add, _all_sum_dict, build_engine
+    from cluster.checkpoints import gather_state_dict
     from cluster.models import resolve_model_path
-    from cluster.train import StepTimer, gather_state_dict
+    from cluster.worker import StepTimer, add_sums, all_reduce_sums
     from rlhf.config import DPOConfig, parse_args, resolved_learning_rate
-    from rlhf.dpo import DPOTask
+    from rlhf.train.loop import build_engine
+    from rlhf.train.tasks.dpo import DPOTask
 
     cfg = parse_args(DPOConfig, [f"cluster.use_gpu={str(cuda).lower()}", *COMMON,
                                  *VARIANTS[name]], "rlhf.dpo")
@@ -94,7 +95,7 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
         t0 = time.perf_counter()
         rows = train[step * t.global_batch_size:(step + 1) * t.global_batch_size]
         mbs = [rows[i:i + t.micro_batch_size] for i in range(0, len(rows), t.micro_batch_size)]
-        totals = _all_sum_dict(task.step_counts(mbs))
+        totals = all_reduce_sums(task.step_counts(mbs))
         sums: dict[str, float] = {}
         timer.reset()
         for mb in mbs:
@@ -103,8 +104,8 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
             timer.mark("backward")
             engine.step()
             timer.mark("optimizer")
-            _add(sums, s)
-        m = task.metrics(_all_sum_dict(sums), totals, "train")
+            add_sums(sums, s)
+        m = task.metrics(all_reduce_sums(sums), totals, "train")
         dt = time.perf_counter() - t0
         losses.append(m["train/loss"])
         phases = " ".join(f"{k} {v * 1e3:.0f}" for k, v in timer.times.items())
@@ -117,9 +118,9 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
     sums = {}
     with torch.no_grad():
         for i in range(0, len(held), t.micro_batch_size):
-            _add(sums, task.micro_step(engine, held[i:i + t.micro_batch_size], None,
+            add_sums(sums, task.micro_step(engine, held[i:i + t.micro_batch_size], None,
                                        grad=False, timer=None)[1])
-    ev = task.metrics(_all_sum_dict(sums), None, "eval")
+    ev = task.metrics(all_reduce_sums(sums), None, "eval")
     print(f"[{name}] held-out: loss {ev['eval/loss']:.4f} acc {ev['eval/rewards/accuracy']:.3f} "
           f"margin {ev['eval/rewards/margin']:+.3f} over {ev['eval/pairs']} pairs; peak GPU "
           f"memory {torch.cuda.max_memory_allocated() / 2**20 if cuda else 0:.0f} MiB",
@@ -129,7 +130,7 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
     # the trained engine does (packed); the untrained base is far from both.
     from transformers import AutoModelForCausalLM
 
-    from rlhf.dpo import _logps
+    from rlhf.train.tasks.dpo import _logps
     from rlhf.core.logprobs import batch_logprobs, model_inputs, rows_pair_batch
 
     rows = held[:t.micro_batch_size]

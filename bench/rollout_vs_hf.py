@@ -11,7 +11,7 @@ rollouts: a random model rarely samples its one EOS token, so a fixed set of 128
 4,096 tokens (3%) ends a sequence in both generators (HF `eos_token_id=[...]`, vLLM
 `stop_token_ids=[...]`). Generated tokens count up to and including the stop token.
 HF generates the whole batch at once (left-padded, stopped rows padded until the
-longest finishes); the engine is cluster.rollout.RolloutEngine in a Ray actor with the
+longest finishes); the engine is cluster.vllm_engines.RolloutEngine in a Ray actor with the
 same CPU count. Weight sync: cluster.weight_sync.publish of the full state dict to
 /dev/shm plus the engine's in-place reload, and the object-store path (push_buckets to a
 WeightStore actor, the engine pulls and reloads), and the broadcast path (the driver as
@@ -72,7 +72,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.rollout import RolloutSettings, rollout_actor
+    from cluster.vllm_engines import RolloutSettings, rollout_actor
     from cluster.weight_sync import (BroadcastSender, publish, push_buckets, shm_dir,
                                      weight_store)
 

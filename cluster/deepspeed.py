@@ -200,3 +200,24 @@ def frozen_engine(model, ds_config: dict[str, Any]):
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+def training_engine(cfg, model, world: int, accum: int, learning_rate: float,
+                    total_updates: int, universal: bool = False):
+    """`model` in a DeepSpeed training engine: optimizer, schedule and ZeRO stage from
+    cfg's train and cluster sections; `accum` micro-batches per optimizer update.
+    universal: it will load a checkpoint saved at another world size (see
+    cluster.checkpoints.load_engine_state)."""
+    t, c = cfg.train, cfg.cluster
+    ds_cfg = train_config(
+        zero_stage=c.zero_stage, dtype=cfg.model.dtype, micro_batch_size=t.micro_batch_size,
+        grad_accum=accum, world_size=world, max_grad_norm=t.max_grad_norm,
+        offload_optimizer=c.offload_optimizer, offload_params=c.offload_params,
+        learning_rate=learning_rate, weight_decay=t.weight_decay)
+    if universal:
+        ds_cfg["checkpoint"] = {"load_universal": True}
+    engine, _ = train_engine(model, ds_cfg, learning_rate=learning_rate,
+                             weight_decay=t.weight_decay, total_steps=total_updates,
+                             warmup_steps=int(t.warmup_ratio * total_updates),
+                             schedule=t.lr_scheduler)
+    return engine

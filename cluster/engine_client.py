@@ -1,4 +1,4 @@
-"""The rollout coordinator's handle on the vLLM engine actors (cluster/rollout.py): which
+"""The rollout coordinator's handle on the vLLM engine actors (cluster/vllm_engines.py): which
 weights each holds, bringing it to the version the staleness bound asks for, and
 generation that survives an engine's death.
 
@@ -22,10 +22,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from cluster.worker import say
+
 
 class EngineNeedsSync(RuntimeError):
     """An engine lost its weights (restarted) on the broadcast path: the training group
-    must broadcast them again (rlhf.train.rl_task's feed does, when the coordinator asks)."""
+    must broadcast them again (rlhf.online.task's feed does, when the coordinator asks)."""
 
     def __init__(self, index: int, held: int, wanted: int):
         super().__init__(f"engine {index} holds weights {held}, needs {wanted}: it "
@@ -108,8 +110,8 @@ class EngineClient:
             except ray.exceptions.RayActorError as e:
                 if getattr(e, "actor_init_failed", False):
                     raise
-                print(f"engine {i} died while loading weights ({type(e).__name__}); waiting "
-                      "for Ray to restart it", flush=True)
+                say(f"engine {i} died while loading weights ({type(e).__name__}); waiting "
+                    "for Ray to restart it")
                 self.restarts += 1
                 self.held[i] = None  # asked again once it is back
         raise RuntimeError(f"engine {i}: could not load weights {version} in "
@@ -146,15 +148,15 @@ class EngineClient:
             except ray.exceptions.RayActorError as e:
                 if getattr(e, "actor_init_failed", False):
                     raise
-                print(f"engine {i} died while generating ({type(e).__name__}); waiting for "
-                      "Ray to restart it", flush=True)
+                say(f"engine {i} died while generating ({type(e).__name__}); waiting for "
+                    "Ray to restart it")
                 want = self._restarted(i, want)
                 continue
             got = {s["version"] for o in outs for s in o}
             if got == {want} or not got:
                 return outs
-            print(f"engine {i}: samples from weights {sorted(got)}, expected {want}: "
-                  "drawing again", flush=True)
+            say(f"engine {i}: samples from weights {sorted(got)}, expected {want}: "
+                "drawing again")
             want = self._restarted(i, want)
         raise RuntimeError(f"engine {i}: no samples from weights {want} after "
                            f"{self.attempts} attempts; the engine keeps failing (see its log)")
@@ -165,7 +167,7 @@ class EngineClient:
         self.restarts += 1
         self.held[i] = int(engine_state(self.engines[i])["version"])
         if self.held[i] != want:
-            print(f"engine {i} restarted (weights {self.held[i]}, expected {want}): "
-                  "re-syncing it", flush=True)
+            say(f"engine {i} restarted (weights {self.held[i]}, expected {want}): "
+                "re-syncing it")
             return self.bring_to(i, want, exact=True)
         return want

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import BUILTIN_MODEL, ConfigError
+from rlhf.core import attention
+from rlhf.data.demo import ensure_tiny_model
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -17,8 +19,6 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def resolve_model_path(name_or_path: str, key: str = "model.name_or_path") -> str:
     """builtin:tiny-llama -> its cached folder (built on first use); a folder must exist."""
     if name_or_path == BUILTIN_MODEL:
-        from rlhf.data.demo import ensure_tiny_model
-
         return str(ensure_tiny_model())
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -73,8 +73,6 @@ def attention_implementation(model_cfg: Any, packing: bool) -> str:
     if not packing or model_cfg.attn_implementation == "flash_attention_2":
         return model_cfg.attn_implementation
     from transformers import AttentionInterface
-
-    from rlhf.core import attention
 
     # No mask function is registered with it, so transformers builds no (N, N) mask
     # for a packed row: the kernel reads the sequence boundaries from the batch.

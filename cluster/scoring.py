@@ -24,7 +24,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cluster.deepspeed import frozen_engine
+from cluster.models import TORCH_DTYPES, load_tokenizer
 from rlhf.core.rewards import RewardError, RewardSource, call_function
+from rlhf.data.pipeline import tokenize_pair
 
 
 class RewardScorer:
@@ -35,8 +38,6 @@ class RewardScorer:
         DeepSpeed engine); its .device is where inputs go."""
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from cluster.models import TORCH_DTYPES
 
         meta_file = Path(path) / "rlhf_reward.json"
         if not meta_file.is_file():
@@ -56,7 +57,6 @@ class RewardScorer:
     def tokenize(self, prompt: Any, response: Any) -> list[int]:
         """The token ids training scored: prompt + response (+ EOS), truncated alike.
         Message lists (conversational data) go through the chat template."""
-        from rlhf.data.pipeline import tokenize_pair
 
         chat = not isinstance(prompt, str)
         if chat:
@@ -117,7 +117,6 @@ def sharded_scorer(path: str, ds_config: dict[str, Any], dtype: str) -> RewardSc
     tokenisation and score(). It scores a whole call in one forward, so that ZeRO-3
     ranks gather in step: every rank calls score() (or, with nothing to score,
     dummy_forward()) the same number of times."""
-    from cluster.deepspeed import frozen_engine
 
     return RewardScorer(path, dtype=dtype, device="cpu", batch_size=None,
                         wrap=lambda model: frozen_engine(model, ds_config))
@@ -130,7 +129,6 @@ def model_source(path: str, weight: float = 1.0, policy_path: str | None = None,
     With policy_path, its tokenizer must be the policy's: it scores the policy's text as
     training tokenised it, and a different vocabulary means a model trained for another
     policy family."""
-    from cluster.models import load_tokenizer
 
     scorer = scorer if scorer is not None else RewardScorer(path, **scorer_kw)
     if policy_path is not None:

@@ -1,5 +1,5 @@
 """Trainer -> vLLM engine weight sync, three paths (all reload in place,
-cluster.rollout.WeightReloader, then reset the engine's prefix cache):
+cluster.vllm_engines.WeightReloader, then reset the engine's prefix cache):
 
 shm    rank 0 writes the full Hugging Face-named state dict once per iteration as one
        safetensors file in /dev/shm (`publish`, atomic); every engine maps the same file.
@@ -33,6 +33,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from cluster.checkpoints import gather_state_dict, iter_state_dict
+from cluster.engine_client import engine_state
+from cluster.models import dequantize_4bit, merge_lora_state_dict
+
 
 def shm_dir(run_name: str) -> Path:
     """Where a run's weight files live: /dev/shm when it exists (Linux), else tmp."""
@@ -50,7 +54,6 @@ def policy_weights(state_dict: dict, lora) -> dict:
     layer once per reload, so a reload with q and v but not k would leave k unset."""
     if not lora.enabled:
         return state_dict
-    from cluster.models import dequantize_4bit, merge_lora_state_dict
 
     return merge_lora_state_dict(dequantize_4bit(state_dict), lora.alpha / lora.r)
 
@@ -336,9 +339,6 @@ class WeightPublisher:
         self.bytes = 0  # the last version's size (rank 0)
 
     def publish(self, engine, version: int) -> None:
-        from cluster.engine_client import engine_state
-        from cluster.train import gather_state_dict, iter_state_dict
-
         c, lora = self.cfg.cluster, self.cfg.model.lora
         if self.sync in ("store", "broadcast") and not lora.enabled:  # a bucket at a time
             pairs = iter_state_dict(engine, c.zero_stage)

@@ -30,6 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.plan import describe, plan_recipe
+from rlhf.config import ConfigError
 from rlhf.config.entry_points import TRAINING as ENTRIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,9 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     if a.cmd == "plan":
-        from launch.plan import describe, plan_recipe
-        from rlhf.config import ConfigError
-
         kind = entry_of(a.recipe, a.entry)
         try:
             plan, cfg = plan_recipe(a.recipe, a.overrides, a.cluster, a.arch, kind)

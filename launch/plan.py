@@ -31,6 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.deepspeed import frozen_config_for
+from rlhf.config import BUILTIN_MODEL, ConfigError, parse_args
+from rlhf.config.entry_points import ENTRY_POINTS, TRAINING
+from rlhf.data.demo import ensure_tiny_model
+
 GIB = 2**30
 OVERHEAD_BYTES = 2.5 * GIB
 FRAGMENTATION = 1.05
@@ -95,12 +100,9 @@ def arch_from_config(cfg: dict) -> Arch:
 def resolve_arch(name_or_path: str, arch: str | None = None) -> Arch:
     """The model's shape: `arch` (a hub id in KNOWN or a local folder) if given, else the
     model's own config.json, else KNOWN; a clear error otherwise."""
-    from rlhf.config import BUILTIN_MODEL, ConfigError
 
     for name in ([arch] if arch else []) + [name_or_path]:
         if name == BUILTIN_MODEL:
-            from rlhf.data.demo import ensure_tiny_model
-
             name = str(ensure_tiny_model())
         config = Path(name).expanduser() / "config.json"
         if config.is_file():
@@ -178,7 +180,6 @@ def activation_bytes(arch: Arch, tokens: int, b: int, checkpointing: bool,
 def frozen_model(role: str, arch: Arch, cfg: Any, world: int) -> ModelMemory:
     """A frozen DeepSpeed engine (cluster.deepspeed.frozen_config): sharded under ZeRO-3
     or offload, kept in host memory with offload."""
-    from cluster.deepspeed import frozen_config_for  # pure: imports nothing heavy
 
     zero = frozen_config_for(cfg, world)["zero_optimization"]
     b = DTYPE_BYTES[cfg.model.dtype]
@@ -429,8 +430,6 @@ def plan_recipe(recipe: Path, overrides: list[str], cluster_yaml: Path,
                 arch: str | None = None, kind: str | None = None) -> tuple[Plan, Any]:
     """Parse a recipe (plus overrides) as its entry point would and plan it; returns
     (plan, config)."""
-    from rlhf.config import ConfigError, parse_args
-    from rlhf.config.entry_points import ENTRY_POINTS, TRAINING
 
     kind = kind or recipe.name.split("-")[0]
     if kind not in TRAINING:

@@ -351,7 +351,7 @@ class OutputConfig:
     summary.json, training goes on. wandb: pip install 'rlhf-ray[trackers]'."""
 
     # tracker -> (module that must import, package that brings it); mlflow needs none
-    # for an http(s) server (cluster/trackers.py checks the rest when the run starts)
+    # for an http(s) server (rlhf/runlog/trackers.py checks the rest when the run starts)
     TRACKERS: ClassVar[dict[str, tuple[str, str] | None]] = {
         "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
         "mlflow": None}

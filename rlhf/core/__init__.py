@@ -1,1 +1,2 @@
-"""Layer 2: maths and RL interfaces, torch and the standard library only (README: Layout)."""
+"""Layer 2: maths and RL interfaces, torch and the standard library only
+(docs/architecture.md)."""

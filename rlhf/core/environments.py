@@ -44,6 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf.core.rewards import import_callable
+
 
 @dataclass
 class Step:
@@ -82,7 +84,6 @@ class EnvironmentFailure(RuntimeError):
 
 def load_environment(spec: str, args: dict | None = None) -> Callable[[], Environment]:
     """'module:Class' and its keyword arguments -> a factory of episodes."""
-    from rlhf.core.rewards import import_callable
 
     cls = import_callable(spec, "rollout.environment", "class", "rlhf.core.tasks:BoxLookupEnv")
     kwargs = dict(args or {})

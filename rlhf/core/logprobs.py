@@ -289,7 +289,7 @@ def dummy_sequence_rows(token_id: int) -> list[dict]:
 
 def dummy_pair_rows(token_id: int) -> list[dict]:
     """One minimal pair (every part a single token) for a zero-weight forward: a worker
-    out of data still joins every collective (ZeRO-3 gathers), see cluster.train.RowFeed."""
+    out of data still joins every collective (ZeRO-3 gathers), see cluster.feed.RowFeed."""
     one = [token_id]
     return [{"prompt_ids": one, "chosen_ids": one, "rejected_ids": one,
              "ref_chosen": 0.0, "ref_rejected": 0.0}]

@@ -1,5 +1,5 @@
 """Advantage dispatch for online RL: from a step's scored rollouts (one dict per
-micro-batch, as rlhf/train/rl_task.py prepares them) to each token's advantage, by
+micro-batch, as rlhf/online/task.py prepares them) to each token's advantage, by
 algo.algorithm, with the KL to the reference in the reward where algo.kl_penalty says
 so. The maths are rlhf/core/advantages.py's pure functions; what is here is which of them,
 on what, and the global-batch statistics (an all-reduce across training workers, given
@@ -19,14 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rlhf.core.advantages import (discounted_returns, gae, grpo_advantages, masked_moments,
+                                  rloo_advantages, token_rewards, whiten_with)
+
 
 def assign_advantages(rollouts: list[dict], algo, samples_per_prompt: int, kl_coef: float,
                       all_sum: Callable[[list[float]], list[float]]) -> tuple[float, float]:
     """Sets each rollout's advantages in place; returns (summed KL of the sampling policy
     to the reference, responses) over the global batch, for the adaptive KL controller
     (0, 0 without the KL in the reward)."""
-    from rlhf.core.advantages import (discounted_returns, gae, grpo_advantages, masked_moments,
-                                 rloo_advantages, token_rewards, whiten_with)
 
     a, n = algo, samples_per_prompt
     local = [0.0, 0.0, 0.0, 0.0, 0.0]  # moments of the advantages, KL sum, responses

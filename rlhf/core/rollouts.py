@@ -1,5 +1,5 @@
-"""The typed rollout record that the rollout side (cluster/coordinator.py) hands to the
-training workers (rlhf/train/rl_task.py), and the pure functions over records (torch only).
+"""The typed rollout record that the rollout side (rlhf/online/coordinator.py) hands to the
+training workers (rlhf/online/task.py), and the pure functions over records (torch only).
 
 A record is one sampled response: a single model turn, or a multi-turn episode in which
 observation tokens (tool results, environment messages) sit between the model's turns.

@@ -1,2 +1,2 @@
 """Layer 3: where rows come from, their formats, the Ray Data pipelines, the demo data and
-the tiny model (README: Layout)."""
+the tiny model (docs/architecture.md)."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from rlhf.config import ColumnsConfig, DataConfig, SFTDataConfig
 from rlhf.data.pipeline import (DROP_EMPTY, DROP_MISSING, DROP_TOO_LONG, DataError, Layout, RowKind,
-                       _common_prefix_len, _is_messages, _tokenizer, detect_layout, encode,
+                       common_prefix_len, _is_messages, _tokenizer, detect_layout, encode,
                        normalise_row)
 from rlhf.data.readers import ROWS_PER_BLOCK, Splits
 
@@ -187,13 +187,13 @@ def tokenize_example(tok, prompt: str, completion: str, chat: bool, max_length: 
                 continue
             # The turn's tokens: what the template adds for message k after the
             # generation prompt (found by common prefix, so merges at the seams are fine).
-            start = 0 if k == 0 else _common_prefix_len(render(msgs[:k], gen=True), ids)
-            end = _common_prefix_len(render(msgs[:k + 1]), ids)
+            start = 0 if k == 0 else common_prefix_len(render(msgs[:k], gen=True), ids)
+            end = common_prefix_len(render(msgs[:k + 1]), ids)
             mask[start:end] = [1] * max(end - start, 0)
     else:
         eos = tok.eos_token or ""
         ids = encode(tok, prompt + completion + ("" if completion.endswith(eos) else eos), False)
-        n = _common_prefix_len(encode(tok, prompt, False), ids) if prompt else 0
+        n = common_prefix_len(encode(tok, prompt, False), ids) if prompt else 0
         mask = [0] * n + [1] * (len(ids) - n)
     if not completion_only:
         mask = [1] * len(ids)

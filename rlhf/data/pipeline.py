@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from rlhf.data import formats
 from rlhf.config import DataConfig
+from rlhf.data import formats
+from rlhf.data.demo import demo_row
 from rlhf.data.formats import SCORE_COLUMNS, SCORE_GAP
-# DataError, Source, peek_rows and resolve_sources are part of this module's API too.
 from rlhf.data.readers import (PAIR_SPLITS, ROWS_PER_BLOCK, DataError, Source,  # noqa: F401
-                          Splits, iter_file_rows, peek_rows, resolve_sources)
+                               Splits, iter_file_rows, peek_rows, resolve_sources)
+# DataError, Source, peek_rows and resolve_sources are part of this module's API too.
 
 FILE_SHIFT = 40  # row id = file index << 40 | row number in that file
 
@@ -128,7 +129,8 @@ def detect_layout(row: dict, cfg: DataConfig, source_name: str) -> Layout:
                   cols.margin, scored, getattr(cfg, "min_score_gap", 0.0))
 
 
-def _common_prefix_len(a: list, b: list) -> int:
+def common_prefix_len(a: list, b: list) -> int:
+    """How many leading items a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -150,7 +152,7 @@ def normalise_row(row: dict, lay: Layout) -> tuple[str, str, str, bool, str]:
     if lay.chat:
         if not (_is_messages(c) and _is_messages(r)):
             return "", "", "", True, DROP_EMPTY
-        k = _common_prefix_len(c, r)
+        k = common_prefix_len(c, r)
         if k or lay.format == "implicit":
             # Shared leading messages are the prompt (UltraFeedback style repeats the
             # user turn in both; the implicit format has nothing else).
@@ -178,7 +180,7 @@ def normalise_row(row: dict, lay: Layout) -> tuple[str, str, str, bool, str]:
     else:
         if c == r:
             return "", "", "", False, DROP_IDENTICAL
-        shared = c[: _common_prefix_len(list(c), list(r))]
+        shared = c[: common_prefix_len(list(c), list(r))]
         cut = shared.rfind(lay.marker)
         if cut < 0:
             return "", "", "", False, DROP_NO_MARKER
@@ -291,8 +293,6 @@ def _datasource_class():
 
 
 def _demo_rows(batch: dict[str, np.ndarray], split: str, layout):
-    from rlhf.data.demo import demo_row
-
     ids = [int(i) for i in batch["id"]]
     return layout.table(ids, [demo_row(i, split) for i in ids])
 
@@ -433,7 +433,7 @@ def tokenize_pair(tok, prompt: str, chosen: str, rejected: str, chat: bool,
         full_r = prompt + rejected + ("" if rejected.endswith(eos) else eos)
     p_ids = encode(tok, prompt, chat)
     pc, pr = encode(tok, full_c, chat), encode(tok, full_r, chat)
-    n = min(_common_prefix_len(p_ids, pc), _common_prefix_len(p_ids, pr))
+    n = min(common_prefix_len(p_ids, pc), common_prefix_len(p_ids, pr))
     p_ids, c_ids, r_ids = p_ids[:n], pc[n:], pr[n:]
     p_cut = len(p_ids) > max_prompt_length
     room = max_length - min(len(p_ids), max_prompt_length)

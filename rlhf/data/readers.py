@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import BUILTIN_DATA, BUILTIN_TOOLS, DataConfig
+from rlhf.data.demo import demo_row
 
 READABLE = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
 ROWS_PER_BLOCK = 512
@@ -372,8 +373,6 @@ def _chain_first(first: str, rest):
 def peek_rows(source: Source, n: int = 1) -> list[dict]:
     """The first n raw rows of a source, read directly (no Ray), for format detection."""
     if source.kind == "demo":
-        from rlhf.data.demo import demo_row
-
         return [demo_row(i, source.demo_split) for i in range(n)]
     if source.kind == "hf":
         return [source.obj[i] for i in range(min(n, len(source.obj)))]

@@ -1,2 +1,2 @@
-"""Layer 5: the evaluation passes, benchmarks and report; does not import rlhf.train
-(README: Layout)."""
+"""Layer 6: the evaluation library (setup, engines, judges, comparison, benchmarks,
+general tasks, report); does not import rlhf.train (docs/architecture.md)."""

@@ -11,14 +11,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from cluster.models import load_tokenizer
+from cluster.vllm_engines import sample_seed
+from rlhf.core import eval_metrics as em
+from rlhf.data.pipeline import encode
 from rlhf.evaluation import benchmarks as bm
+from rlhf.evaluation.comparison import win_rate
+from rlhf.evaluation.judges import continuation_logprobs, judge
 
 
 def _render(tok, messages: list[dict]) -> list[int]:
     """Token ids of a conversation ending where the assistant answers: the chat template
     with its generation prompt, or hh-rlhf's plain layout without one."""
-    from rlhf.data.pipeline import encode
-
     if tok.chat_template:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return encode(tok, text, True)
@@ -56,7 +60,6 @@ def mt_bench_answers(engine, tok, questions: list[dict], cfg: Any, seed: int,
                      max_prompt: int, counts: Counter) -> list[list[str]]:
     """Every question's answers, one per turn: turn k+1 is asked after the model's own
     answer to turn k, as FastChat's gen_model_answer does."""
-    from cluster.rollout import sample_seed
 
     b = cfg.benchmarks
     answers: list[list[str]] = [[] for _ in questions]
@@ -80,7 +83,6 @@ def mt_bench_answers(engine, tok, questions: list[dict], cfg: Any, seed: int,
 
 def alpaca_eval_outputs(engine, tok, rows: list[dict], cfg: Any, seed: int,
                         max_prompt: int, counts: Counter) -> list[str]:
-    from cluster.rollout import sample_seed
 
     g, b = cfg.generation, cfg.benchmarks
     convs = [[{"role": "user", "content": r["instruction"]}] for r in rows]
@@ -92,13 +94,8 @@ def alpaca_eval_outputs(engine, tok, rows: list[dict], cfg: Any, seed: int,
 def grade(engines, judge_path: str, questions: list[dict], answers: list[list[str]],
           max_length: int) -> list[list[float]]:
     """The local judge's expected 1-10 rating of every answer (per question, per turn)."""
-    import ray
-
-    from cluster.models import load_tokenizer
-    from rlhf.data.pipeline import _common_prefix_len, encode
-
     tok = load_tokenizer(judge_path)
-    seqs, starts, where = [], [], []
+    groups, where = [], []
     for qi, (q, ans) in enumerate(zip(questions, answers)):
         for k in range(len(ans)):
             text = bm.grade_text(q["turns"], ans, k)
@@ -111,18 +108,11 @@ def grade(engines, judge_path: str, questions: list[dict], answers: list[list[st
                 lead, templated = question + "\n\n" + focus, False
             ids = [encode(tok, f"{lead}{r}]]", templated) for r in bm.RATINGS]
             cut = max(0, max(map(len, ids)) - (max_length - 1))  # keep the end
-            ids = [x[cut:] for x in ids]
-            start = min(min(_common_prefix_len(ids[0], x) for x in ids[1:]),
-                        min(map(len, ids)) - 1)
-            seqs += ids
-            starts += [start] * len(ids)
-            where.append((qi, k))
-    engine = engines.get(judge_path, max(map(len, seqs)) + 1)
-    lps = [sum(x) for x in ray.get(engine.sequence_logprobs.remote(seqs, starts))]
+            groups.append([x[cut:] for x in ids])
+            where.append(qi)
     out: list[list[float]] = [[] for _ in questions]
-    n = len(bm.RATINGS)
-    for j, (qi, _) in enumerate(where):
-        out[qi].append(bm.expected_rating(lps[j * n:(j + 1) * n]))
+    for qi, lps in zip(where, continuation_logprobs(engines, judge_path, groups)):
+        out[qi].append(bm.expected_rating(lps))
     return out
 
 
@@ -138,12 +128,10 @@ def model_ids(cfg: Any, setup: Any) -> tuple[str, str]:
     return aligned, base if base != aligned else f"{base}-base"
 
 
-def run(cfg: Any, setup: Any, engines: Any, judge_fn: Any) -> dict:
-    """Both models through the configured benchmarks; the local judge where there is
-    one. Returns {"files": {relative path: text}, "results": {...}} (rlhf.evaluate
+def run(cfg: Any, setup: Any, engines: Any) -> dict:
+    """Both models through the configured benchmarks; the local judge (the evaluation's
+    own: rlhf/evaluation/judges.py) where there is one. Returns {"files": {relative path: text}, "results": {...}} (rlhf.evaluate
     writes the files once its run directory exists)."""
-    from cluster.models import load_tokenizer
-    from rlhf.core import eval_metrics as em
 
     b = cfg.benchmarks
     aligned_id, base_id = model_ids(cfg, setup)
@@ -189,19 +177,13 @@ def run(cfg: Any, setup: Any, engines: Any, judge_fn: Any) -> dict:
         export["alpaca_eval"] = (rows, outputs)
         items = [{"id": i, "prompt": json.dumps([{"role": "user", "content": r["instruction"]}]),
                   "chat": True} for i, r in enumerate(rows)]
-        judged = judge_fn(cfg, setup, engines, items, [[o] for o in outputs[aligned_id]],
-                          [[o] for o in outputs[base_id]])
+        judged = judge(cfg, setup, engines, items, [[o] for o in outputs[aligned_id]],
+                       [[o] for o in outputs[base_id]])
         tol = cfg.judge.tie_tolerance if setup.judge == "reward_model" else 0.0
-        groups = [em.outcomes([a], [c], tol) for a, c in zip(judged["aligned"], judged["base"])]
-        flat = [x for g in groups for x in g]
-        rate = em.win_rate(flat)
-        lo, hi = em.bootstrap_interval(groups, seed=setup.seed)
-        v = em.verdict(rate)
-        results["alpaca_eval"] = {
-            "instructions": len(rows), "win_rate": rate, "ci95": [lo, hi],
-            "wins": flat.count(1), "ties": flat.count(0), "losses": flat.count(-1),
-            "verdict": v, "says": em.VERDICT_TEXT[v] + em.interval_caveat(v, lo, hi),
-            "judge": f"{setup.judge} {setup.judge_path}"}
+        won = win_rate([em.outcomes([a], [c], tol)
+                        for a, c in zip(judged["aligned"], judged["base"])], setup.seed)
+        results["alpaca_eval"] = {"instructions": len(rows), "win_rate": won.pop("rate"),
+                                  **won, "judge": f"{setup.judge} {setup.judge_path}"}
     if counts:
         results["left_out"] = dict(counts)
     return {"results": results, "export": export}

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhf.data.readers import DataError
+from rlhf.data.readers import DataError, _hub_reachable, _offline
 
 # FastChat's gen_model_answer.py samples each category at its own temperature.
 MT_BENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0,
@@ -84,7 +84,6 @@ def find_mt_bench() -> str:
 
 def find_alpaca_eval() -> str:
     """benchmarks.alpaca_eval=auto: the evaluation set from the hub (or its cache)."""
-    from rlhf.data.readers import _hub_reachable, _offline
 
     repo, name = ALPACA_EVAL_HUB
     advice = (f"Give the file instead: benchmarks.alpaca_eval=<path to {name}> (from the "

@@ -111,3 +111,14 @@ def run_both(cfg: Any, aligned: str, base: str) -> list[dict]:
     res_base = ray.get(task.remote(base, **kw))
     res_aligned = ray.get(task.remote(aligned, **kw))
     return compare(res_base, res_aligned)
+
+
+def worse_flags(general: list[dict]) -> list[dict]:
+    """results.json flags for the tasks where the aligned model is worse beyond noise."""
+    return [{"flag": "general_task_worse",
+             "message": f"{r['task']} ({r['metric']}): the aligned model scores "
+                        f"{r['aligned']:.3f} against its base's {r['base']:.3f}, "
+                        f"{r['difference']:+.3f} +- {r['difference_stderr']:.3f}: worse beyond "
+                        "noise on a general task. Try: a lower learning rate, a higher beta, "
+                        "fewer epochs, or LoRA."}
+            for r in general if r["worse_beyond_noise"]]

@@ -1,6 +1,7 @@
 """The evaluation report (rlhf.evaluate): plots as PNG files and one self-contained HTML
 page (the same plots embedded, the verdict, the flags in words, a table of measures and
-example pairs side by side). Opens from disk, in any browser, with no network.
+example pairs side by side), which opens from disk, in any browser, with no network; and
+the same results in a few lines for the console (`describe`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 from pathlib import Path
 
 from rlhf.core.eval_metrics import WORKING, WORSE, repeated_ngram_rate
+from rlhf.evaluation import general_tasks
 
 COLORS = {"base": "#8c8c8c", "aligned": "#1f77b4"}
 
@@ -241,12 +243,9 @@ def _benchmarks_html(b: dict | None, general: list | None) -> str:
         rows = []
         mt, ae = b.get("mt_bench"), b.get("alpaca_eval")
         if mt and "aligned" in mt:
-            a, c, dd = mt["aligned"], mt["base"], mt["difference"]
             rows.append(f"<tr><td>MT-Bench, {mt['questions']} questions (1-10, local judge)"
-                        f"</td><td>{c['score']:.2f} ({c['ci95'][0]:.2f}-{c['ci95'][1]:.2f})</td>"
-                        f"<td>{a['score']:.2f} ({a['ci95'][0]:.2f}-{a['ci95'][1]:.2f})</td>"
-                        f"<td>{dd['score']:+.2f} ({dd['ci95'][0]:+.2f} to {dd['ci95'][1]:+.2f})"
-                        "</td></tr>")
+                        f"</td><td>{_with_ci(mt['base'])}</td><td>{_with_ci(mt['aligned'])}"
+                        f"</td><td>{_with_ci(mt['difference'], signed=True)}</td></tr>")
         if ae:
             rows.append(f"<tr><td>AlpacaEval, {ae['instructions']} instructions (win rate "
                         f"against the base, local judge)</td><td></td><td>{ae['win_rate']:.1%} "
@@ -268,3 +267,52 @@ def _benchmarks_html(b: dict | None, general: list | None) -> str:
                      "</th><th>base</th><th>aligned</th><th>difference (paired SE)</th></tr>"
                      + rows + "</table>")
     return "\n".join(parts)
+
+
+def describe(out: Path) -> str:
+    """The report's headline figures and flags, for the console."""
+    r = json.loads((out / "results.json").read_text())
+    w = r["win_rate"]
+    lines = [f"win rate of the aligned model against its base: {w['rate']:.1%} (95% CI "
+             f"{w['ci95'][0]:.1%}-{w['ci95'][1]:.1%}; {w['wins']} wins, {w['ties']} ties, "
+             f"{w['losses']} losses): {w['says']}"]
+    if "preference" in r:
+        p = r["preference"]
+        lines.append(f"held-out preference accuracy (implicit reward, beta {p['beta']}): "
+                     f"{p['accuracy']:.1%} over {p['pairs']} pairs, margin {p['margin']:.3f}")
+    lines.append(f"KL to the base: {r['kl']['per_token']:.3f} nats per token")
+    lines += [f"warning [{f['flag']}]: {f['message']}" for f in r["flags"]]
+    lines += describe_benchmarks(r.get("benchmarks"), out)
+    if r.get("general_tasks"):
+        lines += ["general tasks (aligned - base):"] + general_tasks.describe(r["general_tasks"])
+    lines.append(f"report: {out / 'report.html'}\n  results: {out / 'results.json'}\n  "
+                 f"samples: {out / 'samples.jsonl'}")
+    return "\n".join(lines)
+
+
+def describe_benchmarks(b: dict | None, out: Path) -> list[str]:
+    """The benchmarks' lines of `describe`: local-judge scores and the official commands."""
+    if not b:
+        return []
+    lines = []
+    mt, ae = b.get("mt_bench"), b.get("alpaca_eval")
+    if mt and "aligned" in mt:
+        lines.append(f"MT-Bench, local judge (1-10, {mt['questions']} questions, 95% CIs): "
+                     f"aligned {_with_ci(mt['aligned'])}, base {_with_ci(mt['base'])}; "
+                     f"difference {_with_ci(mt['difference'], signed=True)}")
+    elif mt:
+        lines.append(f"MT-Bench: answers exported, not graded ({mt['judge']})")
+    if ae:
+        lines.append(f"AlpacaEval, local judge: win rate against the base {ae['win_rate']:.1%} "
+                     f"(95% CI {ae['ci95'][0]:.1%}-{ae['ci95'][1]:.1%}, {ae['instructions']} "
+                     f"instructions): {ae['says']}")
+    lines.append(f"benchmark files: {out / 'benchmarks'}; the official judges need an "
+                 "OpenAI key, their commands:")
+    lines += b["official_commands"]
+    return lines
+
+
+def _with_ci(x: dict, signed: bool = False) -> str:
+    """A score with its 95% interval: "5.20 (4.90-5.50)", signed "+0.30 (-0.10 to +0.70)"."""
+    f, sep = ("+.2f", " to ") if signed else (".2f", "-")
+    return f"{x['score']:{f}} ({x['ci95'][0]:{f}}{sep}{x['ci95'][1]:{f}})"

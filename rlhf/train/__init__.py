@@ -1,2 +1,3 @@
-"""Layer 5: the training driver every entry point shares, reference log-probs, online RL's
-training side, the export's model card (README: Layout)."""
+"""Layer 6: the training loop every trained model shares (driver and worker halves), the
+Task interface and the offline tasks, reference log-probs, the export's model card
+(docs/architecture.md)."""

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from cluster.trackers import REDACTED, redact_text, secret_name
+from rlhf.data.readers import _hub_host, _hub_reachable
+from rlhf.runlog.redact import REDACTED, redact_text, secret_name
 
 METHODS = {"dpo": "DPO (direct preference optimisation)", "rm": "reward model",
            "sft": "supervised fine-tuning", "ppo": "online RL"}
@@ -32,7 +33,7 @@ def command(prefix: str) -> str:
 
 
 def _shown(arg: str) -> str:
-    """A command-line argument without credentials (cluster.trackers.redact_text; the
+    """A command-line argument without credentials (rlhf.runlog.redact.redact_text; the
     value of a secret-named key=value goes whole)."""
     key, eq, _ = arg.partition("=")
     if eq and not key.startswith("-") and secret_name(key):
@@ -113,8 +114,6 @@ def push(model_dir: Path, repo_id: str, private: bool) -> str:
     """Upload the model folder (weights, tokenizer, card) to the hub; returns its URL.
     Credentials: HF_TOKEN or `hf auth login`'s cache, never the config."""
     from huggingface_hub import HfApi
-
-    from rlhf.data.readers import _hub_host, _hub_reachable
 
     if not _hub_reachable():
         raise ConnectionError(f"{_hub_host()} cannot be reached")

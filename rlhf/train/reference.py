@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from cluster.models import load_causal_lm
+from rlhf.core.logprobs import batch_logprobs, model_inputs, pair_batch, split_pairs
+
 
 class ReferenceLogps:
     """map_batches callable (one instance per actor): tokenised rows -> + ref columns."""
@@ -18,8 +21,6 @@ class ReferenceLogps:
     def __init__(self, model_path: str, model_cfg: Any, pad_id: int, micro_batch_size: int,
                  packing: bool):
         import torch
-
-        from cluster.models import load_causal_lm
 
         use_gpu = torch.cuda.is_available()
         self.device = "cuda" if use_gpu else "cpu"
@@ -30,8 +31,6 @@ class ReferenceLogps:
 
     def _score(self, rows: list[int], batch: dict[str, np.ndarray]):
         import torch
-
-        from rlhf.core.logprobs import model_inputs, pair_batch, batch_logprobs, split_pairs
 
         t = pair_batch([batch["prompt_ids"][i].tolist() for i in rows],
                        [batch["chosen_ids"][i].tolist() for i in rows],

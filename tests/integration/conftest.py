@@ -16,11 +16,13 @@ import ray.data  # noqa: F401
 def shared_ray() -> None:
     """The local Ray every in-process run of the session shares (started once; a Ray
     start is several seconds, and each module used to pay it)."""
-    from cluster.train import connect, quiet_ray_data
+    from cluster.ray_cluster import connect, quiet_ray_data
     from rlhf.config import ClusterConfig
+    from rlhf.runlog.console import divert_to
 
     connect(ClusterConfig(num_workers=2, cpus_per_worker=1, data_cpus=2))  # no-op when up
     quiet_ray_data()
+    divert_to()
 
 
 def release_shared_ray() -> None:

@@ -1,5 +1,5 @@
 """The Ray Data pipeline on a local cluster: every format streams through with stable
-ids and exact counts; hh-rlhf's implicit format is read as the README describes."""
+ids and exact counts; hh-rlhf's implicit format is read as docs/data-formats.md describes."""
 
 import json
 
@@ -86,7 +86,10 @@ def test_conversational_in_memory_dataset(ray_cluster, tiny_model_path, tokenize
     assert tokenizer.decode(r["chosen_ids"]).endswith("<|end|>\n")
 
 
-def test_column_mapping_and_saved_dataset(ray_cluster, tmp_path, tiny_model_path):
+def test_column_mapping_and_saved_dataset(ray_cluster, tmp_path, tiny_model_path, tokenizer):
+    """A saved datasets.Dataset with columns of its own, mapped by data.columns: every row
+    arrives once, and its tokens are the mapped columns' text (question -> prompt, good ->
+    chosen, bad -> rejected), not another column's."""
     import datasets
 
     rows = [demo_pair(i) for i in range(20)]
@@ -96,6 +99,14 @@ def test_column_mapping_and_saved_dataset(ray_cluster, tmp_path, tiny_model_path
                      columns=ColumnsConfig(prompt="question", chosen="good", rejected="bad"))
     _, pipes = build(cfg, tiny_model_path)
     assert pipes.train_counts[""] + pipes.eval_counts[""] == 20
+    assert pipes.eval_counts[""] > 0  # a held-out share was split off
+    got = _rows(pipes.train) + _rows(pipes.eval)
+    assert len(got) == 20 and len({r["id"] for r in got}) == 20
+    decoded = sorted((tokenizer.decode(r["prompt_ids"]),
+                      tokenizer.decode(r["chosen_ids"], skip_special_tokens=True),
+                      tokenizer.decode(r["rejected_ids"], skip_special_tokens=True))
+                     for r in got)
+    assert decoded == sorted((r["question"], r["good"], r["bad"]) for r in renamed)
 
 
 def test_drop_policy_counts_too_long_pairs(ray_cluster, tmp_path, tiny_model_path):

@@ -37,7 +37,7 @@ def main(tmp_path, capsys, *args) -> tuple[int, str]:
 
 def test_malformed_line_from_the_shell_is_one_message_last(tmp_path):
     """The error a Ray Data task raises reaches the shell as one line, printed last; the
-    tracebacks Ray logs on the way are in the run's errors.log, not on the terminal."""
+    tracebacks Ray logs on the way are in the run's run.log, not on the terminal."""
     lines = [json.dumps(demo_pair(i)) for i in range(30)]
     lines[17] = lines[17][:-5]
     f = tmp_path / "pairs.jsonl"
@@ -48,7 +48,7 @@ def test_malformed_line_from_the_shell_is_one_message_last(tmp_path):
     assert last.startswith(f"error: {f}, line 18: not valid JSON (") and last.endswith(
         "). Fix or delete that line."), out.stderr[-3000:]
     assert "Traceback" not in out.stderr + out.stdout
-    logs = list((tmp_path / "runs").glob("dpo-*/errors.log"))
+    logs = list((tmp_path / "runs").glob("dpo-*/run.log"))
     assert logs and "Traceback" in logs[0].read_text()
 
 

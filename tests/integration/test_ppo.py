@@ -115,31 +115,45 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
     killer.join(timeout=1)
     assert killed, "the engine was never killed"
     assert (run_dir / ".crash-injected").read_text() == "5"
+    model_mb = (run_dir / "model" / "model.safetensors").stat().st_size / 2**20
+    check_it_learns_and_recovers_from_the_crash(run_dir, model_mb)
+    check_the_ledger_after_the_crash(run_dir)
+
+    resumed = ppo(tmp_path, *args, "train.max_steps=14", "train.resume=true",
+                  "cluster.num_workers=1", "rollout.weight_sync=broadcast",
+                  "rollout.sync_timeout_s=120")
+    assert resumed == run_dir
+    check_the_resume_on_one_worker(resumed, model_mb)
+
+
+def check_off_policy_rows(by_step: dict, steps: list[int], model_mb: float) -> list[dict]:
+    """The per-step metrics of a one-step-off-policy PPO run with a reward model."""
+    assert sorted(by_step) == steps
+    rows = [by_step[i] for i in steps]
+    # one step off-policy: step 1 samples the starting weights, every later one the
+    # weights one update old (fresher only where a restarted engine got newer ones)
+    assert rows[0]["train/staleness/0"] == 1.0
+    assert all(r["train/staleness_max"] <= 1 for r in rows)
+    assert sum(r["train/staleness/1"] == 1.0 for r in rows) >= len(rows) - 3
+    assert all(0.9 < r["train/is_weight_mean"] < 1.1 for r in rows)
+    assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01) for r in rows)
+    assert all(r["train/clip_fraction"] > 0 for r in rows)  # updates 2-4 move the ratio
+    assert all(r["train/generated_tokens_per_s"] > 0 for r in rows)
+    for r in rows:  # each source's own mean beside the weighted sum
+        assert r["train/reward"] == pytest.approx(
+            r["train/reward[rlhf.core.tasks:demo_opening]"] + 0.05 * r["train/reward[model]"],
+            abs=1e-5)
+    return rows
+
+
+def check_it_learns_and_recovers_from_the_crash(run_dir: Path, model_mb: float) -> None:
+    """12 steps, step 5 redone after the crash from the step-4 checkpoint: the reward and
+    the critic learn, the KL coefficient and the critic came back from step 4."""
     s = summary(run_dir)
     assert s["steps"] == 12 and s["samples"] == 12 * 16 * 4  # step 5 redone from step 4
     assert s["eval/reward"] > s["start/eval/reward"] + 0.2, s  # it learns
-    model_mb = (run_dir / "model" / "model.safetensors").stat().st_size / 2**20
-
-    def check(by_step: dict, steps: list[int]) -> list[dict]:
-        assert sorted(by_step) == steps
-        rows = [by_step[i] for i in steps]
-        # one step off-policy: step 1 samples the starting weights, every later one the
-        # weights one update old (fresher only where a restarted engine got newer ones)
-        assert rows[0]["train/staleness/0"] == 1.0
-        assert all(r["train/staleness_max"] <= 1 for r in rows)
-        assert sum(r["train/staleness/1"] == 1.0 for r in rows) >= len(rows) - 3
-        assert all(0.9 < r["train/is_weight_mean"] < 1.1 for r in rows)
-        assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01) for r in rows)
-        assert all(r["train/clip_fraction"] > 0 for r in rows)  # updates 2-4 move the ratio
-        assert all(r["train/generated_tokens_per_s"] > 0 for r in rows)
-        for r in rows:  # each source's own mean beside the weighted sum
-            assert r["train/reward"] == pytest.approx(
-                r["train/reward[rlhf.core.tasks:demo_opening]"] + 0.05 * r["train/reward[model]"],
-                abs=1e-5)
-        return rows
-
-    rows = check({r["step"]: r for r in metrics(run_dir) if "train/reward" in r},  # last
-                 list(range(1, 13)))                                               # wins
+    rows = check_off_policy_rows({r["step"]: r for r in metrics(run_dir)  # the last
+                                  if "train/reward" in r}, list(range(1, 13)), model_mb)  # wins
     assert rows[-1]["train/value_loss"] < rows[0]["train/value_loss"]  # the critic learns
     # step 1: the sampling policy is the reference (k1 KL 0); then it moves away
     assert rows[0]["train/kl"] < 1e-6 and rows[-1]["train/kl"] > 1e-3, rows[-1]
@@ -149,30 +163,34 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
     # ... and so did the critic: a fresh one would start over from an untrained head
     assert rows[4]["train/value_loss"] < 0.5 * rows[0]["train/value_loss"], rows
 
-    def ledger() -> list[dict]:
-        return [json.loads(x) for x in (run_dir / "rollouts.jsonl").read_text().splitlines()]
 
-    handed = ledger()
-    # attempt 1 handed out steps 1-5; after the crash attempt 2 handed out 5-12, step 5
-    # being the batch the step-4 checkpoint kept: exactly the samples trained before
+def ledger(run_dir: Path) -> list[dict]:
+    """rollouts.jsonl: the batches the coordinator handed out, in order."""
+    return [json.loads(x) for x in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+
+
+def check_the_ledger_after_the_crash(run_dir: Path) -> None:
+    """Attempt 1 handed out steps 1-5; after the crash attempt 2 handed out 5-12, step 5
+    being the batch the step-4 checkpoint kept: exactly the samples trained before."""
+    handed = ledger(run_dir)
     assert [x["step"] for x in handed] == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10, 11, 12]
     assert handed[4]["digest"] == handed[5]["digest"]
     assert handed[4]["attempt"] < handed[5]["attempt"]
 
-    resumed = ppo(tmp_path, *args, "train.max_steps=14", "train.resume=true",
-                  "cluster.num_workers=1", "rollout.weight_sync=broadcast",
-                  "rollout.sync_timeout_s=120")
-    assert resumed == run_dir
-    by_step = {r["step"]: r for r in metrics(resumed) if "train/reward" in r}
-    rows = check(by_step, list(range(1, 15)))
+
+def check_the_resume_on_one_worker(run_dir: Path, model_mb: float) -> None:
+    """2 more steps on 1 worker: policy, critic and KL coefficient back from a checkpoint
+    of 2 workers; no prompt trained twice."""
+    by_step = {r["step"]: r for r in metrics(run_dir) if "train/reward" in r}
+    check_off_policy_rows(by_step, list(range(1, 15)), model_mb)
     assert [by_step[i]["train/workers"] for i in (1, 12, 13, 14)] == [2, 2, 1, 1]
-    assert summary(resumed)["steps"] == 14
+    assert summary(run_dir)["steps"] == 14
     coef = [by_step[i]["train/kl_coef"] for i in (12, 13)]
     assert coef[1] == pytest.approx(coef[0] * 1.128, rel=1e-6), coef
     # the critic came back trained: its loss goes on from where it was, not from scratch
     assert by_step[13]["train/value_loss"] < 0.5 * by_step[1]["train/value_loss"]
     # no prompt trained twice: each step's prompts (as last trained) are new
-    last = {x["step"]: x for x in ledger()}
+    last = {x["step"]: x for x in ledger(run_dir)}
     assert sorted(last) == list(range(1, 15))
     prompts = [p for x in last.values() for p in x["prompts"]]
     assert len(prompts) == len(set(prompts)) == 14 * 16

@@ -88,7 +88,7 @@ def _score_sharded(lc: dict) -> None:
 
     from cluster.deepspeed import frozen_config
     from cluster.scoring import sharded_scorer
-    from cluster.train import rank_world
+    from cluster.worker import rank_world
 
     rank, world = rank_world()
     scorer = sharded_scorer(lc["rm"], frozen_config(

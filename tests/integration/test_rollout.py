@@ -10,9 +10,13 @@ is tested inside a PPO run (tests/integration/test_ppo.py)."""
 
 import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+
+from cluster.weight_sync import publish
 
 
 def _hf_greedy(model, prompts, eos, max_new):
@@ -32,7 +36,7 @@ def _strip(ids, eos):
 @pytest.fixture(scope="module")
 def engine(ray_cluster, tiny_model_path):
     """One engine for the module (a start is ~12 s); the last test kills it."""
-    from cluster.rollout import rollout_actor
+    from cluster.vllm_engines import rollout_actor
 
     return rollout_actor(tiny_model_path)
 
@@ -41,7 +45,7 @@ def test_engine_follows_the_trainers_weights(engine, tiny_model_path, tokenizer)
     import ray
     from transformers import AutoModelForCausalLM
 
-    from cluster.weight_sync import publish, shm_dir
+    from cluster.weight_sync import shm_dir
     from rlhf.data.demo import demo_pair
 
     eos = tokenizer.eos_token_id
@@ -150,7 +154,7 @@ def _coordinator(cfg_args, model_path, rows, run_dir, weights_dir, engine, cls=N
                  total_steps=100):
     import ray.data
 
-    from cluster.coordinator import RolloutCoordinator
+    from rlhf.online.coordinator import RolloutCoordinator
     from rlhf.config import PPOConfig, parse_args
 
     cfg = parse_args(PPOConfig, [f"model.name_or_path={model_path}", "reward.functions=[]",
@@ -169,15 +173,10 @@ def _take(coord, index: int) -> dict:
 
 def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_bound(
         engine, tiny_model_path, tokenizer, tmp_path):
+    """Four features against one engine (it starts once: a start is the cost), each a
+    check of its own, so that a failure names the feature that broke."""
     import ray
     from transformers import AutoModelForCausalLM
-
-    from cluster.coordinator import RolloutCoordinator
-    from cluster.episodes import DROP_UNIFORM
-    from cluster.weight_sync import BroadcastSender, WeightSyncError, publish
-    from rlhf.core.environments import ChatCodec
-    from rlhf.core.losses import importance_weights
-    from rlhf.core.rollouts import OBSERVATION
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     moved = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
@@ -198,6 +197,39 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
 
     modes = ["raise", "ok", "hang", "malformed", "same", "ok", "ok", "ok"]
     rows = [row(i, m) for i, m in enumerate(modes)]
+    plain = [row(100 + i, "ok") for i in range(16)]
+    w = Weights(base, moved, wdir)
+    check_multi_turn_partial_rollouts_and_failed_episodes(engine, tiny_model_path, tokenizer,
+                                                          tmp_path, rows, w)
+    check_env_errors_stop_the_run(engine, tiny_model_path, tmp_path, rows, w)
+    check_the_staleness_bound_and_overlong_shaping(engine, tiny_model_path, tmp_path, plain, w)
+    check_broadcast_weight_sync(engine, tokenizer, plain, w)
+
+
+@dataclass
+class Weights:
+    base: object  # the tiny model (weights 0)
+    moved: object  # the same, moved at random (weights 1)
+    folder: Path  # where weight files are published for the engine
+
+
+ENV = ["rollout.environment=tests.integration.test_rollout:ScriptedEnv",
+       "rollout.max_turns=3", "rollout.samples_per_prompt=2", "rollout.env_timeout_s=1",
+       "rollout.max_new_tokens=12"]
+
+
+def check_multi_turn_partial_rollouts_and_failed_episodes(engine, tiny_model_path, tokenizer,
+                                                           tmp_path, rows, w: Weights):
+    """Multi-turn episodes with a scripted environment, generated in pieces of 4 tokens
+    with new weights published mid-batch (partial rollouts), failed episodes dropped and
+    replaced, dynamic sampling; each token's behaviour log-prob and version checked."""
+    from rlhf.core.environments import ChatCodec
+    from rlhf.core.losses import importance_weights
+    from rlhf.core.rollouts import OBSERVATION
+    from rlhf.online.coordinator import RolloutCoordinator
+    from rlhf.online.episodes import DROP_UNIFORM
+
+    base, moved, wdir = w.base, w.moved, w.folder
 
     class PublishesMidBatch(RolloutCoordinator):
         """The trainers publish weights 1 after the batch's first round: the pieces
@@ -212,9 +244,7 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
                 self.client.published(1)
             return super()._newest_weights()
 
-    env = ["rollout.environment=tests.integration.test_rollout:ScriptedEnv",
-           "rollout.max_turns=3", "rollout.samples_per_prompt=2", "rollout.env_timeout_s=1",
-           "rollout.max_new_tokens=12"]
+    env = ENV
     coord = _coordinator([*env, "rollout.partial_rollouts=true", "rollout.chunk_tokens=4",
                           "algo.dynamic_sampling=true"],
                          tiny_model_path, rows, tmp_path, wdir, engine, PublishesMidBatch)
@@ -272,19 +302,27 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
         assert torch.allclose(w[old], torch.exp(lp[1][old] - lp[0][old]), atol=1e-3)
         assert (w[~old & (mask > 0)] - 1).abs().max() < 1e-3
 
-    # rollout.env_errors=stop: the run stops, naming the environment and the prompt
-    stop = _coordinator([*env, "rollout.env_errors=stop"], tiny_model_path, rows, tmp_path,
-                        wdir, engine)
+
+def check_env_errors_stop_the_run(engine, tiny_model_path, tmp_path, rows, w: Weights):
+    """rollout.env_errors=stop: the run stops, naming the environment and the prompt."""
+    stop = _coordinator([*ENV, "rollout.env_errors=stop"], tiny_model_path, rows, tmp_path,
+                        w.folder, engine)
     stop.start(world=1, micro=2, accum=1, step=0, epoch=0, skip=[])
     err = _take(stop, 0)
     stop.close()
     assert "KeyError" in err["error"] and "ScriptedEnv" in err["error"]
     assert "prompt 0" in err["error"] and "env_errors=skip" in err["error"]
 
-    # The staleness bound against a slow trainer: k = 2, the engine far faster than the
-    # trainer, which takes 0.5 s a step and publishes after each. No batch is more than
-    # 2 versions behind, and with the engine ahead the bound is reached.
-    plain = [row(100 + i, "ok") for i in range(16)]
+
+def check_the_staleness_bound_and_overlong_shaping(engine, tiny_model_path, tmp_path, plain,
+                                                   w: Weights):
+    """The staleness bound against a slow trainer: k = 2, the engine far faster than the
+    trainer, which takes 0.5 s a step and publishes after each. No batch is more than 2
+    versions behind, and with the engine ahead the bound is reached. DAPO's overlong
+    filter and soft penalty on the way."""
+    from rlhf.online.episodes import Episode
+
+    base, moved, wdir = w.base, w.moved, w.folder
     fast = _coordinator(["rollout.max_staleness=2", "rollout.max_new_tokens=8",
                          "rollout.samples_per_prompt=2", "algo.overlong=filter",
                          "reward.functions=[rlhf.core.tasks:demo_opening]"],
@@ -307,8 +345,6 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
     assert seen == [[0], [1], [2], [2], [2], [2]], seen
     assert cut_any  # the random model rarely ends within 8 tokens
     # DAPO's soft penalty instead: budget 8, buffer 4: 6 tokens -> -0.5, 8 -> -1
-    from cluster.episodes import Episode
-
     fast.a.overlong, fast.a.overlong_buffer = "penalty", 4
     eps = [Episode(0, 7, j, [1, 2], "{}", response_ids=list(range(30, 30 + n)),
                    logprobs=[-1.0] * n, versions=[0] * n, loss_mask=[1] * n)
@@ -320,9 +356,17 @@ def test_coordinator_multi_turn_partial_rollouts_failures_and_the_staleness_boun
     assert [x["staleness"] for x in ledger[-6:]] == [{"0": 4}, {"1": 4}, {"2": 4}, {"2": 4},
                                                    {"2": 4}, {"2": 4}]
 
-    # The broadcast path: this process (the trainer's rank 0) and the engine's worker
-    # form a process group of their own (gloo here, NCCL between GPUs) and the weights
-    # go straight into the engine's reload, in buckets of about a quarter of the model
+
+def check_broadcast_weight_sync(engine, tokenizer, plain, w: Weights):
+    """The broadcast path: this process (the trainer's rank 0) and the engine's worker
+    form a process group of their own (gloo here, NCCL between GPUs) and the weights go
+    straight into the engine's reload, in buckets of about a quarter of the model; an
+    engine that is gone fails the sync at once, named."""
+    import ray
+
+    from cluster.weight_sync import BroadcastSender, WeightSyncError
+
+    moved = w.moved
     def greedy():
         outs = ray.get(engine.generate.remote([r["prompt_ids"] for r in plain[:4]],
                                               temperature=0.0, max_tokens=12))

@@ -161,7 +161,7 @@ def test_ppo_config_checks():
 
 def test_async_and_environment_config_checks():
     from rlhf.config import PPOConfig, resolved_rollout_is
-    from rlhf.ppo import weight_sync_path
+    from rlhf.online.setup import weight_sync_path
 
     def cfg(*argv):
         return parse_args(PPOConfig, list(argv), "x")

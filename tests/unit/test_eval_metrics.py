@@ -84,13 +84,13 @@ def test_a_runs_data_section_fills_what_the_command_line_left_at_default():
     """rlhf.evaluate takes the training run's data (a PPO run's prompts too), except
     where the command line set a field."""
     from rlhf.config import EvalDataConfig
-    from rlhf.evaluate import _copy_run_data
+    from rlhf.evaluation.setup import copy_run_data
 
     ppo_data = {"path": "prompts.jsonl", "prompt_column": "question", "demo_pairs": 256,
                 "max_prompt_length": 128, "eval_fraction": 0.1}
-    out = _copy_run_data(EvalDataConfig(), ppo_data)
+    out = copy_run_data(EvalDataConfig(), ppo_data)
     assert (out.path, out.columns.prompt, out.max_prompt_length, out.eval_fraction) == (
         "prompts.jsonl", "question", 128, 0.1)
-    mine = _copy_run_data(EvalDataConfig(eval_path="mine.jsonl", max_prompt_length=64),
+    mine = copy_run_data(EvalDataConfig(eval_path="mine.jsonl", max_prompt_length=64),
                           {**ppo_data, "eval_path": None})
     assert mine.eval_path == "mine.jsonl" and mine.max_prompt_length == 64

@@ -1,14 +1,17 @@
-"""The code's layers are one-way. Each module may import its own layer and the layers
-below it, never one above; the two layers that share a level (training, evaluation) do
-not import each other; and no module imports itself back through others (no cycles).
-Function-local imports count as much as top-level ones: they run too.
+"""The code's layers are one-way (docs/architecture.md has the picture and the reasons).
+Each module may import its own layer and the layers below it, never one above; layers
+that share a level (training, evaluation) do not import each other; and no module
+imports itself back through others (no cycles). Function-local imports count as much as
+top-level ones: they run too.
 
-    launch/                          7  how a person starts it
-    rlhf/{dpo,rm,sft,ppo,evaluate}.py  6  entry points (+ rlhf/builtin_models.py, which
+    launch/                          9  how a person starts it
+    rlhf/{dpo,rm,sft,ppo,evaluate}.py  8  entry points (+ rlhf/builtin_models.py, which
                                         the demo's entry points share)
-    rlhf/train/  rlhf/evaluation/    5  the training driver, export and model card | the
-                                        evaluation passes, benchmarks, report
-    cluster/                         4  Ray, DeepSpeed, vLLM plumbing
+    rlhf/online/                     7  the online-RL flow (its task is a training task)
+    rlhf/train/  rlhf/evaluation/    6  the training loop, driver, tasks, export | the
+                                        evaluation library
+    rlhf/runlog/                     5  everything a run writes or prints
+    cluster/                         4  how it runs on Ray: Ray Train, DeepSpeed, vLLM
     rlhf/data/                       3  reading, formats, pipelines, demo data and model
     rlhf/core/                       2  maths and RL interfaces (torch, no Ray/DeepSpeed/vLLM)
     rlhf/config/                     1  dataclasses and the loader (imports nothing of ours)
@@ -27,12 +30,14 @@ LAYERS = [  # (name, level, module prefixes)
     ("core", 2, ("rlhf.core",)),
     ("data", 3, ("rlhf.data",)),
     ("cluster", 4, ("cluster",)),
-    ("train", 5, ("rlhf.train",)),
-    ("evaluation", 5, ("rlhf.evaluation",)),
-    ("entry points", 6, ENTRY_POINTS),
-    ("launch", 7, ("launch",)),
+    ("runlog", 5, ("rlhf.runlog",)),
+    ("train", 6, ("rlhf.train",)),
+    ("evaluation", 6, ("rlhf.evaluation",)),
+    ("online", 7, ("rlhf.online",)),
+    ("entry points", 8, ENTRY_POINTS),
+    ("launch", 9, ("launch",)),
 ]
-# what the two bottom layers may not pull in (DESIGN.md: tested in milliseconds)
+# what the two bottom layers may not pull in (tested in milliseconds)
 HEAVY = ("ray", "deepspeed", "vllm")
 
 

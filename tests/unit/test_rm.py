@@ -59,7 +59,7 @@ def test_matches_trl_reward_trainer(reward_model, tokenizer, tiny_model_path, pa
     from cluster.models import load_causal_lm
     from rlhf.data.pipeline import tokenize_pair
     from rlhf.core.losses import bradley_terry_loss
-    from rlhf.rm import RMTask
+    from rlhf.train.tasks.rm import RMTask
 
     data = _rows()
     margins = [0.5, 0.0, 1.0, 0.2, 0.0]  # Llama 2's margin term, as TRL reads it

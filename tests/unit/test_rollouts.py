@@ -51,12 +51,12 @@ def test_digest_names_exactly_the_samples():
 
 
 def test_saved_batches_round_trip_and_are_dealt_out_for_another_world_size():
-    """A checkpoint's batches (cluster.coordinator's JSON form) come back as they were,
+    """A checkpoint's batches (rlhf.online.coordinator's JSON form) come back as they were,
     and a resume at another number of workers deals their prompt groups out again, in
     order, each group whole; the prompt ids they read are committed once (by rank 0)."""
     from collections import Counter
 
-    from cluster.coordinator import Batch, _batch_from_json, _batch_to_json, _rebalanced
+    from rlhf.online.coordinator import Batch, _batch_from_json, _batch_to_json, _rebalanced
 
     g = [[rec(i, 0, [3]), rec(i, 1, [3])] for i in range(8)]  # 8 groups of 2 samples
     # 2 ranks x 2 micro-batches of 2 prompts

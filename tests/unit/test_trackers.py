@@ -1,11 +1,11 @@
 """output.report_to (parsing, checks), the secret redaction, and the tracker fan-out's
-handling of a tracker that fails mid-run (cluster.trackers; no Ray, no server: the real
+handling of a tracker that fails mid-run (rlhf.runlog.trackers; no Ray, no server: the real
 trackers are read back in tests/integration/test_trackers.py)."""
 
 import pytest
 
-from cluster import trackers
-from cluster.trackers import REDACTED, redact, redact_text, secret_name
+from rlhf.runlog import trackers
+from rlhf.runlog.redact import REDACTED, redact, redact_text, secret_name
 from rlhf.config import ConfigError, DPOConfig, OutputConfig, parse_args
 
 

@@ -1,5 +1,5 @@
 """The train split of online RL's prompts as one stream per training rank, read by the
-rollout coordinator (cluster/coordinator.py).
+rollout coordinator (rlhf/online/coordinator.py).
 
 `Dataset.streaming_split(world, equal=True)`, split r feeding rank r, exactly as Ray Train
 splits a dataset for its workers: each step's prompts are those the workers would read
@@ -13,7 +13,7 @@ import queue
 import threading
 from collections import Counter
 
-from cluster.train import take_rows
+from cluster.feed import take_rows
 
 
 class PromptStream:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cluster.checkpoints import load_engine_state
+from cluster.deepspeed import training_engine
+from cluster.models import load_causal_lm, score_head
+from rlhf.core.logprobs import model_inputs, right_padded, scored_positions
+from rlhf.core.losses import ppo_value_loss
+
 TAG = "critic"
 
 
 class Critic:
     def __init__(self, cfg, path: str, world: int, accum: int, learning_rate: float,
                  total_updates: int, universal: bool = False):
-        from cluster.loop import training_engine
-        from cluster.models import load_causal_lm, score_head
 
         self.cfg = cfg
         model = load_causal_lm(path, cfg.model, trainable=True, use_gpu=cfg.cluster.use_gpu,
@@ -34,7 +38,6 @@ class Critic:
 
     def values(self, batch: dict, n_seqs: int):
         """(S, T) the critic's value of the state each response token is drawn in."""
-        from rlhf.core.logprobs import model_inputs, right_padded, scored_positions
 
         inputs = model_inputs(batch, self.engine.device)
         inputs.pop("logits_to_keep", None)  # a causal-LM option; the head is per position
@@ -46,7 +49,6 @@ class Critic:
                value_clip: float | None):
         """One micro-batch of the clipped value loss, scaled by `scale` (the global token
         normalisation), backward and step; returns (summed loss, summed clipped)."""
-        from rlhf.core.losses import ppo_value_loss
 
         values = self.values(batch, n_seqs)
         vl, clipped = ppo_value_loss(values, old_values, returns, mask, value_clip)
@@ -64,6 +66,4 @@ class Critic:
         self.engine.save_checkpoint(str(folder), tag=TAG, exclude_frozen_parameters=True)
 
     def load(self, folder: Path) -> None:
-        from cluster.train import load_engine_state
-
         load_engine_state(self.engine, str(folder), TAG, self.universal)

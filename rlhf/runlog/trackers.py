@@ -1,6 +1,6 @@
-"""Experiment trackers (output.report_to) and the redaction of secrets.
+"""Experiment trackers (output.report_to).
 
-The run log actor (cluster.train.RunLog, on the driver's node: rank 0's records only)
+The run log actor (rlhf.runlog.metrics_log.RunLog, on the driver's node: rank 0's records only)
 hands every metrics record, the run's resolved config and its final summary to each
 tracker named in output.report_to: TensorBoard (event files in the run directory),
 Weights & Biases and MLflow. Each reads its usual environment variables (W&B:
@@ -14,11 +14,7 @@ A tracker that cannot start fails the run before training (a clear error); one t
 fails mid-run (its server gone) never stops training: a warning the first time,
 failures counted, and after GIVE_UP failures in a row it is no longer called; the
 counts are in summary.json's `trackers`. metrics.jsonl holds every record either way.
-
-Secrets: `redact` and `redact_text` take out what looks like one (values of keys named
-like a token, API key, secret or password; URL userinfo, https://user:pass@host;
-secret-named URL query parameters; the values of this process's secret-named
-environment variables) before a config, summary or message is written anywhere.
+Configs and summaries are redacted (rlhf.runlog.redact) here again, whoever calls.
 """
 
 from __future__ import annotations
@@ -28,12 +24,14 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REDACTED = "***"
+from cluster.worker import say
+from rlhf.config import ConfigError
+from rlhf.runlog.redact import redact, redact_text
+
 # pip installs for the trackers that are not dependencies of the project
 INSTALL = {"wandb": "wandb", "mlflow": "mlflow"}
 EXTRA_HINT = "pip install 'rlhf-ray[trackers]'"
@@ -41,72 +39,12 @@ EXTRA_HINT = "pip install 'rlhf-ray[trackers]'"
 ENV_PREFIXES = ("WANDB_", "MLFLOW_")
 GIVE_UP = 3  # failures in a row after which a tracker is no longer called
 
-# --------------------------------------------------------------------------- secrets
-
-_SECRET_NAME = re.compile(
-    r"(?:^|_)(?:token|secret|password|passwd|passphrase|pwd|credentials?|auth|"
-    r"authorization|api_?key|apikey|private_?key|access_?key|signature)(?:_|$)")
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#]+@")
-_QUERY_PARAM = re.compile(r"([?&;])([^=&#\s]+)=([^&#\s]*)")
-_MIN_ENV_SECRET = 8  # shorter values are not replaced in text (they would mangle it)
-
-
-def secret_name(name: str) -> bool:
-    """Whether a key or variable name says its value is a secret: a word of it (split at
-    `_`, `-`, `.`, and camelCase) is token, secret, password, api_key, ... (max_new_tokens
-    and tokenizer are not)."""
-    snake = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower()
-    return bool(_SECRET_NAME.search("_".join(re.split(r"[^a-z0-9]+", snake))))
-
-
-def _env_secrets() -> list[str]:
-    vals = {v for k, v in os.environ.items() if secret_name(k) and len(v) >= _MIN_ENV_SECRET}
-    return sorted(vals, key=len, reverse=True)
-
-
-def redact_text(text: str) -> str:
-    """`text` with URL userinfo (scheme://user:pass@host), the values of secret-named
-    URL query parameters (?token=..., X-Amz-Signature=...) and the values of secret-named
-    environment variables of this process replaced by ***."""
-    if not text:
-        return text
-    text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
-
-    def param(m: re.Match) -> str:
-        name = m.group(2)
-        if secret_name(name) or name.lower() in ("key", "sig"):
-            return f"{m.group(1)}{name}={REDACTED}"
-        return m.group(0)
-
-    if "=" in text:
-        text = _QUERY_PARAM.sub(param, text)
-    for value in _env_secrets():
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def redact(obj: Any) -> Any:
-    """A copy of a config or summary tree (dicts, lists, strings, numbers) without
-    secrets: the string values of secret-named keys become ***, every other string goes
-    through redact_text."""
-    if isinstance(obj, dict):
-        return {k: (REDACTED if secret_name(str(k)) and isinstance(v, str) and v
-                    else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact(v) for v in obj)
-    if isinstance(obj, str):
-        return redact_text(obj)
-    return obj
-
-
 # --------------------------------------------------------------------- driver side
 
 
 def check(report_to: list[str]) -> None:
     """What the named trackers need from the launching environment, checked before
     anything starts (the packages are checked with the config: OutputConfig)."""
-    from rlhf.config import ConfigError
-
     if "mlflow" not in report_to:
         return
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -469,7 +407,7 @@ class Trackers:
             if name != "tensorboard":
                 info = tracker.info()
                 where = info.get("url") or info.get("dir") or info.get("tracking_uri", "")
-                print(f"{name}: run {run_name} at {where}", flush=True)
+                say(f"{name}: run {run_name} at {where}")
 
     def log(self, record: dict) -> None:
         values = scalars(record)
@@ -504,8 +442,8 @@ class Trackers:
             text = redact_text(f"{type(e).__name__}: {e}").strip().splitlines()
             if s["failures"] == 1:
                 s["error"] = text[0] if text else type(e).__name__
-                print(f"warning: the {t.name} tracker failed ({s['error']}); training goes "
-                      "on, every record is in metrics.jsonl", file=sys.stderr, flush=True)
+                say(f"warning: the {t.name} tracker failed ({s['error']}); training goes "
+                    "on, every record is in metrics.jsonl", err=True)
             if s["in_a_row"] == GIVE_UP and not always:
-                print(f"warning: the {t.name} tracker failed {GIVE_UP} times in a row; it "
-                      "gets nothing more in this run", file=sys.stderr, flush=True)
+                say(f"warning: the {t.name} tracker failed {GIVE_UP} times in a row; it "
+                    "gets nothing more in this run", err=True)

@@ -2,7 +2,7 @@
 
     prompts (Ray Data) -> engines (vLLM actors) -> episodes (environments, tools) ->
     rollout records (rlhf.core.rollouts) -> rewards -> filters -> a bounded queue of batches
-    -> the Ray Train workers (rlhf.train.rl_task's feed), who send new weights back
+    -> the Ray Train workers (rlhf.online.task's feed), who send new weights back
 
 Batch s trains at step s, whose policy is weights version s - 1. It may be generated
 once the trainers have published version s - 1 - k (k = rollout.max_staleness), with
@@ -20,9 +20,9 @@ than k when it is handed out (by construction none is); the records' staleness i
 reported per step as a histogram.
 
 Prompts: the train split, one stream per training rank, as Ray Train splits a dataset
-(cluster/prompt_stream.py). Episodes: generated a round at a time with environments
-between turns, scored and filtered (cluster/episodes.py). The trainers take their share
-of each batch through cluster/rollout_feed.py.
+(rlhf/online/prompt_stream.py). Episodes: generated a round at a time with environments
+between turns, scored and filtered (rlhf/online/episodes.py). The trainers take their share
+of each batch through rlhf/online/feed.py.
 
 Filters: a group whose rewards are all equal (algo.dynamic_sampling) or one with a
 failed environment episode (rollout.env_errors=skip) is dropped, counted, and replaced
@@ -50,9 +50,10 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from cluster.engine_client import EngineClient
-from cluster.episodes import EpisodeRunner
-from cluster.prompt_stream import PromptStream
+from cluster.models import load_tokenizer
 from rlhf.core.rollouts import RolloutRecord, digest, split_stale, staleness_counts
+from rlhf.online.episodes import EpisodeRunner
+from rlhf.online.prompt_stream import PromptStream
 
 DROP_STALE = "dropped: staler than rollout.max_staleness"
 
@@ -86,8 +87,6 @@ class RolloutCoordinator:
     def __init__(self, cfg, engines: list, sync: str, weights_dir: str, store,
                  train_dataset, model_path: str, run_dir: str, total_steps: int):
         import os
-
-        from cluster.models import load_tokenizer
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.cfg, self.r, self.a = cfg, cfg.rollout, cfg.algo

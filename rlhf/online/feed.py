@@ -1,18 +1,20 @@
-"""The training workers' side of the rollout coordinator (cluster/coordinator.py): its
-batches as cluster.loop's feed, what cluster.train.RowFeed is for rows of a shard."""
+"""The training workers' side of the rollout coordinator (rlhf/online/coordinator.py): its
+batches as rlhf.train.loop's feed, what cluster.feed.RowFeed is for rows of a shard."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 
+from rlhf.core.rollouts import RolloutRecord
+
 
 class RolloutFeed:
-    """The coordinator's batches as cluster.loop's feed (what RowFeed is for rows): steps
+    """The coordinator's batches as rlhf.train.loop's feed (what RowFeed is for rows): steps
     of this rank's micro-batches of records, until the coordinator ends the epoch."""
 
     def __init__(self, task, skip: set[int] | None):
-        """task: rlhf.train.rl_task.RLTask (its coordinator handle, rank, the next item to take,
+        """task: rlhf.online.task.RLTask (its coordinator handle, rank, the next item to take,
         `attach` once per attempt, `resync` on the broadcast path)."""
         self.task, self.skip = task, skip
         self.consumed: list[int] = []
@@ -49,6 +51,4 @@ class RolloutFeed:
 
 
 def _record(r):
-    from rlhf.core.rollouts import RolloutRecord
-
     return r if isinstance(r, RolloutRecord) else RolloutRecord(**r)

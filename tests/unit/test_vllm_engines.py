@@ -1,8 +1,8 @@
-"""Rollout seeds (cluster.rollout.sample_seed): a prompt's samples are fixed by the run's seed,
+"""Rollout seeds (cluster.vllm_engines.sample_seed): a prompt's samples are fixed by the run's seed,
 the weights version and the row, so a resumed run or a retried engine call draws the
 same ones; different prompts' seed blocks (vLLM uses seed + 0..n-1) never overlap."""
 
-from cluster.rollout import sample_seed
+from cluster.vllm_engines import sample_seed
 
 
 def test_seeds_are_fixed_by_seed_stage_and_row_and_blocks_do_not_overlap():

@@ -11,7 +11,7 @@ Weights reach the engine in checkpoint format (Hugging Face names, full tensors)
 reloaded in place through vLLM's `reload_weights` on every engine worker
 (`WeightReloader`, a vLLM worker extension): on CPU a plain `load_weights` into a
 running engine fails, because the CPU backend repacks linear weights after loading
-(../shared/ENVIRONMENT.md). Tensors cannot travel as `collective_rpc` arguments, so the
+("Attempted to load weight ... into parameter (torch.Size([0]))"). Tensors cannot travel as `collective_rpc` arguments, so the
 trainer leaves them in a safetensors file (in /dev/shm) and the workers map it. The
 prefix cache is reset after every update: cached keys and values of the old weights
 must not serve the new policy. Engines on other nodes pull the weights in buckets from
@@ -23,6 +23,8 @@ CPU) and reloads the buckets as they are broadcast.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from cluster.weight_sync import new_group, publish, receive_buckets, rendezvous, shm_dir
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -99,7 +101,6 @@ class WeightReloader:
                   timeout_s: float, name: str) -> int:
         """Join the trainer's weight-sync group (cluster.weight_sync.BroadcastSender) as
         rank base_rank + this worker's rank in the engine; returns that rank."""
-        from cluster.weight_sync import new_group, rendezvous
 
         rank = base_rank + self.rank
         self._rlhf_store = rendezvous(host, port, world, timeout_s)
@@ -110,7 +111,6 @@ class WeightReloader:
     def rlhf_receive(self) -> int:
         """One weights version from the group's broadcasts, reloaded in place in one
         call, bucket by bucket as they arrive (see rlhf_reload for why one call)."""
-        from cluster.weight_sync import receive_buckets
 
         return self._rlhf_reload_counted(receive_buckets(self._rlhf_group, self._rlhf_device))
 
@@ -147,7 +147,7 @@ class RolloutEngine:
                        logprobs_mode=s.logprobs_mode,
                        enable_chunked_prefill=s.chunked_prefill,
                        distributed_executor_backend="uni" if s.in_process else None,
-                       worker_extension_cls="cluster.rollout.WeightReloader")
+                       worker_extension_cls="cluster.vllm_engines.WeightReloader")
         self.version = 0
         self.group = None  # the broadcast group it belongs to (None after a restart)
 
@@ -227,7 +227,7 @@ class RolloutEngine:
 
     def load_weights(self, path: str | list[str], version: int) -> int:
         """Reload every worker's weights from `path` (a safetensors file, or the files of
-        one checkpoint: cluster.rollout.weight_files); returns the tensors loaded."""
+        one checkpoint: cluster.vllm_engines.weight_files); returns the tensors loaded."""
         counts = self.llm.collective_rpc("rlhf_reload", args=(path,))
         self.llm.reset_prefix_cache()
         self.version = version
@@ -258,8 +258,6 @@ class RolloutEngine:
         import shutil
 
         import ray
-
-        from cluster.weight_sync import publish, shm_dir
 
         held, refs = ray.get(store.latest.remote())
         if version is not None and held != version:

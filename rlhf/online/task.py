@@ -1,26 +1,30 @@
-"""The training side of online RL (rlhf.ppo): what cluster.loop.train_loop runs on every
-Ray Train worker, given the rollouts the coordinator (cluster/coordinator.py) makes.
+"""The training side of online RL (rlhf.ppo): the Task the shared worker loop
+(rlhf/train/loop.py) runs on every Ray Train worker, over the rollouts the coordinator
+(rlhf/online/coordinator.py) makes.
 
-One step, on every worker, over its share of the step's rollout records:
-    wait       `RolloutFeed` takes this rank's micro-batches of the step's batch from
-               the coordinator (at max_staleness 0 it waits for their generation; above,
-               they were made while the previous steps trained)
-    score      the reward model (a frozen DeepSpeed engine like the reference) is added
-               to the rollout-side reward; reward.clip
-    reference  the frozen reference's per-token log-probs (for the KL)
-    old        with several updates per batch, or the KL in the reward, the proximal
-               policy's log-probs (the policy at the step's start) recomputed; for PPO,
-               the critic's values
-    advantages rlhf/core/rl_advantages.py (grpo, rloo, reinforce++, ppo)
-    train      algo.ppo_epochs x algo.mini_batches updates of `rlhf.core.losses.online_rl_loss`:
-               the clipped ratio to the proximal policy, weighted by the rollout
-               correction pi_prox / mu (algo.rollout_is: tis, mis or none) against the
-               engine's behaviour log-probs, + k3 KL - entropy bonus, the token mean over
-               the (mini-)batch; observation tokens masked out; the critic's clipped
-               value loss and its own update
-    sync       the weights are published for the engines (rollout.weight_sync); the
-               coordinator loads them when its staleness bound asks for them (on the
-               broadcast path rank 0 pushes them into the engines itself)
+One step, on every worker, over its share of the step's rollout records; each phase is a
+named, timed block (metrics time/<phase>_s), in this order:
+    generate      `RolloutFeed` (rlhf/online/feed.py) takes this rank's micro-batches of
+                  the step's batch from the coordinator (at max_staleness 0 it waits for
+                  their generation; above, they were made while earlier steps trained)
+    score         the reward model (a frozen DeepSpeed engine like the reference) is
+                  added to the rollout-side reward; reward.clip
+    reference     the frozen reference's per-token log-probs (for the KL)
+    old_logprobs  with several updates per batch, or the KL in the reward, the proximal
+                  policy's log-probs (the policy at the step's start) recomputed
+    values        PPO: the critic's values (rlhf/online/critic.py)
+    advantages    rlhf/core/rl_advantages.py (grpo, rloo, reinforce++, ppo)
+    critic, forward, backward, optimizer
+                  algo.ppo_epochs x algo.mini_batches updates: PPO's critic first (its
+                  clipped value loss), then `rlhf.core.losses.online_rl_loss`: the clipped
+                  ratio to the proximal policy, weighted by the rollout correction
+                  pi_prox / mu (algo.rollout_is: tis, mis or none) against the engine's
+                  behaviour log-probs, + k3 KL - entropy bonus, the token mean over the
+                  (mini-)batch; observation tokens masked out
+    sync          the weights are published for the engines (rollout.weight_sync); the
+                  coordinator loads them when its staleness bound asks for them (on the
+                  broadcast path rank 0 pushes them into the engines itself)
+`begin_step` runs score .. advantages, `micro_step` the updates, `end_step` the sync.
 """
 
 from __future__ import annotations
@@ -30,21 +34,38 @@ import math
 import time
 from pathlib import Path
 
-from cluster.loop import Task
+import ray
+import torch
 
-NAN_ADVICE = ("Likely causes: a learning rate too high for this model (try half) or fp16 "
-              "overflow (use bf16 or fp32). The last good checkpoint is kept; fix the "
-              "setting and rerun with train.resume=true.")
+from cluster.deepspeed import frozen_config_for
+from cluster.scoring import model_source, sharded_scorer
+from cluster.weight_sync import WeightPublisher
+from cluster.worker import all_sum, rank_world, say
+from rlhf.config import PPOConfig, resolved_rollout_is
+from rlhf.core.advantages import AdaptiveKLController, kl_estimate
+from rlhf.core.logprobs import (model_inputs, response_batch, right_padded, scored_positions,
+                                scored_token_logprobs)
+from rlhf.core.losses import entropy_from_logits, online_rl_loss
+from rlhf.core.rewards import reward_spec, shape_scores
+from rlhf.core.rl_advantages import assign_advantages
+from rlhf.core.rollouts import RolloutRecord, record_tables, staleness_counts
+from rlhf.data.prompts import PROMPTS
+from rlhf.online.critic import Critic
+from rlhf.online.feed import RolloutFeed
+from rlhf.train.tasks.base import SequenceTask
+
 BUFFER_FILE = "rollout_buffer.json"
 
 
-class RLTask(Task):
-    """What cluster.loop.train_loop needs for online RL (see its docstring)."""
+class RLTask(SequenceTask):
+    """Online RL from the coordinator's rollouts (rlhf.ppo): GRPO, RLOO, REINFORCE++, PPO."""
 
+    config_cls = PPOConfig
+    prefix = "ppo"
+    rows = PROMPTS
+    plot_keys = ("loss", "reward", "kl")
     name = "prompts"
-    flags: dict[str, str] = {}
     eval_at_start = True  # the reward before training, to compare the end with
-    nan_advice = NAN_ADVICE
     train_from_shard = False  # the coordinator reads the prompts
 
     # per-step sums; every rank reports every key (they are all-reduced by position)
@@ -67,32 +88,14 @@ class RLTask(Task):
         groups = [micro_batches[i * size:(i + 1) * size] for i in range(m)]
         return groups * self.cfg.algo.ppo_epochs
 
-    def dummy_rows(self, token_id: int) -> list[dict]:
-        from rlhf.core.logprobs import dummy_sequence_rows
-
-        return dummy_sequence_rows(token_id)
-
-    def batch_builder(self):
-        from rlhf.core.logprobs import rows_sequence_batch
-
-        return rows_sequence_batch
-
     def feed(self, shard, micro: int, accum: int, skip: set[int] | None = None):
-        from cluster.rollout_feed import RolloutFeed
-
         return RolloutFeed(self, skip)
 
     # ------------------------------------------------------------------ set-up
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
-        from cluster.train import rank_world
-        from cluster.weight_sync import WeightPublisher
-        from rlhf.core.advantages import AdaptiveKLController
-        from rlhf.config import resolved_rollout_is
-        from rlhf.core.rewards import reward_spec
-
         cfg, a = self.cfg, self.cfg.algo
-        self.world, self.accum = world, accum  # accum: micro-batches per optimizer update
+        super().prepare(engine, lc, world, accum)  # accum: micro-batches per update
         self.universal = lc.get("universal", False)  # resumed at another world size
         self.engine = engine  # the policy: it also recomputes the proximal log-probs
         self.rank = rank_world()[0]
@@ -111,17 +114,11 @@ class RLTask(Task):
         self.kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
         self.critic = None
         if a.algorithm == "ppo":
-            from cluster.critic import Critic
-
             self.critic = Critic(cfg, lc["critic_path"], world, accum,
                                  a.critic_learning_rate or lc["learning_rate"],
                                  lc["total_steps"] * self.updates_per_step, self.universal)
         self.scorer = None
         if cfg.reward.model:
-            from cluster.deepspeed import frozen_config_for
-            from cluster.scoring import sharded_scorer
-            from cluster.scoring import model_source
-
             # a frozen DeepSpeed engine like the reference: sharded under ZeRO-3, in CPU
             # memory with cluster.offload_frozen
             self.scorer = sharded_scorer(cfg.reward.model, frozen_config_for(cfg, world),
@@ -149,10 +146,6 @@ class RLTask(Task):
     def attach(self, epoch: int, skip: set[int] | None) -> None:
         """Once per attempt, at the first step: rank 0 (re)starts the coordinator from
         this training state; the others wait for it."""
-        import ray
-
-        from cluster.train import all_sum
-
         if self.attached:
             return
         self.attached = True
@@ -165,8 +158,6 @@ class RLTask(Task):
         all_sum([0.0])  # nobody asks for a batch before the coordinator is started
 
     def save_state(self, folder: Path) -> None:
-        import ray
-
         if self.critic is not None:
             self.critic.save(folder)
         if self.rank == 0:
@@ -185,15 +176,99 @@ class RLTask(Task):
         if buffer.is_file():
             self.saved_buffer = json.loads(buffer.read_text())
 
-    # ------------------------------------------------------------------ forwards
+    # ------------------------------------------------------------------ a step
+
+    def begin_step(self, micro_batches: list[list], timer) -> None:
+        """A step's phases before its updates, in order (the module docstring): the
+        wait for the rollouts (booked by the loop as "data") is "generate"; then score,
+        reference, old_logprobs, values, advantages."""
+        timer.times["generate"] = timer.times.pop("data", 0.0)
+        if self.delay_s:  # a slow trainer (rlhf.ppo.run's delay_training_s)
+            time.sleep(self.delay_s)
+        ds = [self._tensors(mb) if mb else None for mb in micro_batches]
+        self._frozen_phases(ds, True, timer)
+        self.rollouts = {self._key(d["records"]): d for d in ds if d is not None}
+        kl, responses = assign_advantages(list(self.rollouts.values()), self.cfg.algo,
+                                          self.cfg.rollout.samples_per_prompt,
+                                          self.kl_ctl.value, all_sum)
+        if responses:  # the adaptive controller follows the batch's KL per response
+            self.kl_ctl.update(kl / responses, int(responses))
+        timer.mark("advantages")
+
+    def _tensors(self, records: list) -> dict:
+        """A micro-batch of records -> the tensors its phases and micro-steps need, the
+        rollout-side rewards summed per record (scored further by `_score`)."""
+        P = [r.prompt_ids for r in records]
+        R = [r.response_ids for r in records]
+        batch = response_batch(P, R, pad_id=self.pad_id, packing=self.cfg.data.packing,
+                               attn_implementation=self.cfg.model.attn_implementation)
+        tables = record_tables(records)
+        return {"batch": batch, "records": records, "n_seqs": len(records),
+                "scores": [r.score for r in records],
+                "parts": {x: sum(r.parts.get(x, 0.0) for r in records) for x in self.parts},
+                "behaviour": tables["behaviour"], "loss_mask": tables["loss_mask"],
+                "versions": tables["versions"], "turn_rewards": tables["turn_rewards"],
+                "prompt_tokens": sum(map(len, P)),
+                "response_tokens": float(tables["loss_mask"].sum()),
+                "ref": None, "old": None, "values": None, "passes": 0,
+                # trained positions: the response's model tokens (observations and
+                # filtered responses are 0 in the records' loss mask)
+                "mask": tables["loss_mask"]}
+
+    def _frozen_phases(self, ds: list[dict | None], train: bool, timer) -> None:
+        """score, reference and, for training, old_logprobs and values, each phase over
+        every micro-batch in turn. An empty micro-batch (None) runs the same forwards on
+        the dummy row: under ZeRO-3 every rank must join every gather."""
+        dummy = self.batch([])
+        for d in ds:
+            self._score(d)
+        if timer:
+            timer.mark("score")
+        for key, model, phase in (("ref", self.ref_engine, "reference"),
+                                  ("old", self.engine if train and self.need_old else None,
+                                   "old_logprobs")):
+            if model is None:
+                continue
+            with torch.no_grad():
+                for d in ds:
+                    lp = self._policy_tables(model, d["batch"] if d else dummy,
+                                             d["n_seqs"] if d else 1)[0]
+                    if d:
+                        d[key] = lp
+            if timer:
+                timer.mark(phase)
+        if train and self.critic is not None:
+            with torch.no_grad():
+                for d in ds:
+                    values = self.critic.values(d["batch"] if d else dummy,
+                                                d["n_seqs"] if d else 1)
+                    if d:
+                        d["values"] = values
+            if timer:
+                timer.mark("values")
+
+    def _score(self, d: dict | None) -> None:
+        """The reward model's scores (reward.model_weight) added to the rollout-side
+        rewards, then reward.clip; d None: the scorer's dummy forward."""
+        if d is None:
+            if self.scorer is not None:
+                self.scorer.dummy_forward()  # where the others score their responses
+            return
+        cfg, total = self.cfg, d["scores"]
+        if self.scorer is not None:
+            texts = [self.tok.decode(r.prompt_ids) for r in d["records"]]
+            resp = [self.tok.decode(r.response_ids, skip_special_tokens=True)
+                    for r in d["records"]]
+            rm = self.scorer.score(texts, resp)
+            total = [t + cfg.reward.model_weight * v for t, v in zip(total, rm)]
+            if "model" in d["parts"]:
+                d["parts"]["model"] = float(sum(rm))
+        d["scores"] = shape_scores(torch.tensor(total, dtype=torch.float32), cfg.reward.clip)
+        d["parts"] = {f"reward[{x}]": v for x, v in d["parts"].items()}
 
     def _policy_tables(self, model_engine, batch: dict, n_seqs: int, entropy: bool = False):
         """(log-probs (S, T), mask (S, T), entropy (S, T) or None) of the response
         positions at the sampling temperature."""
-        from rlhf.core.logprobs import (model_inputs, right_padded, scored_positions,
-                                   scored_token_logprobs)
-        from rlhf.core.losses import entropy_from_logits
-
         out = model_engine(**model_inputs(batch, model_engine.device))
         logits = out.logits / self.cfg.rollout.temperature
         vals, seq = scored_token_logprobs(logits, batch)
@@ -204,105 +279,11 @@ class RLTask(Task):
                                   seq, n_seqs)
         return lp, mask, ent
 
-    def _prepare(self, records: list, train: bool, timer=None) -> dict:
-        """A micro-batch of records -> the tensors its micro-steps need, with the reward
-        model's scores and the frozen forwards (reference; for training, the proximal
-        policy and the critic's values)."""
-        import torch
-
-        from rlhf.core.logprobs import response_batch
-        from rlhf.core.rewards import shape_scores
-        from rlhf.core.rollouts import record_tables
-
-        cfg = self.cfg
-        P = [r.prompt_ids for r in records]
-        R = [r.response_ids for r in records]
-        batch = response_batch(P, R, pad_id=self.pad_id, packing=cfg.data.packing,
-                               attn_implementation=cfg.model.attn_implementation)
-        tables = record_tables(records)
-        parts = {x: sum(r.parts.get(x, 0.0) for r in records) for x in self.parts}
-        total = [r.score for r in records]
-        if self.scorer is not None:
-            texts = [self.tok.decode(p) for p in P]
-            resp = [self.tok.decode(x, skip_special_tokens=True) for x in R]
-            rm = self.scorer.score(texts, resp)
-            total = [t + cfg.reward.model_weight * v for t, v in zip(total, rm)]
-            if "model" in parts:
-                parts["model"] = float(sum(rm))
-        scores = shape_scores(torch.tensor(total, dtype=torch.float32), cfg.reward.clip)
-        if timer:
-            timer.mark("score")
-        d = {"batch": batch, "scores": scores, "behaviour": tables["behaviour"],
-             "loss_mask": tables["loss_mask"], "versions": tables["versions"],
-             "turn_rewards": tables["turn_rewards"], "n_seqs": len(records),
-             "prompt_tokens": sum(map(len, P)),
-             "response_tokens": float(tables["loss_mask"].sum()),
-             "ref": None, "old": None, "values": None, "passes": 0,
-             "parts": {f"reward[{x}]": v for x, v in parts.items()},
-             "records": records,
-             # trained positions: the response's model tokens (observations and
-             # filtered responses are 0 in the records' loss mask)
-             "mask": tables["loss_mask"]}
-        self._frozen_forwards(d, train, timer)
-        return d
-
-    def _frozen_forwards(self, d: dict | None, train: bool, timer) -> None:
-        """The no-grad forwards a rollout needs; with d None, the same forwards of the
-        dummy row (under ZeRO-3 every rank must join every gather)."""
-        import torch
-
-        batch, n = (d["batch"], d["n_seqs"]) if d else (self.batch([]), 1)
-        if d is None and self.scorer is not None:
-            self.scorer.dummy_forward()  # where the others score their responses
-        with torch.no_grad():
-            if self.ref_engine is not None:
-                ref = self._policy_tables(self.ref_engine, batch, n)[0]
-                if d:
-                    d["ref"] = ref
-                if timer:
-                    timer.mark("reference")
-            if train and self.need_old:
-                old = self._policy_tables(self.engine, batch, n)[0]
-                if d:
-                    d["old"] = old
-                if timer:
-                    timer.mark("old_logprobs")
-            if train and self.critic is not None:
-                values = self.critic.values(batch, n)
-                if d:
-                    d["values"] = values
-                if timer:
-                    timer.mark("values")
-
-    # ------------------------------------------------------------------ a step
-
-    def begin_step(self, micro_batches: list[list], timer) -> None:
-        from cluster.train import all_sum
-        from rlhf.core.rl_advantages import assign_advantages
-
-        if timer:  # the loop booked the wait for this step's rollouts as "data"
-            timer.times["generate"] = timer.times.pop("data", 0.0)
-        if self.delay_s:  # a slow trainer (rlhf.ppo.run's delay_training_s)
-            time.sleep(self.delay_s)
-        self.rollouts = {}
-        for mb in micro_batches:
-            if mb:
-                self.rollouts[self._key(mb)] = self._prepare(mb, True, timer)
-            else:
-                self._frozen_forwards(None, True, timer)
-        kl, responses = assign_advantages(list(self.rollouts.values()), self.cfg.algo,
-                                          self.cfg.rollout.samples_per_prompt,
-                                          self.kl_ctl.value, all_sum)
-        if responses:  # the adaptive controller follows the batch's KL per response
-            self.kl_ctl.update(kl / responses, int(responses))
-
     @staticmethod
     def _key(records: list) -> tuple:
         return tuple((r.group, r.sample) for r in records)
 
     def step_counts(self, micro_batches: list[list]) -> dict[str, float]:
-        from rlhf.core.rollouts import staleness_counts
-
         ds = [self.rollouts[self._key(mb)] for mb in micro_batches if mb]
         p = sum(d["prompt_tokens"] for d in ds)
         resp = sum(d["response_tokens"] for d in ds)
@@ -316,18 +297,13 @@ class RLTask(Task):
         return out
 
     def micro_step(self, engine, rows: list, totals: dict | None, grad: bool, timer):
-        import torch
-
-        from rlhf.core.advantages import kl_estimate
-        from rlhf.core.losses import online_rl_loss
-
         a = self.cfg.algo
         ent_on = bool(a.entropy_coef)
         sums = dict.fromkeys(self.sum_keys, 0.0)
         sums.update(dict.fromkeys(self.MAXES, 0.0))
         if not rows:  # a zero-weight forward, so that ZeRO-3's gathers see every rank
             if not grad:  # as an eval rollout would (training ones did in begin_step)
-                self._frozen_forwards(None, False, None)
+                self._frozen_phases([None], False, None)
             with torch.set_grad_enabled(grad):
                 if self.critic is not None and grad:
                     self.critic.dummy_update(self.batch([]))
@@ -414,29 +390,25 @@ class RLTask(Task):
     def _eval_rollout(self, rows: list[dict]) -> dict | None:
         """A held-out micro-batch: rollouts with the current weights from the
         coordinator, scored and with the reference's forward."""
-        import ray
-
-        from rlhf.core.rollouts import RolloutRecord
-
         plain = [{"id": int(r["id"]), "prompt_ids": [int(t) for t in r["prompt_ids"]],
                   "metadata": str(r["metadata"])} for r in rows]
         got = ray.get(self.coordinator.eval_rollouts.remote(self.rank, plain, self.version))
         records = [RolloutRecord(**x) for x in got["records"]]
         if not records:
             return None
-        return self._prepare(records, False)
+        d = self._tensors(records)
+        self._frozen_phases([d], False, None)
+        return d
 
     # ------------------------------------------------------------------ weights
 
     def resync(self, n: int) -> None:
         """The coordinator found an engine restarted on the broadcast path: every rank
         takes part in broadcasting the current weights again (once per request)."""
-        import ray
-
         if n <= self.resynced:
             return
         self.resynced = n
-        print(f"rank {self.rank}: re-syncing the engines (weights {self.version})", flush=True)
+        say(f"rank {self.rank}: re-syncing the engines (weights {self.version})")
         self.publisher.publish(self.engine, self.version)
         if self.rank == 0:
             ray.get(self.coordinator.published.remote(self.version, True))
@@ -444,8 +416,6 @@ class RLTask(Task):
     def end_step(self, engine, step: int, timer) -> None:
         """The new weights are published for the engines (and, broadcasting, pushed into
         them); the coordinator hears of them."""
-        import ray
-
         self.rollouts = {}
         self.publisher.publish(engine, step)
         self.version = step
@@ -503,8 +473,8 @@ class RLTask(Task):
         return out
 
 
-def train_loop_per_worker(lc: dict) -> None:
-    from cluster.loop import train_loop
-    from rlhf.config import PPOConfig, build
-
-    train_loop(lc, RLTask(build(PPOConfig, lc["config"])))
+    @staticmethod
+    def summary_line(s: dict) -> str:
+        return (f"held-out reward {s['start/eval/reward']:.3f} (std "
+                f"{s['start/eval/reward_std']:.3f}) -> {s['eval/reward']:.3f} (std "
+                f"{s['eval/reward_std']:.3f}) over {s['eval/responses']} responses")

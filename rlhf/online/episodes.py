@@ -1,10 +1,10 @@
 """Episodes for online RL: a batch's samples generated to their end, a round at a time,
 with environments between a multi-turn episode's turns, then scored and filtered. The
-rollout coordinator (cluster/coordinator.py) owns the flow; this is how one batch's (or
+rollout coordinator (rlhf/online/coordinator.py) owns the flow; this is how one batch's (or
 one evaluation's) samples are made.
 
 A prompt's n samples start as one engine request (n samples from the prompt's seed,
-cluster.rollout.sample_seed, as rlhf.ppo always sampled); a sample that goes on (the
+cluster.vllm_engines.sample_seed, as rlhf.ppo always sampled); a sample that goes on (the
 next piece of a partial rollout, a multi-turn episode's next turn) as a request of its
 own, seeded by its prompt, sample and piece. All live episodes go to the engines
 together, one call per engine per round; the environments' steps run concurrently
@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.engine_client import EngineClient, EngineNeedsSync
+from cluster.vllm_engines import sample_seed
+from rlhf.core.advantages import overlong_penalty, uniform_groups
+from rlhf.core.environments import ChatCodec, call_all, checked_step, load_environment
+from rlhf.core.rewards import Rewards, function_source, reward_spec
 from rlhf.core.rollouts import OBSERVATION, RolloutRecord
 
 DROP_UNIFORM = "dropped: uniform rewards (algo.dynamic_sampling)"
@@ -60,8 +64,6 @@ class EpisodeRunner:
     docstring). Thread-safe: batches made at once take the engines a round at a time."""
 
     def __init__(self, cfg, client: EngineClient, tok):
-        from rlhf.core.rewards import Rewards, function_source, reward_spec
-
         self.cfg, self.r, self.a = cfg, cfg.rollout, cfg.algo
         self.client, self.tok = client, tok
         self.rewards = Rewards([function_source(*reward_spec(s)) for s in cfg.reward.functions])
@@ -69,12 +71,8 @@ class EpisodeRunner:
         self.codec = None
         self.stop_ids = None  # the engines' default: the model's end-of-sequence tokens
         if self.r.environment:
-            from rlhf.core.environments import load_environment
-
             self.env_factory = load_environment(self.r.environment, self.r.env_args)
             if self.r.max_turns > 1:
-                from rlhf.core.environments import ChatCodec
-
                 self.codec = ChatCodec(self.tok)
                 self.stop_ids = self.codec.stop_ids
         self.engine_lock = threading.RLock()  # one round (or evaluation) at a time
@@ -148,7 +146,6 @@ class EpisodeRunner:
         that all start from the prompt go as one request of n samples from the prompt's
         seed (vLLM draws them from seed + 0..n-1), as rlhf.ppo always sampled; a sample
         that goes on (its next piece or turn) as a request of its own."""
-        from cluster.rollout import sample_seed
 
         n, seed = self.r.samples_per_prompt, self.cfg.train.seed
         requests: dict[int, list[tuple[list[Episode], dict]]] = {}
@@ -215,8 +212,6 @@ class EpisodeRunner:
     # ------------------------------------------------------------ environments
 
     def _env_calls(self, calls: list[tuple[Episode, Any]]) -> list:
-        from rlhf.core.environments import call_all
-
         res = call_all([(ep.env.name, fn) for ep, fn in calls], self.r.env_timeout_s)
         for (ep, _), (ok, value) in zip(calls, res):
             if not ok:
@@ -233,7 +228,6 @@ class EpisodeRunner:
     def _env_steps(self, ended: list[Episode]) -> None:
         """The environment's answer to each model turn that just ended: its reward, and
         either the end of the episode or the observation, appended token-in-token-out."""
-        from rlhf.core.environments import checked_step
 
         if not ended:
             return
@@ -276,7 +270,6 @@ class EpisodeRunner:
         """([(episode, record)] of the finished episodes, [failed episodes]), with the
         rollout-side reward: the functions' weighted sum, then the environment's turn
         rewards, then length shaping (training only)."""
-        from rlhf.core.advantages import overlong_penalty
 
         good = [ep for ep in eps if ep.failure is None]
         texts = [self.tok.decode(ep.prompt_ids) for ep in good]
@@ -318,8 +311,6 @@ class EpisodeRunner:
         (rollout.env_errors=skip) and, with algo.dynamic_sampling, one whose rewards
         are all equal."""
         import torch
-
-        from rlhf.core.advantages import uniform_groups
 
         groups: dict[tuple[int, int], list[RolloutRecord]] = {}
         for ep, rec in scored:
