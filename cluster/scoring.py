@@ -57,7 +57,6 @@ class RewardScorer:
     def tokenize(self, prompt: Any, response: Any) -> list[int]:
         """The token ids training scored: prompt + response (+ EOS), truncated alike.
         Message lists (conversational data) go through the chat template."""
-
         chat = not isinstance(prompt, str)
         if chat:
             prompt, response = json.dumps(list(prompt)), json.dumps(list(response))
@@ -117,7 +116,6 @@ def sharded_scorer(path: str, ds_config: dict[str, Any], dtype: str) -> RewardSc
     tokenisation and score(). It scores a whole call in one forward, so that ZeRO-3
     ranks gather in step: every rank calls score() (or, with nothing to score,
     dummy_forward()) the same number of times."""
-
     return RewardScorer(path, dtype=dtype, device="cpu", batch_size=None,
                         wrap=lambda model: frozen_engine(model, ds_config))
 
@@ -129,7 +127,6 @@ def model_source(path: str, weight: float = 1.0, policy_path: str | None = None,
     With policy_path, its tokenizer must be the policy's: it scores the policy's text as
     training tokenised it, and a different vocabulary means a model trained for another
     policy family."""
-
     scorer = scorer if scorer is not None else RewardScorer(path, **scorer_kw)
     if policy_path is not None:
         policy_tok = load_tokenizer(policy_path)

@@ -101,7 +101,6 @@ class WeightReloader:
                   timeout_s: float, name: str) -> int:
         """Join the trainer's weight-sync group (cluster.weight_sync.BroadcastSender) as
         rank base_rank + this worker's rank in the engine; returns that rank."""
-
         rank = base_rank + self.rank
         self._rlhf_store = rendezvous(host, port, world, timeout_s)
         self._rlhf_group = new_group(self._rlhf_store, rank, world, backend, timeout_s, name)
@@ -111,7 +110,6 @@ class WeightReloader:
     def rlhf_receive(self) -> int:
         """One weights version from the group's broadcasts, reloaded in place in one
         call, bucket by bucket as they arrive (see rlhf_reload for why one call)."""
-
         return self._rlhf_reload_counted(receive_buckets(self._rlhf_group, self._rlhf_device))
 
 

@@ -100,7 +100,6 @@ def arch_from_config(cfg: dict) -> Arch:
 def resolve_arch(name_or_path: str, arch: str | None = None) -> Arch:
     """The model's shape: `arch` (a hub id in KNOWN or a local folder) if given, else the
     model's own config.json, else KNOWN; a clear error otherwise."""
-
     for name in ([arch] if arch else []) + [name_or_path]:
         if name == BUILTIN_MODEL:
             name = str(ensure_tiny_model())
@@ -180,7 +179,6 @@ def activation_bytes(arch: Arch, tokens: int, b: int, checkpointing: bool,
 def frozen_model(role: str, arch: Arch, cfg: Any, world: int) -> ModelMemory:
     """A frozen DeepSpeed engine (cluster.deepspeed.frozen_config): sharded under ZeRO-3
     or offload, kept in host memory with offload."""
-
     zero = frozen_config_for(cfg, world)["zero_optimization"]
     b = DTYPE_BYTES[cfg.model.dtype]
     w = b * arch.params / (world if zero["stage"] == 3 else 1)
@@ -430,7 +428,6 @@ def plan_recipe(recipe: Path, overrides: list[str], cluster_yaml: Path,
                 arch: str | None = None, kind: str | None = None) -> tuple[Plan, Any]:
     """Parse a recipe (plus overrides) as its entry point would and plan it; returns
     (plan, config)."""
-
     kind = kind or recipe.name.split("-")[0]
     if kind not in TRAINING:
         raise ConfigError(f"{recipe.name}: cannot tell the entry point (the file name starts "

@@ -56,7 +56,6 @@ def builtin_sft_model(data_path: str) -> str:
     """The tiny model after the embedded default SFT (rlhf.sft) on the demo's answers, or
     on the tool demo's conversations (data.path=builtin:tools), built once and cached
     beside the tiny model: a policy that writes what the task needs, for RL to refine."""
-
     stem = tiny_model_path().with_name(tiny_model_path().name + "-sft")
     if data_path == BUILTIN_TOOLS:
         return cached_default_model(
@@ -75,7 +74,6 @@ def builtin_reward_model() -> str:
     and cached beside the tiny model: the judge of the demo data. 800 pairs: its
     held-out accuracy is 1.0 as on the default 2,400, in half the time (27 s against
     52 s on 2 CPU cores), which every fresh machine and CI run pays."""
-
     tiny = tiny_model_path()
     return cached_default_model(tiny.with_name(f"{tiny.name}-rm"),
                                 RMConfig, "rlhf.rm", rm_run,

@@ -84,7 +84,6 @@ class EnvironmentFailure(RuntimeError):
 
 def load_environment(spec: str, args: dict | None = None) -> Callable[[], Environment]:
     """'module:Class' and its keyword arguments -> a factory of episodes."""
-
     cls = import_callable(spec, "rollout.environment", "class", "rlhf.core.tasks:BoxLookupEnv")
     kwargs = dict(args or {})
 

@@ -28,7 +28,6 @@ def assign_advantages(rollouts: list[dict], algo, samples_per_prompt: int, kl_co
     """Sets each rollout's advantages in place; returns (summed KL of the sampling policy
     to the reference, responses) over the global batch, for the adaptive KL controller
     (0, 0 without the KL in the reward)."""
-
     a, n = algo, samples_per_prompt
     local = [0.0, 0.0, 0.0, 0.0, 0.0]  # moments of the advantages, KL sum, responses
     for d in rollouts:

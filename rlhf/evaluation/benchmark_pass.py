@@ -60,7 +60,6 @@ def mt_bench_answers(engine, tok, questions: list[dict], cfg: Any, seed: int,
                      max_prompt: int, counts: Counter) -> list[list[str]]:
     """Every question's answers, one per turn: turn k+1 is asked after the model's own
     answer to turn k, as FastChat's gen_model_answer does."""
-
     b = cfg.benchmarks
     answers: list[list[str]] = [[] for _ in questions]
     for k in range(max(len(q["turns"]) for q in questions)):
@@ -83,7 +82,6 @@ def mt_bench_answers(engine, tok, questions: list[dict], cfg: Any, seed: int,
 
 def alpaca_eval_outputs(engine, tok, rows: list[dict], cfg: Any, seed: int,
                         max_prompt: int, counts: Counter) -> list[str]:
-
     g, b = cfg.generation, cfg.benchmarks
     convs = [[{"role": "user", "content": r["instruction"]}] for r in rows]
     seeds = [sample_seed(seed, "alpaca_eval", i, 1) for i in range(len(rows))]
@@ -132,7 +130,6 @@ def run(cfg: Any, setup: Any, engines: Any) -> dict:
     """Both models through the configured benchmarks; the local judge (the evaluation's
     own: rlhf/evaluation/judges.py) where there is one. Returns {"files": {relative path: text}, "results": {...}} (rlhf.evaluate
     writes the files once its run directory exists)."""
-
     b = cfg.benchmarks
     aligned_id, base_id = model_ids(cfg, setup)
     paths = {aligned_id: setup.aligned, base_id: setup.base}

@@ -84,7 +84,6 @@ def find_mt_bench() -> str:
 
 def find_alpaca_eval() -> str:
     """benchmarks.alpaca_eval=auto: the evaluation set from the hub (or its cache)."""
-
     repo, name = ALPACA_EVAL_HUB
     advice = (f"Give the file instead: benchmarks.alpaca_eval=<path to {name}> (from the "
               f"{repo} data set or AlpacaEval's repository).")

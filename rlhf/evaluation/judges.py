@@ -88,7 +88,6 @@ JUDGE_QUESTION = (
 def judge_prompt(tok, prompt: str, a: str, b: str, chat: bool, max_length: int
                   ) -> tuple[list[int], list[int]]:
     """Token ids of the judge's question followed by "A", and by "B"."""
-
     if chat:
         prompt = "\n".join(f"{m['role']}: {m['content']}" for m in json.loads(prompt))
     q = JUDGE_QUESTION.format(prompt=prompt.strip(), a=a.strip(), b=b.strip())

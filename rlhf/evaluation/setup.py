@@ -185,7 +185,6 @@ def resolve(cfg: EvalConfig) -> Setup:
 def plan_data(dcfg: EvalDataConfig) -> DataPlan:
     """Missing files, empty data and missing columns fail here, before any engine starts.
     data.eval_path is read whole; otherwise data.path's held-out split."""
-
     d = replace(dcfg, path=dcfg.eval_path, eval_path=None) if dcfg.eval_path else dcfg
     first = peek_rows(resolve_sources(d)[0], 1)
     if not first:
@@ -206,7 +205,6 @@ def held_out_rows(dp: DataPlan, seed: int) -> tuple[list[dict], Counter]:
     """The held-out rows, normalised by the data pipeline (Ray Data), usable ones sorted
     by row id, and the counts by drop reason over every row read ("" = usable). The
     split is the one training used (same hash of the row id, same seed)."""
-
     d, plan = dp.cfg, dp.plan
     if dp.whole:
         ds = pipeline.read_normalised(plan.train, plan.train_layout, d.demo_pairs)
@@ -227,7 +225,6 @@ def tokenize_rows(rows: list[dict], tok, dcfg: EvalDataConfig, pairs: bool
                   ) -> tuple[list[dict], Counter]:
     """Rows -> [{"id", "prompt", "chat", "prompt_ids", "pair": (p, c, r) ids or None}] for
     the first data.max_prompts usable ones, and the counts of the ones left out."""
-
     out, left_out = [], Counter()
     for r in rows:
         if len(out) == dcfg.max_prompts:

@@ -23,7 +23,6 @@ TAG = "critic"
 class Critic:
     def __init__(self, cfg, path: str, world: int, accum: int, learning_rate: float,
                  total_updates: int, universal: bool = False):
-
         self.cfg = cfg
         model = load_causal_lm(path, cfg.model, trainable=True, use_gpu=cfg.cluster.use_gpu,
                                packing=cfg.data.packing, reward_head=True)
@@ -38,7 +37,6 @@ class Critic:
 
     def values(self, batch: dict, n_seqs: int):
         """(S, T) the critic's value of the state each response token is drawn in."""
-
         inputs = model_inputs(batch, self.engine.device)
         inputs.pop("logits_to_keep", None)  # a causal-LM option; the head is per position
         self.engine(**inputs)
@@ -49,7 +47,6 @@ class Critic:
                value_clip: float | None):
         """One micro-batch of the clipped value loss, scaled by `scale` (the global token
         normalisation), backward and step; returns (summed loss, summed clipped)."""
-
         values = self.values(batch, n_seqs)
         vl, clipped = ppo_value_loss(values, old_values, returns, mask, value_clip)
         self.engine.backward(vl.sum() * scale)

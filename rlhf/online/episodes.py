@@ -146,7 +146,6 @@ class EpisodeRunner:
         that all start from the prompt go as one request of n samples from the prompt's
         seed (vLLM draws them from seed + 0..n-1), as rlhf.ppo always sampled; a sample
         that goes on (its next piece or turn) as a request of its own."""
-
         n, seed = self.r.samples_per_prompt, self.cfg.train.seed
         requests: dict[int, list[tuple[list[Episode], dict]]] = {}
         fresh: dict[tuple, list[Episode]] = {}
@@ -228,7 +227,6 @@ class EpisodeRunner:
     def _env_steps(self, ended: list[Episode]) -> None:
         """The environment's answer to each model turn that just ended: its reward, and
         either the end of the episode or the observation, appended token-in-token-out."""
-
         if not ended:
             return
         calls = [(ep, lambda ep=ep: checked_step(ep.env.name, ep.env.step(self.tok.decode(
@@ -270,7 +268,6 @@ class EpisodeRunner:
         """([(episode, record)] of the finished episodes, [failed episodes]), with the
         rollout-side reward: the functions' weighted sum, then the environment's turn
         rewards, then length shaping (training only)."""
-
         good = [ep for ep in eps if ep.failure is None]
         texts = [self.tok.decode(ep.prompt_ids) for ep in good]
         resp = [self.tok.decode(ep.response_ids, skip_special_tokens=True) for ep in good]

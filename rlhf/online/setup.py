@@ -89,7 +89,6 @@ def check_environment(cfg: PPOConfig) -> None:
 def critic_path(cfg: PPOConfig, policy_path: str) -> str | None:
     """Where algo=ppo's critic starts: algo.critic_model (same vocabulary as the policy,
     since it reads the policy's tokens) or the policy itself."""
-
     if cfg.algo.algorithm != "ppo":
         return None
     if not cfg.algo.critic_model:
