@@ -240,17 +240,8 @@ def _benchmarks_html(b: dict | None, general: list | None) -> str:
     e = html.escape
     parts = []
     if b:
-        rows = []
-        mt, ae = b.get("mt_bench"), b.get("alpaca_eval")
-        if mt and "aligned" in mt:
-            rows.append(f"<tr><td>MT-Bench, {mt['questions']} questions (1-10, local judge)"
-                        f"</td><td>{_with_ci(mt['base'])}</td><td>{_with_ci(mt['aligned'])}"
-                        f"</td><td>{_with_ci(mt['difference'], signed=True)}</td></tr>")
-        if ae:
-            rows.append(f"<tr><td>AlpacaEval, {ae['instructions']} instructions (win rate "
-                        f"against the base, local judge)</td><td></td><td>{ae['win_rate']:.1%} "
-                        f"({ae['ci95'][0]:.1%}-{ae['ci95'][1]:.1%})</td><td>{e(ae['verdict'])}"
-                        "</td></tr>")
+        rows = [f"<tr><td>{e(name)}</td><td>{base}</td><td>{aligned}</td><td>{e(change)}</td></tr>"
+                for name, base, aligned, change in _benchmark_rows(b)]
         parts.append("<h2>Benchmarks</h2><table><tr><th>benchmark</th><th>base</th><th>"
                      "aligned</th><th>difference</th></tr>" + "".join(rows) + "</table>"
                      "<p><small>Files for the official judges (they need an OpenAI key) and "
@@ -294,22 +285,34 @@ def describe_benchmarks(b: dict | None, out: Path) -> list[str]:
     """The benchmarks' lines of `describe`: local-judge scores and the official commands."""
     if not b:
         return []
-    lines = []
-    mt, ae = b.get("mt_bench"), b.get("alpaca_eval")
-    if mt and "aligned" in mt:
-        lines.append(f"MT-Bench, local judge (1-10, {mt['questions']} questions, 95% CIs): "
-                     f"aligned {_with_ci(mt['aligned'])}, base {_with_ci(mt['base'])}; "
-                     f"difference {_with_ci(mt['difference'], signed=True)}")
-    elif mt:
+    rows = _benchmark_rows(b)
+    lines = ["benchmarks (base | aligned | difference; 95% intervals):"] if rows else []
+    lines += [f"  {name}: {base or '-'} | {aligned} | {change}"
+              for name, base, aligned, change in rows]
+    mt = b.get("mt_bench")
+    if mt and "aligned" not in mt:
         lines.append(f"MT-Bench: answers exported, not graded ({mt['judge']})")
-    if ae:
-        lines.append(f"AlpacaEval, local judge: win rate against the base {ae['win_rate']:.1%} "
-                     f"(95% CI {ae['ci95'][0]:.1%}-{ae['ci95'][1]:.1%}, {ae['instructions']} "
-                     f"instructions): {ae['says']}")
     lines.append(f"benchmark files: {out / 'benchmarks'}; the official judges need an "
                  "OpenAI key, their commands:")
     lines += b["official_commands"]
     return lines
+
+
+def _benchmark_rows(b: dict) -> list[tuple[str, str, str, str]]:
+    """(benchmark, base, aligned, difference or verdict) of what the local judge graded:
+    the rows of the report's table and of the console's lines."""
+    rows = []
+    mt, ae = b.get("mt_bench"), b.get("alpaca_eval")
+    if mt and "aligned" in mt:
+        rows.append((f"MT-Bench, {mt['questions']} questions (1-10, local judge)",
+                     _with_ci(mt["base"]), _with_ci(mt["aligned"]),
+                     _with_ci(mt["difference"], signed=True)))
+    if ae:
+        rows.append((f"AlpacaEval, {ae['instructions']} instructions (win rate against the "
+                     "base, local judge)", "",
+                     f"{ae['win_rate']:.1%} ({ae['ci95'][0]:.1%}-{ae['ci95'][1]:.1%})",
+                     ae["verdict"]))
+    return rows
 
 
 def _with_ci(x: dict, signed: bool = False) -> str:
