@@ -11,13 +11,13 @@ Weights reach the engine in checkpoint format (Hugging Face names, full tensors)
 reloaded in place through vLLM's `reload_weights` on every engine worker
 (`WeightReloader`, a vLLM worker extension): on CPU a plain `load_weights` into a
 running engine fails, because the CPU backend repacks linear weights after loading
-("Attempted to load weight ... into parameter (torch.Size([0]))"). Tensors cannot travel as `collective_rpc` arguments, so the
-trainer leaves them in a safetensors file (in /dev/shm) and the workers map it. The
-prefix cache is reset after every update: cached keys and values of the old weights
-must not serve the new policy. Engines on other nodes pull the weights in buckets from
-a `WeightStore` actor through Ray's object store and write each to their own /dev/shm,
-or every engine worker joins a process group with the trainer (NCCL on GPUs, gloo on
-CPU) and reloads the buckets as they are broadcast.
+("Attempted to load weight ... into parameter (torch.Size([0]))"). Tensors cannot travel
+as `collective_rpc` arguments, so the trainer leaves them in a safetensors file (in
+/dev/shm) and the workers map it. The prefix cache is reset after every update: cached
+keys and values of the old weights must not serve the new policy. Engines on other nodes
+pull the weights in buckets from a `WeightStore` actor through Ray's object store and
+write each to their own /dev/shm, or every engine worker joins a process group with the
+trainer (NCCL on GPUs, gloo on CPU) and reloads the buckets as they are broadcast.
 """
 
 from __future__ import annotations

@@ -128,8 +128,9 @@ def model_ids(cfg: Any, setup: Any) -> tuple[str, str]:
 
 def run(cfg: Any, setup: Any, engines: Any) -> dict:
     """Both models through the configured benchmarks; the local judge (the evaluation's
-    own: rlhf/evaluation/judges.py) where there is one. Returns {"files": {relative path: text}, "results": {...}} (rlhf.evaluate
-    writes the files once its run directory exists)."""
+    own: rlhf/evaluation/judges.py) where there is one. Returns {"results": {...},
+    "export": {benchmark: (questions, answers)}} (`write` puts the export in files once
+    rlhf.evaluate's run directory exists)."""
     b = cfg.benchmarks
     aligned_id, base_id = model_ids(cfg, setup)
     paths = {aligned_id: setup.aligned, base_id: setup.base}

@@ -175,7 +175,8 @@ def resolve(cfg: EvalConfig) -> Setup:
         raise ConfigError("No judge: give judge.reward_model=<a reward model exported by "
                           "rlhf.rm> or judge.model=<a causal LM to ask which response is "
                           "better>. (The built-in demo reward model only knows builtin:demo.)")
-    if judge_path != BUILTIN_RM and judge == "reward_model" and not (Path(judge_path) / "rlhf_reward.json").is_file():
+    if (judge_path != BUILTIN_RM and judge == "reward_model"
+            and not (Path(judge_path) / "rlhf_reward.json").is_file()):
         raise ConfigError(f"judge.reward_model={judge_path}: not a reward model exported by "
                           "rlhf.rm (no rlhf_reward.json). Train one with python -m rlhf.rm.")
     return Setup(aligned, base, run_dir, data, plan_data(data), beta, seed, judge, judge_path,

@@ -217,35 +217,33 @@ class RLTask(SequenceTask):
 
     def _frozen_phases(self, ds: list[dict | None], train: bool, timer) -> None:
         """score, reference and, for training, old_logprobs and values, each phase over
-        every micro-batch in turn. An empty micro-batch (None) runs the same forwards on
-        the dummy row: under ZeRO-3 every rank must join every gather."""
-        dummy = self.batch([])
+        every micro-batch in turn."""
         for d in ds:
             self._score(d)
         if timer:
             timer.mark("score")
-        for key, model, phase in (("ref", self.ref_engine, "reference"),
-                                  ("old", self.engine if train and self.need_old else None,
-                                   "old_logprobs")):
-            if model is None:
-                continue
-            with torch.no_grad():
-                for d in ds:
-                    lp = self._policy_tables(model, d["batch"] if d else dummy,
-                                             d["n_seqs"] if d else 1)[0]
-                    if d:
-                        d[key] = lp
-            if timer:
-                timer.mark(phase)
-        if train and self.critic is not None:
-            with torch.no_grad():
-                for d in ds:
-                    values = self.critic.values(d["batch"] if d else dummy,
-                                                d["n_seqs"] if d else 1)
-                    if d:
-                        d["values"] = values
-            if timer:
-                timer.mark("values")
+        phases = [("ref", "reference", self.ref_engine is not None,
+                   lambda b, n: self._policy_tables(self.ref_engine, b, n)[0]),
+                  ("old", "old_logprobs", train and self.need_old,
+                   lambda b, n: self._policy_tables(self.engine, b, n)[0]),
+                  ("values", "values", train and self.critic is not None,
+                   lambda b, n: self.critic.values(b, n))]
+        for key, phase, runs, forward in phases:
+            if runs:
+                self._each(ds, key, forward)
+                if timer:
+                    timer.mark(phase)
+
+    def _each(self, ds: list[dict | None], key: str, forward) -> None:
+        """d[key] = forward(batch, n_seqs), no grad, for every micro-batch; an empty one
+        (None) runs the same forward on the dummy row: under ZeRO-3 every rank must join
+        every gather."""
+        with torch.no_grad():
+            for d in ds:
+                if d is None:
+                    forward(self.batch([]), 1)
+                else:
+                    d[key] = forward(d["batch"], d["n_seqs"])
 
     def _score(self, d: dict | None) -> None:
         """The reward model's scores (reward.model_weight) added to the rollout-side

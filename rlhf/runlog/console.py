@@ -51,12 +51,12 @@ def log_path() -> Path:
     return _FILTER.path or Path(tempfile.gettempdir()) / f"rlhf-{LOG_NAME}"
 
 
+_LOCK = threading.Lock()  # Ray's printer thread and this process write the log
+
+
 def _append(lines: list[str]) -> None:
     with _LOCK, open(log_path(), "a") as f:
         f.writelines(redact_text(line) + "\n" for line in lines)
-
-
-_LOCK = threading.Lock()
 
 
 class _ToFile(logging.Filter):
