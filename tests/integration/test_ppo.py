@@ -31,14 +31,22 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     rows = [r for r in metrics(run_dir) if "train/reward" in r]
     assert len(rows) == 16
     # max_staleness 0 is the lock-step on-policy flow rlhf.ppo always ran: the same
-    # samples (rewards, lengths) and losses as the code before the coordinator, step by
-    # step (equal to the last digit on this machine; 1e-6 leaves room for another CPU)
+    # samples (rewards, lengths, clip fractions) and losses as the code before the
+    # coordinator, step by step. Equal to the last digit on the machine that wrote the
+    # golden. On another CPU the kernels sum in another order: the samples do not feel
+    # it, but the KL is a mean of differences of two nearly equal log-probs (3e-3 to 0.1
+    # here), so float32 rounding moves it by up to 4e-5 of itself, and the loss, which
+    # carries it, by 1.4e-6 (measured on the CI machine of Dec 2026). The bounds below
+    # are still far below any change in the algorithm (a missed sync or a wrong
+    # reference moves the KL by 10%).
     golden = json.loads(GOLDEN.read_text())["rows"]
     got = metrics(run_dir)
     assert [r["step"] for r in got] == [r["step"] for r in golden]
+    rel = {"train/kl": 2e-4, "eval/kl": 2e-4, "train/loss": 1e-5}
     for mine, old in zip(got, golden):
         for key, value in old.items():
-            assert mine[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (mine["step"], key)
+            assert mine[key] == pytest.approx(value, rel=rel.get(key, 1e-6), abs=1e-9), \
+                (mine["step"], key)
     assert all(r["train/staleness/0"] == 1.0 and r["train/partial_share"] == 0 for r in rows)
     assert max(r["train/logprob_gap_vllm"] for r in rows) < 1e-4
     assert all(r["time/sync_s"] > 0 and r["time/generate_s"] > 0 for r in rows)
