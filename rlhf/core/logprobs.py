@@ -344,6 +344,26 @@ def batch_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]
                              batch["loss_mask"].to(logits.device))
 
 
+
+def ld_sums(per_token: torch.Tensor, seq: torch.Tensor, n_seqs: int, alpha: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LD-DPO's length-desensitised sums (Liu et al. 2024, eq. 9) of a pair batch.
+
+    per_token: (M,) response-token log-probs in (sequence, position) order and seq: (M,)
+    their sequence index (`scored_token_logprobs`), over S = n_seqs = 2B sequences
+    (chosen 0..B-1, rejected B..2B-1). Each pair's first min(|y_c|, |y_r|) tokens count
+    fully and the longer response's tail by alpha (1: the plain sums, 0: the tail
+    ignored). Returns (sums (S,), token counts (S,)), the counts unweighted."""
+    counts = torch.bincount(seq, minlength=n_seqs)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(per_token.shape[0], device=per_token.device) - starts[seq]
+    half = n_seqs // 2
+    shared = torch.minimum(counts[:half], counts[half:]).repeat(2)
+    w = torch.where(pos < shared[seq], 1.0, float(alpha)).to(per_token.dtype)
+    sums = torch.zeros(n_seqs, dtype=per_token.dtype, device=per_token.device)
+    return sums.index_add(0, seq, per_token * w), counts.to(per_token.dtype)
+
+
 # ------------------------------------------------------------- responses (online RL)
 
 

@@ -7,22 +7,184 @@ does not depend on how a batch was split over workers and micro-batches).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
+# The DPO family as TRL 1.16's DPOTrainer names it (loss_type), all with a reference.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                  "sft", "sigmoid_norm")
+# Paired objectives that need no reference model (SimPO; CPO and its variants; ORPO).
+REFERENCE_FREE_TYPES = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
+# The types built on the chosen-minus-rejected score, which an f-divergence generalises.
+F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                      "discopop", "sft")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Types whose per-pair term depends on the other pairs of the batch (they sort over it):
+# on a cluster they see one micro-batch, as TRL's see one device's batch.
+BATCH_COUPLED_TYPES = ("aot", "aot_unpaired")
+# Types that train an NLL term on the chosen response by default (TRL's CPO cpo_alpha=1.0;
+# ORPO's loss is NLL + lambda * odds-ratio term).
+NLL_BY_DEFAULT = ("cpo", "cpo_hinge", "cpo_ipo", "orpo")
+
+
 @dataclass
 class PreferenceOutput:
-    """Per-pair results, all of shape (B,)."""
+    """Per-pair results, all of shape (B,), and the weight of the NLL term."""
 
     losses: torch.Tensor
+    """The weighted sum of the per-pair terms (the batch loss is their mean)."""
     chosen_rewards: torch.Tensor
-    """Implicit reward of the chosen response: beta * (log pi - log pi_ref) (DPO), or
-    beta * mean token log pi (SimPO). Detached."""
+    """Implicit reward of the chosen response: beta * (log pi - log pi_ref) (DPO family),
+    beta * mean token log pi (SimPO, CPO-IPO, ORPO), beta * log pi (CPO). Detached."""
     rejected_rewards: torch.Tensor
     """Same for the rejected response. Detached."""
+    nll_weight: float = 0.0
+    """Weight of the chosen responses' NLL per token, which the caller adds as a token
+    mean over the whole batch (TRL's "sft" loss type; rpo_alpha adds to it)."""
+
+
+def _logistic(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """-(1 - eps) log sigma(x) - eps log sigma(-x): the logistic loss with labels flipped
+    with probability eps (cDPO, Mitchell 2023; eps 0: plain DPO)."""
+    return -F.logsigmoid(x) * (1 - eps) - F.logsigmoid(-x) * eps
+
+
+def f_divergence_score(log_ratio: torch.Tensor, kind: str = "reverse_kl",
+                       alpha: float = 0.5) -> torch.Tensor:
+    """f'(pi / pi_ref) of the f-divergence that regularises the policy (f-DPO, Wang et al.
+    2023, Table 1), from log_ratio = log pi - log pi_ref, any shape:
+
+        reverse_kl        log t                       (standard DPO)
+        forward_kl        1 - 1/t
+        js_divergence     log 2 + log sigma(log t)    (= log(2t / (1 + t)))
+        alpha_divergence  (t^(alpha - 1) - 1) / (alpha - 1), exp clamped at 80 as TRL does
+    """
+    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(alpha - 1.0) < 1e-6):
+        return log_ratio
+    if kind == "forward_kl":
+        return 1 - torch.exp(-log_ratio)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(log_ratio)
+    if kind == "alpha_divergence":
+        t = (alpha - 1.0) * log_ratio  # in at least float32, exp clamped below overflow
+        t = t.to(torch.promote_types(t.dtype, torch.float32)).clamp(max=80.0)
+        return (torch.exp(t) - 1.0).to(log_ratio.dtype) / (alpha - 1.0)
+    raise ValueError(f"unknown f-divergence {kind!r}: one of {', '.join(F_DIVERGENCES)}")
+
+
+def _dpo_term(kind: str, *, beta: float, eps: float, chosen_ratio: torch.Tensor,
+              rejected_ratio: torch.Tensor, chosen_score: torch.Tensor,
+              rejected_score: torch.Tensor, policy_margin: torch.Tensor,
+              ref_margin: torch.Tensor, chosen_lengths, rejected_lengths,
+              discopop_tau: float) -> torch.Tensor:
+    """One type's per-pair term (B,). *_ratio: log pi - log pi_ref; *_score: its
+    f-divergence score; policy_margin/ref_margin: log pi(c) - log pi(r) under each model."""
+    delta = chosen_score - rejected_score
+    if kind == "sigmoid":  # Rafailov et al. 2023, eq. 7 (cDPO label smoothing)
+        return _logistic(beta * delta, eps)
+    if kind == "hinge":  # SLiC, Zhao et al. 2023, eq. 3
+        return torch.relu(1 - beta * delta)
+    if kind in ("ipo", "sigmoid_norm"):  # per-token scores (TRL, confirmed with IPO's authors)
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"{kind} needs chosen_lengths and rejected_lengths")
+        h = (chosen_score / chosen_lengths.clamp(min=1)
+             - rejected_score / rejected_lengths.clamp(min=1))
+        if kind == "ipo":  # Azar et al. 2023, eq. 17, tau = beta
+            return (h - 1 / (2 * beta)) ** 2
+        return -F.logsigmoid(beta * h)
+    if kind == "exo_pair":  # EXO, Ji et al. 2024, eq. 16: KL(p_theta || [1 - eps, eps])
+        if eps <= 0:
+            raise ValueError("exo_pair needs label_smoothing > 0 (the paper uses 1e-3)")
+        x = beta * delta
+        return (torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps))
+                + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(eps)))
+    if kind == "nca_pair":  # NCA, Chen et al. 2024, eq. 11
+        rc, rr = beta * chosen_ratio, beta * rejected_ratio
+        return -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
+    if kind == "robust":  # rDPO, Chowdhury et al. 2024, eq. 8: unbiased under flip rate eps
+        return ((-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta))
+                / (1 - 2 * eps))
+    if kind == "bco_pair":  # BCO, Jung et al. 2024, on pairs (no running reward shift)
+        return -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+    if kind == "sppo_hard":  # SPPO, Wu et al. 2024, eq. 4.7 with P = 1 for the winner
+        return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    if kind in ("aot", "aot_unpaired"):  # AOT, Melnyk et al. 2024: sorted over the batch
+        if kind == "aot":
+            h = torch.sort(policy_margin, dim=0)[0] - torch.sort(ref_margin, dim=0)[0]
+        else:
+            h = torch.sort(chosen_ratio, dim=0)[0] - torch.sort(rejected_ratio, dim=0)[0]
+        return _logistic(beta * h, eps)
+    if kind == "apo_zero":  # APO, D'Oosterlinck et al. 2024, eq. 7
+        return 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+    if kind == "apo_down":  # APO eq. 8
+        return (torch.sigmoid(beta * chosen_ratio)
+                + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio)))
+    if kind == "discopop":  # DiscoPOP, Chris Lu et al. 2024, eq. 5
+        x = beta * delta
+        mix = torch.sigmoid(x / discopop_tau)
+        return -F.logsigmoid(x) * (1 - mix) + torch.exp(-x) * mix
+    raise ValueError(f"unknown loss_type {kind!r}")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (Maechler 2012: branch at -ln 2)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)),
+                       torch.log(-torch.expm1(x)))
+
+
+def reference_free_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, *,
+                        loss_type: str, beta: float = 0.1, label_smoothing: float = 0.0,
+                        chosen_lengths: torch.Tensor | None = None,
+                        rejected_lengths: torch.Tensor | None = None,
+                        simpo_gamma: float = 0.5, alphapo: float = 0.0) -> PreferenceOutput:
+    """Paired objectives on the policy alone, from (B,) summed log-probs and (B,) lengths.
+
+    cpo        (Xu et al. 2024, eq. 3): h = log pi(c) - log pi(r); _logistic(beta h, eps)
+    cpo_hinge  relu(1 - beta h)
+    cpo_ipo    h on per-token means: (h - 1 / (2 beta))^2
+    simpo      (Meng et al. 2024, eq. 6): h = mean log pi(c) - mean log pi(r) - simpo_gamma
+               (gamma as a fraction of beta: TRL's gamma_beta_ratio); _logistic(beta h, eps)
+    orpo       (Hong et al. 2024, eq. 7): with per-token means a, the log odds ratio
+               h = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)); -beta log sigma(h)
+               (beta is ORPO's lambda; its NLL term comes from nll_weight, 1 by default)
+    alphapo    (Gupta et al. 2025): for cpo and simpo, log p -> (1 - p^-alpha) / alpha
+               before the difference (0: off).
+    The NLL weight these return is 0: the caller's rpo_alpha (CPO's cpo_alpha; ORPO's 1 by
+    default) weights the chosen NLL.
+    """
+    mean = loss_type in ("cpo_ipo", "simpo", "orpo")
+    if mean and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError(f"{loss_type} needs chosen_lengths and rejected_lengths")
+    c = policy_chosen / chosen_lengths.clamp(min=1) if mean else policy_chosen
+    r = policy_rejected / rejected_lengths.clamp(min=1) if mean else policy_rejected
+    if loss_type == "orpo":
+        up = torch.promote_types(c.dtype, torch.float32)  # log(1 - e^a) needs >= float32
+        c, r = c.to(up), r.to(up)
+        log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+        return PreferenceOutput(-beta * F.logsigmoid(log_odds), (beta * c).detach(),
+                                (beta * r).detach())
+    if alphapo:
+        if loss_type not in ("cpo", "simpo"):
+            raise ValueError(f"alphapo applies to cpo and simpo, not {loss_type}")
+        c, r = -torch.expm1(-alphapo * c) / alphapo, -torch.expm1(-alphapo * r) / alphapo
+    h = c - r
+    if loss_type == "simpo":
+        losses = _logistic(beta * (h - simpo_gamma), label_smoothing)
+    elif loss_type == "cpo":
+        losses = _logistic(beta * h, label_smoothing)
+    elif loss_type == "cpo_hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "cpo_ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown reference-free loss_type {loss_type!r}")
+    return PreferenceOutput(losses, (beta * c).detach(), (beta * r).detach())
 
 
 def dpo_loss(
@@ -31,59 +193,83 @@ def dpo_loss(
     ref_chosen: torch.Tensor | None,
     ref_rejected: torch.Tensor | None,
     *,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    weights: Sequence[float] | None = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     simpo_gamma: float = 0.5,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    discopop_tau: float = 0.05,
+    alphapo: float = 0.0,
 ) -> PreferenceOutput:
-    """The DPO family of losses on summed sequence log-probs.
+    """The DPO family of losses on summed sequence log-probs, as TRL 1.16 computes them.
 
-    policy_*/ref_*: (B,) sums of response-token log-probs under the policy and the frozen
-    reference. *_lengths: (B,) response token counts, needed by ipo and simpo.
-    ref_* may be None only for simpo, which has no reference.
+    policy_*/ref_*: (B,) sums of response-token log-probs under the policy and the
+    reference (with LD-DPO's ld_alpha, the length-desensitised sums of
+    rlhf.core.logprobs.ld_sums). *_lengths: (B,) response token counts (ipo,
+    sigmoid_norm and the reference-free types need them). ref_* may be None only for a
+    type of REFERENCE_FREE_TYPES (`reference_free_loss`), which stands alone.
 
-    sigmoid  (Rafailov et al. 2023, eq. 7; cDPO label smoothing, Mitchell 2023):
-        h = (pc - rc) - (pr - rr)
-        loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
-    hinge    (SLiC, Zhao et al. 2023): loss = relu(1 - beta h)
-    ipo      (Azar et al. 2023, eq. 17), with each side's log-ratio divided by its
-             length as TRL does: loss = (h_avg - 1 / (2 beta))^2
-    simpo    (Meng et al. 2024, eq. 6): length-normalised, reference-free:
-        h = pc / |yc| - pr / |yr| - gamma_beta_ratio
-        loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+    loss_type: one of DPO_LOSS_TYPES, or several with `weights` (MPO, Wang et al. 2024:
+    e.g. sigmoid, bco_pair, sft with 0.8, 0.2, 1.0); the per-pair losses are the
+    weighted sum, "sft" returns its weight as nll_weight. With h = s(c) - s(r), s the
+    f-divergence score of the log-ratio (`f_divergence_score`; log-ratio itself by
+    default) and eps = label_smoothing:
+      sigmoid   -(1-eps) log sigma(beta h) - eps log sigma(-beta h)   (DPO, cDPO)
+      hinge     relu(1 - beta h)                                       (SLiC)
+      ipo       (h_tok - 1/(2 beta))^2, h_tok on per-token scores      (IPO)
+      sigmoid_norm  -log sigma(beta h_tok)
+      exo_pair  KL(softmax(beta s) || [1-eps, eps])                    (EXO, eps > 0)
+      robust    (-(1-eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps)
+      nca_pair  -log sigma(b_c) - (log sigma(-b_c) + log sigma(-b_r)) / 2, b = beta ratio
+      bco_pair  -log sigma(b_c) - log sigma(-b_r)
+      sppo_hard (ratio_c - 1/(2 beta))^2 + (ratio_r + 1/(2 beta))^2
+      aot       sigmoid on sort(pi margins) - sort(ref margins) over the batch
+      aot_unpaired  sigmoid on sort(ratio_c) - sort(ratio_r) over the batch
+      apo_zero  1 - sigma(b_c) + sigma(b_r);  apo_down  sigma(b_c) + 1 - sigma(b_c - b_r)
+      discopop  logistic and exponential losses blended by sigma(beta h / tau)
+      sft       the chosen NLL per token (as nll_weight)
     """
-    if loss_type == "simpo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("simpo needs chosen_lengths and rejected_lengths")
-        avg_c = policy_chosen / chosen_lengths.clamp(min=1)
-        avg_r = policy_rejected / rejected_lengths.clamp(min=1)
-        h = avg_c - avg_r - simpo_gamma
-        losses = (-F.logsigmoid(beta * h) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * h) * label_smoothing)
-        return PreferenceOutput(losses, (beta * avg_c).detach(), (beta * avg_r).detach())
-
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(types):
+        raise ValueError(f"{len(types)} loss types and {len(weights)} weights")
+    free = [t for t in types if t in REFERENCE_FREE_TYPES]
+    if free:
+        if len(types) > 1:
+            raise ValueError(f"{free[0]} stands alone: it cannot be combined with {types}")
+        out = reference_free_loss(policy_chosen, policy_rejected, loss_type=free[0],
+                                  beta=beta, label_smoothing=label_smoothing,
+                                  chosen_lengths=chosen_lengths,
+                                  rejected_lengths=rejected_lengths, simpo_gamma=simpo_gamma,
+                                  alphapo=alphapo)
+        out.losses = out.losses * weights[0]
+        return out
     if ref_chosen is None or ref_rejected is None:
-        raise ValueError(f"loss_type={loss_type} needs reference log-probs")
+        raise ValueError(f"loss_type={types} needs reference log-probs")
+    if f_divergence != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_TYPES):
+        raise ValueError(f"f_divergence={f_divergence} applies to {F_DIVERGENCE_TYPES}")
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
-    if loss_type == "sigmoid":
-        h = chosen_ratio - rejected_ratio
-        losses = (-F.logsigmoid(beta * h) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * h) * label_smoothing)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
-    elif loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("ipo needs chosen_lengths and rejected_lengths")
-        h = (chosen_ratio / chosen_lengths.clamp(min=1)
-             - rejected_ratio / rejected_lengths.clamp(min=1))
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}")
+    terms = dict(beta=beta, eps=label_smoothing, chosen_ratio=chosen_ratio,
+                 rejected_ratio=rejected_ratio,
+                 chosen_score=f_divergence_score(chosen_ratio, f_divergence, f_alpha),
+                 rejected_score=f_divergence_score(rejected_ratio, f_divergence, f_alpha),
+                 policy_margin=policy_chosen - policy_rejected,
+                 ref_margin=ref_chosen - ref_rejected, chosen_lengths=chosen_lengths,
+                 rejected_lengths=rejected_lengths, discopop_tau=discopop_tau)
+    losses = torch.zeros_like(chosen_ratio)
+    nll_weight = 0.0
+    for kind, w in zip(types, weights):
+        if kind == "sft":
+            nll_weight += w
+        else:
+            losses = losses + w * _dpo_term(kind, **terms)
     return PreferenceOutput(losses, (beta * chosen_ratio).detach(),
-                            (beta * rejected_ratio).detach())
+                            (beta * rejected_ratio).detach(), nll_weight)
 
 
 def nll_per_token(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:

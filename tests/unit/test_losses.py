@@ -5,11 +5,17 @@ import math
 import pytest
 import torch
 
-from rlhf.core.losses import bradley_terry_loss, dpo_loss, nll_per_token
+from rlhf.core.logprobs import ld_sums
+from rlhf.core.losses import (bradley_terry_loss, dpo_loss, f_divergence_score, nll_per_token,
+                               reference_free_loss)
 
 
 def logsig(x):
     return -math.log1p(math.exp(-x))
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
 
 
 PC, PR, RC, RR = [-10.0, -20.0], [-12.0, -15.0], [-11.0, -19.0], [-11.5, -16.0]
@@ -58,6 +64,103 @@ def test_simpo_is_reference_free():
     h = [-10 / 5 - (-12 / 4) - 0.5, -20 / 10 - (-15 / 8) - 0.5]
     assert out.losses.tolist() == pytest.approx([-logsig(2 * x) for x in h], abs=1e-12)
     assert out.chosen_rewards.tolist() == pytest.approx([2 * -2.0, 2 * -2.0])
+
+
+# With PC, PR, RC, RR above: log-ratios chosen (1, -1), rejected (-0.5, 1); policy
+# margins pc - pr (2, -5), reference margins (0.5, -3).
+CR, RJ = [1.0, -1.0], [-0.5, 1.0]
+
+
+@pytest.mark.parametrize("kind,beta,kw,want", [
+    ("nca_pair", 0.1, {}, [-logsig(0.1 * c) - 0.5 * logsig(-0.1 * c) - 0.5 * logsig(-0.1 * r)
+                           for c, r in zip(CR, RJ)]),
+    ("bco_pair", 0.1, {}, [-logsig(0.1 * c) - logsig(-0.1 * r) for c, r in zip(CR, RJ)]),
+    ("sppo_hard", 0.1, {}, [(1 - 5) ** 2 + (-0.5 + 5) ** 2, (-1 - 5) ** 2 + (1 + 5) ** 2]),
+    ("apo_zero", 0.1, {}, [1 - sig(0.1 * c) + sig(0.1 * r) for c, r in zip(CR, RJ)]),
+    ("apo_down", 0.1, {}, [sig(0.1 * c) + 1 - sig(0.1 * (c - r)) for c, r in zip(CR, RJ)]),
+    ("robust", 0.1, {"label_smoothing": 0.1},
+     [(-0.9 * logsig(0.1 * h) + 0.1 * logsig(-0.1 * h)) / 0.8 for h in (1.5, -2.0)]),
+    ("exo_pair", 0.1, {"label_smoothing": 0.01},
+     [sig(0.1 * h) * (logsig(0.1 * h) - math.log(0.99))
+      + sig(-0.1 * h) * (logsig(-0.1 * h) - math.log(0.01)) for h in (1.5, -2.0)]),
+    # aot: sorted policy margins (-5, 2) minus sorted reference margins (-3, 0.5)
+    ("aot", 0.1, {}, [-logsig(0.1 * -2.0), -logsig(0.1 * 1.5)]),
+    # aot_unpaired: sorted chosen ratios (-1, 1) minus sorted rejected ratios (-0.5, 1)
+    ("aot_unpaired", 0.1, {}, [-logsig(0.1 * -0.5), -logsig(0.0)]),
+    ("discopop", 0.1, {"discopop_tau": 0.05},
+     [-logsig(0.1 * h) * (1 - sig(0.1 * h / 0.05)) + math.exp(-0.1 * h) * sig(0.1 * h / 0.05)
+      for h in (1.5, -2.0)]),
+    # per-token scores: 1/5 - (-0.5)/4 and -1/10 - 1/8
+    ("sigmoid_norm", 0.1, {}, [-logsig(0.1 * 0.325), -logsig(0.1 * -0.225)]),
+])
+def test_dpo_family_by_hand(kind, beta, kw, want):
+    out = run(kind, beta=beta, **kw)
+    assert out.losses.tolist() == pytest.approx(want, abs=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx([beta * c for c in CR])
+    assert out.nll_weight == 0.0
+
+
+def test_weighted_mix_and_sft_weight():
+    # MPO (Wang et al. 2024): 0.8 sigmoid + 0.2 bco_pair; sft comes back as the NLL weight
+    out = run(["sigmoid", "bco_pair", "sft"], beta=0.1, weights=[0.8, 0.2, 1.5])
+    want = [0.8 * -logsig(0.1 * h) + 0.2 * (-logsig(0.1 * c) - logsig(-0.1 * r))
+            for h, c, r in zip((1.5, -2.0), CR, RJ)]
+    assert out.losses.tolist() == pytest.approx(want, abs=1e-12)
+    assert out.nll_weight == 1.5
+    with pytest.raises(ValueError, match="2 loss types and 1 weights"):
+        run(["sigmoid", "ipo"], weights=[1.0])
+
+
+def test_f_divergences_by_hand():
+    r = t([1.0, -0.5])
+    assert f_divergence_score(r, "forward_kl").tolist() == pytest.approx(
+        [1 - math.exp(-1), 1 - math.exp(0.5)], abs=1e-12)
+    assert f_divergence_score(r, "js_divergence").tolist() == pytest.approx(
+        [math.log(2) + logsig(1.0), math.log(2) + logsig(-0.5)], abs=1e-12)
+    assert f_divergence_score(r, "alpha_divergence", 0.5).tolist() == pytest.approx(
+        [(math.exp(-0.5) - 1) / -0.5, (math.exp(0.25) - 1) / -0.5], abs=1e-12)
+    assert f_divergence_score(r, "alpha_divergence", 1.0).tolist() == [1.0, -0.5]
+    out = run("sigmoid", beta=0.1, f_divergence="forward_kl")
+    h0 = (1 - math.exp(-1.0)) - (1 - math.exp(0.5))
+    assert out.losses[0].item() == pytest.approx(-logsig(0.1 * h0), abs=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1, -0.1])  # still log-ratios
+    with pytest.raises(ValueError, match="f_divergence=js_divergence applies to"):
+        run("bco_pair", f_divergence="js_divergence")
+
+
+def test_reference_free_family_by_hand():
+    kw = dict(beta=0.1, chosen_lengths=t(LC), rejected_lengths=t(LR))
+    # cpo on sums: h = -10 - (-12) = 2 and -20 - (-15) = -5
+    out = reference_free_loss(t(PC), t(PR), loss_type="cpo", **kw)
+    assert out.losses.tolist() == pytest.approx([-logsig(0.2), -logsig(-0.5)], abs=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx([-1.0, -2.0])
+    out = reference_free_loss(t(PC), t(PR), loss_type="cpo_hinge", **kw)
+    assert out.losses.tolist() == pytest.approx([0.8, 1.5], abs=1e-12)
+    # cpo_ipo on per-token means: -2 - (-3) = 1 and -2 - (-1.875) = -0.125
+    out = reference_free_loss(t(PC), t(PR), loss_type="cpo_ipo", **kw)
+    assert out.losses.tolist() == pytest.approx([(1 - 5) ** 2, (-0.125 - 5) ** 2], abs=1e-12)
+    # orpo: log odds of per-token means a: (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r))
+    out = reference_free_loss(t(PC), t(PR), loss_type="orpo", **kw)
+    want = [-0.1 * logsig((c - r) - (math.log1p(-math.exp(c)) - math.log1p(-math.exp(r))))
+            for c, r in ((-2.0, -3.0), (-2.0, -1.875))]
+    assert out.losses.tolist() == pytest.approx(want, abs=1e-12)
+    # AlphaPO on cpo: log p -> (1 - p^-a) / a, finite even where p underflows (sum -200)
+    out = reference_free_loss(t([-200.0]), t([-210.0]), loss_type="cpo", alphapo=0.5, beta=0.1)
+    h = (1 - math.exp(100)) / 0.5 - (1 - math.exp(105)) / 0.5
+    assert out.losses.tolist() == pytest.approx([-logsig(0.1 * h)], rel=1e-9)
+    with pytest.raises(ValueError, match="stands alone"):
+        dpo_loss(t(PC), t(PR), None, None, loss_type=["orpo", "sft"])
+    with pytest.raises(ValueError, match="label_smoothing > 0"):
+        run("exo_pair")
+
+
+def test_ld_sums_weights_the_longer_tail():
+    # one pair: chosen tokens (a, b, c), rejected (d, e); alpha 0.5 weights c by half
+    per_token = t([-1.0, -2.0, -4.0, -8.0, -16.0])
+    seq = torch.tensor([0, 0, 0, 1, 1])
+    sums, counts = ld_sums(per_token, seq, 2, 0.5)
+    assert sums.tolist() == [-1 - 2 - 0.5 * 4, -8 - 16] and counts.tolist() == [3, 2]
+    assert ld_sums(per_token, seq, 2, 1.0)[0].tolist() == [-7.0, -24.0]
 
 
 def test_nll_per_token():
