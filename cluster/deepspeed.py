@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cluster.worker import rank_world
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -200,6 +202,61 @@ def frozen_engine(model, ds_config: dict[str, Any]):
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+# -------------------------------------------- moving one engine's weights towards another
+
+
+def _local(p):
+    """What this rank holds of a parameter: its ZeRO-3 partition, or the whole tensor."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+def _share_of(full, p):
+    """This rank's share of the full tensor `full`, laid out as ZeRO-3 parameter p's
+    partition (the flattened tensor cut in world-size pieces, the last padded), or
+    `full` itself where p is not partitioned."""
+    import torch
+
+    if not hasattr(p, "ds_tensor"):
+        return full
+    rank, _ = rank_world()
+    n = p.ds_tensor.numel()
+    piece = full.reshape(-1)[rank * n:(rank + 1) * n]
+    out = torch.zeros(n, dtype=piece.dtype, device=piece.device)
+    out[:piece.numel()] = piece
+    return out.view(p.ds_tensor.shape)
+
+
+def blend_parameters(target, source, weight: float) -> None:
+    """target <- weight * source + (1 - weight) * target, parameter by parameter, for two
+    DeepSpeed engines of one architecture (TR-DPO's reference update). Each rank updates
+    what it holds: under ZeRO-3 its partitions (partitioned alike for two engines of one
+    world size), otherwise whole tensors; a partitioned target beside a whole source
+    (a ZeRO-3 frozen model offloaded beside a ZeRO-0/1/2 policy) takes its share."""
+    import torch
+
+    src = dict(source.module.named_parameters())
+    with torch.no_grad():
+        for name, p in target.module.named_parameters():
+            q = src[name]
+            if hasattr(q, "ds_tensor") and not hasattr(p, "ds_tensor"):
+                raise RuntimeError("a ZeRO-3 source needs a ZeRO-3 target (frozen_config "
+                                   "shards the frozen model where the policy is sharded)")
+            mine = _local(p)
+            theirs = q.ds_tensor if hasattr(q, "ds_tensor") else _share_of(q.data, p)
+            mine.mul_(1.0 - weight).add_(theirs.to(mine.device, mine.dtype), alpha=weight)
+
+
+def load_parameters(engine, state: dict) -> None:
+    """Copy full tensors {name: tensor} (from `cluster.checkpoints.gather_state_dict`)
+    into the engine's parameters, each rank its share, whatever world size saved them."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            mine = _local(p)
+            mine.copy_(_share_of(state[name], p).to(mine.device, mine.dtype))
 
 
 def training_engine(cfg, model, world: int, accum: int, learning_rate: float,

@@ -199,7 +199,7 @@ def memory_plan(kind: str, cfg: Any, arch: Arch) -> list[ModelMemory]:
         tokens = mb * cfg.data.max_length * (2 if kind in ("dpo", "rm") else 1)
     out = [trained_model({"rm": "reward model"}.get(kind, "policy"), arch, cfg, world, tokens,
                          logits=kind != "rm")]
-    if kind == "dpo" and cfg.loss.type != "simpo" and not cfg.model.lora.enabled \
+    if kind == "dpo" and not cfg.loss.reference_free and not cfg.model.lora.enabled \
             and not cfg.loss.precompute_reference:
         out.append(frozen_model("reference", arch, cfg, world))
     if kind == "ppo":

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from rlhf.config.base import ConfigError, one_of
-from rlhf.config.sections import (AfterTrainingConfig, ClusterConfig, DataConfig, LossConfig,
-                                  ModelConfig, OutputConfig, TrainConfig, check_pairs)
+from rlhf.config.sections import (DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, F_DIVERGENCES,
+                                  REFERENCE_FREE_TYPES, SMOOTHED_TYPES, AfterTrainingConfig,
+                                  ClusterConfig, DataConfig, LossConfig, ModelConfig,
+                                  OutputConfig, TrainConfig, check_pairs)
 
 
 @dataclass
@@ -38,16 +40,64 @@ class DPOConfig:
 def check_dpo(cfg: DPOConfig) -> None:
     check_pairs(cfg)
     lo = cfg.loss
-    one_of("loss.type", lo.type, ("sigmoid", "ipo", "hinge", "simpo"))
+    types = lo.type
+    if not types:
+        raise ConfigError("loss.type is empty: name a loss, e.g. loss.type=sigmoid.")
+    for t in types:
+        one_of("loss.type", t, DPO_LOSS_TYPES + REFERENCE_FREE_TYPES)
+    if len(set(types)) < len(types):
+        raise ConfigError(f"loss.type={','.join(types)} names a type twice: give each once "
+                          "and weigh it with loss.weights.")
+    if lo.reference_free and len(types) > 1:
+        raise ConfigError(f"loss.type={','.join(types)}: {', '.join(REFERENCE_FREE_TYPES)} "
+                          "have no reference and stand alone; for an NLL term beside one "
+                          "use loss.rpo_alpha.")
+    if lo.weights is not None and len(lo.weights) != len(types):
+        raise ConfigError(f"loss.weights has {len(lo.weights)} values for {len(types)} "
+                          f"loss types ({','.join(types)}): give one weight per type.")
     if lo.beta <= 0:
         raise ConfigError(f"loss.beta={lo.beta} must be positive (0.1 is the usual value).")
     if not 0.0 <= lo.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing={lo.label_smoothing} must be in [0, 0.5).")
-    if lo.label_smoothing and lo.type not in ("sigmoid", "simpo"):
-        raise ConfigError(f"loss.label_smoothing only applies to sigmoid and simpo, not "
-                          f"loss.type={lo.type}: set it to 0.")
-    if lo.precompute_reference and lo.type == "simpo":
-        raise ConfigError("loss.type=simpo uses no reference: drop loss.precompute_reference.")
+    if lo.label_smoothing and not any(t in SMOOTHED_TYPES for t in types):
+        raise ConfigError(f"loss.label_smoothing only applies to {', '.join(SMOOTHED_TYPES)}, "
+                          f"not loss.type={','.join(types)}: set it to 0.")
+    if "exo_pair" in types and not lo.label_smoothing:
+        raise ConfigError("loss.type=exo_pair needs loss.label_smoothing > 0 (EXO's epsilon; "
+                          "the paper uses 1e-3).")
+    one_of("loss.f_divergence", lo.f_divergence, F_DIVERGENCES)
+    if lo.f_divergence != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_TYPES):
+        raise ConfigError(f"loss.f_divergence={lo.f_divergence} applies to "
+                          f"{', '.join(F_DIVERGENCE_TYPES)}; loss.type={','.join(types)} "
+                          "has none: drop loss.f_divergence.")
+    if lo.ld_alpha is not None and not 0.0 <= lo.ld_alpha <= 1.0:
+        raise ConfigError(f"loss.ld_alpha={lo.ld_alpha} must be in [0, 1] (1: no effect).")
+    if lo.alphapo and not set(types) <= {"cpo", "simpo"}:
+        raise ConfigError(f"loss.alphapo applies to cpo and simpo, not "
+                          f"loss.type={','.join(types)}.")
+    if lo.rpo_alpha is not None and lo.rpo_alpha < 0:
+        raise ConfigError(f"loss.rpo_alpha={lo.rpo_alpha} must be >= 0.")
+    if lo.precompute_reference and lo.reference_free:
+        raise ConfigError(f"loss.type={types[0]} uses no reference: drop "
+                          "loss.precompute_reference.")
+    if lo.reference_free and cfg.model.ref_name_or_path:
+        raise ConfigError(f"model.ref_name_or_path is set but loss.type={types[0]} uses no "
+                          "reference: drop model.ref_name_or_path.")
+    if lo.precompute_reference and lo.ld_alpha is not None:
+        raise ConfigError("loss.ld_alpha with loss.precompute_reference: the streamed "
+                          "reference log-probs are plain sums. Drop one of them.")
+    if lo.reference_sync_every < 0 or not 0.0 < lo.reference_mixup <= 1.0:
+        raise ConfigError("loss.reference_sync_every must be >= 0 and loss.reference_mixup "
+                          "in (0, 1].")
+    if lo.reference_sync_every:
+        for bad, why in ((lo.reference_free, f"loss.type={types[0]} has no reference"),
+                         (cfg.model.lora.enabled, "under LoRA the reference is the policy "
+                          "with its adapters off"),
+                         (lo.precompute_reference, "the reference log-probs are computed "
+                          "once, before training")):
+            if bad:
+                raise ConfigError(f"loss.reference_sync_every (TR-DPO) cannot move the "
+                                  f"reference: {why}. Set loss.reference_sync_every=0.")
     if lo.precompute_reference and cfg.model.lora.load_in_4bit:
         raise ConfigError("loss.precompute_reference loads the reference in model.dtype; with "
                           "4-bit QLoRA the on-the-fly reference (adapters off) is the exact "

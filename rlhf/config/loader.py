@@ -68,6 +68,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         (item,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (int, float, bool)):  # one item: key=1
+            value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}.")
         return [_coerce(key, v, item) for v in value]
@@ -100,7 +102,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 PEER_FLAGS = {
     "beta": "loss.beta", "loss_type": "loss.type", "label_smoothing": "loss.label_smoothing",
-    "rpo_alpha": "loss.rpo_alpha", "simpo_gamma": "loss.simpo_gamma",
+    "rpo_alpha": "loss.rpo_alpha", "cpo_alpha": "loss.rpo_alpha",
+    "gamma_beta_ratio": "loss.simpo_gamma", "simpo_gamma": "loss.simpo_gamma",
+    "loss_weights": "loss.weights", "f_divergence_type": "loss.f_divergence",
+    "f_alpha_divergence_coef": "loss.f_alpha", "ld_alpha": "loss.ld_alpha",
+    "discopop_tau": "loss.discopop_tau", "alpha": "loss.alphapo",
+    "sync_ref_model": "loss.reference_sync_every", "ref_model_sync_steps":
+    "loss.reference_sync_every", "ref_model_mixup_alpha": "loss.reference_mixup",
     "learning_rate": "train.learning_rate", "lr": "train.learning_rate",
     "actor_learning_rate": "train.learning_rate",
     "critic_learning_rate": "algo.critic_learning_rate",

@@ -206,23 +206,85 @@ class PromptDataConfig(SourceConfig):
     would change the task it poses)."""
 
 
+# The preference objectives (rlhf.core.losses computes them). The DPO family as TRL 1.16's
+# DPOTrainer names it (loss_type), all with a reference:
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
+                  "sft", "sigmoid_norm")
+# Paired objectives on the policy alone: no reference is loaded and none runs.
+REFERENCE_FREE_TYPES = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
+# The types built on the chosen-minus-rejected score, which an f-divergence generalises.
+F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
+                      "discopop", "sft")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Types that read label_smoothing (cDPO's flip rate, rDPO's, EXO's epsilon).
+SMOOTHED_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo")
+# Types whose per-pair term depends on the batch's other pairs (they sort over it): on a
+# cluster each micro-batch is such a batch, as each device's is in TRL.
+BATCH_COUPLED_TYPES = ("aot", "aot_unpaired")
+# Types trained with an NLL term on the chosen response unless rpo_alpha says otherwise
+# (CPO's cpo_alpha is 1.0 in TRL; ORPO's loss is NLL + lambda * odds-ratio term).
+NLL_BY_DEFAULT = ("cpo", "cpo_hinge", "cpo_ipo", "orpo")
+
+
 @dataclass
 class LossConfig:
-    type: str = "sigmoid"
-    """sigmoid (DPO), ipo, hinge, or simpo (reference-free, length-normalised)."""
+    type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    """The preference objective. With a reference: TRL's DPO family, sigmoid (DPO),
+    hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired,
+    apo_zero, apo_down, discopop, sft (the chosen NLL), sigmoid_norm; several,
+    comma-separated, are summed with loss.weights (MPO: sigmoid,bco_pair,sft). Without
+    one (no reference model loaded): simpo, cpo, cpo_hinge, cpo_ipo, orpo (each alone).
+    docs/dpo.md says what each does and when to pick it."""
+    weights: list[float] | None = None
+    """Weight of each loss.type (empty: 1 each), e.g. 0.8,0.2,1.0."""
     beta: float = 0.1
     """Strength of the pull towards the reference (DPO's beta); 0.1 is the usual start,
-    raise to 0.2-0.5 if the model drifts or repeats itself."""
+    raise to 0.2-0.5 if the model drifts or repeats itself. IPO's tau; ORPO's lambda."""
     label_smoothing: float = 0.0
-    """Conservative DPO (cDPO): assumed probability that a label is flipped, in [0, 0.5)."""
-    rpo_alpha: float = 0.0
-    """Weight of an NLL term on the chosen response (RPO); 0 disables it."""
+    """Assumed probability that a label is flipped, in [0, 0.5): cDPO for sigmoid, simpo
+    and cpo; robust's flip rate; EXO's epsilon (exo_pair needs it > 0, 1e-3 is usual)."""
+    rpo_alpha: float | None = None
+    """Weight of an NLL term on the chosen response (RPO; CPO's cpo_alpha). Empty: 1 for
+    cpo, cpo_hinge, cpo_ipo and orpo, 0 otherwise."""
     precompute_reference: bool = False
     """Compute the reference log-probs once, in a Ray Data pass over an actor pool
     (cluster.reference_actors), and stream them with the pairs: the training workers
     then hold no reference model and run no reference forward."""
     simpo_gamma: float = 0.5
-    """SimPO target reward margin, as a fraction of beta (TRL's gamma_beta_ratio)."""
+    """SimPO target reward margin, as a fraction of beta (TRL's gamma_beta_ratio; TRL's
+    CPO simpo_gamma is this times beta)."""
+    f_divergence: str = "reverse_kl"
+    """The divergence that holds the policy to the reference (f-DPO): reverse_kl
+    (standard DPO), forward_kl, js_divergence, alpha_divergence; the last three for
+    sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and sft."""
+    f_alpha: float = 0.5
+    """alpha of f_divergence=alpha_divergence."""
+    ld_alpha: float | None = None
+    """LD-DPO: weight, in [0, 1], of the tokens of the longer response past the shorter
+    one's length (against verbosity); empty: every token counts fully."""
+    discopop_tau: float = 0.05
+    """Temperature of loss.type=discopop (the paper's 0.05)."""
+    alphapo: float = 0.0
+    """AlphaPO's alpha for cpo and simpo: rewards (1 - p^-alpha) / alpha instead of
+    log p (0: off; the paper's range is about 0.1 to 0.5, with simpo)."""
+    reference_sync_every: int = 0
+    """TR-DPO: every N steps the reference moves towards the policy,
+    ref = mixup * policy + (1 - mixup) * ref (0: a frozen reference)."""
+    reference_mixup: float = 0.6
+    """TR-DPO's alpha: how far the reference moves at each sync, in (0, 1]."""
+
+    @property
+    def reference_free(self) -> bool:
+        """No reference model is needed (SimPO, CPO, ORPO)."""
+        return any(t in REFERENCE_FREE_TYPES for t in self.type)
+
+    @property
+    def nll_weight(self) -> float:
+        """The chosen-NLL weight the loss adds besides an "sft" type's (rpo_alpha)."""
+        if self.rpo_alpha is not None:
+            return self.rpo_alpha
+        return 1.0 if any(t in NLL_BY_DEFAULT for t in self.type) else 0.0
 
 
 @dataclass

@@ -349,14 +349,18 @@ def ld_sums(per_token: torch.Tensor, seq: torch.Tensor, n_seqs: int, alpha: floa
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """LD-DPO's length-desensitised sums (Liu et al. 2024, eq. 9) of a pair batch.
 
-    per_token: (M,) response-token log-probs in (sequence, position) order and seq: (M,)
-    their sequence index (`scored_token_logprobs`), over S = n_seqs = 2B sequences
+    per_token: (M,) response-token log-probs, each sequence's in position order, and seq:
+    (M,) their sequence index (`scored_token_logprobs`), over S = n_seqs = 2B sequences
     (chosen 0..B-1, rejected B..2B-1). Each pair's first min(|y_c|, |y_r|) tokens count
     fully and the longer response's tail by alpha (1: the plain sums, 0: the tail
     ignored). Returns (sums (S,), token counts (S,)), the counts unweighted."""
     counts = torch.bincount(seq, minlength=n_seqs)
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(per_token.shape[0], device=per_token.device) - starts[seq]
+    # each token's place in its response; a packed batch interleaves the sequences
+    # (chosen i, rejected i, ...), so rank the tokens by sequence first, stably
+    order = torch.argsort(seq, stable=True)
+    pos = torch.empty_like(seq)
+    pos[order] = torch.arange(seq.shape[0], device=seq.device) - starts[seq[order]]
     half = n_seqs // 2
     shared = torch.minimum(counts[:half], counts[half:]).repeat(2)
     w = torch.where(pos < shared[seq], 1.0, float(alpha)).to(per_token.dtype)

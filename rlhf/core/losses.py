@@ -14,23 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
-# The DPO family as TRL 1.16's DPOTrainer names it (loss_type), all with a reference.
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop",
-                  "sft", "sigmoid_norm")
-# Paired objectives that need no reference model (SimPO; CPO and its variants; ORPO).
-REFERENCE_FREE_TYPES = ("simpo", "cpo", "cpo_hinge", "cpo_ipo", "orpo")
-# The types built on the chosen-minus-rejected score, which an f-divergence generalises.
-F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust",
-                      "discopop", "sft")
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-# Types whose per-pair term depends on the other pairs of the batch (they sort over it):
-# on a cluster they see one micro-batch, as TRL's see one device's batch.
-BATCH_COUPLED_TYPES = ("aot", "aot_unpaired")
-# Types that train an NLL term on the chosen response by default (TRL's CPO cpo_alpha=1.0;
-# ORPO's loss is NLL + lambda * odds-ratio term).
-NLL_BY_DEFAULT = ("cpo", "cpo_hinge", "cpo_ipo", "orpo")
+from rlhf.config.sections import F_DIVERGENCE_TYPES, F_DIVERGENCES, REFERENCE_FREE_TYPES
 
 
 @dataclass

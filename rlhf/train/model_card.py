@@ -78,7 +78,10 @@ def card(run_dir: Path, prefix: str, config: dict, summary: dict,
               f"batch {t.get('global_batch_size')}, {summary.get('wall_time_s')} s"]
     loss = config.get("loss") or {}
     if prefix == "dpo":
-        lines.append(f"- loss {loss.get('type')}, beta {loss.get('beta')}")
+        types = loss.get("type")
+        types = ", ".join(map(str, types)) if isinstance(types, list) else types
+        weights = f" weighted {loss['weights']}" if loss.get("weights") else ""
+        lines.append(f"- loss {types}{weights}, beta {loss.get('beta')}")
     held = {k: v for k, v in summary.items() if k.startswith("eval/")
             and isinstance(v, (int, float))}
     if held:

@@ -1,7 +1,8 @@
 """The same global batch gives the same losses however it is computed: micro-batch x
 accumulation splits, packing on/off, one or two workers, ZeRO 0/2/3, ZeRO-3 with the
 optimizer and parameters offloaded to CPU (DeepSpeed's CPU Adam), reference on the fly
-or precomputed.
+or precomputed; and with a weighted loss mix, LD-DPO and a moving (TR-DPO) reference,
+through a lost worker and a restart.
 
 Across worker counts Ray's streaming split hands rows to workers dynamically, so which
 pairs make up step k could differ from run to run; here the data set is exactly one
@@ -23,8 +24,8 @@ ONE_BATCH = ["data.demo_pairs=8", "train.epochs=3", "train.max_steps=-1",
              "train.lr_scheduler=constant", "data.preserve_order=true"]
 
 
-def losses(tmp_path, name, *overrides):
-    run_dir = dpo(tmp_path / name, *ONE_BATCH, *overrides)
+def losses(tmp_path, name, *overrides, **kwargs):
+    run_dir = dpo(tmp_path / name, *ONE_BATCH, *overrides, **kwargs)
     return run_dir, [r["train/loss"] for r in metrics(run_dir) if "train/loss" in r]
 
 
@@ -40,19 +41,35 @@ def test_same_losses_however_the_batch_is_computed(ray_cluster, tmp_path):
         # the base is one worker, micro 8, packed)
         "two workers, micro 2 x accum 2, padded, ZeRO-2": [
             "train.micro_batch_size=2", "data.packing=false", "cluster.zero_stage=2"],
-        "two workers, micro 2 x accum 2, ZeRO-3": [
-            "train.micro_batch_size=2", "cluster.zero_stage=3"],
         "two workers, precomputed reference, ZeRO-0": [
             "train.micro_batch_size=4", "cluster.zero_stage=0",
             "loss.precompute_reference=true"],
-        "two workers, ZeRO-3, optimizer and parameters offloaded": [
-            "train.micro_batch_size=4", "cluster.zero_stage=3",
-            "cluster.offload_optimizer=true", "cluster.offload_params=true"],
     }
     for name, overrides in variants.items():
         run_dir, got = losses(tmp_path, name.replace(" ", "_").replace(",", ""), *overrides)
         assert got[0] == pytest.approx(math.log(2), abs=1e-6), name
         assert got == pytest.approx(base, rel=1e-4, abs=1e-6), name
+
+    # A weighted mix of two DPO losses (MPO), LD-DPO's length weighting and TR-DPO's
+    # reference, moved half-way to the policy after every step: steps 2 and 3 run
+    # against a moved reference. One worker, ZeRO-2, the reference ZeRO-3-partitioned in
+    # CPU memory (offload_frozen: a whole policy blended into a partitioned reference),
+    # against two workers, micro 2 x accum 2, ZeRO-3, optimizer and parameters offloaded
+    # (partitions blended into partitions), whose last worker dies after step 2: the
+    # group restarts from step 1's checkpoint, which holds the moved reference.
+    tr = ["loss.type=sigmoid,bco_pair", "loss.weights=1,0.5", "loss.ld_alpha=0.5",
+          "loss.reference_sync_every=1", "loss.reference_mixup=0.5"]
+    _, tr_base = losses(tmp_path, "tr_base", *tr, "cluster.num_workers=1",
+                        "train.micro_batch_size=8", "cluster.offload_frozen=true")
+    # step 1: policy == reference, so sigmoid's log 2 plus half of bco_pair's 2 log 2
+    assert tr_base[0] == pytest.approx(2 * math.log(2), abs=1e-6)
+    assert len(tr_base) == 3 and tr_base[2] != tr_base[1]
+    run_dir, got = losses(tmp_path, "tr_zero3_offload", *tr, "train.micro_batch_size=2",
+                          "cluster.zero_stage=3", "cluster.offload_optimizer=true",
+                          "cluster.offload_params=true", "train.checkpoint_every=1",
+                          "cluster.max_failures=1", crash_once_at_step=2)
+    assert (run_dir / ".crash-injected").read_text() == "2"
+    assert got[:1] + got[-2:] == pytest.approx(tr_base, rel=1e-4, abs=1e-6)
     # the offloaded ZeRO-3 run's export is whole and loads
     from transformers import AutoModelForCausalLM
 

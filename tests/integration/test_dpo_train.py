@@ -68,6 +68,7 @@ def test_run_directory_learning_epochs_and_a_lost_worker(ray_cluster, tmp_path,
         data = f.read_bytes()
         assert not any(v.encode() in data for v in SECRETS.values()), f
     assert not any(v in printed.out + printed.err for v in SECRETS.values())
+    assert "reference model: a frozen copy of" in printed.out  # as the worker built it
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model/model.safetensors",
                  "model/tokenizer.json", "model/config.json", "curves.png"):
         assert (run_dir / name).is_file(), name
@@ -126,6 +127,26 @@ def test_run_directory_learning_epochs_and_a_lost_worker(ray_cluster, tmp_path,
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     new = out[0, prompt["input_ids"].shape[1]:].tolist()
     assert 1 <= len(new) <= 5 and (len(new) == 5 or new[-1] == tok.eos_token_id), new
+
+
+def test_orpo_holds_no_reference_and_learns(ray_cluster, tmp_path, capfd):
+    """ORPO (reference-free: NLL + lambda * odds-ratio term) on two workers: the workers
+    say they built no reference (checked where it is built, not assumed from the
+    config), no reference forward is timed, and the odds ratio moves the right way."""
+    run_dir = dpo(tmp_path, "loss.type=orpo", "train.max_steps=6", "train.learning_rate=3e-3")
+    out = capfd.readouterr().out
+    assert "reference model: none (loss.type=orpo needs none)" in out
+    assert "frozen copy" not in out
+    train = [r for r in metrics(run_dir) if "train/loss" in r]
+    assert len(train) == 6 and not any("time/reference_s" in r for r in train)
+    assert all("time/forward_s" in r for r in train)
+    # rewards are beta x mean token log-prob: the chosen ones rise (the NLL term) and
+    # the margin over the rejected ones grows (the odds-ratio term)
+    first, last = train[0], train[-1]
+    assert last["train/rewards/chosen"] > first["train/rewards/chosen"]
+    assert last["train/rewards/margin"] > first["train/rewards/margin"]
+    assert last["train/nll"] < first["train/nll"] and last["train/loss"] < first["train/loss"]
+    assert summary(run_dir)["eval/pairs"] == 32
 
 
 def test_lora_bf16_merged_export(ray_cluster, tmp_path, tiny_model_path):

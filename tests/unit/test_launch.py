@@ -46,6 +46,13 @@ def test_memory_model_by_hand():
     policy, ref = memory_plan("dpo", cfg, arch)
     assert (ref.total, ref.cpu) == (0, 2 * 146_240 / 4)
     assert policy.weights == 2 * 146_240
+    # SimPO, CPO and ORPO hold no reference at all: the policy alone
+    cfg.cluster.offload_frozen = False
+    for kind in ("orpo", "cpo", "simpo"):
+        cfg.loss.type = [kind]
+        assert [m.role for m in memory_plan("dpo", cfg, arch)] == ["policy"]
+    assert make_plan("dpo", cfg, arch, []).per_gpu == pytest.approx(
+        policy.total * 1.05 + OVERHEAD_BYTES)
 
 
 def test_ppo_frozen_models_shard_and_offload():

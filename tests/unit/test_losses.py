@@ -161,6 +161,10 @@ def test_ld_sums_weights_the_longer_tail():
     sums, counts = ld_sums(per_token, seq, 2, 0.5)
     assert sums.tolist() == [-1 - 2 - 0.5 * 4, -8 - 16] and counts.tolist() == [3, 2]
     assert ld_sums(per_token, seq, 2, 1.0)[0].tolist() == [-7.0, -24.0]
+    # a packed batch interleaves the sequences: the same sums
+    mixed = torch.tensor([0, 3, 1, 4, 2])  # a, d, b, e, c
+    sums, counts = ld_sums(per_token[mixed], seq[mixed], 2, 0.5)
+    assert sums.tolist() == [-1 - 2 - 0.5 * 4, -8 - 16] and counts.tolist() == [3, 2]
 
 
 def test_nll_per_token():

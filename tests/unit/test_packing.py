@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from rlhf.core.attention import block_attention, blocks_from_cu_seq_lens
 from rlhf.config import ModelConfig
-from rlhf.core.logprobs import (model_inputs, pack_pairs, packed_sequence_logprobs, pad_pairs,
-                           sequence_logprobs, token_logprobs)
+from rlhf.core.logprobs import (ld_sums, model_inputs, pack_pairs, packed_sequence_logprobs,
+                                pad_pairs, scored_token_logprobs, sequence_logprobs,
+                                token_logprobs)
 
 
 def test_layout_by_hand_shared_prompt():
@@ -124,6 +125,12 @@ def test_packed_equals_padded(tiny_model_path, tokenizer, attn, share):
         assert torch.allclose(a, tok_pack[packed["score_seq"] == i], atol=1e-5), i
     # per sequence (sums of ~40 terms of magnitude ~5): fp32 summation-order rounding only
     assert torch.allclose(s_pad, s_pack, rtol=1e-6, atol=1e-4)
+    # LD-DPO's weighted sums from each layout's per-token log-probs (the packed one
+    # interleaves the sequences) agree too
+    ld_pad = ld_sums(*scored_token_logprobs(lp_pad.detach(), padded), 2 * len(P), 0.3)
+    ld_pack = ld_sums(*scored_token_logprobs(lp_pack.detach(), packed), 2 * len(P), 0.3)
+    assert torch.allclose(ld_pad[0], ld_pack[0], rtol=1e-6, atol=1e-4)
+    assert not torch.allclose(ld_pad[0], s_pad.detach())  # the tails are weighted
     s_pad.sum().backward()
     s_pack.sum().backward()
     grads = dict(packed_model.named_parameters())

@@ -24,7 +24,8 @@ from rlhf.data.pipeline import tokenize_pair  # noqa: E402
 from rlhf.data.demo import demo_pair  # noqa: E402
 from rlhf.core.logprobs import (ld_sums, pad_pairs, scored_token_logprobs,  # noqa: E402
                                 sequence_logprobs, split_pairs)
-from rlhf.core.losses import DPO_LOSS_TYPES, dpo_loss, reference_free_loss  # noqa: E402
+from rlhf.config.sections import DPO_LOSS_TYPES  # noqa: E402
+from rlhf.core.losses import dpo_loss, reference_free_loss  # noqa: E402
 
 BETA = 0.1
 

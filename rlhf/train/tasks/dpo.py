@@ -1,59 +1,78 @@
 """DPO's micro-step: the policy's and the reference's summed response log-probs of each
-pair, the loss of loss.type (rlhf.core.losses.dpo_loss: sigmoid, ipo, hinge, simpo, ...),
-the RPO term, and the implicit-reward metrics.
+pair, the loss of loss.type (rlhf.core.losses.dpo_loss: TRL's DPO family, alone or
+weighted; the reference-free SimPO, CPO and ORPO), the chosen-NLL term, and the
+implicit-reward metrics.
 
-The reference is a frozen DeepSpeed engine, the policy with its LoRA adapters off, or
-log-probs streamed in with the pairs (loss.precompute_reference: rlhf.train.reference).
+The reference is a frozen DeepSpeed engine (moved towards the policy every N steps with
+TR-DPO's loss.reference_sync_every), the policy with its LoRA adapters off, log-probs
+streamed in with the pairs (loss.precompute_reference: rlhf.train.reference), or none
+(SimPO, CPO, ORPO: no reference is loaded).
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
+from cluster.checkpoints import gather_state_dict
+from cluster.deepspeed import blend_parameters, load_parameters
+from cluster.worker import rank_world, say
 from rlhf.config import DPOConfig
-from rlhf.core.logprobs import batch_logprobs, model_inputs, split_pairs
+from rlhf.core.logprobs import (batch_logprobs, ld_sums, model_inputs, scored_token_logprobs,
+                                split_pairs)
 from rlhf.core.losses import dpo_loss
 from rlhf.train.tasks.base import PairTask
 
+REFERENCE_FILE = "reference.pt"  # a TR-DPO reference, saved with the checkpoint once moved
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy",
                "rewards/margin", "logps/chosen", "logps/rejected", "nll")
 
 
-def _logps(engine, batch: dict, device, adapters_off: bool = False):
-    """(2B,) summed response log-probs and token counts of a `pair_batch` (either layout)."""
+def _logps(engine, batch: dict, device, adapters_off: bool = False,
+           ld_alpha: float | None = None):
+    """(2B,) summed response log-probs and token counts of a `pair_batch` (either layout);
+    with ld_alpha, LD-DPO's length-desensitised sums."""
     ctx = engine.module.disable_adapter() if adapters_off else contextlib.nullcontext()
     with ctx:
         out = engine(**model_inputs(batch, device))
-    return batch_logprobs(out.logits, batch)
+    if ld_alpha is None:
+        return batch_logprobs(out.logits, batch)
+    per_token, seq = scored_token_logprobs(out.logits, batch)
+    n_seqs = int(batch["n_seqs"]) if "n_seqs" in batch else batch["input_ids"].shape[0]
+    return ld_sums(per_token, seq, n_seqs, ld_alpha)
 
 
 def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list[dict],
                   timer=None):
     """Policy (and reference) forward on one micro-batch -> losses and rewards (B,)."""
+    lo = cfg.loss
     with torch.set_grad_enabled(grad):
-        logps, ntok = _logps(engine, batch, device)
+        logps, ntok = _logps(engine, batch, device, ld_alpha=lo.ld_alpha)
     if timer:
         timer.mark("forward")
     ref_c = ref_r = None
-    if cfg.loss.precompute_reference:  # streamed in with the pairs: no forward here
+    if lo.precompute_reference:  # streamed in with the pairs: no forward here
         ref_c = torch.tensor([float(r["ref_chosen"]) for r in rows], device=logps.device)
         ref_r = torch.tensor([float(r["ref_rejected"]) for r in rows], device=logps.device)
-    elif cfg.loss.type != "simpo":
+    elif not lo.reference_free:
         with torch.no_grad():
             if ref_engine is not None:
-                ref_logps, _ = _logps(ref_engine, batch, device)
+                ref_logps, _ = _logps(ref_engine, batch, device, ld_alpha=lo.ld_alpha)
             else:  # LoRA: the base model is the policy with its adapters off
-                ref_logps, _ = _logps(engine, batch, device, adapters_off=True)
+                ref_logps, _ = _logps(engine, batch, device, adapters_off=True,
+                                      ld_alpha=lo.ld_alpha)
         ref_c, ref_r = split_pairs(ref_logps)
         if timer:
             timer.mark("reference")
     pc, pr = split_pairs(logps)
     nc, nr = split_pairs(ntok)
-    out = dpo_loss(pc, pr, ref_c, ref_r, loss_type=cfg.loss.type, beta=cfg.loss.beta,
-                   label_smoothing=cfg.loss.label_smoothing, chosen_lengths=nc,
-                   rejected_lengths=nr, simpo_gamma=cfg.loss.simpo_gamma)
+    out = dpo_loss(pc, pr, ref_c, ref_r, loss_type=lo.type, weights=lo.weights,
+                   beta=lo.beta, label_smoothing=lo.label_smoothing, chosen_lengths=nc,
+                   rejected_lengths=nr, simpo_gamma=lo.simpo_gamma,
+                   f_divergence=lo.f_divergence, f_alpha=lo.f_alpha,
+                   discopop_tau=lo.discopop_tau, alphapo=lo.alphapo)
     return out, pc, pr, nc
 
 
@@ -76,10 +95,56 @@ class DPOTask(PairTask):
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         super().prepare(engine, lc, world, accum)
-        cfg, self.ref_engine = self.cfg, None
-        if (cfg.loss.type != "simpo" and not cfg.model.lora.enabled
-                and not cfg.loss.precompute_reference):
+        cfg, self.ref_engine, self.synced_at = self.cfg, None, 0
+        lo = cfg.loss
+        if lo.reference_free:
+            held = f"none (loss.type={lo.type[0]} needs none)"
+        elif lo.precompute_reference:
+            held = "none here: its log-probs come with the pairs"
+        elif cfg.model.lora.enabled:
+            held = "the policy with its LoRA adapters off"
+        else:
             self.ref_engine = self.frozen_reference(lc["ref_path"], world)
+            held = (f"a frozen copy of {lc['ref_path']} (ZeRO-"
+                    f"{self.ref_engine.zero_optimization_stage()})")
+            if lo.reference_sync_every:
+                held += (f", moved towards the policy every {lo.reference_sync_every} "
+                         f"steps by {lo.reference_mixup} (TR-DPO)")
+        if rank_world()[0] == 0:  # what was built, not what the config asked for
+            say(f"reference model: {held}")
+
+    # ------------------------------------------------ TR-DPO: a reference that moves
+
+    def end_step(self, engine, step: int, timer) -> None:
+        """Every loss.reference_sync_every steps the reference moves towards the policy:
+        ref = mixup * policy + (1 - mixup) * ref (Gorbatovski et al. 2024, eq. 6). After
+        a restore (step == the restored step) it is not moved again: load_state brought
+        it back as it was."""
+        every = self.cfg.loss.reference_sync_every
+        if self.ref_engine is None or not every or step <= self.synced_at or step % every:
+            return
+        blend_parameters(self.ref_engine, engine, self.cfg.loss.reference_mixup)
+        self.synced_at = step
+        if timer:
+            timer.mark("reference_sync")
+
+    def save_state(self, folder: Path) -> None:
+        """A moved reference is part of the run's state (it is a mixture of past
+        policies): its full weights are saved beside the policy's."""
+        if self.ref_engine is None or not self.synced_at:
+            return
+        full = gather_state_dict(self.ref_engine, self.ref_engine.zero_optimization_stage())
+        if full is not None:
+            torch.save({"synced_at": self.synced_at, "weights": full},
+                       folder / REFERENCE_FILE)
+
+    def load_state(self, folder: Path) -> None:
+        path = folder / REFERENCE_FILE
+        if self.ref_engine is None or not path.is_file():
+            return  # never moved: the reference loaded from its path is the right one
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        load_parameters(self.ref_engine, saved["weights"])
+        self.synced_at = saved["synced_at"]
 
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         cfg = self.cfg
@@ -98,9 +163,10 @@ class DPOTask(PairTask):
         # however it was split.
         k = self.world * self.accum
         loss = out.losses.sum() * (k / totals["samples"])
-        if cfg.loss.rpo_alpha:
+        nll_weight = cfg.loss.nll_weight + out.nll_weight  # RPO / CPO / ORPO / "sft"
+        if nll_weight:  # a token mean over the global batch's chosen responses
             nll = -pc.sum() * (k / max(totals["chosen_tokens"], 1))
-            loss = loss + cfg.loss.rpo_alpha * nll
+            loss = loss + nll_weight * nll
         return loss * w, sums
 
     def metrics(self, sums: dict, totals: dict | None, split: str) -> dict:
