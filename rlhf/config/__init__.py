@@ -23,6 +23,7 @@ from rlhf.config.evaluate import (BenchmarksConfig, EvalConfig, EvalDataConfig,
                                   GeneralTasksConfig, GenerationConfig, JudgeConfig)
 from rlhf.config.loader import (PEER_FLAGS, build, field_docs, help_text, load, parse_args,
                                 suggest, to_dict)
+from rlhf.config.kto import KTOColumnsConfig, KTOConfig, KTODataConfig, KTOLossConfig
 from rlhf.config.ppo import (PPOConfig, RewardConfig, RLAlgoConfig, RolloutConfig,
                              resolved_rollout_is)
 from rlhf.config.rm import RMConfig, RMLossConfig
@@ -37,7 +38,8 @@ __all__ = [
     "BUILTIN_DATA", "BUILTIN_MODEL", "BUILTIN_TOOLS", "ConfigError", "DPOConfig",
     "BenchmarksConfig", "EvalConfig", "EvalDataConfig", "GeneralTasksConfig",
     "GenerationConfig", "JudgeConfig", "PEER_FLAGS", "build", "field_docs", "help_text",
-    "load", "parse_args", "suggest", "to_dict", "PPOConfig", "RewardConfig", "RLAlgoConfig",
+    "load", "parse_args", "suggest", "to_dict", "KTOColumnsConfig", "KTOConfig",
+    "KTODataConfig", "KTOLossConfig", "PPOConfig", "RewardConfig", "RLAlgoConfig",
     "RolloutConfig", "resolved_rollout_is", "RMConfig", "RMLossConfig",
     "AfterTrainingConfig", "ClusterConfig", "ColumnsConfig", "DataConfig", "LoraConfig",
     "LossConfig", "ModelConfig", "OutputConfig", "PromptDataConfig", "SFTColumnsConfig",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from rlhf.config.dpo import DPOConfig
 from rlhf.config.evaluate import EvalConfig
+from rlhf.config.kto import KTOConfig
 from rlhf.config.ppo import PPOConfig
 from rlhf.config.rm import RMConfig
 from rlhf.config.sft import SFTConfig
@@ -34,6 +35,7 @@ class EntryPoint:
 
 ENTRY_POINTS: dict[str, EntryPoint] = {e.name: e for e in (
     EntryPoint("dpo", DPOConfig, True, "preference optimisation on pairs (DPO and its family)"),
+    EntryPoint("kto", KTOConfig, True, "preference optimisation on thumbs-up/down data (KTO)"),
     EntryPoint("rm", RMConfig, True, "a reward model on pairs (Bradley-Terry)"),
     EntryPoint("sft", SFTConfig, True, "supervised fine-tuning on examples"),
     EntryPoint("ppo", PPOConfig, True, "online RL with vLLM rollouts (PPO, GRPO, RLOO, ...)"),

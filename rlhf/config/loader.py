@@ -109,6 +109,8 @@ PEER_FLAGS = {
     "discopop_tau": "loss.discopop_tau", "alpha": "loss.alphapo",
     "sync_ref_model": "loss.reference_sync_every", "ref_model_sync_steps":
     "loss.reference_sync_every", "ref_model_mixup_alpha": "loss.reference_mixup",
+    "desirable_weight": "loss.desirable_weight", "undesirable_weight":
+    "loss.undesirable_weight",
     "learning_rate": "train.learning_rate", "lr": "train.learning_rate",
     "actor_learning_rate": "train.learning_rate",
     "critic_learning_rate": "algo.critic_learning_rate",

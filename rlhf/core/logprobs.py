@@ -282,6 +282,23 @@ def rows_pair_batch(rows: Sequence[dict], *, pad_id: int, packing: bool,
                       attn_implementation=attn_implementation)
 
 
+def rows_response_batch(rows: Sequence[dict], *, pad_id: int, packing: bool,
+                        attn_implementation: str = "sdpa", response: str = "completion_ids"
+                        ) -> dict:
+    """`response_batch` of tokenised unpaired rows (KTO): prompt_ids + the `response`
+    column (completion_ids, or kl_completion_ids for the mismatched pairs)."""
+    return response_batch(_row_ids(rows, "prompt_ids"), _row_ids(rows, response),
+                          pad_id=pad_id, packing=packing,
+                          attn_implementation=attn_implementation)
+
+
+def dummy_unpaired_rows(token_id: int) -> list[dict]:
+    """One minimal unpaired row (every part a single token) for a zero-weight forward."""
+    one = [token_id]
+    return [{"prompt_ids": one, "completion_ids": one, "kl_completion_ids": one,
+             "label": True}]
+
+
 def dummy_sequence_rows(token_id: int) -> list[dict]:
     """One two-token example (the second trained on), for a zero-weight forward."""
     return [{"input_ids": [token_id, token_id], "loss_mask": [0, 1]}]

@@ -256,6 +256,51 @@ def dpo_loss(
                             (beta * rejected_ratio).detach(), nll_weight)
 
 
+@dataclass
+class UnpairedOutput:
+    """Per-example results of KTO's losses, all of shape (B,)."""
+
+    losses: torch.Tensor
+    """Each example's weighted loss (the batch loss is their mean)."""
+    rewards: torch.Tensor
+    """Implicit reward beta * (log pi - log pi_ref). Detached."""
+
+
+def kl_reference_point(log_ratio_sum: float, count: float) -> float:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, eq. 6 and section 4.1): the mean
+    log-ratio log pi - log pi_ref of mismatched (prompt, another example's completion)
+    pairs, clamped at 0 (a KL is not negative); sum and count over the whole global
+    batch, so it does not depend on how the batch is split. 0 for no pairs."""
+    return max(log_ratio_sum / count, 0.0) if count else 0.0
+
+
+def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: float,
+             *, loss_type: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> UnpairedOutput:
+    """KTO's losses on unpaired examples, as TRL 1.16's KTOTrainer computes them.
+
+    policy, ref: (B,) summed response log-probs under the policy and the reference;
+    desirable: (B,) bool, the label (thumbs-up); kl: the reference point z0
+    (`kl_reference_point`, a constant). With r = log pi - log pi_ref:
+
+      kto  (eq. 7)       desirable: lambda_D (1 - sigma(beta (r - z0)))
+                         undesirable: lambda_U (1 - sigma(beta (z0 - r)))
+      apo_zero_unpaired  (APO, D'Oosterlinck et al. 2024, eq. 7 unpaired; no z0)
+                         desirable: lambda_D (1 - sigma(beta r)); undesirable:
+                         lambda_U sigma(beta r)
+    """
+    r = policy - ref
+    d = desirable.to(torch.bool)
+    if loss_type == "kto":
+        up, down = 1 - torch.sigmoid(beta * (r - kl)), 1 - torch.sigmoid(beta * (kl - r))
+    elif loss_type == "apo_zero_unpaired":
+        up, down = 1 - torch.sigmoid(beta * r), torch.sigmoid(beta * r)
+    else:
+        raise ValueError(f"unknown KTO loss_type {loss_type!r}: kto or apo_zero_unpaired")
+    losses = torch.where(d, desirable_weight * up, undesirable_weight * down)
+    return UnpairedOutput(losses, (beta * r).detach())
+
+
 def nll_per_token(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
     """RPO's NLL term (Pang et al. 2024): mean negative log-likelihood per chosen token.
 

@@ -79,22 +79,46 @@ def _is_messages(v: Any) -> bool:
             and all(isinstance(m, dict) and "role" in m and "content" in m for m in v))
 
 
+# Words in column names, strongest first, that say which part of a pair a column holds
+# (a dispreferred response says "prefer" too: the rejected words are tried first).
+REJECTED_WORDS = ("rejected", "dispref", "reject", "worse", "bad", "los", "neg", "dislike")
+CHOSEN_WORDS = ("chosen", "prefer", "accept", "better", "good", "win", "pos", "like")
+PROMPT_WORDS = ("prompt", "instruction", "question", "query", "input", "context")
+
+
+def guess_columns(found: list[str], has_prompt: bool) -> dict[str, str]:
+    """{"chosen"/"rejected"/"prompt": column} guessed from the column names, for the
+    error that names the flags (e.g. instruction, preferred, dispreferred)."""
+    out: dict[str, str] = {}
+    for key, words in (("rejected", REJECTED_WORDS), ("chosen", CHOSEN_WORDS),
+                       ("prompt", () if has_prompt else PROMPT_WORDS)):
+        for word in words:
+            hit = [c for c in found if word in c.lower() and c not in out.values()]
+            if hit:
+                out[key] = hit[0]
+                break
+    return out
+
+
 def detect_layout(row: dict, cfg: DataConfig, source_name: str) -> Layout:
     """Pick the format from the first row and the config; missing columns fail here."""
     cols = cfg.columns
     found = list(row.keys())
     missing = [c for c in (cols.chosen, cols.rejected) if c not in row]
     if missing:
-        guesses = [c for c in found if any(w in c.lower() for w in (
-            "chosen", "rejected", "prefer", "accept", "better", "worse", "good", "bad",
-            "response", "win", "lose"))]
-        fix = " ".join(f"data.columns.{k}=<column>" for k, v in
-                       (("chosen", cols.chosen), ("rejected", cols.rejected)) if v in missing)
+        if "completion" in row and "label" in row:
+            raise DataError(
+                f"{source_name} holds unpaired rows (prompt, completion, label: one response "
+                "with a thumbs-up or down, TRL's KTO format), not pairs. Train on them with "
+                "python -m rlhf.kto (same data flags).")
+        guess = guess_columns(found, cols.prompt in row)
+        keys = [k for k, v in (("chosen", cols.chosen), ("rejected", cols.rejected))
+                if v in missing] + (["prompt"] if "prompt" in guess else [])
+        fix = " ".join(f"data.columns.{k}={guess.get(k, '<column>')}" for k in keys)
         raise DataError(
             f"Could not find column(s) {', '.join(repr(m) for m in missing)} in "
             f"{source_name}. Columns found: {', '.join(found) or '(none)'}. Tell the "
-            f"pipeline which columns hold the pair with {fix}"
-            + (f" (candidates: {', '.join(guesses)})." if guesses else "."))
+            f"pipeline which columns hold the pair: {fix}")
     has_prompt = cols.prompt in row
     fmt = cfg.format
     if fmt == "auto":
@@ -505,6 +529,9 @@ class RowKind:
     detect: Callable
     tokenize: Callable
     splits: Splits = PAIR_SPLITS  # which splits of a multi-split dataset it reads
+    formats_as: str = ""  # the kind of rows public formats give it (default: name)
+    rows_per: Callable[[Any], int] = lambda layout: 1  # rows trained per usable source
+    # row, from the layout (KTO: 2 for a pair, split in two at tokenising)
 
 
 PAIRS = RowKind("pairs", detect_layout, tokenize)
@@ -516,23 +543,31 @@ PAIRS = RowKind("pairs", detect_layout, tokenize)
 GROUP_KEY = "group:"  # scan's per-group counts of usable rows: "group:<id>" -> n
 
 
+LABEL_KEY = "label:"  # scan's counts of usable unpaired rows by label: "label:True" -> n
+
+
 def _count_drops(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keys = batch["drop"].astype(str)
+    usable = keys == ""
     if "group" in batch:  # count the usable rows of each group (tree) too
-        usable = keys == ""
         keys = np.concatenate([keys, np.char.add(GROUP_KEY, batch["group"][usable].astype(str))])
+    if "label" in batch:  # and the usable unpaired rows by label
+        keys = np.concatenate([keys, np.char.add(LABEL_KEY,
+                                                 batch["label"][usable].astype(bool).astype(str))])
     reasons, counts = np.unique(keys, return_counts=True)
     return {"drop": reasons, "n": counts}
 
 
-def scan(ds, per_group: list[int] | None = None) -> Counter:
+def scan(ds, per_group: list[int] | None = None, labels: Counter | None = None) -> Counter:
     """One streamed pass (no tokenising) counting rows by drop reason ("" = usable); with
     per_group (rows in groups: OpenAssistant trees, a `group` column), the usable rows of
-    each group with any are appended to it.
+    each group with any are appended to it; with labels (unpaired rows), the usable rows
+    are counted by label into it (True: desirable).
 
     Also surfaces malformed files before any worker starts.
     """
-    columns = ["drop", "group"] if per_group is not None else ["drop"]
+    columns = (["drop"] + (["group"] if per_group is not None else [])
+               + (["label"] if labels is not None else []))
     totals: Counter = Counter()
     for batch in ds.select_columns(columns).map_batches(
             _count_drops, batch_format="numpy", batch_size=4096).iter_batches(
@@ -542,7 +577,10 @@ def scan(ds, per_group: list[int] | None = None) -> Counter:
     groups = {k: n for k, n in totals.items() if k.startswith(GROUP_KEY)}
     if per_group is not None:
         per_group.extend(groups.values())
-    return Counter({k: n for k, n in totals.items() if k not in groups})
+    by_label = {k: n for k, n in totals.items() if k.startswith(LABEL_KEY)}
+    if labels is not None:
+        labels.update({k[len(LABEL_KEY):] == "True": n for k, n in by_label.items()})
+    return Counter({k: n for k, n in totals.items() if k not in groups and k not in by_label})
 
 
 @dataclass
@@ -583,10 +621,11 @@ def detect(kind: RowKind, row: dict, cfg: Any, source_name: str) -> Any:
     fmt = formats.recognise(row)
     if not fmt:
         return kind.detect(row, cfg, source_name)
-    inner = kind.detect(formats.sample_row(fmt, kind.name, row), cfg,
+    shape = kind.formats_as or kind.name
+    inner = kind.detect(formats.sample_row(fmt, shape, row), cfg,
                         f"{source_name} ({formats.describe(fmt)})")
     langs = tuple(x.strip() for x in getattr(cfg, "lang", "").split(",") if x.strip())
-    return formats.wrap(fmt, inner, kind.name, langs, row)
+    return formats.wrap(fmt, inner, shape, langs, row)
 
 
 @dataclass
@@ -598,6 +637,9 @@ class Pipelines:
     train_counts: Counter
     eval_counts: Counter
     notes: tuple[str, ...] = ()  # what the driver prints after the counts
+    labels: Counter | None = None  # unpaired data: usable training rows by label
+    train_rows: int = 0  # rows the workers train on per epoch (train_counts'
+    # usable rows, times the kind's rows_per)
 
 
 def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
@@ -608,7 +650,9 @@ def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
     else:
         held = read_normalised(plan.held, plan.held_layout, cfg.demo_eval_pairs)
     per_group: list[int] = []  # usable rows per tree, where rows come in trees
-    train_counts = scan(train, per_group if hasattr(plan.train_layout, "regroup") else None)
+    labels = Counter() if hasattr(plan.train_layout, "label") else None  # unpaired rows
+    train_counts = scan(train, per_group if hasattr(plan.train_layout, "regroup") else None,
+                        labels)
     held_layout = plan.held_layout or plan.train_layout  # None: held out of the train split
     eval_counts = scan(held, per_group if hasattr(held_layout, "regroup") else None)
     what = plan.kind.name
@@ -626,8 +670,13 @@ def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
         notes.append(f"{what} per tree: {np.mean(per_group):.2f} mean, "
                      f"{int(np.median(per_group))} median, {max(per_group)} max, over "
                      f"{len(per_group)} trees with any")
+    per = plan.kind.rows_per(plan.train_layout)
+    if per > 1:
+        notes.append(f"each usable source row gives {per} {what}: {train_counts[''] * per} "
+                     f"{what} to train on")
     return Pipelines(tok(train, tokenizer_path, cfg), tok(held, tokenizer_path, cfg),
-                     train_counts, eval_counts, tuple(notes))
+                     train_counts, eval_counts, tuple(notes), labels,
+                     train_counts[""] * per)
 
 
 def describe_counts(counts: Counter) -> str:

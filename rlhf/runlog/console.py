@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +109,8 @@ def route_worker_output() -> Callable[[], None]:
     if ray_print is None or verbose():
         return lambda: None
 
+    shown: dict = {}  # (pid, line) -> when it was last shown
+
     def show(data: dict) -> None:
         if data.get("pid") == "autoscaler":  # nodes coming and going: the user's business
             ray_print(data)
@@ -115,7 +118,13 @@ def route_worker_output() -> Callable[[], None]:
         lines = data.get("lines") or []
         source = data.get("actor_name") or data.get("task_name") or ""
         _append([f"({source} pid={data.get('pid')}) {line}" for line in lines])
-        ours = [line[len(SAY):] for line in lines if line.startswith(SAY)]
+        # A Ray Train worker's print arrives here twice (seen with every RayTrainWorker
+        # line, resume messages included); the terminal shows it once, run.log keeps all
+        now, ours = time.monotonic(), []
+        for line in lines:
+            if line.startswith(SAY) and now - shown.get((data.get("pid"), line), -9.0) > 5.0:
+                shown[(data.get("pid"), line)] = now
+                ours.append(line[len(SAY):])
         if ours:
             stream = sys.stderr if data.get("is_err") else sys.stdout
             print("\n".join(redact_text(line) for line in ours), file=stream, flush=True)

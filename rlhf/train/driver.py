@@ -100,7 +100,7 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
         for note in pipes.notes:
             print(redact_text(note), flush=True)
         t, c = cfg.train, cfg.cluster
-        total = math.ceil(pipes.train_counts[""] / t.global_batch_size) * t.epochs
+        total = math.ceil(pipes.train_rows / t.global_batch_size) * t.epochs
         if t.max_steps > 0:
             total = min(total, t.max_steps)
         extra = (setup(model_path, plan=plan, pipes=pipes, total_steps=total, run_dir=run_dir)
@@ -193,7 +193,7 @@ def summarise(summary: dict, cfg: Any, task: type[Task], pipes: Any, t_start: fl
         # (counted), or left out by the equal split across workers (< num_workers).
         worker_drops = sum(v for k, v in summary["counts"].items() if k.startswith("dropped"))
         summary[f"{task.rows.name}_left_out_by_split"] = (
-            pipes.train_counts[""] * t.epochs - summary["samples"] - worker_drops)
+            pipes.train_rows * t.epochs - summary["samples"] - worker_drops)
     return summary
 
 

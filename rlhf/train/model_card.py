@@ -19,7 +19,8 @@ import yaml
 from rlhf.data.readers import _hub_host, _hub_reachable
 from rlhf.runlog.redact import REDACTED, redact_text, secret_name
 
-METHODS = {"dpo": "DPO (direct preference optimisation)", "rm": "reward model",
+METHODS = {"dpo": "DPO (direct preference optimisation)",
+           "kto": "KTO (Kahneman-Tversky optimisation, unpaired feedback)", "rm": "reward model",
            "sft": "supervised fine-tuning", "ppo": "online RL"}
 
 
@@ -82,6 +83,10 @@ def card(run_dir: Path, prefix: str, config: dict, summary: dict,
         types = ", ".join(map(str, types)) if isinstance(types, list) else types
         weights = f" weighted {loss['weights']}" if loss.get("weights") else ""
         lines.append(f"- loss {types}{weights}, beta {loss.get('beta')}")
+    elif prefix == "kto":
+        lines.append(f"- loss {loss.get('type')}, beta {loss.get('beta')}, desirable weight "
+                     f"{loss.get('desirable_weight')}, undesirable weight "
+                     f"{loss.get('undesirable_weight')}")
     held = {k: v for k, v in summary.items() if k.startswith("eval/")
             and isinstance(v, (int, float))}
     if held:

@@ -92,6 +92,14 @@ def dpo(tmp_path: Path, *overrides: str, **kwargs) -> Path:
     return run(cfg, **kwargs)
 
 
+def kto(tmp_path: Path, *overrides: str, **kwargs) -> Path:
+    from rlhf.config import KTOConfig, parse_args
+    from rlhf.kto import run
+
+    cfg = parse_args(KTOConfig, [f"output.dir={tmp_path}", *SMALL, *overrides], "rlhf.kto")
+    return run(cfg, **kwargs)
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
 

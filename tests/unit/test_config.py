@@ -94,10 +94,10 @@ def test_help_from_the_command_line():
 def test_every_recipe_loads():
     recipes = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
     assert recipes, "no recipes"
-    from rlhf.config import PPOConfig, RMConfig, SFTConfig
+    from rlhf.config import KTOConfig, PPOConfig, RMConfig, SFTConfig
 
     for r in recipes:
-        cls = {"dpo": DPOConfig, "rm": RMConfig, "sft": SFTConfig,
+        cls = {"dpo": DPOConfig, "kto": KTOConfig, "rm": RMConfig, "sft": SFTConfig,
                "ppo": PPOConfig}[r.name.split("-")[0]]
         cfg = parse_args(cls, ["--config", str(r)], "x")
         assert cfg.train.learning_rate is not None, r
@@ -246,10 +246,11 @@ def test_unknown_keys_point_at_what_they_may_mean():
 
 
 def test_every_peer_flag_points_at_a_real_key():
-    from rlhf.config import PEER_FLAGS, DPOConfig, PPOConfig, RMConfig, SFTConfig
+    from rlhf.config import PEER_FLAGS, DPOConfig, KTOConfig, PPOConfig, RMConfig, SFTConfig
     from rlhf.config.loader import _leaf_keys
 
-    known = {k for cls in (DPOConfig, PPOConfig, RMConfig, SFTConfig) for k in _leaf_keys(cls)}
+    known = {k for cls in (DPOConfig, KTOConfig, PPOConfig, RMConfig, SFTConfig)
+             for k in _leaf_keys(cls)}
     assert {v.split("=")[0] for v in PEER_FLAGS.values()} <= known
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rlhf.core.logprobs import ld_sums
-from rlhf.core.losses import (bradley_terry_loss, dpo_loss, f_divergence_score, nll_per_token,
-                               reference_free_loss)
+from rlhf.core.losses import (bradley_terry_loss, dpo_loss, f_divergence_score, kl_reference_point,
+                               kto_loss, nll_per_token, reference_free_loss)
 
 
 def logsig(x):
@@ -207,3 +207,20 @@ def test_bradley_terry_gradient_pushes_scores_apart():
     # d/dh of -log sigma(h) at 0 is -1/2, over B = 3
     assert torch.allclose(rc.grad, torch.full((3,), -1 / 6))
     assert torch.allclose(rr.grad, torch.full((3,), 1 / 6))
+
+
+def test_kto_by_hand():
+    # r = policy - ref: 1.0 (desirable), -2.0 (undesirable), 0.5 (undesirable); z0 = 0.3
+    pol, ref = t([-10.0, -14.0, -9.5]), t([-11.0, -12.0, -10.0])
+    up = torch.tensor([True, False, False])
+    out = kto_loss(pol, ref, up, 0.3, beta=0.1, desirable_weight=1.0, undesirable_weight=1.5)
+    want = [1 - sig(0.1 * (1.0 - 0.3)), 1.5 * (1 - sig(0.1 * (0.3 + 2.0))),
+            1.5 * (1 - sig(0.1 * (0.3 - 0.5)))]
+    assert out.losses.tolist() == pytest.approx(want, abs=1e-12)
+    assert out.rewards.tolist() == pytest.approx([0.1, -0.2, 0.05])
+    out = kto_loss(pol, ref, up, 0.3, loss_type="apo_zero_unpaired", beta=0.1)
+    assert out.losses.tolist() == pytest.approx(
+        [1 - sig(0.1), sig(-0.2), sig(0.05)], abs=1e-12)  # no z0
+    # the reference point: the mean mismatched log-ratio over the whole batch, >= 0
+    assert kl_reference_point(1.2, 4) == pytest.approx(0.3)
+    assert kl_reference_point(-1.2, 4) == 0.0 and kl_reference_point(0.0, 0) == 0.0

@@ -53,10 +53,23 @@ def test_missing_columns_name_the_fix():
         data.detect_layout({"question": "q", "preferred": "a", "worse": "b"}, DataConfig(), "f.jsonl")
     msg = str(e.value)
     assert "'chosen'" in msg and "'rejected'" in msg and "question, preferred, worse" in msg
-    assert "data.columns.chosen=<column>" in msg and "candidates: preferred, worse" in msg
+    # the flags that map them, guessed from the names, ready to paste
+    assert msg.endswith("data.columns.chosen=preferred data.columns.rejected=worse "
+                        "data.columns.prompt=question")
     lay = data.detect_layout({"question": "q", "preferred": "a", "worse": "b"},
                              DataConfig(columns=ColumnsConfig("question", "preferred", "worse")), "f")
     assert lay.format == "explicit"
+    # the seed's own example: a dispreferred response says "prefer" too
+    with pytest.raises(data.DataError, match="data.columns.chosen=preferred "
+                       "data.columns.rejected=dispreferred data.columns.prompt=instruction$"):
+        data.detect_layout({"instruction": "q", "preferred": "a", "dispreferred": "b"},
+                           DataConfig(), "f.jsonl")
+    with pytest.raises(data.DataError, match="data.columns.chosen=<column> "
+                       "data.columns.rejected=<column>$"):
+        data.detect_layout({"a": "q", "b": "a"}, DataConfig(), "f.jsonl")
+    # KTO's unpaired rows handed to rlhf.dpo
+    with pytest.raises(data.DataError, match="Train on them with python -m rlhf.kto"):
+        data.detect_layout({"prompt": "q", "completion": "a", "label": True}, DataConfig(), "f")
 
 
 def test_detects_formats():

@@ -22,10 +22,12 @@ trl = pytest.importorskip("trl")
 
 from rlhf.data.pipeline import tokenize_pair  # noqa: E402
 from rlhf.data.demo import demo_pair  # noqa: E402
-from rlhf.core.logprobs import (ld_sums, pad_pairs, scored_token_logprobs,  # noqa: E402
-                                sequence_logprobs, split_pairs)
+from rlhf.core.logprobs import (ld_sums, pad_pairs, response_batch,  # noqa: E402
+                                scored_token_logprobs, sequence_logprobs, split_pairs)
 from rlhf.config.sections import DPO_LOSS_TYPES  # noqa: E402
-from rlhf.core.losses import dpo_loss, reference_free_loss  # noqa: E402
+from rlhf.core.losses import (dpo_loss, kl_reference_point, kto_loss,  # noqa: E402
+                              reference_free_loss)
+from rlhf.data.unpaired import tokenize_kto_batch  # noqa: E402
 
 BETA = 0.1
 
@@ -190,3 +192,71 @@ def test_orpo_matches_trl(models, tokenizer):
     assert got.losses.tolist() == pytest.approx((-want).tolist(), abs=1e-5)
     assert got.chosen_rewards.tolist() == pytest.approx(want_c.tolist(), abs=1e-6)
     assert got.rejected_rewards.tolist() == pytest.approx(want_r.tolist(), abs=1e-6)
+
+
+def unpaired_rows():
+    """Unpaired examples with distinct prompts: the demo's chosen answers (desirable) and
+    rejected ones (undesirable), alternating."""
+    out = []
+    for i, p in enumerate(rows()):
+        out.append({"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"],
+                    "label": bool(i % 2)})
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_matches_trl(models, tokenizer, tiny_model_path, loss_type):
+    """KTO end to end from the same strings: our tokenising (rlhf.data.unpaired, whose
+    mismatched completion for row i is row i-1's when prompts differ, as TRL rotates
+    them), log-probs, KL point and loss against TRL 1.16's KTOTrainer on one batch."""
+    import numpy as np
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    # the perturbed model as the reference: the unperturbed one gives the mismatched
+    # completions more probability, so the KL point is positive, not clamped to 0
+    ref, policy = models
+    data = unpaired_rows()
+    args = KTOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(data),
+                     bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+                     report_to="none", beta=BETA, loss_type=loss_type, max_length=1024,
+                     desirable_weight=1.0, undesirable_weight=0.8,
+                     remove_unused_columns=False, disable_tqdm=True, seed=0,
+                     dataloader_pin_memory=False)
+    ds = Dataset.from_dict({k: [r[k] for r in data] for k in ("prompt", "completion", "label")})
+    trainer = KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref), args=args,
+                         train_dataset=ds, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ds))])
+    trainer.model.train()
+    trl_loss = trainer.compute_loss(trainer.model, batch).item()
+    trl_m = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    cols = {k: np.array([r[k] for r in data], dtype=object) for k in ("prompt", "completion")}
+    table = tokenize_kto_batch({"id": np.arange(len(data)), "drop": np.array([""] * len(data)),
+                                "label": np.array([r["label"] for r in data]),
+                                "chat": np.array([False] * len(data)), **cols},
+                               tiny_model_path, 1024, 512, "truncate").to_pylist()
+    sums = {}
+    for name, model in (("policy", policy), ("ref", ref)):
+        model.eval()
+        for key in ("completion_ids", "kl_completion_ids"):
+            b = response_batch([r["prompt_ids"] for r in table], [r[key] for r in table],
+                               pad_id=tokenizer.pad_token_id, packing=False)
+            with torch.no_grad():
+                sums[name, key] = sequence_logprobs(
+                    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                    b["input_ids"], b["loss_mask"])[0]
+    kl = kl_reference_point(float((sums["policy", "kl_completion_ids"]
+                                   - sums["ref", "kl_completion_ids"]).sum()), len(table))
+    labels = torch.tensor([r["label"] for r in table])
+    out = kto_loss(sums["policy", "completion_ids"], sums["ref", "completion_ids"], labels,
+                   kl if loss_type == "kto" else 0.0, loss_type=loss_type, beta=BETA,
+                   desirable_weight=1.0, undesirable_weight=0.8)
+    assert out.losses.mean().item() == pytest.approx(trl_loss, abs=1e-5)
+    if loss_type == "kto":
+        assert kl == pytest.approx(trl_m["kl"], abs=1e-5) and kl > 0
+    assert out.rewards[labels].mean().item() == pytest.approx(trl_m["rewards/chosen"], abs=1e-5)
+    assert out.rewards[~labels].mean().item() == pytest.approx(trl_m["rewards/rejected"],
+                                                               abs=1e-5)
+    assert sums["policy", "completion_ids"][labels].mean().item() == pytest.approx(
+        trl_m["logps/chosen"], rel=1e-6)

@@ -19,6 +19,7 @@ checkpoint state).
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,8 +29,10 @@ from typing import Any, ClassVar, Protocol
 from cluster.deepspeed import frozen_config_for, frozen_engine
 from cluster.feed import RowFeed
 from cluster.models import export_hf, load_causal_lm, load_tokenizer
-from rlhf.core.logprobs import (dummy_pair_rows, dummy_sequence_rows, rows_pair_batch,
-                                rows_sequence_batch)
+from cluster.worker import rank_world, say
+from rlhf.core.logprobs import (batch_logprobs, dummy_pair_rows, dummy_sequence_rows, ld_sums,
+                                model_inputs, rows_pair_batch, rows_sequence_batch,
+                                scored_token_logprobs)
 from rlhf.data.pipeline import PAIRS, RowKind
 
 # Boolean columns of tokenised pair rows counted by the feed, with their labels.
@@ -37,6 +40,21 @@ PAIR_FLAGS = {"prompt_truncated": "prompt truncated", "response_truncated": "res
 # What a loss that stopped being finite most often means (a task may name more causes).
 NAN_CAUSES = ("a learning rate too high for this model (try half) or fp16 overflow (use "
               "bf16 or fp32)")
+
+
+def response_logps(engine, batch: dict, device, adapters_off: bool = False,
+                   ld_alpha: float | None = None):
+    """(S,) summed response log-probs and token counts of a `pair_batch` or
+    `sequence_batch` (either layout) under `engine` (adapters_off: the LoRA policy's
+    base); with ld_alpha (pair batches), LD-DPO's length-desensitised sums."""
+    ctx = engine.module.disable_adapter() if adapters_off else contextlib.nullcontext()
+    with ctx:
+        out = engine(**model_inputs(batch, device))
+    if ld_alpha is None:
+        return batch_logprobs(out.logits, batch)
+    per_token, seq = scored_token_logprobs(out.logits, batch)
+    n_seqs = int(batch["n_seqs"]) if "n_seqs" in batch else batch["input_ids"].shape[0]
+    return ld_sums(per_token, seq, n_seqs, ld_alpha)
 
 
 class Feed(Protocol):
@@ -122,6 +140,23 @@ class Task(ABC):
         ref = load_causal_lm(path, cfg.model, trainable=False, use_gpu=cfg.cluster.use_gpu,
                              packing=cfg.data.packing)
         return frozen_engine(ref, frozen_config_for(cfg, world))
+
+    def build_reference(self, lc: dict, world: int, none_because: str = "", note: str = ""):
+        """The reference model of a preference task: a frozen engine of lc["ref_path"],
+        or None where there is none to build (none_because says why) or the policy with
+        its LoRA adapters off is the reference. Rank 0 says which, as built."""
+        engine = None
+        if none_because:
+            held = none_because
+        elif self.cfg.model.lora.enabled:
+            held = "the policy with its LoRA adapters off"
+        else:
+            engine = self.frozen_reference(lc["ref_path"], world)
+            held = (f"a frozen copy of {lc['ref_path']} (ZeRO-"
+                    f"{engine.zero_optimization_stage()}){note}")
+        if rank_world()[0] == 0:
+            say(f"reference model: {held}")
+        return engine
 
     # --------------------------------------------------------------------------- a step
 

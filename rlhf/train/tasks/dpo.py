@@ -11,37 +11,20 @@ streamed in with the pairs (loss.precompute_reference: rlhf.train.reference), or
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 
 from cluster.checkpoints import gather_state_dict
 from cluster.deepspeed import blend_parameters, load_parameters
-from cluster.worker import rank_world, say
 from rlhf.config import DPOConfig
-from rlhf.core.logprobs import (batch_logprobs, ld_sums, model_inputs, scored_token_logprobs,
-                                split_pairs)
+from rlhf.core.logprobs import split_pairs
 from rlhf.core.losses import dpo_loss
-from rlhf.train.tasks.base import PairTask
+from rlhf.train.tasks.base import PairTask, response_logps
 
 REFERENCE_FILE = "reference.pt"  # a TR-DPO reference, saved with the checkpoint once moved
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy",
                "rewards/margin", "logps/chosen", "logps/rejected", "nll")
-
-
-def _logps(engine, batch: dict, device, adapters_off: bool = False,
-           ld_alpha: float | None = None):
-    """(2B,) summed response log-probs and token counts of a `pair_batch` (either layout);
-    with ld_alpha, LD-DPO's length-desensitised sums."""
-    ctx = engine.module.disable_adapter() if adapters_off else contextlib.nullcontext()
-    with ctx:
-        out = engine(**model_inputs(batch, device))
-    if ld_alpha is None:
-        return batch_logprobs(out.logits, batch)
-    per_token, seq = scored_token_logprobs(out.logits, batch)
-    n_seqs = int(batch["n_seqs"]) if "n_seqs" in batch else batch["input_ids"].shape[0]
-    return ld_sums(per_token, seq, n_seqs, ld_alpha)
 
 
 def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list[dict],
@@ -49,7 +32,7 @@ def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list
     """Policy (and reference) forward on one micro-batch -> losses and rewards (B,)."""
     lo = cfg.loss
     with torch.set_grad_enabled(grad):
-        logps, ntok = _logps(engine, batch, device, ld_alpha=lo.ld_alpha)
+        logps, ntok = response_logps(engine, batch, device, ld_alpha=lo.ld_alpha)
     if timer:
         timer.mark("forward")
     ref_c = ref_r = None
@@ -59,10 +42,10 @@ def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list
     elif not lo.reference_free:
         with torch.no_grad():
             if ref_engine is not None:
-                ref_logps, _ = _logps(ref_engine, batch, device, ld_alpha=lo.ld_alpha)
+                ref_logps, _ = response_logps(ref_engine, batch, device, ld_alpha=lo.ld_alpha)
             else:  # LoRA: the base model is the policy with its adapters off
-                ref_logps, _ = _logps(engine, batch, device, adapters_off=True,
-                                      ld_alpha=lo.ld_alpha)
+                ref_logps, _ = response_logps(engine, batch, device, adapters_off=True,
+                                              ld_alpha=lo.ld_alpha)
         ref_c, ref_r = split_pairs(ref_logps)
         if timer:
             timer.mark("reference")
@@ -95,23 +78,14 @@ class DPOTask(PairTask):
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         super().prepare(engine, lc, world, accum)
-        cfg, self.ref_engine, self.synced_at = self.cfg, None, 0
-        lo = cfg.loss
-        if lo.reference_free:
-            held = f"none (loss.type={lo.type[0]} needs none)"
-        elif lo.precompute_reference:
-            held = "none here: its log-probs come with the pairs"
-        elif cfg.model.lora.enabled:
-            held = "the policy with its LoRA adapters off"
-        else:
-            self.ref_engine = self.frozen_reference(lc["ref_path"], world)
-            held = (f"a frozen copy of {lc['ref_path']} (ZeRO-"
-                    f"{self.ref_engine.zero_optimization_stage()})")
-            if lo.reference_sync_every:
-                held += (f", moved towards the policy every {lo.reference_sync_every} "
-                         f"steps by {lo.reference_mixup} (TR-DPO)")
-        if rank_world()[0] == 0:  # what was built, not what the config asked for
-            say(f"reference model: {held}")
+        self.synced_at, lo = 0, self.cfg.loss
+        moving = (f", moved towards the policy every {lo.reference_sync_every} steps by "
+                  f"{lo.reference_mixup} (TR-DPO)") if lo.reference_sync_every else ""
+        self.ref_engine = self.build_reference(
+            lc, world,
+            none_because=(f"none (loss.type={lo.type[0]} needs none)" if lo.reference_free
+                          else "none here: its log-probs come with the pairs"
+                          if lo.precompute_reference else ""), note=moving)
 
     # ------------------------------------------------ TR-DPO: a reference that moves
 
