@@ -8,6 +8,9 @@ warm-up. Each trainer runs in its own process, so peak memory is its own.
     .venv/bin/python bench/dpo_vs_trl.py                    # ~6 min on 2 cores
     .venv/bin/python bench/dpo_vs_trl.py --record           # also append to bench/RESULTS.md
     .venv/bin/python bench/dpo_vs_trl.py --gpu --record     # GPU machine (make setup EXTRA=gpu)
+    .venv/bin/python bench/dpo_vs_trl.py --objectives --record   # + KTO against TRL's
+        # KTOTrainer on the same pairs split in two, and ORPO, CPO, SimPO (no reference
+        # model) beside DPO: ~12 min on 2 cores
 
 Prints, for both: real (non-pad) tokens/s (prompt+chosen and prompt+rejected, what
 TRL runs less its padding: the ratio is the ratio of pairs/s), s/step, peak resident
@@ -16,6 +19,9 @@ measured in the same run, and the ratios. Useful FLOPs are the work a pair needs
 8 x non-embedding parameters (policy forward and backward, reference forward; 6 x when
 the reference ran before the measured steps) x its tokens counted once each
 (prompt + chosen + rejected); padding and a second pass over the prompt are not useful.
+KTO's examples (a pair split in two, each prompt + one completion) need 12 x parameters
+per token: policy forward and backward, reference forward, and both forwards again on
+the mismatched completion that estimates the KL point; the reference-free objectives 6.
 """
 
 from __future__ import annotations
@@ -75,6 +81,20 @@ def write_pairs(out: Path, n: int) -> None:
     (out / "eval.jsonl").write_text("".join(rows[n:]))
 
 
+def write_unpaired(out: Path) -> None:
+    """The same pairs in TRL's unpaired format (prompt, completion, label), each split into
+    its chosen (desirable) and rejected (undesirable) response, for both KTO trainers."""
+    from trl.data_utils import extract_prompt
+
+    for name in ("train", "eval"):
+        lines = []
+        for x in (out / f"{name}.jsonl").read_text().splitlines():
+            p = extract_prompt(json.loads(x))
+            lines += [json.dumps({"prompt": p["prompt"], "completion": p[side],
+                                  "label": side == "chosen"}) for side in ("chosen", "rejected")]
+        (out / f"{name}-unpaired.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def matmul_flops(seconds: float = 3.0, gpu: bool = False) -> float:
     """Best FLOP/s of a square matmul: 2048 fp32 on CPU, 8192 bf16 on a GPU."""
     import torch
@@ -107,31 +127,39 @@ def useful_params(model_dir: Path) -> int:
 
 
 def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int,
-              gpu: bool = False) -> dict:
+              gpu: bool = False, kto: bool = False) -> dict:
+    """TRL's DPOTrainer on `batch` pairs a step, or (kto) its KTOTrainer on the same pairs
+    split in two (2 x batch examples a step)."""
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TQDM_DISABLE="1",
                       WANDB_DISABLED="true")
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ds = load_dataset("json", data_files=f"{data_dir}/train.jsonl", split="train")
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch,
-                     max_length=2048 if gpu else 256, bf16=gpu, fp16=False, use_cpu=not gpu,
-                     gradient_checkpointing=False, report_to="none", max_steps=steps + warmup,
-                     save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-                     dataloader_num_workers=0, dataloader_pin_memory=False, seed=0,
-                     learning_rate=5e-7)
+    data = f"{data_dir}/train-unpaired.jsonl" if kto else f"{data_dir}/train.jsonl"
+    ds = load_dataset("json", data_files=data, split="train")
+    Config, Trainer = (KTOConfig, KTOTrainer) if kto else (DPOConfig, DPOTrainer)
+    args = Config(output_dir=tempfile.mkdtemp(),
+                  per_device_train_batch_size=2 * batch if kto else batch,
+                  max_length=2048 if gpu else 256, bf16=gpu, fp16=False, use_cpu=not gpu,
+                  gradient_checkpointing=False, report_to="none", max_steps=steps + warmup,
+                  save_strategy="no", logging_steps=10**6, disable_tqdm=True,
+                  dataloader_num_workers=0, dataloader_pin_memory=False, seed=0,
+                  learning_rate=5e-7)
     dtype = "bfloat16" if gpu else "float32"
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
-                         ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
-                         args=args, train_dataset=ds, processing_class=tok)
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+                      ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+                      args=args, train_dataset=ds, processing_class=tok)
     real_tokens: list[int] = []
     collate = trainer.data_collator
 
     def counting_collator(features):
         out = collate(features)
         real = int(out["attention_mask"].sum())
+        if kto:  # one sequence per example: each prompt once
+            real_tokens.append((real, real))
+            return out
         prompts = real - int(out["completion_mask"].sum())  # every prompt twice
         real_tokens.append((real, real - prompts // 2))
         return out
@@ -162,10 +190,10 @@ def trl_child(model_dir: str, data_dir: str, steps: int, warmup: int, batch: int
             "unique_tokens": [b for _, b in kept], "peak_rss_mb": peak}
 
 
-def run_trl(model_dir: Path, data_dir: Path, a) -> dict:
+def run_trl(model_dir: Path, data_dir: Path, a, kto: bool = False) -> dict:
     out = subprocess.run([sys.executable, __file__, "--trl-child", str(model_dir),
                           str(data_dir), str(a.steps), str(a.warmup), str(a.batch),
-                          "gpu" if a.gpu else "cpu"],
+                          "gpu" if a.gpu else "cpu", "kto" if kto else "dpo"],
                          capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"TRL run failed:\n{out.stderr[-3000:]}")
@@ -175,33 +203,39 @@ def run_trl(model_dir: Path, data_dir: Path, a) -> dict:
 # ------------------------------------------------------------------------------- ours
 
 
-def run_ours(model_dir: Path, data_dir: Path, a, extra: list[str], workers: int = 1) -> dict:
+def run_ours(model_dir: Path, data_dir: Path, a, extra: list[str], workers: int = 1,
+             kto: bool = False) -> dict:
     """CPU: `workers` Ray Train workers sharing the machine's cores (TRL gets them all in
-    one process); GPU: one worker on one GPU."""
+    one process); GPU: one worker on one GPU. kto: rlhf.kto on the unpaired file (2 x
+    batch examples a step), else rlhf.dpo on the pairs."""
     runs = Path(tempfile.mkdtemp())
     cpus = max(1, (os.cpu_count() or 2) // workers)
     # One worker has nothing to shard: ZeRO-0 skips ZeRO-2's gradient and parameter
     # partition copies (~0.15 s a step here). Two workers keep the default ZeRO-2.
     stage = 0 if workers == 1 else 2
-    cmd = [sys.executable, "-m", "rlhf.dpo", f"model.name_or_path={model_dir}",
-           f"data.path={data_dir / 'train.jsonl'}", f"data.eval_path={data_dir / 'eval.jsonl'}",
+    rows = 2 * a.batch if kto else a.batch
+    suffix = "-unpaired" if kto else ""
+    cmd = [sys.executable, "-m", "rlhf.kto" if kto else "rlhf.dpo",
+           f"model.name_or_path={model_dir}", f"data.path={data_dir / f'train{suffix}.jsonl'}",
+           f"data.eval_path={data_dir / f'eval{suffix}.jsonl'}",
            *(["data.max_length=2048", "data.max_prompt_length=1024", "model.dtype=bf16",
               "cluster.use_gpu=true", "cluster.num_workers=1",
-              f"train.micro_batch_size={a.batch}", "cluster.reference_gpus_per_actor=0.2"]
+              f"train.micro_batch_size={rows}"]
+             + ([] if kto else ["cluster.reference_gpus_per_actor=0.2"])
              if a.gpu else
              ["data.max_length=256", "data.max_prompt_length=128",
               f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={cpus}",
               f"cluster.zero_stage={stage}",
-              f"train.micro_batch_size={a.batch // workers}"]),
-           f"train.global_batch_size={a.batch}", f"train.max_steps={a.steps + a.warmup}",
+              f"train.micro_batch_size={rows // workers}"]),
+           f"train.global_batch_size={rows}", f"train.max_steps={a.steps + a.warmup}",
            "train.eval_every=0", "train.checkpoint_every=0", "train.learning_rate=5e-7",
            f"output.dir={runs}", "output.name=bench", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode:
         raise RuntimeError(f"our run failed:\n{out.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (runs / "bench" / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "train/step_time_s" in r][a.warmup:]
+    log = [json.loads(x) for x in (runs / "bench" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in log if "train/step_time_s" in r][a.warmup:]
     return {"step_s": [r["train/step_time_s"] for r in train],
             "tokens": [r["train/tokens_per_s"] * r["train/step_time_s"] for r in train],
             "unique_tokens": [r["train/unique_tokens_per_s"] * r["train/step_time_s"]
@@ -224,9 +258,9 @@ def summarise(name: str, r: dict, params: int, ceiling: float, per_token: int = 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--trl-child":
-        _, _, model_dir, data_dir, steps, warmup, batch, device = sys.argv
+        _, _, model_dir, data_dir, steps, warmup, batch, device, kind = sys.argv
         print(json.dumps(trl_child(model_dir, data_dir, int(steps), int(warmup), int(batch),
-                                   gpu=device == "gpu")))
+                                   gpu=device == "gpu", kto=kind == "kto")))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="measured steps")
@@ -236,10 +270,14 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true",
                     help="GPU comparison: Qwen2-0.5B-shaped model, bf16, max_length 2048, "
                          "one GPU each (peak memory column = peak GPU memory)")
+    ap.add_argument("--objectives", action="store_true",
+                    help="also KTO against TRL's KTOTrainer (the pairs split in two) and "
+                         "ORPO, CPO, SimPO (no reference model) beside DPO")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     build_model(work / "model", shape=GPU_MODEL if a.gpu else MODEL)
     write_pairs(work, (a.steps + a.warmup) * a.batch)
+    write_unpaired(work)
     params = useful_params(work / "model")
     ceiling = matmul_flops(gpu=a.gpu)
     print(f"model: {params / 1e6:.1f}M non-embedding parameters; matmul ceiling "
@@ -251,16 +289,35 @@ def main() -> None:
         summarise("rlhf.dpo (packing, precomputed reference)", run_ours(m, work, a, pre),
                   params, ceiling, per_token=6),
     ]
-    if not a.gpu:  # data parallel on one machine: what the all-reduce costs
+    if not a.gpu and not a.objectives:  # data parallel on one machine: the all-reduce
         results.append(summarise("rlhf.dpo (packing), 2 workers x 1 CPU, ZeRO-2",
                                  run_ours(m, work, a, [], workers=2), params, ceiling))
-    base = results[0]
+    dpo_rss = results[1]["peak_rss_mb"]
+    for r in results:
+        r.update(base="TRL", rss_vs="")
+    if a.objectives:
+        kto_trl = summarise("TRL 1.16 KTOTrainer (pairs split in two)",
+                            run_trl(m, work, a, kto=True), params, ceiling, per_token=12)
+        kto = summarise("rlhf.kto (packing, same examples)", run_ours(m, work, a, [], kto=True),
+                        params, ceiling, per_token=12)
+        kto_trl.update(base="TRL", rss_vs="")
+        kto.update(base=kto_trl, rss_vs=f" ({kto['peak_rss_mb'] / kto_trl['peak_rss_mb']:.2f}x "
+                   "TRL's)")
+        results += [kto_trl, kto]
+        for kind in ("orpo", "cpo", "simpo"):
+            r = summarise(f"rlhf.dpo loss.type={kind} (no reference)",
+                          run_ours(m, work, a, [f"loss.type={kind}"]), params, ceiling,
+                          per_token=6)
+            r.update(base="TRL", rss_vs=f" ({r['peak_rss_mb'] / dpo_rss:.2f}x rlhf.dpo's)")
+            results.append(r)
     lines = ["| trainer | s/step | real tokens/s | vs TRL | peak RSS / process (MB) | "
              "useful FLOP/s | of matmul ceiling |", "|---|---|---|---|---|---|---|"]
     for r in results:
+        base = results[0] if r["base"] == "TRL" else r["base"]
         lines.append(f"| {r['name']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
-                     f"{r['peak_rss_mb']:.0f} | {r['flops'] / 1e9:.1f} G | {r['mfu']:.0%} |")
+                     f"{r['peak_rss_mb']:.0f}{r['rss_vs']} | {r['flops'] / 1e9:.1f} G | "
+                     f"{r['mfu']:.0%} |")
     table = "\n".join(lines)
     print(table)
     if a.record:
@@ -270,7 +327,8 @@ def main() -> None:
 
             device = f"{torch.cuda.get_device_name(0)}, {device}"
         head = (f"\n## {date.today()} - {platform.node() or 'machine'}: {device}\n\n"
-                f"`.venv/bin/python bench/dpo_vs_trl.py {'--gpu ' if a.gpu else ''}--steps "
+                f"`.venv/bin/python bench/dpo_vs_trl.py {'--gpu ' if a.gpu else ''}"
+                f"{'--objectives ' if a.objectives else ''}--steps "
                 f"{a.steps} --warmup {a.warmup} --batch {a.batch} --record`; {params / 1e6:.1f}M non-embedding "
                 f"parameters, matmul ceiling {ceiling / 1e9:.0f} GFLOP/s.\n\n")
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:

@@ -199,8 +199,9 @@ def memory_plan(kind: str, cfg: Any, arch: Arch) -> list[ModelMemory]:
         tokens = mb * cfg.data.max_length * (2 if kind in ("dpo", "rm") else 1)
     out = [trained_model({"rm": "reward model"}.get(kind, "policy"), arch, cfg, world, tokens,
                          logits=kind != "rm")]
-    if kind == "dpo" and not cfg.loss.reference_free and not cfg.model.lora.enabled \
-            and not cfg.loss.precompute_reference:
+    if kind in ("dpo", "kto") and not getattr(cfg.loss, "reference_free", False) \
+            and not cfg.model.lora.enabled \
+            and not getattr(cfg.loss, "precompute_reference", False):
         out.append(frozen_model("reference", arch, cfg, world))
     if kind == "ppo":
         if cfg.algo.kl_coef:

@@ -34,7 +34,7 @@ DROP_NO_ASSISTANT = "no assistant message to train on"
 DROP_NO_TARGET = "no completion token within max_length"
 
 NORMALISED_COLUMNS = ("id", "prompt", "completion", "chat", "drop")
-TOKENISED_COLUMNS = ("id", "input_ids", "loss_mask", "truncated", "drop")
+TOKENISED_COLUMNS = ("id", "input_ids", "loss_mask", "truncated", "drop", "full_length")
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,17 @@ def normalise_example(row: dict, lay: SFTLayout) -> tuple[str, str, bool, str]:
 def tokenize_example(tok, prompt: str, completion: str, chat: bool, max_length: int,
                      truncation: str, completion_only: bool = True,
                      chat_template: str | None = None):
-    """Strings (or JSON message lists) -> (input_ids, loss_mask, truncated, drop reason).
+    """Strings (or JSON message lists) -> (input_ids, loss_mask, truncated, drop reason);
+    `example_tokens` also gives the example's length before truncation."""
+    return example_tokens(tok, prompt, completion, chat, max_length, truncation,
+                          completion_only, chat_template)[:4]
+
+
+def example_tokens(tok, prompt: str, completion: str, chat: bool, max_length: int,
+                   truncation: str, completion_only: bool = True,
+                   chat_template: str | None = None):
+    """Strings (or JSON message lists) -> (input_ids, loss_mask, truncated, drop reason,
+    tokens before truncation).
 
     loss_mask[t] = 1 where token t is trained on (predicted from the tokens before it):
     the completion, or for chat the assistant messages of the completion with their
@@ -197,15 +207,16 @@ def tokenize_example(tok, prompt: str, completion: str, chat: bool, max_length: 
         mask = [0] * n + [1] * (len(ids) - n)
     if not completion_only:
         mask = [1] * len(ids)
-    truncated = len(ids) > max_length
+    full = len(ids)
+    truncated = full > max_length
     if truncated:
         if truncation == "drop":
-            return [], [], False, DROP_TOO_LONG
+            return [], [], False, DROP_TOO_LONG, full
         cut = slice(-max_length, None) if truncation == "keep_end" else slice(max_length)
         ids, mask = ids[cut], mask[cut]
     if not any(mask[1:]):
-        return [], [], truncated, DROP_NO_TARGET
-    return ids, mask, truncated, ""
+        return [], [], truncated, DROP_NO_TARGET, full
+    return ids, mask, truncated, "", full
 
 
 def tokenize_sft_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_length: int,
@@ -217,10 +228,10 @@ def tokenize_sft_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_le
     out: dict[str, list] = {k: [] for k in TOKENISED_COLUMNS}
     for i in range(len(batch["id"])):
         drop = str(batch["drop"][i])
-        res = (([], [], False, drop) if drop else
-               tokenize_example(tok, str(batch["prompt"][i]), str(batch["completion"][i]),
-                                bool(batch["chat"][i]), max_length, truncation,
-                                completion_only, chat_template))
+        res = (([], [], False, drop, 0) if drop else
+               example_tokens(tok, str(batch["prompt"][i]), str(batch["completion"][i]),
+                              bool(batch["chat"][i]), max_length, truncation,
+                              completion_only, chat_template))
         out["id"].append(int(batch["id"][i]))
         for key, val in zip(TOKENISED_COLUMNS[1:], res):
             out[key].append(val)
@@ -230,6 +241,7 @@ def tokenize_sft_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_le
         "loss_mask": pa.array(out["loss_mask"], pa.list_(pa.int8())),
         "truncated": pa.array(out["truncated"], pa.bool_()),
         "drop": pa.array(out["drop"], pa.string()),
+        "full_length": pa.array(out["full_length"], pa.int32()),  # before truncation
     })
 
 

@@ -385,31 +385,62 @@ def _read(source: Source, layout, demo_pairs: int):
                                   batch_format="pyarrow", batch_size=ROWS_PER_BLOCK)
 
 
-def _in_eval_split(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+SPLIT_BUCKETS = 1_000_000  # the held-out split's resolution: a row's hash mod this
+
+
+def _split_hash(ids: np.ndarray, seed: int) -> np.ndarray:
     # Stable hash of the row id, independent of block boundaries and run.
     with np.errstate(over="ignore"):  # wrap-around multiplication is the point
         x = ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(31))) * np.uint64(0x9E3779B97F4A7C15)
-    h = x >> np.uint64(24)
-    return (h % np.uint64(1_000_000)) < np.uint64(round(fraction * 1_000_000))
+    return (x >> np.uint64(24)) % np.uint64(SPLIT_BUCKETS)
 
 
-def _split_filter(batch: dict[str, np.ndarray], fraction: float, seed: int, held: bool):
+def _in_eval_split(ids: np.ndarray, fraction: float, seed: int, cut: int | None = None
+                   ) -> np.ndarray:
+    cut = round(fraction * SPLIT_BUCKETS) if cut is None else cut
+    return _split_hash(ids, seed) < np.uint64(cut)
+
+
+def _split_keys(batch: dict[str, np.ndarray]) -> np.ndarray:
     # Rows of one group (an OpenAssistant tree) fall on the same side: a prompt held
     # out is not also trained on through a sibling pair.
-    keep = _in_eval_split(batch["group"] if "group" in batch else batch["id"], fraction, seed)
+    return batch["group"] if "group" in batch else batch["id"]
+
+
+def _split_filter(batch: dict[str, np.ndarray], fraction: float, seed: int, held: bool,
+                  cut: int | None = None):
+    keep = _in_eval_split(_split_keys(batch), fraction, seed, cut)
     keep = keep if held else ~keep
     return {k: v[keep] for k, v in batch.items()}
 
 
-def split_held_out(ds, fraction: float, seed: int):
+def split_held_out(ds, fraction: float, seed: int, cut: int | None = None):
     """(train, held-out) views of one normalised dataset, by a hash of the row id (of
-    the group id where rows come in groups)."""
+    the group id where rows come in groups): `fraction` of the hash's range, or the
+    hashes below `cut`."""
     kw = {"batch_format": "numpy", "batch_size": ROWS_PER_BLOCK}
-    return (ds.map_batches(_split_filter, fn_kwargs={"fraction": fraction, "seed": seed,
-                                                     "held": False}, **kw),
-            ds.map_batches(_split_filter, fn_kwargs={"fraction": fraction, "seed": seed,
-                                                     "held": True}, **kw))
+    return tuple(ds.map_batches(_split_filter, fn_kwargs={"fraction": fraction, "seed": seed,
+                                                          "held": held, "cut": cut}, **kw)
+                 for held in (False, True))
+
+
+def _usable_hashes(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    keys = np.unique(_split_keys(batch)[batch["drop"].astype(str) == ""])
+    return {"h": _split_hash(keys, seed), "key": keys}
+
+
+def smallest_split_hashes(ds, seed: int) -> list[tuple[int, int]]:
+    """The usable rows' split keys (groups, or rows) with the two smallest split hashes,
+    as (hash, key): what a small data set whose held-out share came out empty holds out
+    instead (the one with the smallest hash)."""
+    cols = ["id", "drop"] + (["group"] if "group" in ds.columns() else [])
+    best: list[tuple[int, int]] = []
+    for b in ds.select_columns(cols).map_batches(
+            _usable_hashes, fn_kwargs={"seed": seed}, batch_format="numpy",
+            batch_size=4096).iter_batches(batch_format="numpy", batch_size=None):
+        best = sorted(set(best) | {(int(h), int(k)) for h, k in zip(b["h"], b["key"])})[:2]
+    return best
 
 
 # ------------------------------------------------------------------------ tokenising
@@ -435,6 +466,13 @@ def encode(tok, text: str, templated: bool) -> list[int]:
 
 def tokenize_pair(tok, prompt: str, chosen: str, rejected: str, chat: bool,
                   max_length: int, max_prompt_length: int, truncation: str):
+    """`pair_tokens` without the lengths before truncation."""
+    return pair_tokens(tok, prompt, chosen, rejected, chat, max_length, max_prompt_length,
+                       truncation)[:6]
+
+
+def pair_tokens(tok, prompt: str, chosen: str, rejected: str, chat: bool,
+                max_length: int, max_prompt_length: int, truncation: str):
     """Strings (or JSON message lists) -> token ids, as TRL 1.16's DPOTrainer does it.
 
     The prompt is tokenised alone and again joined with each response (+ EOS for plain
@@ -444,7 +482,8 @@ def tokenize_pair(tok, prompt: str, chosen: str, rejected: str, chat: bool,
     that prompt + response fits `max_length`.
 
     Returns (prompt_ids, chosen_ids, rejected_ids, prompt_truncated,
-    response_truncated, drop reason or "").
+    response_truncated, drop reason or "", prompt tokens and prompt + longer response
+    tokens before truncation).
     """
     if chat:
         p_msgs, c_msgs, r_msgs = json.loads(prompt), json.loads(chosen), json.loads(rejected)
@@ -459,21 +498,22 @@ def tokenize_pair(tok, prompt: str, chosen: str, rejected: str, chat: bool,
     pc, pr = encode(tok, full_c, chat), encode(tok, full_r, chat)
     n = min(common_prefix_len(p_ids, pc), common_prefix_len(p_ids, pr))
     p_ids, c_ids, r_ids = p_ids[:n], pc[n:], pr[n:]
+    full = (len(p_ids), len(p_ids) + max(len(c_ids), len(r_ids)))
     p_cut = len(p_ids) > max_prompt_length
     room = max_length - min(len(p_ids), max_prompt_length)
     r_cut = len(c_ids) > room or len(r_ids) > room
-    if truncation == "drop" and (p_cut or len(p_ids) + max(len(c_ids), len(r_ids)) > max_length):
-        return [], [], [], False, False, DROP_TOO_LONG
+    if truncation == "drop" and (p_cut or full[1] > max_length):
+        return [], [], [], False, False, DROP_TOO_LONG, full
     if p_cut:
         p_ids = p_ids[-max_prompt_length:]
     c_ids, r_ids = c_ids[:room], r_ids[:room]
     if not c_ids or not r_ids:
-        return [], [], [], p_cut, r_cut, DROP_PROMPT_TOO_LONG
-    return p_ids, c_ids, r_ids, p_cut, r_cut, ""
+        return [], [], [], p_cut, r_cut, DROP_PROMPT_TOO_LONG, full
+    return p_ids, c_ids, r_ids, p_cut, r_cut, "", full
 
 
 TOKENISED_COLUMNS = ("id", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated",
-                     "response_truncated", "drop")
+                     "response_truncated", "drop", "full")  # full: the lengths' two columns
 
 
 def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_length: int,
@@ -486,11 +526,11 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_length
     for i in range(len(batch["id"])):
         drop = str(batch["drop"][i])
         if drop:
-            res = ([], [], [], False, False, drop)
+            res = ([], [], [], False, False, drop, (0, 0))
         else:
-            res = tokenize_pair(tok, str(batch["prompt"][i]), str(batch["chosen"][i]),
-                                str(batch["rejected"][i]), bool(batch["chat"][i]),
-                                max_length, max_prompt_length, truncation)
+            res = pair_tokens(tok, str(batch["prompt"][i]), str(batch["chosen"][i]),
+                              str(batch["rejected"][i]), bool(batch["chat"][i]),
+                              max_length, max_prompt_length, truncation)
         out["id"].append(int(batch["id"][i]))
         for key, val in zip(TOKENISED_COLUMNS[1:], res):
             out[key].append(val)
@@ -504,6 +544,9 @@ def tokenize_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_length
         "response_truncated": pa.array(out["response_truncated"], pa.bool_()),
         "drop": pa.array(out["drop"], pa.string()),
         "margin": pa.array(np.asarray(batch["margin"], dtype=np.float64)),
+        # before truncation: the prompt, and the prompt with the longer response
+        "full_prompt_length": pa.array([f[0] for f in out["full"]], pa.int32()),
+        "full_length": pa.array([f[1] for f in out["full"]], pa.int32()),
     })
 
 
@@ -640,29 +683,65 @@ class Pipelines:
     labels: Counter | None = None  # unpaired data: usable training rows by label
     train_rows: int = 0  # rows the workers train on per epoch (train_counts'
     # usable rows, times the kind's rows_per)
+    eval_rows: int = 0  # the same for the held-out split
 
 
 def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
     """Plan -> tokenised train/eval Ray Datasets, after one counting pass over both."""
-    train = read_normalised(plan.train, plan.train_layout, cfg.demo_pairs)
+    source = train = read_normalised(plan.train, plan.train_layout, cfg.demo_pairs)
     if plan.held is None:
-        train, held = split_held_out(train, cfg.eval_fraction, seed)
+        train, held = split_held_out(source, cfg.eval_fraction, seed)
     else:
         held = read_normalised(plan.held, plan.held_layout, cfg.demo_eval_pairs)
-    per_group: list[int] = []  # usable rows per tree, where rows come in trees
-    labels = Counter() if hasattr(plan.train_layout, "label") else None  # unpaired rows
-    train_counts = scan(train, per_group if hasattr(plan.train_layout, "regroup") else None,
-                        labels)
-    held_layout = plan.held_layout or plan.train_layout  # None: held out of the train split
-    eval_counts = scan(held, per_group if hasattr(held_layout, "regroup") else None)
-    what = plan.kind.name
-    if train_counts[""] == 0:
+    what, notes = plan.kind.name, []
+
+    def count():
+        per_group: list[int] = []  # usable rows per tree, where rows come in trees
+        labels = Counter() if hasattr(plan.train_layout, "label") else None  # unpaired
+        grouped = hasattr(plan.train_layout, "regroup")
+        train_counts = scan(train, per_group if grouped else None, labels)
+        held_layout = plan.held_layout or plan.train_layout  # None: held out of train
+        eval_counts = scan(held, per_group if hasattr(held_layout, "regroup") else None)
+        return train_counts, eval_counts, per_group, labels
+
+    train_counts, eval_counts, per_group, labels = count()
+    if train_counts[""] + (0 if plan.held else eval_counts[""]) == 0:
         raise DataError(f"{plan.train.name}: no usable {what} "
+                        f"({describe_counts(train_counts)}).")
+    if eval_counts[""] == 0 and plan.held is None:
+        # A small data set split by a hash (of its trees, for OpenAssistant) can hold
+        # nothing out: hold out the group (or row) with the smallest hash instead.
+        first = smallest_split_hashes(source, seed)
+        unit = "trees" if hasattr(plan.train_layout, "regroup") else what
+        if len(first) < 2:
+            raise DataError(
+                f"{plan.train.name}: its usable {what} make one {unit[:-1]}, which cannot be "
+                "both trained on and held out. Give held-out data with data.eval_path "
+                "(the run then trains on all of it), or more data.")
+        train, held = split_held_out(source, 0.0, seed, cut=first[0][0] + 1)
+        train_counts, eval_counts, per_group, labels = count()
+        notes.append(f"held-out: data.eval_fraction={cfg.eval_fraction} of this data held "
+                     f"none of its {unit} out, so the first by the split's hash is held out "
+                     f"({eval_counts['']} {what}); set data.eval_path, or a larger "
+                     "data.eval_fraction, to choose")
+    cap = getattr(cfg, "eval_max_rows", 0)
+    if plan.held is None and cap and eval_counts[""] > cap:
+        # Large data: 5% of 500,000 pairs is 25,000 held-out pairs, evaluated for minutes
+        # at every eval step for an interval no one needs. A smaller cut of the same
+        # hash keeps the split stable; the rows it releases train.
+        wanted = eval_counts[""]
+        cut = max(1, round(cfg.eval_fraction * SPLIT_BUCKETS) * cap // wanted)
+        train, held = split_held_out(source, 0.0, seed, cut=cut)
+        train_counts, eval_counts, per_group, labels = count()
+        notes.append(f"held-out: {eval_counts['']} {what} of the {wanted} "
+                     f"data.eval_fraction={cfg.eval_fraction} would hold out "
+                     f"(data.eval_max_rows={cap}); the rest train")
+    if train_counts[""] == 0:
+        raise DataError(f"{plan.train.name}: no usable {what} to train on "
                         f"({describe_counts(train_counts)}).")
     if eval_counts[""] == 0:
         raise DataError(f"held-out data: no usable {what} ({describe_counts(eval_counts)}).")
     tok = plan.kind.tokenize
-    notes = []
     fmt = getattr(plan.train_layout, "source_format", "")
     if fmt:
         notes.append(f"format: {formats.describe(fmt)}")
@@ -676,7 +755,8 @@ def build(plan: Plan, cfg: Any, tokenizer_path: str, seed: int) -> Pipelines:
                      f"{what} to train on")
     return Pipelines(tok(train, tokenizer_path, cfg), tok(held, tokenizer_path, cfg),
                      train_counts, eval_counts, tuple(notes), labels,
-                     train_counts[""] * per)
+                     train_counts[""] * per,
+                     eval_counts[""] * plan.kind.rows_per(plan.held_layout or plan.train_layout))
 
 
 def describe_counts(counts: Counter) -> str:
@@ -686,3 +766,49 @@ def describe_counts(counts: Counter) -> str:
     if dropped:
         text += "; dropped: " + ", ".join(f"{v} {k}" for k, v in sorted(dropped.items()))
     return text
+
+
+# --------------------------------------------------------------- truncation, in advance
+
+# A row flag of truncation -> (the row's length before it, the setting that cut it, what
+# was cut).
+TRUNCATION = {"prompt_truncated": ("full_prompt_length", "data.max_prompt_length", "prompts"),
+              "response_truncated": ("full_length", "data.max_length", "responses"),
+              "truncated": ("full_length", "data.max_length", "examples")}
+PREVIEW_ROWS = 2000  # the rows tokenised before training to count what the limits cut
+
+
+def truncation_preview(ds, flags: dict, limit: int = PREVIEW_ROWS) -> dict:
+    """What the length limits will cut, from the first `limit` rows of a tokenised split
+    (all of them when it has fewer): {"rows": usable rows read, "all": whether that was
+    the whole split, flag: (rows cut, the longest of them before truncation)}."""
+    keys = [f for f in flags if f in TRUNCATION]
+    cols = sorted({"drop", *keys, *(TRUNCATION[f][0] for f in keys)})
+    rows = [r for r in ds.select_columns(cols).limit(limit + 1).take_all() if not r["drop"]]
+    out: dict = {"rows": min(len(rows), limit), "all": len(rows) <= limit}
+    for f in keys:
+        cut = [int(r[TRUNCATION[f][0]]) for r in rows[:limit] if r[f]]
+        out[f] = (len(cut), max(cut, default=0))
+    return out
+
+
+def describe_truncation(preview: dict, what: str, trained: dict | None = None) -> str:
+    """One line on what the length limits cut ("" when nothing): before training from
+    the preview, or after it from the run's counts (`trained`: {flag label: rows}), with
+    the setting that keeps the longest whole."""
+    parts = []
+    for f, (setting, noun) in ((f, TRUNCATION[f][1:]) for f in TRUNCATION if f in preview):
+        cut, longest = preview[f]
+        n = trained.get(f, 0) if trained is not None else cut
+        if n:
+            hint = (f"the longest seen {longest} tokens: {setting}={longest} keeps it whole"
+                    if longest else f"raise {setting} to keep them whole")
+            parts.append(f"{n} {noun if noun != 'examples' else what} ({hint})")
+    if not parts:
+        return ""
+    if trained is not None:
+        return "length limits: training cut " + "; ".join(parts)
+    scope = (f"all {preview['rows']}" if preview["all"]
+             else f"a sample, the first {preview['rows']}")
+    return (f"length limits: of {scope} {what}, these will be cut: " + "; ".join(parts)
+            + ". Their cut tokens are not trained on")

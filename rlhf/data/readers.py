@@ -301,7 +301,22 @@ def _object_store_source(uri: str, key: str) -> Source:
 
 
 def iter_file_rows(f: Any, path: str):
-    """Yield (row number, row dict) from one open file; errors name file and line."""
+    """Yield (row number, row dict) from one open file; errors name file and line. A file
+    that is not what its name says (text saved as .parquet, a truncated download, binary
+    data in a .jsonl) is one DataError naming it, not the reader's traceback."""
+    import pyarrow as pa
+
+    kind = (path[:-3] if path.endswith(".gz") else path).rsplit(".", 1)[-1]
+    try:
+        yield from _file_rows(f, path)
+    except (pa.ArrowException, UnicodeDecodeError, EOFError, OSError) as e:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: not a readable .{kind} file ({what}). Check that the file "
+                        f"is what its name says (e.g. not text saved as .{kind}), or "
+                        "convert it to JSON lines (.jsonl).") from None
+
+
+def _file_rows(f: Any, path: str):
     name = path[:-3] if path.endswith(".gz") else path
     if name.endswith((".jsonl", ".json")):
         text = io.TextIOWrapper(f, encoding="utf-8")

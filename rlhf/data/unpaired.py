@@ -30,13 +30,14 @@ import numpy as np
 from rlhf.config import ColumnsConfig, DataConfig
 from rlhf.config.kto import KTODataConfig
 from rlhf.data.pipeline import (DROP_EMPTY, DROP_MISSING, DataError, RowKind, _is_messages,
-                                _tokenizer, detect_layout, tokenize_pair)
+                                _tokenizer, detect_layout, pair_tokens)
 from rlhf.data.readers import ROWS_PER_BLOCK
 
 DROP_LABEL = "label not true or false"
 NORMALISED_COLUMNS = ("id", "prompt", "completion", "label", "chat", "drop")
 TOKENISED_COLUMNS = ("id", "prompt_ids", "completion_ids", "kl_completion_ids", "label",
-                     "prompt_truncated", "response_truncated", "drop")
+                     "prompt_truncated", "response_truncated", "drop", "full_prompt_length",
+                     "full_length")
 
 
 @dataclass(frozen=True)
@@ -151,29 +152,29 @@ def tokenize_kto_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_le
 
     tok = _tokenizer(tokenizer_path)
     paired = "chosen" in batch
-    rows: list[tuple] = []  # (id, prompt, completion, label, p_cut, r_cut, drop)
+    rows: list[tuple] = []  # (id, prompt, completion, label, p_cut, r_cut, drop, full)
     for i in range(len(batch["id"])):
         rid, drop = int(batch["id"][i]), str(batch["drop"][i])
         if paired:
-            res = (tokenize_pair(tok, str(batch["prompt"][i]), str(batch["chosen"][i]),
-                                 str(batch["rejected"][i]), bool(batch["chat"][i]),
-                                 max_length, max_prompt_length, truncation)
-                   if not drop else ([], [], [], False, False, drop))
-            p, c, r, p_cut, r_cut, drop = res
+            res = (pair_tokens(tok, str(batch["prompt"][i]), str(batch["chosen"][i]),
+                               str(batch["rejected"][i]), bool(batch["chat"][i]),
+                               max_length, max_prompt_length, truncation)
+                   if not drop else ([], [], [], False, False, drop, (0, 0)))
+            p, c, r, p_cut, r_cut, drop, full = res
             if drop:  # a pair that cannot be used is one dropped row, counted once
-                rows.append((rid << 1, [], [], True, False, False, drop))
+                rows.append((rid << 1, [], [], True, False, False, drop, full))
             else:
-                rows.append((rid << 1, p, c, True, p_cut, r_cut, ""))
-                rows.append((rid << 1 | 1, p, r, False, p_cut, r_cut, ""))
+                rows.append((rid << 1, p, c, True, p_cut, r_cut, "", full))
+                rows.append((rid << 1 | 1, p, r, False, p_cut, r_cut, "", full))
             continue
         if drop:
-            rows.append((rid, [], [], False, False, False, drop))
+            rows.append((rid, [], [], False, False, False, drop, (0, 0)))
             continue
         completion = str(batch["completion"][i])
-        p, c, _, p_cut, r_cut, drop = tokenize_pair(
+        p, c, _, p_cut, r_cut, drop, full = pair_tokens(
             tok, str(batch["prompt"][i]), completion, completion, bool(batch["chat"][i]),
             max_length, max_prompt_length, truncation)
-        rows.append((rid, p, c, bool(batch["label"][i]), p_cut, r_cut, drop))
+        rows.append((rid, p, c, bool(batch["label"][i]), p_cut, r_cut, drop, full))
     usable = [j for j, r in enumerate(rows) if not r[6]]
     partners = _kl_partners([rows[j][1] for j in usable])
     kl: list[list[int]] = [[] for _ in rows]
@@ -190,6 +191,8 @@ def tokenize_kto_batch(batch: dict[str, np.ndarray], tokenizer_path: str, max_le
         "prompt_truncated": pa.array([r[4] for r in rows], pa.bool_()),
         "response_truncated": pa.array([r[5] for r in rows], pa.bool_()),
         "drop": pa.array([r[6] for r in rows], pa.string()),
+        "full_prompt_length": pa.array([r[7][0] for r in rows], pa.int32()),
+        "full_length": pa.array([r[7][1] for r in rows], pa.int32()),
     })
 
 

@@ -99,8 +99,12 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
         for note in pipes.notes:
             print(redact_text(note), flush=True)
+        preview = (data.truncation_preview(pipes.train, task.flags)
+                   if task.train_from_shard else {})
+        if data.describe_truncation(preview, task.rows.name):
+            print(data.describe_truncation(preview, task.rows.name), flush=True)
         t, c = cfg.train, cfg.cluster
-        total = math.ceil(pipes.train_rows / t.global_batch_size) * t.epochs
+        total = math.ceil(rows_per_epoch(pipes, c, task) / t.global_batch_size) * t.epochs
         if t.max_steps > 0:
             total = min(total, t.max_steps)
         extra = (setup(model_path, plan=plan, pipes=pipes, total_steps=total, run_dir=run_dir)
@@ -116,7 +120,7 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
             train_loop,
             {"task": task, "config": to_dict(cfg), "model_path": model_path,
              "total_steps": total, "run_log": run_log, "learning_rate": lr,
-             **(loop_config or {}), **extra,
+             "eval_rows": pipes.eval_rows, **(loop_config or {}), **extra,
              "crash_once_at_step": crash_once_at_step and {
                  "step": crash_once_at_step, "marker": str(run_dir / ".crash-injected")}},
             c, ({"train": pipes.train, "eval": pipes.eval} if task.train_from_shard
@@ -137,6 +141,12 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
 
         summary = summarise(ray.get(run_log.summary.remote()), cfg, task, pipes, t_start,
                             notes, run_dir, result.checkpoint.path)
+        cut = data.describe_truncation(
+            preview, task.rows.name, {f: summary["counts"].get(label, 0)
+                                      for f, label in task.flags.items()})
+        if cut:  # before the end line, where the user looks
+            print(cut, flush=True)
+            summary["warnings"] = [*summary["warnings"], cut]
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run_dir, task.plot_keys)
         if evaluate is not None:
@@ -155,6 +165,18 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
         quiet_workers()
         if started_ray:
             ray.shutdown()
+
+
+def rows_per_epoch(pipes: Any, cluster: Any, task: type[Task]) -> int:
+    """The rows the workers train on in an epoch: the usable ones, less what Ray's equal
+    split leaves out (all rows, dropped ones included, are split: at most workers - 1 go,
+    counted here as dropped ones first, so the estimate is never short). An elastic run's
+    size can change: its rows are all counted."""
+    rows = pipes.train_rows
+    if not task.train_from_shard or cluster.elastic:
+        return rows
+    dropped = sum(n for reason, n in pipes.train_counts.items() if reason)
+    return rows - max(0, (rows + dropped) % cluster.worker_range[0] - dropped)
 
 
 def check_inputs(cfg: Any, task: type[Task], dataset: Any, eval_dataset: Any

@@ -218,7 +218,7 @@ class WorkerLoop:
         last = self.step >= self.total
         evaluated = bool(t.eval_every and self.step % t.eval_every == 0 and not last)
         if evaluated:
-            metrics.update(evaluate(self.task, engine, self.eval_shard))
+            metrics.update(evaluate(self.task, engine, self.eval_shard, self.lc.get("eval_rows", 0)))
         if self.rank == 0 and (self.step % t.log_every == 0 or last or evaluated):
             self.run_log.log.remote({"step": self.step, **metrics})
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
@@ -231,7 +231,7 @@ class WorkerLoop:
         logged as step 0 (not again after a resume)."""
         if not self.task.eval_at_start or self.resumed:
             return
-        ev = evaluate(self.task, self.engine, self.eval_shard)
+        ev = evaluate(self.task, self.engine, self.eval_shard, self.lc.get("eval_rows", 0))
         self.start_eval = {f"start/{k}": v for k, v in ev.items()}
         if self.rank == 0:
             self.run_log.log.remote({"step": 0, **ev})
@@ -256,7 +256,7 @@ class WorkerLoop:
         state and the exported model (the driver copies it to the run directory)."""
         import ray
 
-        final_eval = evaluate(self.task, self.engine, self.eval_shard)
+        final_eval = evaluate(self.task, self.engine, self.eval_shard, self.lc.get("eval_rows", 0))
         counts: Counter = Counter({label: 0 for label in self.task.flags.values()})
         for part in all_gather_objects(self.merged_counts()):
             counts.update(part)
@@ -290,16 +290,30 @@ def build_engine(task: Task, lc: dict, world: int, accum: int):
     return engine
 
 
-def evaluate(task: Task, engine, shard) -> dict:
-    """Held-out metrics over the whole eval shard, in lock-step across workers."""
+EVAL_QUIET_S = 5.0  # an evaluation shorter than this prints no progress; then every 15 s
+
+
+def evaluate(task: Task, engine, shard, total: int = 0) -> dict:
+    """Held-out metrics over the whole eval shard, in lock-step across workers. One that
+    takes a while says how far it is (rank 0, its rows times the workers, of `total`)."""
     engine.eval()
     sums: dict[str, float] = {}
     feed = RowFeed(shard, task.cfg.train.micro_batch_size, 1, flags=task.flags)
+    rank, world = rank_world()
+    t0 = last = time.time()
+    seen = 0
     with torch.no_grad():
         for micro_batches in feed.eval_steps():
             for mb in micro_batches:
                 _, s = task.micro_step(engine, mb, None, grad=False, timer=None)
                 add_sums(sums, s)
+                seen += len(mb)
+            now = time.time()
+            if rank == 0 and now - t0 > EVAL_QUIET_S and now - last > 15.0:
+                last = now
+                of = f" of {total}" if total else ""
+                say(f"evaluating: ~{seen * world}{of} held-out {task.name}, "
+                    f"{now - t0:.0f} s")
     engine.train()
     # Held-out rows the tokeniser dropped (e.g. too long) are reported, not silently lost.
     sums["__dropped"] = sum(v for k, v in feed.counts.items() if k.startswith("dropped"))

@@ -3,6 +3,7 @@ ids and exact counts; hh-rlhf's implicit format is read as docs/data-formats.md 
 
 import json
 
+import numpy as np
 import pytest
 
 from rlhf.data import pipeline as data
@@ -62,6 +63,12 @@ def test_explicit_files_in_every_format(ray_cluster, tmp_path, tiny_model_path):
     assert len(rows) == 40 and len({r["id"] for r in rows}) == 40
     # ids are (file index, row): stable across reads
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in _rows(pipes.train))
+    # a held-out share larger than data.eval_max_rows is cut down to about that by the
+    # same hash; the rows it releases train (none lost)
+    cfg = DataConfig(path=str(folder), eval_fraction=0.5, eval_max_rows=8)
+    _, pipes = build(cfg, tiny_model_path)
+    assert 3 <= pipes.eval_counts[""] <= 13 and pipes.train_counts[""] + pipes.eval_counts[""] == 38
+    assert "(data.eval_max_rows=8); the rest train" in pipes.notes[0]
 
 
 def test_conversational_in_memory_dataset(ray_cluster, tiny_model_path, tokenizer):
@@ -119,6 +126,22 @@ def test_drop_policy_counts_too_long_pairs(ray_cluster, tmp_path, tiny_model_pat
     _, pipes = build(cfg, tiny_model_path)
     rows = _rows(pipes.train)
     assert sum(r["drop"] == data.DROP_TOO_LONG for r in rows) == 1
+    # truncated instead (the default): what the limits will cut is counted before
+    # training, over all the rows (or the first 2,000), with the setting that keeps them
+    pairs[1] = {**pairs[1], "prompt": " why" * 100 + pairs[1]["prompt"]}
+    f.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    _, pipes = build(DataConfig(path=str(f), eval_path=str(f), max_length=128,
+                                max_prompt_length=64), tiny_model_path)
+    preview = data.truncation_preview(pipes.train, {"prompt_truncated": "",
+                                                    "response_truncated": ""})
+    line = data.describe_truncation(preview, "pairs")
+    long = next(r for r in _rows(pipes.train) if r["prompt_truncated"])
+    assert preview["rows"] == 12 and preview["all"]
+    assert preview["prompt_truncated"] == (1, long["full_prompt_length"]) and long["full_prompt_length"] > 100
+    assert line.startswith("length limits: of all 12 pairs, these will be cut: 1 prompts ")
+    assert f"data.max_prompt_length={long['full_prompt_length']} keeps it whole" in line
+    assert preview["response_truncated"][0] == 2  # pair 0's long answer; pair 1's prompt
+    # leaves pair 1 less room than its response
 
 
 def test_malformed_line_stops_the_scan_with_file_and_line(ray_cluster, tmp_path,
@@ -202,6 +225,21 @@ def test_public_formats_with_no_column_flags(ray_cluster, tmp_path, tiny_model_p
     sft_cfg = SFTDataConfig(path=cfg.path, eval_fraction=0.3, lang="en")
     _, pipes = build(sft_cfg, tiny_model_path, kind=EXAMPLES)
     assert (pipes.train_counts + pipes.eval_counts)[""] == 27  # one thread per tree
+    # A small table whose 5% held-out share holds none of its 3 trees: the tree with the
+    # smallest split hash is held out instead, and the driver says so (it stopped with
+    # "held-out data: no usable pairs (0 rows, 0 usable)")
+    few = [m for t in (3, 4, 5) for m in oasst_tree(t)]
+    pq.write_table(pa.Table.from_pylist(few), tmp_path / "few.parquet")
+    cfg = DataConfig(path=str(tmp_path / "few.parquet"))
+    assert not any(data._in_eval_split(np.array([fmt.stable_id(f"tree-{t}")]), 0.05, 0)[0]
+                   for t in (3, 4, 5))
+    _, pipes = build(cfg, tiny_model_path)
+    assert pipes.eval_counts[""] == 3 and pipes.train_counts[""] == 6  # a tree, two trees
+    assert "held none of its trees out, so the first by the split's hash" in pipes.notes[0]
+    one = [m for m in oasst_tree(0)]
+    pq.write_table(pa.Table.from_pylist(one), tmp_path / "one.parquet")
+    with pytest.raises(data.DataError, match="make one tree.*data.eval_path"):
+        build(DataConfig(path=str(tmp_path / "one.parquet")), tiny_model_path)
 
 
 def test_hub_layout_folder_picks_each_entry_points_splits(ray_cluster, tmp_path,

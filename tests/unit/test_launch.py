@@ -11,7 +11,7 @@ import yaml
 
 from launch.plan import (OVERHEAD_BYTES, Arch, Bundle, NodeType, make_plan,
                          memory_plan, nodes_needed, node_types, plan_recipe)
-from rlhf.config import DPOConfig, parse_args
+from rlhf.config import DPOConfig, KTOConfig, parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "ray-cluster.yaml"
@@ -53,6 +53,10 @@ def test_memory_model_by_hand():
         assert [m.role for m in memory_plan("dpo", cfg, arch)] == ["policy"]
     assert make_plan("dpo", cfg, arch, []).per_gpu == pytest.approx(
         policy.total * 1.05 + OVERHEAD_BYTES)
+    # KTO holds a reference beside its policy, and one sequence per example
+    kto = parse_args(KTOConfig, ["cluster.num_workers=4", "train.micro_batch_size=2",
+                                 "train.global_batch_size=8"], "x")
+    assert [m.role for m in memory_plan("kto", kto, arch)] == ["policy", "reference"]
 
 
 def test_ppo_frozen_models_shard_and_offload():

@@ -201,3 +201,40 @@ def test_one_empty_response_is_a_preference_not_a_drop(tokenizer):
     p_ids, c_ids, r_ids, *_, why = data.tokenize_pair(tokenizer, p, c, r, False, 64, 32,
                                                       "truncate")
     assert why == "" and c_ids[-1] == tokenizer.eos_token_id and len(r_ids) > len(c_ids) - 1
+
+
+def test_the_plan_counts_the_rows_the_equal_split_leaves_out():
+    """The steps printed before training are the steps that run: Ray's equal split over
+    2 workers leaves 1 of 33 rows out (33 rows printed "5 steps of 8" and ran 4)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from rlhf.config import ClusterConfig
+    from rlhf.train.driver import rows_per_epoch
+    from rlhf.train.tasks.dpo import DPOTask
+
+    def pipes(usable, dropped=0):
+        return SimpleNamespace(train_rows=usable,
+                               train_counts=Counter({"": usable, "too long": dropped}))
+
+    two = ClusterConfig(num_workers=2)
+    assert rows_per_epoch(pipes(33), two, DPOTask) == 32  # 4 steps of 8, as run
+    assert rows_per_epoch(pipes(33, dropped=1), two, DPOTask) == 33  # 34 split evenly
+    assert rows_per_epoch(pipes(32, dropped=1), two, DPOTask) == 32  # the drop goes first
+    assert rows_per_epoch(pipes(33), ClusterConfig(num_workers=[2, 4]), DPOTask) == 33
+
+
+def test_truncation_lines_name_the_setting_that_keeps_rows_whole():
+    preview = {"rows": 2000, "all": False, "prompt_truncated": (4, 5210),
+               "response_truncated": (0, 0)}
+    line = data.describe_truncation(preview, "pairs")
+    assert line == ("length limits: of a sample, the first 2000 pairs, these will be cut: 4 "
+                    "prompts (the longest seen 5210 tokens: data.max_prompt_length=5210 keeps "
+                    "it whole). Their cut tokens are not trained on")
+    # after training, from the run's counts (a response cut the sample had not seen)
+    end = data.describe_truncation(preview, "pairs",
+                                   {"prompt_truncated": 4, "response_truncated": 3})
+    assert end == ("length limits: training cut 4 prompts (the longest seen 5210 tokens: "
+                   "data.max_prompt_length=5210 keeps it whole); 3 responses (raise "
+                   "data.max_length to keep them whole)")
+    assert data.describe_truncation({"rows": 5, "all": True, "truncated": (0, 0)}, "x") == ""
