@@ -93,14 +93,15 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
         print(f"reading {task.rows.name} from "
               f"{redact_text(cfg.data.path) if dataset is None else 'memory'} ...", flush=True)
         pipes = data.build(plan, cfg.data, model_path, cfg.train.seed)
+        # what the length limits cut, from the tokenised rows (before a reference pass)
+        preview = (data.truncation_preview(pipes.train, task.flags)
+                   if task.train_from_shard else {})
         if add_to_pipelines:
             add_to_pipelines(pipes, model_path)
         print(f"train: {data.describe_counts(pipes.train_counts)}\n"
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
         for note in pipes.notes:
             print(redact_text(note), flush=True)
-        preview = (data.truncation_preview(pipes.train, task.flags)
-                   if task.train_from_shard else {})
         if data.describe_truncation(preview, task.rows.name):
             print(data.describe_truncation(preview, task.rows.name), flush=True)
         t, c = cfg.train, cfg.cluster
