@@ -16,10 +16,10 @@
 #            CUDA, fp32 and bf16) + the QLoRA export test of tests/unit/test_models.py
 #            (bitsandbytes 4-bit on CUDA) + tests/gpu/test_weight_sync_gpu.py (the
 #            broadcast weight sync over NCCL; needs 2 GPUs, skips on one)
-#   engine   bench/gpu_engine_check.py: DeepSpeed ZeRO-2 / ZeRO-3 / LoRA / QLoRA engines of
+#   engine   bench/gpu_engine_check.py: DeepSpeed ZeRO-2 / ZeRO-3 / LoRA / QLoRA / ORPO engines of
 #            the DPO task on one GPU, without Ray; loss must fall, export must reload
 #   speed    bench/gpu_packing_speed.py: tokens/s padded vs packed, ~120M Llama, bf16
-#   ray      tests/gpu/test_dpo_gpu.py: rlhf.dpo end to end on Ray Train + Ray Data
+#   ray      tests/gpu/test_dpo_gpu.py: rlhf.dpo (DPO, ORPO) and rlhf.kto end to end on Ray
 #   async    bench/async_rollout.py --gpu: rlhf.ppo with max_staleness 0 / 1 / 2 side by
 #            side, one training GPU and one engine GPU; needs vLLM with CUDA and two GPUs
 #            (it says so and skips where either is missing: the wheels above carry no

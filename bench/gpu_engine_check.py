@@ -1,9 +1,9 @@
 """The DPO training engine on one GPU without Ray: the project's own pieces, in the
 order rlhf/train/loop.py's train_loop calls them, in one process (world size 1, NCCL).
 
-    python bench/gpu_engine_check.py                        # zero2, zero3, lora, qlora
+    python bench/gpu_engine_check.py                        # zero2, zero3, lora, qlora, orpo
     python bench/gpu_engine_check.py --variants zero2 --steps 30
-    python bench/gpu_engine_check.py --cpu --variants zero2,zero3,lora   # smoke run, gloo
+    python bench/gpu_engine_check.py --cpu --variants zero2,zero3,lora,orpo  # smoke run, gloo
 
 Per variant: DPOTask.trainable (cluster.models.load_causal_lm: bf16, packing, LoRA /
 4-bit), rlhf.train.loop.build_engine (DeepSpeed config and engine), DPOTask.prepare (the frozen
@@ -38,6 +38,8 @@ VARIANTS = {
     "lora": ["cluster.zero_stage=2", "model.lora.enabled=true", "train.learning_rate=3e-3"],
     "qlora": ["cluster.zero_stage=2", "model.lora.enabled=true",
               "model.lora.load_in_4bit=true", "train.learning_rate=3e-3"],
+    # reference-free: no frozen engine is built (the script prints which reference)
+    "orpo": ["cluster.zero_stage=2", "loss.type=orpo", "train.learning_rate=1e-3"],
 }
 
 
@@ -84,7 +86,8 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
                   if p.requires_grad)
     print(f"[{name}] device {engine.device}, ZeRO-{c.zero_stage}, param dtypes {dtypes}, "
           f"{n_train:,} trained, reference: "
-          f"{'adapters off' if task.ref_engine is None else 'frozen engine'}", flush=True)
+          f"{'frozen engine' if task.ref_engine else 'none' if cfg.loss.reference_free else 'adapters off'}",
+          flush=True)
 
     train = demo_rows(steps * t.global_batch_size, "train", cfg, path)
     held = demo_rows(64, "eval", cfg, path)
@@ -130,13 +133,13 @@ def run_variant(name: str, steps: int, cuda: bool) -> None:
     # the trained engine does (packed); the untrained base is far from both.
     from transformers import AutoModelForCausalLM
 
-    from rlhf.train.tasks.dpo import _logps
+    from rlhf.train.tasks.base import response_logps
     from rlhf.core.logprobs import batch_logprobs, model_inputs, rows_pair_batch
 
     rows = held[:t.micro_batch_size]
     with torch.no_grad():
         packed = rows_pair_batch(rows, pad_id=task.pad_id, packing=cfg.data.packing)
-        ours = _logps(engine, packed, engine.device)[0].float()
+        ours = response_logps(engine, packed, engine.device)[0].float()
         padded = rows_pair_batch(rows, pad_id=task.pad_id, packing=False)
 
         def hf_logps(folder):
