@@ -803,7 +803,8 @@ def describe_truncation(preview: dict, what: str, trained: dict | None = None) -
         if n:
             hint = (f"the longest seen {longest} tokens: {setting}={longest} keeps it whole"
                     if longest else f"raise {setting} to keep them whole")
-            parts.append(f"{n} {noun if noun != 'examples' else what} ({hint})")
+            noun = what if noun == "examples" else noun
+            parts.append(f"{n} {noun[:-1] if n == 1 else noun} ({hint})")
     if not parts:
         return ""
     if trained is not None:

@@ -118,8 +118,9 @@ def route_worker_output() -> Callable[[], None]:
         lines = data.get("lines") or []
         source = data.get("actor_name") or data.get("task_name") or ""
         _append([f"({source} pid={data.get('pid')}) {line}" for line in lines])
-        # A Ray Train worker's print arrives here twice (seen with every RayTrainWorker
-        # line, resume messages included); the terminal shows it once, run.log keeps all
+        # A Ray Train worker's print arrives here twice, once as stdout and once as
+        # stderr (seen with every RayTrainWorker line); the terminal shows the first to
+        # arrive, run.log keeps both
         now, ours = time.monotonic(), []
         for line in lines:
             if line.startswith(SAY) and now - shown.get((data.get("pid"), line), -9.0) > 5.0:

@@ -138,10 +138,9 @@ def test_drop_policy_counts_too_long_pairs(ray_cluster, tmp_path, tiny_model_pat
     long = next(r for r in _rows(pipes.train) if r["prompt_truncated"])
     assert preview["rows"] == 12 and preview["all"]
     assert preview["prompt_truncated"] == (1, long["full_prompt_length"]) and long["full_prompt_length"] > 100
-    assert line.startswith("length limits: of all 12 pairs, these will be cut: 1 prompts ")
+    assert line.startswith("length limits: of all 12 pairs, these will be cut: 1 prompt ")
     assert f"data.max_prompt_length={long['full_prompt_length']} keeps it whole" in line
-    assert preview["response_truncated"][0] == 2  # pair 0's long answer; pair 1's prompt
-    # leaves pair 1 less room than its response
+    assert preview["response_truncated"][0] == 1  # pair 0's long answer
 
 
 def test_malformed_line_stops_the_scan_with_file_and_line(ray_cluster, tmp_path,

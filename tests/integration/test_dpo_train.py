@@ -68,7 +68,9 @@ def test_run_directory_learning_epochs_and_a_lost_worker(ray_cluster, tmp_path,
         data = f.read_bytes()
         assert not any(v.encode() in data for v in SECRETS.values()), f
     assert not any(v in printed.out + printed.err for v in SECRETS.values())
-    assert "reference model: a frozen copy of" in printed.out  # as the worker built it
+    # as the worker built it (a Ray Train worker's line reaches the driver on both
+    # streams; the console shows the first to arrive)
+    assert "reference model: a frozen copy of" in printed.out + printed.err
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "model/model.safetensors",
                  "model/tokenizer.json", "model/config.json", "curves.png"):
         assert (run_dir / name).is_file(), name
@@ -129,26 +131,6 @@ def test_run_directory_learning_epochs_and_a_lost_worker(ray_cluster, tmp_path,
     assert 1 <= len(new) <= 5 and (len(new) == 5 or new[-1] == tok.eos_token_id), new
 
 
-def test_orpo_holds_no_reference_and_learns(ray_cluster, tmp_path, capfd):
-    """ORPO (reference-free: NLL + lambda * odds-ratio term) on two workers: the workers
-    say they built no reference (checked where it is built, not assumed from the
-    config), no reference forward is timed, and the odds ratio moves the right way."""
-    run_dir = dpo(tmp_path, "loss.type=orpo", "train.max_steps=6", "train.learning_rate=3e-3")
-    out = capfd.readouterr().out
-    assert "reference model: none (loss.type=orpo needs none)" in out
-    assert "frozen copy" not in out
-    train = [r for r in metrics(run_dir) if "train/loss" in r]
-    assert len(train) == 6 and not any("time/reference_s" in r for r in train)
-    assert all("time/forward_s" in r for r in train)
-    # rewards are beta x mean token log-prob: the chosen ones rise (the NLL term) and
-    # the margin over the rejected ones grows (the odds-ratio term)
-    first, last = train[0], train[-1]
-    assert last["train/rewards/chosen"] > first["train/rewards/chosen"]
-    assert last["train/rewards/margin"] > first["train/rewards/margin"]
-    assert last["train/nll"] < first["train/nll"] and last["train/loss"] < first["train/loss"]
-    assert summary(run_dir)["eval/pairs"] == 32
-
-
 def test_lora_bf16_merged_export(ray_cluster, tmp_path, tiny_model_path):
     """bf16 weights, bf16 adapters, DeepSpeed bf16, gradient checkpointing: one dtype."""
     run_dir = dpo(tmp_path, "model.lora.enabled=true", "model.lora.r=8", "model.dtype=bf16",
@@ -169,11 +151,26 @@ def test_lora_bf16_merged_export(ray_cluster, tmp_path, tiny_model_path):
     assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
-def test_lora_zero3_adapter_only_export(ray_cluster, tmp_path, tiny_model_path):
+def test_orpo_lora_zero3_adapter_only_export(ray_cluster, tmp_path, tiny_model_path, capfd):
+    """ORPO (reference-free: NLL + lambda x odds-ratio term) with LoRA under ZeRO-3, the
+    adapter exported alone and evaluated. The workers say they built no reference, not
+    even the policy with its adapters off (checked where it is built, not assumed from
+    the config), and no reference forward is timed."""
     from peft import PeftModel
 
-    run_dir = dpo(tmp_path, "model.lora.enabled=true", "model.lora.merge_on_export=false",
-                  "cluster.zero_stage=3", "train.learning_rate=1e-2", "train.max_steps=3")
+    run_dir = dpo(tmp_path, "loss.type=orpo", "model.lora.enabled=true",
+                  "model.lora.merge_on_export=false", "cluster.zero_stage=3",
+                  "train.learning_rate=1e-2", "train.max_steps=4")
+    out = "".join(capfd.readouterr())
+    assert "reference model: none (loss.type=orpo needs none)" in out
+    assert "adapters off" not in out and "frozen copy" not in out
+    train = [r for r in metrics(run_dir) if "train/loss" in r]
+    assert len(train) == 4 and not any("time/reference_s" in r for r in train)
+    # rewards are beta x mean token log-prob: the chosen ones rise (the NLL term) and
+    # the margin over the rejected ones grows (the odds-ratio term)
+    first, last = train[0], train[-1]
+    assert last["train/nll"] < first["train/nll"] and last["train/loss"] < first["train/loss"]
+    assert last["train/rewards/margin"] > first["train/rewards/margin"]
     assert (run_dir / "model" / "adapter_model.safetensors").is_file()
     base, _ = _load(tiny_model_path)
     peft_model = PeftModel.from_pretrained(base, run_dir / "model")
