@@ -43,6 +43,16 @@ def load_tokenizer(path: str):
     return tok
 
 
+def reference_path(model_cfg: Any) -> tuple[str, list[str]]:
+    """The reference model's folder (model.ref_name_or_path, else the policy's own) and
+    what `check_reference` warns of when it is another model."""
+    policy = resolve_model_path(model_cfg.name_or_path)
+    if not model_cfg.ref_name_or_path:
+        return policy, []
+    ref = resolve_model_path(model_cfg.ref_name_or_path, "model.ref_name_or_path")
+    return ref, check_reference(policy, ref)
+
+
 def check_reference(policy_path: str, ref_path: str) -> list[str]:
     """Warnings for a separately given reference; raises if it cannot be compared."""
     pol, ref = load_tokenizer(policy_path), load_tokenizer(ref_path)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.models import check_reference, resolve_model_path
+from cluster.models import reference_path
 from rlhf.config import KTOConfig
 from rlhf.evaluate import after_training_of
 from rlhf.train import driver
@@ -50,13 +50,9 @@ def balance_warning(desirable: int, undesirable: int, w_d: float, w_u: float) ->
 def run(cfg: KTOConfig, dataset: Any = None, eval_dataset: Any = None, *,
         crash_once_at_step: int | None = None) -> Path:
     """Train; returns the run directory (see rlhf.train.driver.run_training for the arguments)."""
-    ref_path = policy_path = resolve_model_path(cfg.model.name_or_path)
-    notes: list[str] = []
-    if cfg.model.ref_name_or_path:
-        ref_path = resolve_model_path(cfg.model.ref_name_or_path, "model.ref_name_or_path")
-        notes = check_reference(policy_path, ref_path)
-        for n in notes:
-            print(f"warning: {n}", file=sys.stderr)
+    ref_path, notes = reference_path(cfg.model)
+    for n in notes:
+        print(f"warning: {n}", file=sys.stderr)
 
     def check_balance(pipes, model_path: str) -> None:
         if pipes.labels is None:  # pairs: one desirable and one undesirable each
