@@ -69,7 +69,12 @@ def test_same_losses_however_the_batch_is_computed(ray_cluster, tmp_path):
                           "cluster.offload_params=true", "train.checkpoint_every=1",
                           "cluster.max_failures=1", crash_once_at_step=2)
     assert (run_dir / ".crash-injected").read_text() == "2"
-    assert got[:1] + got[-2:] == pytest.approx(tr_base, rel=1e-4, abs=1e-6)
+    # Within 1e-3: this mix under ZeRO-3 with DeepSpeed's CPU Adam differs from one
+    # worker's torch AdamW by up to 1.7e-4 at step 2, and two runs of the same ZeRO-3
+    # config (with and without the restart) by 4e-4 at step 3 (measured); a reference
+    # that did not move (0.757 at step 2 against 1.202) or was not restored misses it by
+    # far more.
+    assert got[:1] + got[-2:] == pytest.approx(tr_base, rel=1e-3)
     # the offloaded ZeRO-3 run's export is whole and loads
     from transformers import AutoModelForCausalLM
 
