@@ -148,6 +148,11 @@ class DPOTask(PairTask):
         out = {f"{split}/{k}": sums[k] / max(n, 1) for k in METRIC_KEYS}
         tokens = totals["chosen_tokens"] if totals else sums["scored_chosen_tokens"]
         out[f"{split}/nll"] = sums["nll"] / max(tokens, 1)
+        # the loss as trained: the pair terms plus the chosen NLL's (RPO, CPO, ORPO, "sft")
+        lo = self.cfg.loss
+        weights = lo.weights or [1.0] * len(lo.type)
+        nll_weight = lo.nll_weight + sum(w for t, w in zip(lo.type, weights) if t == "sft")
+        out[f"{split}/loss"] += nll_weight * out[f"{split}/nll"]
         if split == "eval":
             out["eval/pairs"] = int(n)
         return out
