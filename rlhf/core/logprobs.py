@@ -361,7 +361,6 @@ def batch_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]
                              batch["loss_mask"].to(logits.device))
 
 
-
 def ld_sums(per_token: torch.Tensor, seq: torch.Tensor, n_seqs: int, alpha: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """LD-DPO's length-desensitised sums (Liu et al. 2024, eq. 9) of a pair batch.

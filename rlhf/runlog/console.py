@@ -122,6 +122,9 @@ def route_worker_output() -> Callable[[], None]:
         # stderr (seen with every RayTrainWorker line); the terminal shows the first to
         # arrive, run.log keeps both
         now, ours = time.monotonic(), []
+        if len(shown) > 1000:  # only the last seconds matter: keep the memo small
+            for key in [k for k, t in shown.items() if now - t > 5.0]:
+                del shown[key]
         for line in lines:
             if line.startswith(SAY) and now - shown.get((data.get("pid"), line), -9.0) > 5.0:
                 shown[(data.get("pid"), line)] = now

@@ -102,8 +102,9 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
               f"held-out: {data.describe_counts(pipes.eval_counts)}", flush=True)
         for note in pipes.notes:
             print(redact_text(note), flush=True)
-        if data.describe_truncation(preview, task.rows.name):
-            print(data.describe_truncation(preview, task.rows.name), flush=True)
+        cut = data.describe_truncation(preview, task.rows.name)
+        if cut:
+            print(cut, flush=True)
         t, c = cfg.train, cfg.cluster
         total = math.ceil(rows_per_epoch(pipes, c, task) / t.global_batch_size) * t.epochs
         if t.max_steps > 0:

@@ -218,7 +218,7 @@ class WorkerLoop:
         last = self.step >= self.total
         evaluated = bool(t.eval_every and self.step % t.eval_every == 0 and not last)
         if evaluated:
-            metrics.update(evaluate(self.task, engine, self.eval_shard, self.lc.get("eval_rows", 0)))
+            metrics.update(self.held_out())
         if self.rank == 0 and (self.step % t.log_every == 0 or last or evaluated):
             self.run_log.log.remote({"step": self.step, **metrics})
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
@@ -226,12 +226,16 @@ class WorkerLoop:
                             self.step, extra=self.task.save_state)
         return last
 
+    def held_out(self) -> dict:
+        """Held-out metrics of the engine now (`evaluate` over this worker's eval shard)."""
+        return evaluate(self.task, self.engine, self.eval_shard, self.lc.get("eval_rows", 0))
+
     def evaluate_at_start(self) -> None:
         """For a task that asks (eval_at_start), held-out metrics before the first step,
         logged as step 0 (not again after a resume)."""
         if not self.task.eval_at_start or self.resumed:
             return
-        ev = evaluate(self.task, self.engine, self.eval_shard, self.lc.get("eval_rows", 0))
+        ev = self.held_out()
         self.start_eval = {f"start/{k}": v for k, v in ev.items()}
         if self.rank == 0:
             self.run_log.log.remote({"step": 0, **ev})
@@ -256,7 +260,7 @@ class WorkerLoop:
         state and the exported model (the driver copies it to the run directory)."""
         import ray
 
-        final_eval = evaluate(self.task, self.engine, self.eval_shard, self.lc.get("eval_rows", 0))
+        final_eval = self.held_out()
         counts: Counter = Counter({label: 0 for label in self.task.flags.values()})
         for part in all_gather_objects(self.merged_counts()):
             counts.update(part)

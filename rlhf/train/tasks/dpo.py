@@ -137,7 +137,7 @@ class DPOTask(PairTask):
         # however it was split.
         k = self.world * self.accum
         loss = out.losses.sum() * (k / totals["samples"])
-        nll_weight = cfg.loss.nll_weight + out.nll_weight  # RPO / CPO / ORPO / "sft"
+        nll_weight = cfg.loss.trained_nll_weight  # RPO / CPO / ORPO / "sft"
         if nll_weight:  # a token mean over the global batch's chosen responses
             nll = -pc.sum() * (k / max(totals["chosen_tokens"], 1))
             loss = loss + nll_weight * nll
@@ -149,10 +149,7 @@ class DPOTask(PairTask):
         tokens = totals["chosen_tokens"] if totals else sums["scored_chosen_tokens"]
         out[f"{split}/nll"] = sums["nll"] / max(tokens, 1)
         # the loss as trained: the pair terms plus the chosen NLL's (RPO, CPO, ORPO, "sft")
-        lo = self.cfg.loss
-        weights = lo.weights or [1.0] * len(lo.type)
-        nll_weight = lo.nll_weight + sum(w for t, w in zip(lo.type, weights) if t == "sft")
-        out[f"{split}/loss"] += nll_weight * out[f"{split}/nll"]
+        out[f"{split}/loss"] += self.cfg.loss.trained_nll_weight * out[f"{split}/nll"]
         if split == "eval":
             out["eval/pairs"] = int(n)
         return out
