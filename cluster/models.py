@@ -12,8 +12,24 @@ from typing import Any
 from rlhf.config import BUILTIN_MODEL, ConfigError
 from rlhf.core import attention
 from rlhf.data.demo import ensure_tiny_model
+from rlhf.data.tokenizer import auto_tokenizer
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _transformers_without_sklearn() -> None:
+    """Where scikit-learn is installed (lm-eval brings it), transformers imports it, and
+    scipy with it, when its model classes are first imported: for assisted generation's
+    confidence threshold (generation/candidate_generator.py), which nothing here uses.
+    That is ~2.5 s of one core in every process that loads a model (each training
+    worker of each run, each reward scorer); transformers is told it is absent. Imports
+    of sklearn by anyone else (lm-eval's metrics, a user's reward function) still work."""
+    import transformers.utils
+
+    transformers.utils.is_sklearn_available = lambda: False
+
+
+_transformers_without_sklearn()
 
 
 def resolve_model_path(name_or_path: str, key: str = "model.name_or_path") -> str:
@@ -34,9 +50,7 @@ def resolve_model_path(name_or_path: str, key: str = "model.name_or_path") -> st
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = auto_tokenizer(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.model_max_length = 10**9  # truncation is ours, counted; silence transformers

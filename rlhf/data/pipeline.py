@@ -31,6 +31,7 @@ import numpy as np
 from rlhf.config import DataConfig
 from rlhf.data import formats
 from rlhf.data.demo import demo_row
+from rlhf.data.tokenizer import auto_tokenizer
 from rlhf.data.formats import SCORE_COLUMNS, SCORE_GAP
 from rlhf.data.readers import (PAIR_SPLITS, ROWS_PER_BLOCK, DataError, Source,  # noqa: F401
                                Splits, iter_file_rows, peek_rows, resolve_sources)
@@ -451,9 +452,7 @@ _TOKENIZERS: dict[str, Any] = {}
 def _tokenizer(path: str):
     # One load per Ray worker process, not per batch.
     if path not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+        _TOKENIZERS[path] = auto_tokenizer(path)
     return _TOKENIZERS[path]
 
 
