@@ -31,10 +31,10 @@ import numpy as np
 from rlhf.config import DataConfig
 from rlhf.data import formats
 from rlhf.data.demo import demo_row
-from rlhf.data.tokenizer import auto_tokenizer
 from rlhf.data.formats import SCORE_COLUMNS, SCORE_GAP
 from rlhf.data.readers import (PAIR_SPLITS, ROWS_PER_BLOCK, DataError, Source,  # noqa: F401
                                Splits, iter_file_rows, peek_rows, resolve_sources)
+from rlhf.data.tokenizer import auto_tokenizer
 # DataError, Source, peek_rows and resolve_sources are part of this module's API too.
 
 FILE_SHIFT = 40  # row id = file index << 40 | row number in that file

@@ -9,7 +9,7 @@ model and what the project exports from it, Llama 3's own folders) AutoTokenizer
 exactly `TokenizersBackend.from_pretrained(folder)` (transformers 5's tokenization_auto:
 the generic hub class is kept for a model type whose hub class is not known to be
 wrong, and Llama's is not); that is loaded directly here, in ~2 s.
-tests/unit/test_formats.py checks the two give the same class, vocabulary, special
+tests/unit/test_tokenizer.py checks the two give the same class, vocabulary, special
 tokens, chat template and encodings. Anything else goes through AutoTokenizer.
 """
 
