@@ -60,8 +60,9 @@ def test_same_losses_however_the_batch_is_computed(ray_cluster, tmp_path):
     assert tr_base[0] == pytest.approx(2 * math.log(2), abs=1e-6)
     assert len(tr_base) == 3 and tr_base[2] != tr_base[1]
     run_dir, got = losses(tmp_path, "tr_zero3_offload", *tr, "train.micro_batch_size=2",
-                          "data.packing=false", "cluster.zero_stage=3", "cluster.offload_optimizer=true",
-                          "cluster.offload_params=true", "train.checkpoint_every=1",
+                          "data.packing=false", "cluster.zero_stage=3",
+                          "cluster.offload_optimizer=true", "cluster.offload_params=true",
+                          "train.checkpoint_every=1",
                           "cluster.max_failures=1", crash_once_at_step=2)
     assert (run_dir / ".crash-injected").read_text() == "2"
     # Within 1e-3: this mix under ZeRO-3 with DeepSpeed's CPU Adam differs from one
