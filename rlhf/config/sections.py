@@ -289,13 +289,6 @@ class LossConfig:
             return self.rpo_alpha
         return 1.0 if any(t in NLL_BY_DEFAULT for t in self.type) else 0.0
 
-    @property
-    def trained_nll_weight(self) -> float:
-        """The whole weight of the chosen NLL in the loss: nll_weight plus the weight of
-        an "sft" type (rlhf.core.losses.dpo_loss reports the latter as its nll_weight)."""
-        weights = self.weights or [1.0] * len(self.type)
-        return self.nll_weight + sum(w for t, w in zip(self.type, weights) if t == "sft")
-
 
 @dataclass
 class TrainConfig:

@@ -246,14 +246,20 @@ def dpo_loss(
                  ref_margin=ref_chosen - ref_rejected, chosen_lengths=chosen_lengths,
                  rejected_lengths=rejected_lengths, discopop_tau=discopop_tau)
     losses = torch.zeros_like(chosen_ratio)
-    nll_weight = 0.0
     for kind, w in zip(types, weights):
-        if kind == "sft":
-            nll_weight += w
-        else:
+        if kind != "sft":
             losses = losses + w * _dpo_term(kind, **terms)
     return PreferenceOutput(losses, (beta * chosen_ratio).detach(),
-                            (beta * rejected_ratio).detach(), nll_weight)
+                            (beta * rejected_ratio).detach(), sft_weight(types, weights))
+
+
+def sft_weight(loss_type: str | Sequence[str], weights: Sequence[float] | None = None
+               ) -> float:
+    """The weight of the "sft" type in a loss mix (0 without one): the chosen NLL's
+    weight, which `dpo_loss` returns as nll_weight rather than adding per pair."""
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if weights is None else weights
+    return float(sum(w for t, w in zip(types, weights) if t == "sft"))
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 
 from rlhf.core.logprobs import ld_sums
 from rlhf.core.losses import (bradley_terry_loss, dpo_loss, f_divergence_score, kl_reference_point,
-                               kto_loss, nll_per_token, reference_free_loss)
+                               kto_loss, nll_per_token, reference_free_loss, sft_weight)
 
 
 def logsig(x):
@@ -107,6 +107,8 @@ def test_weighted_mix_and_sft_weight():
             for h, c, r in zip((1.5, -2.0), CR, RJ)]
     assert out.losses.tolist() == pytest.approx(want, abs=1e-12)
     assert out.nll_weight == 1.5
+    assert sft_weight(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.5]) == 1.5
+    assert sft_weight(["sigmoid", "sft"]) == 1.0 and sft_weight("sigmoid") == 0.0
     with pytest.raises(ValueError, match="2 loss types and 1 weights"):
         run(["sigmoid", "ipo"], weights=[1.0])
 

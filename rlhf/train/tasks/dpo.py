@@ -19,7 +19,7 @@ from cluster.checkpoints import gather_state_dict
 from cluster.deepspeed import blend_parameters, load_parameters
 from rlhf.config import DPOConfig
 from rlhf.core.logprobs import split_pairs
-from rlhf.core.losses import dpo_loss
+from rlhf.core.losses import dpo_loss, sft_weight
 from rlhf.train.tasks.base import PairTask, response_logps
 
 REFERENCE_FILE = "reference.pt"  # a TR-DPO reference, saved with the checkpoint once moved
@@ -79,6 +79,9 @@ class DPOTask(PairTask):
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         super().prepare(engine, lc, world, accum)
         self.synced_at, lo = 0, self.cfg.loss
+        # the whole weight of the chosen NLL in the loss as trained and as reported:
+        # RPO's / CPO's / ORPO's, plus an "sft" type's
+        self.nll_weight = lo.nll_weight + sft_weight(lo.type, lo.weights)
         moving = (f", moved towards the policy every {lo.reference_sync_every} steps by "
                   f"{lo.reference_mixup} (TR-DPO)") if lo.reference_sync_every else ""
         self.ref_engine = self.build_reference(
@@ -137,10 +140,9 @@ class DPOTask(PairTask):
         # however it was split.
         k = self.world * self.accum
         loss = out.losses.sum() * (k / totals["samples"])
-        nll_weight = cfg.loss.trained_nll_weight  # RPO / CPO / ORPO / "sft"
-        if nll_weight:  # a token mean over the global batch's chosen responses
+        if self.nll_weight:  # a token mean over the global batch's chosen responses
             nll = -pc.sum() * (k / max(totals["chosen_tokens"], 1))
-            loss = loss + nll_weight * nll
+            loss = loss + self.nll_weight * nll
         return loss * w, sums
 
     def metrics(self, sums: dict, totals: dict | None, split: str) -> dict:
@@ -149,7 +151,7 @@ class DPOTask(PairTask):
         tokens = totals["chosen_tokens"] if totals else sums["scored_chosen_tokens"]
         out[f"{split}/nll"] = sums["nll"] / max(tokens, 1)
         # the loss as trained: the pair terms plus the chosen NLL's (RPO, CPO, ORPO, "sft")
-        out[f"{split}/loss"] += self.cfg.loss.trained_nll_weight * out[f"{split}/nll"]
+        out[f"{split}/loss"] += self.nll_weight * out[f"{split}/nll"]
         if split == "eval":
             out["eval/pairs"] = int(n)
         return out
