@@ -11,6 +11,7 @@ warm-up. Each trainer runs in its own process, so peak memory is its own.
     .venv/bin/python bench/dpo_vs_trl.py --objectives --record   # + KTO against TRL's
         # KTOTrainer on the same pairs split in two, and ORPO, CPO, SimPO (no reference
         # model) beside DPO: ~12 min on 2 cores
+    .venv/bin/python bench/dpo_vs_trl.py --kto-only --record     # just the KTO rows
 
 Prints, for both: real (non-pad) tokens/s (prompt+chosen and prompt+rejected, what
 TRL runs less its padding: the ratio is the ratio of pairs/s), s/step, peak resident
@@ -21,7 +22,8 @@ the reference ran before the measured steps) x its tokens counted once each
 (prompt + chosen + rejected); padding and a second pass over the prompt are not useful.
 KTO's examples (a pair split in two, each prompt + one completion) need 12 x parameters
 per token: policy forward and backward, reference forward, and both forwards again on
-the mismatched completion that estimates the KL point; the reference-free objectives 6.
+the mismatched completion that estimates the KL point (8 where the reference's forwards
+ran before the measured steps); the reference-free objectives 6.
 """
 
 from __future__ import annotations
@@ -221,7 +223,7 @@ def run_ours(model_dir: Path, data_dir: Path, a, extra: list[str], workers: int 
            *(["data.max_length=2048", "data.max_prompt_length=1024", "model.dtype=bf16",
               "cluster.use_gpu=true", "cluster.num_workers=1",
               f"train.micro_batch_size={rows}"]
-             + ([] if kto else ["cluster.reference_gpus_per_actor=0.2"])
+             + ["cluster.reference_gpus_per_actor=0.2"]
              if a.gpu else
              ["data.max_length=256", "data.max_prompt_length=128",
               f"cluster.num_workers={workers}", f"cluster.cpus_per_worker={cpus}",
@@ -273,6 +275,8 @@ def main() -> None:
     ap.add_argument("--objectives", action="store_true",
                     help="also KTO against TRL's KTOTrainer (the pairs split in two) and "
                          "ORPO, CPO, SimPO (no reference model) beside DPO")
+    ap.add_argument("--kto-only", action="store_true",
+                    help="only KTO against TRL's KTOTrainer (the pairs split in two)")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     build_model(work / "model", shape=GPU_MODEL if a.gpu else MODEL)
@@ -283,27 +287,31 @@ def main() -> None:
     print(f"model: {params / 1e6:.1f}M non-embedding parameters; matmul ceiling "
           f"{ceiling / 1e9:.0f} GFLOP/s", flush=True)
     m, pre = work / "model", ["loss.precompute_reference=true"]
-    results = [
+    results = [] if a.kto_only else [
         summarise("TRL 1.16 DPOTrainer", run_trl(m, work, a), params, ceiling),
         summarise("rlhf.dpo (packing)", run_ours(m, work, a, []), params, ceiling),
         summarise("rlhf.dpo (packing, precomputed reference)", run_ours(m, work, a, pre),
                   params, ceiling, per_token=6),
     ]
-    if not a.gpu and not a.objectives:  # data parallel on one machine: the all-reduce
+    if not a.gpu and not a.objectives and not a.kto_only:  # data parallel on one machine
         results.append(summarise("rlhf.dpo (packing), 2 workers x 1 CPU, ZeRO-2",
                                  run_ours(m, work, a, [], workers=2), params, ceiling))
-    dpo_rss = results[1]["peak_rss_mb"]
     for r in results:
         r.update(base="TRL", rss_vs="")
-    if a.objectives:
+    if a.objectives or a.kto_only:
         kto_trl = summarise("TRL 1.16 KTOTrainer (pairs split in two)",
                             run_trl(m, work, a, kto=True), params, ceiling, per_token=12)
-        kto = summarise("rlhf.kto (packing, same examples)", run_ours(m, work, a, [], kto=True),
-                        params, ceiling, per_token=12)
-        kto_trl.update(base="TRL", rss_vs="")
-        kto.update(base=kto_trl, rss_vs=f" ({kto['peak_rss_mb'] / kto_trl['peak_rss_mb']:.2f}x "
-                   "TRL's)")
-        results += [kto_trl, kto]
+        kto_trl.update(base=kto_trl, rss_vs="")
+        results.append(kto_trl)
+        for name, extra, per_token in (("", [], 12), (", precomputed reference", pre, 8)):
+            kto = summarise(f"rlhf.kto (packing{name}, same examples)",
+                            run_ours(m, work, a, extra, kto=True), params, ceiling,
+                            per_token=per_token)
+            kto.update(base=kto_trl, rss_vs=f" ({kto['peak_rss_mb'] / kto_trl['peak_rss_mb']:.2f}x"
+                       " TRL's)")
+            results.append(kto)
+    if a.objectives:
+        dpo_rss = results[1]["peak_rss_mb"]
         for kind in ("orpo", "cpo", "simpo"):
             r = summarise(f"rlhf.dpo loss.type={kind} (no reference)",
                           run_ours(m, work, a, [f"loss.type={kind}"]), params, ceiling,
@@ -313,7 +321,7 @@ def main() -> None:
     lines = ["| trainer | s/step | real tokens/s | vs TRL | peak RSS / process (MB) | "
              "useful FLOP/s | of matmul ceiling |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        base = results[0] if r["base"] == "TRL" else r["base"]
+        base = results[0] if r["base"] == "TRL" else r["base"]  # KTO: TRL's KTOTrainer
         lines.append(f"| {r['name']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
                      f"{r['peak_rss_mb']:.0f}{r['rss_vs']} | {r['flops'] / 1e9:.1f} G | "
@@ -328,7 +336,8 @@ def main() -> None:
             device = f"{torch.cuda.get_device_name(0)}, {device}"
         head = (f"\n## {date.today()} - {platform.node() or 'machine'}: {device}\n\n"
                 f"`.venv/bin/python bench/dpo_vs_trl.py {'--gpu ' if a.gpu else ''}"
-                f"{'--objectives ' if a.objectives else ''}--steps "
+                f"{'--objectives ' if a.objectives else ''}"
+                f"{'--kto-only ' if a.kto_only else ''}--steps "
                 f"{a.steps} --warmup {a.warmup} --batch {a.batch} --record`; {params / 1e6:.1f}M non-embedding "
                 f"parameters, matmul ceiling {ceiling / 1e9:.0f} GFLOP/s.\n\n")
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:

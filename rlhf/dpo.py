@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.models import load_tokenizer, reference_path
+from cluster.models import reference_path
 from rlhf.config import DPOConfig
 from rlhf.evaluate import after_training_of
 from rlhf.train import driver
-from rlhf.train.reference import add_reference_logps
+from rlhf.train.reference import reference_pass
 from rlhf.train.tasks.dpo import DPOTask
 
 
@@ -34,31 +34,9 @@ def run(cfg: DPOConfig, dataset: Any = None, eval_dataset: Any = None, *,
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
 
-    def reference_pass(pipes, model_path: str) -> None:
-        if not cfg.loss.precompute_reference:
-            return
-        kw = dict(model_path=ref_path, model_cfg=cfg.model,
-                  pad_id=load_tokenizer(model_path).pad_token_id,
-                  micro_batch_size=cfg.train.micro_batch_size, packing=cfg.data.packing,
-                  actors=cfg.cluster.reference_actors,
-                  gpus_per_actor=cfg.cluster.reference_gpus_per_actor)
-        pipes.train = add_reference_logps(pipes.train, **kw)
-        if cfg.train.epochs > 1:
-            # A stream runs again every epoch: the actor pool would start, load the
-            # reference and score every pair anew each time (15 s an epoch for 8 pairs
-            # of the tiny model on a CPU). Scored once and kept in Ray's object store
-            # (spilled to disk past its memory), as TRL keeps its precomputed columns.
-            print(f"reference: scoring the {pipes.train_rows} training pairs once for "
-                  f"{cfg.train.epochs} epochs (loss.precompute_reference)", flush=True)
-            pipes.train = pipes.train.materialize()
-        # The held-out pairs are scored once and kept (Ray's object store; a held-out set
-        # is small): every evaluation would otherwise start the actor pool again, load
-        # the reference and score the same pairs (7 s a time on a CPU, for the tiny model).
-        pipes.eval = add_reference_logps(pipes.eval, **kw).materialize()
-
     return driver.run_training(cfg, DPOTask, dataset=dataset, eval_dataset=eval_dataset,
                                loop_config={"ref_path": ref_path},
-                               add_to_pipelines=reference_pass, notes=notes,
+                               add_to_pipelines=reference_pass(cfg, ref_path), notes=notes,
                                crash_once_at_step=crash_once_at_step,
                                evaluate=after_training_of(cfg))
 

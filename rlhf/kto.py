@@ -25,6 +25,7 @@ from cluster.models import reference_path
 from rlhf.config import KTOConfig
 from rlhf.evaluate import after_training_of
 from rlhf.train import driver
+from rlhf.train.reference import UNPAIRED_REFERENCE, reference_pass
 from rlhf.train.tasks.kto import KTOTask
 
 BALANCE = (1.0, 4 / 3)  # KTO's advised desirable:undesirable weighted ratio (eq. 8)
@@ -54,7 +55,10 @@ def run(cfg: KTOConfig, dataset: Any = None, eval_dataset: Any = None, *,
     for n in notes:
         print(f"warning: {n}", file=sys.stderr)
 
-    def check_balance(pipes, model_path: str) -> None:
+    precompute = reference_pass(cfg, ref_path, UNPAIRED_REFERENCE, "examples")
+
+    def check_balance_and_precompute(pipes, model_path: str) -> None:
+        precompute(pipes, model_path)
         if pipes.labels is None:  # pairs: one desirable and one undesirable each
             return
         lo = cfg.loss
@@ -66,7 +70,7 @@ def run(cfg: KTOConfig, dataset: Any = None, eval_dataset: Any = None, *,
 
     return driver.run_training(cfg, KTOTask, dataset=dataset, eval_dataset=eval_dataset,
                                loop_config={"ref_path": ref_path},
-                               add_to_pipelines=check_balance, notes=notes,
+                               add_to_pipelines=check_balance_and_precompute, notes=notes,
                                crash_once_at_step=crash_once_at_step,
                                evaluate=after_training_of(cfg))
 

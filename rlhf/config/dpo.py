@@ -9,7 +9,8 @@ from rlhf.config.base import ConfigError, one_of
 from rlhf.config.sections import (DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, F_DIVERGENCES,
                                   REFERENCE_FREE_TYPES, SMOOTHED_TYPES, AfterTrainingConfig,
                                   ClusterConfig, DataConfig, LossConfig, ModelConfig,
-                                  OutputConfig, TrainConfig, check_pairs)
+                                  OutputConfig, TrainConfig, check_pairs,
+                                  check_precomputed_reference)
 
 
 @dataclass
@@ -98,10 +99,7 @@ def check_dpo(cfg: DPOConfig) -> None:
             if bad:
                 raise ConfigError(f"loss.reference_sync_every (TR-DPO) cannot move the "
                                   f"reference: {why}. Set loss.reference_sync_every=0.")
-    if lo.precompute_reference and cfg.model.lora.load_in_4bit:
-        raise ConfigError("loss.precompute_reference loads the reference in model.dtype; with "
-                          "4-bit QLoRA the on-the-fly reference (adapters off) is the exact "
-                          "one: drop loss.precompute_reference.")
+    check_precomputed_reference(cfg)
     if cfg.model.ref_name_or_path and cfg.model.lora.enabled:
         raise ConfigError("model.ref_name_or_path and model.lora.enabled together: under "
                           "LoRA the reference is the policy with adapters disabled. Drop "

@@ -8,7 +8,7 @@ from typing import ClassVar
 from rlhf.config.base import ConfigError, one_of
 from rlhf.config.sections import (AfterTrainingConfig, ClusterConfig, ColumnsConfig,
                                   DataConfig, ModelConfig, OutputConfig, TrainConfig,
-                                  check_pairs)
+                                  check_pairs, check_precomputed_reference)
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -44,6 +44,11 @@ class KTOLossConfig:
     """Weight of the undesirable examples' losses (KTO's lambda_U). With unbalanced data
     keep desirable count x weight between 1 and 4/3 of undesirable count x weight; the
     run warns otherwise and names the range."""
+    precompute_reference: bool = False
+    """Compute the reference log-probs of every example (and of its mismatched
+    completion, for the KL point) once, in a Ray Data pass over an actor pool
+    (cluster.reference_actors), and stream them with the examples: the training workers
+    then hold no reference model and run no reference forward."""
 
 
 @dataclass
@@ -81,6 +86,7 @@ def check_kto(cfg: KTOConfig) -> None:
     if lo.desirable_weight <= 0 or lo.undesirable_weight <= 0:
         raise ConfigError("loss.desirable_weight and loss.undesirable_weight must be "
                           "positive (1.0 each for balanced data).")
+    check_precomputed_reference(cfg)
     if cfg.model.ref_name_or_path and cfg.model.lora.enabled:
         raise ConfigError("model.ref_name_or_path and model.lora.enabled together: under "
                           "LoRA the reference is the policy with adapters disabled. Drop "

@@ -533,6 +533,14 @@ def check_pairs(cfg: Any) -> None:
             "max_length.")
 
 
+def check_precomputed_reference(cfg: Any) -> None:
+    """loss.precompute_reference (DPO, KTO): what it cannot go with in any task."""
+    if cfg.loss.precompute_reference and cfg.model.lora.load_in_4bit:
+        raise ConfigError("loss.precompute_reference loads the reference in model.dtype; with "
+                          "4-bit QLoRA the on-the-fly reference (adapters off) is the exact "
+                          "one: drop loss.precompute_reference.")
+
+
 def resolved_learning_rate(cfg: Any) -> float:
     """The learning rate a run uses (see TrainConfig.learning_rate)."""
     if cfg.train.learning_rate is not None:

@@ -274,11 +274,19 @@ def pair_batch(
     return pad_pairs(prompts, chosen, rejected, pad_id)
 
 
+PAIR_SIDES = ("chosen_ids", "rejected_ids")
+# A KTO row's two responses to one prompt: its own completion and the mismatched one of
+# the KL reference point (rlhf.data.unpaired). As a pair batch the prompt runs once.
+UNPAIRED_SIDES = ("completion_ids", "kl_completion_ids")
+
+
 def rows_pair_batch(rows: Sequence[dict], *, pad_id: int, packing: bool,
-                    attn_implementation: str = "sdpa") -> dict:
-    """`pair_batch` of tokenised pipeline rows (prompt_ids, chosen_ids, rejected_ids)."""
-    return pair_batch(_row_ids(rows, "prompt_ids"), _row_ids(rows, "chosen_ids"),
-                      _row_ids(rows, "rejected_ids"), pad_id=pad_id, packing=packing,
+                    attn_implementation: str = "sdpa", sides: tuple[str, str] = PAIR_SIDES
+                    ) -> dict:
+    """`pair_batch` of tokenised pipeline rows: prompt_ids and the two response columns
+    `sides` (chosen_ids, rejected_ids; or a KTO row's UNPAIRED_SIDES)."""
+    return pair_batch(_row_ids(rows, "prompt_ids"), _row_ids(rows, sides[0]),
+                      _row_ids(rows, sides[1]), pad_id=pad_id, packing=packing,
                       attn_implementation=attn_implementation)
 
 

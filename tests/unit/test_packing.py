@@ -270,6 +270,21 @@ def test_response_token_logprobs_per_token(tiny_model_path, tokenizer, packing):
             assert torch.allclose(table[i, :len(r)], want, atol=1e-5)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert (table[mask == 0] == 0).all()
+    # KTO's reference runs both of a row's responses (its completion and the mismatched
+    # one of the KL point) as one pair batch, the prompt once when packing: the same sums
+    # as each response scored on its own
+    from rlhf.core.logprobs import (UNPAIRED_SIDES, batch_logprobs, rows_pair_batch,
+                                    rows_response_batch, split_pairs)
+    rows = [{"prompt_ids": p, "completion_ids": r, "kl_completion_ids": R[i - 1]}
+            for i, (p, r) in enumerate(zip(P, R))]
+    kw = dict(pad_id=tokenizer.pad_token_id, packing=packing)
+    with torch.no_grad():
+        pair = rows_pair_batch(rows, sides=UNPAIRED_SIDES, **kw)
+        own, kl = split_pairs(batch_logprobs(model(**model_inputs(pair, "cpu")).logits, pair)[0])
+        for got, side in ((own, "completion_ids"), (kl, "kl_completion_ids")):
+            alone = rows_response_batch(rows, response=side, **kw)
+            want = batch_logprobs(model(**model_inputs(alone, "cpu")).logits, alone)[0]
+            assert torch.allclose(got, want, atol=1e-5), side
 
 
 def test_scored_positions_pick_the_state_before_each_response_token():

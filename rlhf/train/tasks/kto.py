@@ -1,16 +1,19 @@
 """KTO's step on unpaired examples (rlhf.kto): first the KL reference point z0 over the
 whole global batch, then each micro-batch's losses against it.
 
-begin_step runs the policy and the reference, without gradients, on every micro-batch's
-mismatched pairs (prompt, another example's completion: rlhf.data.unpaired), and sums
-log pi - log pi_ref and the pair count over the micro-batches and the workers: z0 is the
-global mean, clamped at 0 (rlhf.core.losses.kl_reference_point). TRL estimates it per
-device and averages the devices' estimates; here the loss is the same however the global
-batch is split over workers and micro-batches. micro_step then runs the policy (with
-gradients) and the reference on the examples themselves: rlhf.core.losses.kto_loss,
-normalised by the global example count.
+begin_step runs the policy, without gradients, on every micro-batch's mismatched pairs
+(prompt, another example's completion: rlhf.data.unpaired), and the reference on both of
+each example's responses in one pair batch (the prompt run once when packing; its own
+completion's log-probs kept for micro_step), and sums log pi - log pi_ref and the pair
+count over the micro-batches and the workers: z0 is the global mean, clamped at 0
+(rlhf.core.losses.kl_reference_point). TRL estimates it per device and averages the
+devices' estimates; here the loss is the same however the global batch is split over
+workers and micro-batches. micro_step then runs the policy (with gradients) on the
+examples themselves: rlhf.core.losses.kto_loss, normalised by the global example count.
 
-The reference is a frozen DeepSpeed engine, or the policy with its LoRA adapters off.
+The reference is a frozen DeepSpeed engine, the policy with its LoRA adapters off, or
+none at all with loss.precompute_reference (its log-probs stream in with the examples:
+rlhf.train.reference).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import torch
 
 from cluster.worker import all_reduce_sums
 from rlhf.config import KTOConfig
-from rlhf.core.logprobs import dummy_unpaired_rows, rows_response_batch
+from rlhf.core.logprobs import (UNPAIRED_SIDES, dummy_unpaired_rows, rows_pair_batch,
+                                rows_response_batch, split_pairs)
 from rlhf.core.losses import kl_reference_point, kto_loss
 from rlhf.data.unpaired import UNPAIRED
+from rlhf.train.reference import UNPAIRED_REFERENCE
 from rlhf.train.tasks.base import PAIR_FLAGS, Task, response_logps
 
 SIDES = ("chosen", "rejected")  # desirable, undesirable: TRL's metric names
@@ -48,44 +53,67 @@ class KTOTask(Task):
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         super().prepare(engine, lc, world, accum)
         self.engine, self.kl = engine, 0.0
-        self.ref_engine = self.build_reference(lc, world)
+        self.ref_engine = self.build_reference(
+            lc, world, none_because=("none here: its log-probs come with the examples"
+                                     if self.cfg.loss.precompute_reference else ""))
+        # the reference log-probs (B,) of each micro-batch's completions, made by
+        # begin_step beside the KL pass and used by micro_step, in the step's order
+        self.step_refs: list[torch.Tensor] = []
 
     # ---------------------------------------------------------------- log-probs, z0
 
-    def _logps(self, engine, rows: list[dict], grad: bool, response: str = "completion_ids"):
-        """(policy (B,), reference (B,)) summed log-probs of each row's `response` given
-        its prompt; the dummy row (weight 0) for rows == []."""
+    def _policy(self, engine, rows: list[dict], grad: bool, response: str) -> torch.Tensor:
+        """(B,) summed log-probs of each row's `response` given its prompt (the dummy row,
+        weight 0, for rows == [])."""
         cfg = self.cfg
         batch = rows_response_batch(rows or self.dummy, pad_id=self.pad_id,
                                     packing=cfg.data.packing,
                                     attn_implementation=cfg.model.attn_implementation,
                                     response=response)
         with torch.set_grad_enabled(grad):
-            policy, _ = response_logps(engine, batch, engine.device)
+            return response_logps(engine, batch, engine.device)[0]
+
+    def _reference(self, rows: list[dict], kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(completion (B,), mismatched completion (B,) or None) reference log-probs: as
+        streamed in (loss.precompute_reference), or one forward of the reference (kl: on
+        both responses as a pair batch, the prompt once)."""
+        cfg, rows = self.cfg, rows or self.dummy
+        device = self.engine.device
+        if cfg.loss.precompute_reference:
+            got = [torch.tensor([float(r.get(name, 0.0)) for r in rows], device=device)
+                   for _, name in UNPAIRED_REFERENCE]  # the dummy row has none: weight 0
+            return got[0], got[1]
+        build = rows_pair_batch if kl else rows_response_batch
+        batch = build(rows, pad_id=self.pad_id, packing=cfg.data.packing,
+                      attn_implementation=cfg.model.attn_implementation,
+                      **({"sides": UNPAIRED_SIDES} if kl else {}))
         with torch.no_grad():
             if self.ref_engine is not None:
-                ref, _ = response_logps(self.ref_engine, batch, engine.device)
+                ref, _ = response_logps(self.ref_engine, batch, device)
             else:  # LoRA: the base model is the policy with its adapters off
-                ref, _ = response_logps(engine, batch, engine.device, adapters_off=True)
-        return policy, ref
+                ref, _ = response_logps(self.engine, batch, device, adapters_off=True)
+        return split_pairs(ref) if kl else (ref, None)
 
-    def _kl_sums(self, engine, micro_batches: list[list[dict]]) -> dict[str, float]:
-        """This worker's sum of log pi - log pi_ref over its mismatched pairs, and their
-        count (every micro-batch runs, empty ones as the zero-weight dummy: ZeRO-3's
-        gathers need every rank)."""
-        out = {"kl_sum": 0.0, "kl_n": 0.0}
-        with torch.no_grad():
-            for rows in micro_batches:
-                policy, ref = self._logps(engine, rows, False, "kl_completion_ids")
-                if rows:
-                    out["kl_sum"] += float((policy - ref).sum())
-                    out["kl_n"] += len(rows)
-        return out
+    def _kl_sums(self, engine, rows: list[dict], ref_kl: torch.Tensor) -> dict[str, float]:
+        """One micro-batch's sum of log pi - log pi_ref over its mismatched pairs, and
+        their count (an empty micro-batch runs as the zero-weight dummy: ZeRO-3's gathers
+        need every rank)."""
+        policy = self._policy(engine, rows, False, "kl_completion_ids")
+        if not rows:
+            return {"kl_sum": 0.0, "kl_n": 0.0}
+        return {"kl_sum": float((policy - ref_kl).sum()), "kl_n": float(len(rows))}
 
     def begin_step(self, micro_batches: list[list], timer) -> None:
+        self.step_refs = []
         if self.cfg.loss.type != "kto":  # apo_zero_unpaired has no reference point
             return
-        sums = all_reduce_sums(self._kl_sums(self.engine, micro_batches))
+        sums = {"kl_sum": 0.0, "kl_n": 0.0}
+        for rows in micro_batches:
+            ref, ref_kl = self._reference(rows, kl=True)
+            self.step_refs.append(ref)
+            for key, value in self._kl_sums(self.engine, rows, ref_kl).items():
+                sums[key] += value
+        sums = all_reduce_sums(sums)
         self.kl = kl_reference_point(sums["kl_sum"], sums["kl_n"])
         if timer:
             timer.mark("kl")
@@ -99,9 +127,14 @@ class KTOTask(Task):
 
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         lo = self.cfg.loss
-        policy, ref = self._logps(engine, rows, grad)
+        policy = self._policy(engine, rows, grad, "completion_ids")
         if timer:
             timer.mark("forward")
+        ref_kl = None
+        if self.step_refs:  # training, loss.type kto: begin_step ran the reference
+            ref = self.step_refs.pop(0)
+        else:  # evaluation (with the held-out KL pairs), or apo_zero_unpaired
+            ref, ref_kl = self._reference(rows, kl=totals is None and lo.type == "kto")
         labels = torch.tensor([bool(r["label"]) for r in rows or self.dummy],
                               device=policy.device)
         out = kto_loss(policy, ref, labels, self.kl, loss_type=lo.type, beta=lo.beta,
@@ -114,8 +147,8 @@ class KTOTask(Task):
             sums[f"rewards/{side}"] = w * float(out.rewards[mask].sum())
             sums[f"logps/{side}"] = w * float(policy.detach()[mask].sum())
         if totals is None:  # evaluation: the held-out KL estimate too
-            if lo.type == "kto":
-                sums.update(self._kl_sums(engine, [rows]))
+            if ref_kl is not None:
+                sums.update(self._kl_sums(engine, rows, ref_kl))
             return None, sums
         # DeepSpeed divides by accum and averages over workers; scaling by
         # world * accum / n_global makes the update the mean over the global batch.
