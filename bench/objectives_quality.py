@@ -8,9 +8,13 @@ beta (log pi - log pi_base), chosen above rejected (DPO's measure; for the
 reference-free objectives the base is only the yardstick), through plain transformers.
 The run's own held-out figure (each objective's implicit reward: SimPO's and ORPO's are
 per-token means, CPO's sums, KTO's desirable-minus-undesirable margin) is shown beside it.
+On hh-rlhf each seed trains on its own random sample of the pairs (a run's train.seed
+alone changes nothing: the data is read in file order and the tiny model's starting
+weights are fixed).
 
-    .venv/bin/python bench/objectives_quality.py            # ~25 min on 2 cores
-    .venv/bin/python bench/objectives_quality.py --record   # also append to bench/RESULTS.md
+    .venv/bin/python bench/objectives_quality.py            # ~75 min on 2 cores
+    .venv/bin/python bench/objectives_quality.py --hh-pairs 600 --datasets hh-rlhf \
+        --record                                            # ~40 min; append to RESULTS.md
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import gzip
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -87,17 +92,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--demo-pairs", type=int, default=800)
+    ap.add_argument("--hh-pairs", type=int, default=2000,
+                    help="hh-rlhf pairs to train on, a random sample per seed of the first "
+                         "2,000 (the last 312 are held out)")
+    ap.add_argument("--datasets", default="demo,hh-rlhf", help="which: demo, hh-rlhf or both")
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="objectives-"))
     rows = [x for x in gzip.open(HH, "rt")]
-    (work / "hh-train.jsonl").write_text("".join(rows[:2000]))
-    (work / "hh-eval.jsonl").write_text("".join(rows[2000:]))
+    (work / "hh-eval.jsonl").write_text("".join(rows[2000:]))  # the same 312 for every run
+    # A run's train.seed does not change it (the trainer reads the data in file order and
+    # the tiny model starts from the same weights), so each seed trains on its own random
+    # --hh-pairs of the first 2,000: the spread is that of the training sample.
+    for seed in range(1, a.seeds + 1):
+        sample = random.Random(seed).sample(rows[:2000], min(a.hh_pairs, 2000))
+        (work / f"hh-train-{seed}.jsonl").write_text("".join(sample))
     base = str(ensure_tiny_model())
     data = {"demo": [f"data.demo_pairs={a.demo_pairs}"],
-            "hh-rlhf": [f"data.path={work / 'hh-train.jsonl'}",
+            "hh-rlhf": [f"data.path={work / 'hh-train-{seed}.jsonl'}",
                         f"data.eval_path={work / 'hh-eval.jsonl'}",
                         "data.max_length=256", "data.max_prompt_length=128"]}
+    data = {k: v for k, v in data.items() if k in a.datasets.split(",")}
     table = ["| data | objective | held-out implicit-reward accuracy vs the base, "
              f"{a.seeds} seeds (mean, min-max) | the run's own held-out figure |",
              "|---|---|---|---|"]
@@ -107,7 +122,9 @@ def main() -> None:
             accs, own = [], []
             for seed in range(1, a.seeds + 1):
                 out = work / f"{dataset}-{name}-{seed}"
-                cmd = [sys.executable, "-m", module, *args, *extra, f"train.seed={seed}",
+                cmd = [sys.executable, "-m", module,
+                       *(x.replace("{seed}", str(seed)) for x in args), *extra,
+                       f"train.seed={seed}",
                        "train.eval_every=0", "train.checkpoint_every=0",
                        f"output.dir={out}", "output.name=run"]
                 r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
@@ -128,7 +145,8 @@ def main() -> None:
             f.write(f"\n## {date.today()} - preference objectives on the same pairs "
                     f"(`bench/objectives_quality.py`)\n\n`.venv/bin/python "
                     f"bench/objectives_quality.py --seeds {a.seeds} --demo-pairs "
-                    f"{a.demo_pairs} --record`: the tiny model, each objective's defaults "
+                    f"{a.demo_pairs} --hh-pairs {a.hh_pairs} --datasets {a.datasets} "
+                    "--record`: the tiny model, each objective's defaults "
                     "(SimPO beta 2.0), 8 pairs a step.\n\n" + text + "\n")
 
 
