@@ -279,7 +279,7 @@ def resource_bundles(kind: str, cfg: Any) -> list[Bundle]:
         r = cfg.rollout
         out.append(Bundle("vLLM engine", r.cpus_per_engine,
                           r.tensor_parallel_size if c.use_gpu else 0, r.engines, "rollout"))
-    if kind == "dpo" and cfg.loss.precompute_reference:
+    if kind in ("dpo", "kto") and cfg.loss.precompute_reference:
         out.append(Bundle("reference actor", 1, c.reference_gpus_per_actor,
                           c.reference_actors))
     out.append(Bundle("data pipeline", c.data_cpus, 0))

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from launch.plan import (OVERHEAD_BYTES, Arch, Bundle, NodeType, make_plan,
-                         memory_plan, nodes_needed, node_types, plan_recipe)
+                         memory_plan, nodes_needed, node_types, plan_recipe,
+                         resource_bundles)
 from rlhf.config import DPOConfig, KTOConfig, parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +58,11 @@ def test_memory_model_by_hand():
     kto = parse_args(KTOConfig, ["cluster.num_workers=4", "train.micro_batch_size=2",
                                  "train.global_batch_size=8"], "x")
     assert [m.role for m in memory_plan("kto", kto, arch)] == ["policy", "reference"]
+    # ... but not with its log-probs precomputed: reference actors, off the workers
+    kto.loss.precompute_reference, kto.cluster.reference_actors = True, 2
+    assert [m.role for m in memory_plan("kto", kto, arch)] == ["policy"]
+    assert [(b.what, b.count) for b in resource_bundles("kto", kto)][1] == \
+        ("reference actor", 2)
 
 
 def test_ppo_frozen_models_shard_and_offload():
