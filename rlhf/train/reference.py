@@ -61,6 +61,16 @@ class ReferenceLogps:
         return {**batch, **{name: values for (_, name), values in zip(self.columns, out)}}
 
 
+def streamed_logps(rows: list[dict], columns: tuple, device) -> list:
+    """The two reference columns of `columns` that rows carry (loss.precompute_reference)
+    as (B,) tensors; a row without them (the zero-weight dummy of an empty micro-batch)
+    reads 0."""
+    import torch
+
+    return [torch.tensor([float(r.get(name, 0.0)) for r in rows], device=device)
+            for _, name in columns]
+
+
 def add_reference_logps(ds, *, model_path: str, model_cfg: Any, pad_id: int,
                         micro_batch_size: int, packing: bool, actors: int,
                         gpus_per_actor: float, columns: tuple = PAIR_REFERENCE):

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import torch
+
 from cluster.deepspeed import frozen_config_for, frozen_engine
 from cluster.feed import RowFeed
 from cluster.models import export_hf, load_causal_lm, load_tokenizer
@@ -55,6 +57,15 @@ def response_logps(engine, batch: dict, device, adapters_off: bool = False,
     per_token, seq = scored_token_logprobs(out.logits, batch)
     n_seqs = int(batch["n_seqs"]) if "n_seqs" in batch else batch["input_ids"].shape[0]
     return ld_sums(per_token, seq, n_seqs, ld_alpha)
+
+
+def reference_logps(engine, ref_engine, batch: dict, device, ld_alpha: float | None = None):
+    """`response_logps` under the reference, without gradients: the frozen engine, or
+    (ref_engine None: LoRA) the policy `engine` with its adapters off."""
+    with torch.no_grad():
+        if ref_engine is not None:
+            return response_logps(ref_engine, batch, device, ld_alpha=ld_alpha)
+        return response_logps(engine, batch, device, adapters_off=True, ld_alpha=ld_alpha)
 
 
 class Feed(Protocol):

@@ -20,7 +20,8 @@ from cluster.deepspeed import blend_parameters, load_parameters
 from rlhf.config import DPOConfig
 from rlhf.core.logprobs import split_pairs
 from rlhf.core.losses import dpo_loss, sft_weight
-from rlhf.train.tasks.base import PairTask, response_logps
+from rlhf.train.reference import PAIR_REFERENCE, streamed_logps
+from rlhf.train.tasks.base import PairTask, reference_logps, response_logps
 
 REFERENCE_FILE = "reference.pt"  # a TR-DPO reference, saved with the checkpoint once moved
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy",
@@ -37,15 +38,9 @@ def _pair_forward(engine, ref_engine, batch, cfg, device, grad: bool, rows: list
         timer.mark("forward")
     ref_c = ref_r = None
     if lo.precompute_reference:  # streamed in with the pairs: no forward here
-        ref_c = torch.tensor([float(r["ref_chosen"]) for r in rows], device=logps.device)
-        ref_r = torch.tensor([float(r["ref_rejected"]) for r in rows], device=logps.device)
+        ref_c, ref_r = streamed_logps(rows, PAIR_REFERENCE, logps.device)
     elif not lo.reference_free:
-        with torch.no_grad():
-            if ref_engine is not None:
-                ref_logps, _ = response_logps(ref_engine, batch, device, ld_alpha=lo.ld_alpha)
-            else:  # LoRA: the base model is the policy with its adapters off
-                ref_logps, _ = response_logps(engine, batch, device, adapters_off=True,
-                                              ld_alpha=lo.ld_alpha)
+        ref_logps, _ = reference_logps(engine, ref_engine, batch, device, ld_alpha=lo.ld_alpha)
         ref_c, ref_r = split_pairs(ref_logps)
         if timer:
             timer.mark("reference")

@@ -26,8 +26,8 @@ from rlhf.core.logprobs import (UNPAIRED_SIDES, dummy_unpaired_rows, rows_pair_b
                                 rows_response_batch, split_pairs)
 from rlhf.core.losses import kl_reference_point, kto_loss
 from rlhf.data.unpaired import UNPAIRED
-from rlhf.train.reference import UNPAIRED_REFERENCE
-from rlhf.train.tasks.base import PAIR_FLAGS, Task, response_logps
+from rlhf.train.reference import UNPAIRED_REFERENCE, streamed_logps
+from rlhf.train.tasks.base import PAIR_FLAGS, Task, reference_logps, response_logps
 
 SIDES = ("chosen", "rejected")  # desirable, undesirable: TRL's metric names
 
@@ -80,18 +80,13 @@ class KTOTask(Task):
         cfg, rows = self.cfg, rows or self.dummy
         device = self.engine.device
         if cfg.loss.precompute_reference:
-            got = [torch.tensor([float(r.get(name, 0.0)) for r in rows], device=device)
-                   for _, name in UNPAIRED_REFERENCE]  # the dummy row has none: weight 0
-            return got[0], got[1]
+            ref, ref_kl = streamed_logps(rows, UNPAIRED_REFERENCE, device)
+            return ref, ref_kl
         build = rows_pair_batch if kl else rows_response_batch
         batch = build(rows, pad_id=self.pad_id, packing=cfg.data.packing,
                       attn_implementation=cfg.model.attn_implementation,
                       **({"sides": UNPAIRED_SIDES} if kl else {}))
-        with torch.no_grad():
-            if self.ref_engine is not None:
-                ref, _ = response_logps(self.ref_engine, batch, device)
-            else:  # LoRA: the base model is the policy with its adapters off
-                ref, _ = response_logps(self.engine, batch, device, adapters_off=True)
+        ref, _ = reference_logps(self.engine, self.ref_engine, batch, device)
         return split_pairs(ref) if kl else (ref, None)
 
     def _kl_sums(self, engine, rows: list[dict], ref_kl: torch.Tensor) -> dict[str, float]:
