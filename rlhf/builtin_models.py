@@ -37,8 +37,11 @@ def cached_default_model(stem: Path, cfg_cls: type, prog: str, run: Callable,
     import shutil
     import tempfile
 
-    cfg = parse_args(cfg_cls, ["train.eval_every=0", "train.checkpoint_every=0", *overrides],
-                     prog)
+    # data.shuffle_buffer=0: the demo's rows in the order these models were always
+    # trained on, so the built-in models (and the runs recorded from them, such as
+    # rlhf.ppo's golden run) stay what they were before training data was shuffled
+    cfg = parse_args(cfg_cls, ["train.eval_every=0", "train.checkpoint_every=0",
+                               "data.shuffle_buffer=0", *overrides], prog)
     path = stem.with_name(f"{stem.name}-{default_model_key(cfg)}")
     if (path / "config.json").is_file():
         return str(path)

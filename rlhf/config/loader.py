@@ -122,7 +122,7 @@ PEER_FLAGS = {
     "lr_scheduler_type": "train.lr_scheduler",
     "lr_scheduler": "train.lr_scheduler", "weight_decay": "train.weight_decay",
     "l2": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
-    "max_norm": "train.max_grad_norm", "seed": "train.seed", "logging_steps":
+    "max_norm": "train.max_grad_norm", "seed": "train.seed", "data_seed": "train.seed", "logging_steps":
     "train.log_every", "eval_steps": "train.eval_every", "save_steps":
     "train.checkpoint_every", "save_total_limit": "train.keep_checkpoints",
     "resume_from_checkpoint": "train.resume", "load_checkpoint": "train.resume",

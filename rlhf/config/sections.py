@@ -107,9 +107,17 @@ class SourceConfig:
     accuracy to +-2%); the rest train. 0: no cap."""
     assistant_marker: str = "\n\nAssistant:"
     """Implicit preference format: the text that opens an assistant turn (hh-rlhf's)."""
+    shuffle_buffer: int = 10000
+    """Training rows (online RL: prompts) reach each worker shuffled, every epoch in
+    another order drawn from `train.seed`: a streaming shuffle through a buffer of this
+    many rows per worker, so training starts at once on data of any size (a data set
+    smaller than the buffer is shuffled whole, as TRL's sampler does). Data sorted by
+    topic or source and larger than the buffer: shuffle the file beforehand. 0: the
+    source's order."""
     preserve_order: bool = False
-    """Keep the source order through the pipeline: with one worker, batches (and so runs)
-    are reproducible step for step. Costs some pipelining."""
+    """Keep the source order through the pipeline: with one worker, batches (and so runs,
+    shuffled or not: the shuffle is seeded) are reproducible step for step. Costs some
+    pipelining."""
     packing: bool = True
     """Put each micro-batch's sequences back to back in one row with no padding;
     attention stays inside each sequence (flash_attention_2's varlen kernel on a GPU,
@@ -466,6 +474,9 @@ def check_common(cfg: Any) -> None:
     one_of("cluster.zero_stage", c.zero_stage, (0, 1, 2, 3))
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction={d.eval_fraction} must be in [0, 1).")
+    if d.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer={d.shuffle_buffer} must be 0 (the source's "
+                          "order) or a number of rows (e.g. 10000).")
     if isinstance(c.num_workers, list) and (len(c.num_workers) != 2
                                             or c.num_workers[0] > c.num_workers[1]):
         raise ConfigError(f"cluster.num_workers={c.num_workers}: give one number or a range "

@@ -229,7 +229,9 @@ class RolloutCoordinator:
         try:
             epoch, read = self.stream_args
             stream = PromptStream(self.dataset, self.world, epoch, read,
-                                  read_ahead=4 * self.micro * self.accum)
+                                  read_ahead=4 * self.micro * self.accum,
+                                  shuffle_buffer=self.cfg.data.shuffle_buffer,
+                                  seed=self.cfg.train.seed)
             k = self.r.max_staleness
             while True:
                 with self.cond:

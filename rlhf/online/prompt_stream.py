@@ -20,8 +20,11 @@ class PromptStream:
     """The train split as `world` streams, one per training rank (see the module
     docstring), each read ahead by a thread of its own; one epoch at a time."""
 
-    def __init__(self, dataset, world: int, epoch: int, skip: set[int], read_ahead: int):
+    def __init__(self, dataset, world: int, epoch: int, skip: set[int], read_ahead: int,
+                 shuffle_buffer: int = 0, seed: int = 0):
         self.world, self.epoch, self.skip = world, epoch, set(skip)
+        # data.shuffle_buffer and train.seed: each epoch's prompts in an order of its own
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.closed = False
         self.splits = dataset.streaming_split(world, equal=True)
         self.read_ahead = read_ahead
@@ -32,11 +35,13 @@ class PromptStream:
         self.queues = [queue.Queue(maxsize=self.read_ahead) for _ in range(self.world)]
         self.exhausted = [False] * self.world
         for it, q in zip(self.splits, self.queues):
-            threading.Thread(target=self._read, args=(it, q), daemon=True).start()
+            threading.Thread(target=self._read, args=(it, q, self.epoch), daemon=True).start()
 
-    def _read(self, it, q: queue.Queue) -> None:
+    def _read(self, it, q: queue.Queue, epoch: int) -> None:
+        shuffle = ({"local_shuffle_buffer_size": self.shuffle_buffer,
+                    "local_shuffle_seed": self.seed + epoch} if self.shuffle_buffer else {})
         try:
-            for batch in it.iter_batches(batch_size=64, batch_format="numpy"):
+            for batch in it.iter_batches(batch_size=64, batch_format="numpy", **shuffle):
                 for i in range(len(batch["id"])):
                     if not self._put(q, {k: batch[k][i] for k in batch}):
                         return

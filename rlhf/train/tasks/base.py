@@ -174,7 +174,8 @@ class Task(ABC):
     def feed(self, shard, micro: int, accum: int, skip: set[int] | None = None) -> Feed:
         """Where the steps' micro-batches come from: this worker's shard of the train
         split (online RL: its coordinator's rollouts)."""
-        return RowFeed(shard, micro, accum, skip=skip, flags=self.flags)
+        return RowFeed(shard, micro, accum, skip=skip, flags=self.flags,
+                       shuffle_buffer=self.cfg.data.shuffle_buffer, seed=self.cfg.train.seed)
 
     def begin_step(self, micro_batches: list[list], timer) -> None:
         """Before a step's counts and micro-steps (online RL: score, reference, old
