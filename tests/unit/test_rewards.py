@@ -9,6 +9,8 @@ import types
 import pytest
 import torch
 
+from rlhf.core.reward_ensemble import (aggregate, combine_models, disagreement, normalise,
+                                         within_thresholds)
 from rlhf.core.rewards import (RewardError, Rewards, call_function, function_source,
                           load_function, shape_scores)
 
@@ -84,3 +86,50 @@ def test_reward_model_source_scores_and_refuses_another_tokenizer(
 
     with pytest.raises(RewardError, match="another tokenizer than the policy"):
         model_source(reward_model_dir, policy_path=other_tokenizer_dir)
+
+
+# ------------------------------------------------- ensembles, aggregation, thresholds
+
+def test_ensemble_rules_by_hand():
+    """3 models x 2 samples. Sample 0: 0.2, 0.4, 0.3 (mean 0.3, population variance
+    0.02 / 3); sample 1: 1, -1, 0 (mean 0, variance 2 / 3)."""
+    s = torch.tensor([[0.2, 1.0], [0.4, -1.0], [0.3, 0.0]], dtype=torch.float64)
+    assert combine_models(s, "mean").tolist() == pytest.approx([0.3, 0.0])
+    assert combine_models(s, "min").tolist() == pytest.approx([0.2, -1.0])
+    # UWO (Coste et al. eq. 3): mean - 0.5 x variance
+    assert combine_models(s, "uwo", 0.5).tolist() == pytest.approx(
+        [0.3 - 0.5 * 0.02 / 3, -0.5 * 2 / 3])
+    assert combine_models(s, "mean_minus_std", 1.0).tolist() == pytest.approx(
+        [0.3 - (0.02 / 3) ** 0.5, -(2 / 3) ** 0.5])
+    assert disagreement(s).tolist() == pytest.approx([(0.02 / 3) ** 0.5, (2 / 3) ** 0.5])
+    one = s[:1]  # one model: every rule gives its own scores
+    for how in ("mean", "min", "uwo", "mean_minus_std"):
+        assert combine_models(one, how, 2.0).tolist() == pytest.approx([0.2, 1.0])
+    with pytest.raises(ValueError, match="use one of mean, min, uwo, mean_minus_std"):
+        combine_models(s, "median")
+
+
+def test_sources_summed_or_normalised_first_by_hand():
+    """A 0/1 rule and a reward model on a 10x larger scale, weights 1 and 0.1."""
+    assert normalise(torch.tensor([1.0, 2.0, 3.0])).tolist() == pytest.approx(
+        [-1.5 ** 0.5, 0.0, 1.5 ** 0.5])
+    assert normalise(torch.tensor([5.0, 5.0])).tolist() == [0.0, 0.0]
+    s = torch.tensor([[0.0, 1.0, 1.0], [10.0, 20.0, 30.0]], dtype=torch.float64)
+    assert aggregate(s, [1, 0.1]).tolist() == pytest.approx([1.0, 3.0, 4.0])
+    # the sum [1, 3, 4]: mean 8/3, population std sqrt(14/9)
+    z = [(x - 8 / 3) / (14 / 9) ** 0.5 for x in (1.0, 3.0, 4.0)]
+    assert aggregate(s, [1, 0.1], normalise_sum=True).tolist() == pytest.approx(z)
+    # each source first: the rule [0, 1, 1] -> [-sqrt 2, 1/sqrt 2, 1/sqrt 2], the model
+    # [10, 20, 30] -> [-sqrt 1.5, 0, sqrt 1.5], then 1 x rule + 0.1 x model
+    r, m = 2 ** 0.5, 1.5 ** 0.5
+    assert aggregate(s, [1, 0.1], "normalise_then_sum").tolist() == pytest.approx(
+        [-r - 0.1 * m, 1 / r, 1 / r + 0.1 * m])
+    with pytest.raises(ValueError, match="2 weights for 3 sources"):
+        aggregate(torch.zeros(3, 2), [1, 1])
+
+
+def test_reward_thresholds_keep_the_closed_interval():
+    r = torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0])
+    assert within_thresholds(r, 0.0, 1.0).tolist() == [False, True, True, True, False]
+    assert within_thresholds(r, min_score=0.5).tolist() == [False, False, True, True, True]
+    assert within_thresholds(r).all()
