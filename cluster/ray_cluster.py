@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any
 
+from rlhf.config import ConfigError
+
 
 def quiet_ray_data() -> None:
     """Ray Data's per-dataset progress logs drown the training progress line."""
@@ -53,23 +55,29 @@ def connect(cluster_cfg: Any, extra_cpus: float = 0.0) -> None:
              runtime_env=env, log_to_driver=True)
 
 
-def check_resources(cluster_cfg: Any) -> None:
-    """Fail early, with numbers, when the cluster can never host the workers."""
+def check_resources(cluster_cfg: Any, extra_cpus: float = 0.0) -> None:
+    """Fail early, with numbers, when the cluster can never host the workers, and what
+    else the job starts (`extra_cpus`: online RL's engines and served reward models),
+    with a CPU left for the data pipeline (without one, training waits for ever)."""
     import ray
 
     total = ray.cluster_resources()
     workers = cluster_cfg.worker_range[0]  # an elastic run starts with its minimum
-    need_cpu = workers * cluster_cfg.cpus_per_worker
+    need_cpu = workers * cluster_cfg.cpus_per_worker + extra_cpus
     need_gpu = workers if cluster_cfg.use_gpu else 0
     autoscaling = bool(os.environ.get("RAY_ADDRESS") or cluster_cfg.address)
     if autoscaling:
         return  # an autoscaler may add nodes; Ray Train waits for them
     if total.get("CPU", 0) < need_cpu + 1 or total.get("GPU", 0) < need_gpu:
-        raise RuntimeError(
+        also = (f" and the engines and served reward models {extra_cpus:g}" if extra_cpus
+                else "")
+        raise ConfigError(
             f"The local Ray cluster has {total.get('CPU', 0):g} CPUs and "
-            f"{total.get('GPU', 0):g} GPUs; {workers} workers need "
+            f"{total.get('GPU', 0):g} GPUs; {workers} workers{also} need "
             f"{need_cpu:g} CPUs (+1 for the data pipeline) and {need_gpu} GPUs. Lower "
-            "cluster.num_workers or cluster.cpus_per_worker.")
+            "cluster.num_workers or cluster.cpus_per_worker"
+            + (" (or rollout.cpus_per_engine, reward.cpus_per_replica)" if extra_cpus else "")
+            + ".")
 
 
 def root_cause(exc: BaseException) -> BaseException:

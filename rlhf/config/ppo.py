@@ -137,6 +137,11 @@ class RLAlgoConfig:
     """overlong=penalty: the penalty at the budget."""
 
 
+# reward.ensemble's rules (rlhf.core.reward_ensemble.ENSEMBLES; named here so that a
+# config loads without torch, unit/test_rewards.py checks the two agree)
+ENSEMBLES = ("mean", "min", "uwo", "mean_minus_std")
+
+
 @dataclass
 class RewardConfig:
     functions: list[str] = field(default_factory=lambda: ["rlhf.core.tasks:demo_opening"])
@@ -147,6 +152,36 @@ class RewardConfig:
     """Weight of the reward model's score."""
     clip: float | None = None
     """Clip each response's total reward to [-clip, clip]."""
+    models: list[str] = field(default_factory=list)
+    """Reward models served beside the engines (each an rlhf.rm export; a pool of
+    reward.replicas Ray actors per model), scored when a sample is made, so that every
+    filter (algo.dynamic_sampling, reward.min_score) sees their scores and the training
+    workers hold none of them. Several are one ensemble, combined by reward.ensemble;
+    the combined score joins the functions' sum with weight reward.models_weight. Each
+    model's score, the combined one and the models' disagreement (their std) are logged
+    per step as reward[rm<i>], reward[ensemble], reward[ensemble_std]."""
+    models_weight: float = 1.0
+    """Weight of reward.models' combined score in the sum of reward sources."""
+    ensemble: str = "mean"
+    """How reward.models' scores become one (Coste et al. 2023): mean; min (worst case,
+    WCO); uwo (mean - reward.ensemble_coef x their variance); mean_minus_std (mean -
+    reward.ensemble_coef x their std, the penalty in the scores' own units)."""
+    ensemble_coef: float = 0.5
+    """The disagreement penalty's weight for ensemble=uwo and mean_minus_std."""
+    replicas: int = 1
+    """Actors serving each of reward.models (requests are cut in batches over them)."""
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    """GPUs per replica actor (fractions share a GPU); 0: on CPUs."""
+    timeout_s: float = 120.0
+    """A served model's batch with no answer by then is sent again (its replica is
+    restarted); twice more, then the run stops, naming the model."""
+    min_score: float | None = None
+    """Reward thresholds on the rollout-side reward (functions, environment, served
+    reward models): a sample scoring below min_score or above max_score is left out of
+    the loss (its loss mask zeroed) and counted per step (train/outside_thresholds); a
+    prompt all of whose samples are outside is dropped, counted, and replaced."""
+    max_score: float | None = None
 
 
 @dataclass
@@ -211,10 +246,23 @@ class PPOConfig:
         if a.dynamic_sampling and a.algorithm not in ("grpo", "rloo"):
             raise ConfigError("algo.dynamic_sampling drops prompts whose samples all score the "
                               "same, which carry no signal only for grpo and rloo.")
-        if a.dynamic_sampling and self.reward.model:
-            raise ConfigError("algo.dynamic_sampling filters on rewards known when a sample is "
-                              "made (reward.functions, the environment); reward.model scores "
-                              "on the trainers, after the filter. Drop one of the two.")
+        rw = self.reward
+        filters = [name for name, on in (("algo.dynamic_sampling", a.dynamic_sampling),
+                                         ("reward.min_score", rw.min_score is not None),
+                                         ("reward.max_score", rw.max_score is not None)) if on]
+        if filters and rw.model:
+            raise ConfigError(f"{filters[0]} filters on rewards known when a sample is made "
+                              "(reward.functions, the environment, reward.models); "
+                              "reward.model scores on the trainers, after the filter. Serve "
+                              f"it instead: reward.models=[{rw.model}].")
+        one_of("reward.ensemble", rw.ensemble, ENSEMBLES)  # rlhf.core.reward_ensemble's
+        if rw.replicas < 1 or rw.timeout_s <= 0:
+            raise ConfigError(f"reward.replicas={rw.replicas} and reward.timeout_s="
+                              f"{rw.timeout_s}: at least 1 replica, a positive timeout.")
+        if (rw.min_score is not None and rw.max_score is not None
+                and rw.min_score > rw.max_score):
+            raise ConfigError(f"reward.min_score={rw.min_score} is above reward.max_score="
+                              f"{rw.max_score}: no sample could be kept.")
         if a.overlong == "penalty" and a.overlong_buffer < 1:
             raise ConfigError("algo.overlong_buffer must be at least 1 token.")
         one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo"))
@@ -233,9 +281,9 @@ class PPOConfig:
                     f"micro-batch(es) each of {world} workers runs per step "
                     f"(train.global_batch_size / (train.micro_batch_size x workers)): lower "
                     f"train.micro_batch_size or algo.mini_batches.")
-        if not self.reward.functions and not self.reward.model and not r.environment:
+        if not (rw.functions or rw.model or rw.models or r.environment):
             raise ConfigError("No reward: give reward.functions (module:function), "
-                              "reward.model (a reward model exported by rlhf.rm) or "
+                              "reward.models (reward models exported by rlhf.rm) or "
                               "rollout.environment (module:Class), or several.")
         if a.kl_target is not None and a.kl_penalty != "reward":
             raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "

@@ -14,7 +14,8 @@ gathers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -91,3 +92,28 @@ def within_thresholds(rewards: torch.Tensor, min_score: float | None = None,
     if max_score is not None:
         keep &= rewards <= max_score
     return keep
+
+
+@dataclass
+class ModelEnsemble:
+    """Reward models as one reward source: each model's scores, combined by `how`
+    (combine_models), weighted by `weight` in the sum of sources. `scorers[i](prompts,
+    responses)` -> one float per response (a served reward model: RewardPool.score)."""
+
+    names: list[str]
+    scorers: list[Callable[[Sequence, Sequence], list[float]]]
+    how: str = "mean"
+    coef: float = 0.0
+    weight: float = 1.0
+
+    def __call__(self, prompts: Sequence, responses: Sequence
+                 ) -> tuple[list[float], dict[str, list[float]]]:
+        """(B combined scores, {each model's name: its B scores, "ensemble": the
+        combined, "ensemble_std": the models' disagreement})."""
+        per_model = [list(map(float, score(prompts, responses))) for score in self.scorers]
+        scores = torch.tensor(per_model, dtype=torch.float64).reshape(len(per_model), -1)
+        combined = combine_models(scores, self.how, self.coef).tolist()
+        parts = dict(zip(self.names, per_model))
+        parts["ensemble"] = combined
+        parts["ensemble_std"] = disagreement(scores).tolist()
+        return combined, parts

@@ -17,6 +17,10 @@ import importlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch comes with it; this module's users may not need it
+    from rlhf.core.reward_ensemble import ModelEnsemble
 
 
 class RewardError(ValueError):
@@ -90,9 +94,12 @@ def function_source(spec: str, weight: float = 1.0) -> RewardSource:
 @dataclass
 class Rewards:
     """The weighted sum of the sources, per response, and each source's own scores
-    (for the per-iteration report)."""
+    (for the per-iteration report). `models`: reward models combined into one source
+    (rlhf.core.reward_ensemble.ModelEnsemble: its weight, each model's scores, the
+    combined score and the models' disagreement among the parts)."""
 
     sources: list[RewardSource] = field(default_factory=list)
+    models: ModelEnsemble | None = None
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  metadata: Sequence[dict] | None = None) -> tuple[list[float], dict]:
@@ -103,6 +110,10 @@ class Rewards:
             scores = s.score(prompts, responses, metadata)
             parts[s.name] = scores
             total = [t + s.weight * v for t, v in zip(total, scores)]
+        if self.models is not None and responses:
+            combined, model_parts = self.models(prompts, responses)
+            parts.update(model_parts)
+            total = [t + self.models.weight * v for t, v in zip(total, combined)]
         return total, parts
 
 

@@ -49,8 +49,9 @@ class RolloutRecord:
     versions: list[int]
     loss_mask: list[int]
     score: float = 0.0
-    """Reward known on the rollout side: reward functions, environment rewards, length
-    shaping (a reward model's score is added by the trainers)."""
+    """Reward known on the rollout side: reward functions, served reward models
+    (reward.models), environment rewards, length shaping (reward.model's score is added
+    by the trainers)."""
     parts: dict[str, float] = field(default_factory=dict)
     """Each rollout-side reward source's own unweighted score."""
     turn_rewards: list[float] = field(default_factory=list)

@@ -85,13 +85,15 @@ class RolloutCoordinator:
     producer thread makes batches while the trainers' calls are served."""
 
     def __init__(self, cfg, engines: list, sync: str, weights_dir: str, store,
-                 train_dataset, model_path: str, run_dir: str, total_steps: int):
+                 train_dataset, model_path: str, run_dir: str, total_steps: int,
+                 reward_pools: list | None = None):
         import os
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.cfg, self.r, self.a = cfg, cfg.rollout, cfg.algo
         self.client = EngineClient(engines, sync, weights_dir, store)
-        self.runner = EpisodeRunner(cfg, self.client, load_tokenizer(model_path))
+        self.runner = EpisodeRunner(cfg, self.client, load_tokenizer(model_path),
+                                    reward_pools)
         self.dataset, self.total_steps = train_dataset, total_steps
         self.ledger_path = f"{run_dir}/rollouts.jsonl"
         self.cond = threading.Condition()

@@ -26,10 +26,12 @@ from cluster.engine_client import EngineClient, EngineNeedsSync
 from cluster.vllm_engines import sample_seed
 from rlhf.core.advantages import overlong_penalty, uniform_groups
 from rlhf.core.environments import ChatCodec, call_all, checked_step, load_environment
+from rlhf.core.reward_ensemble import ModelEnsemble, within_thresholds
 from rlhf.core.rewards import Rewards, function_source, reward_spec
 from rlhf.core.rollouts import OBSERVATION, RolloutRecord
 
 DROP_UNIFORM = "dropped: uniform rewards (algo.dynamic_sampling)"
+DROP_OUTSIDE = "dropped: every sample outside reward.min_score/max_score"
 
 
 @dataclass
@@ -63,10 +65,18 @@ class EpisodeRunner:
     """Generates, scores and filters episodes with the engines of `client` (see the module
     docstring). Thread-safe: batches made at once take the engines a round at a time."""
 
-    def __init__(self, cfg, client: EngineClient, tok):
+    def __init__(self, cfg, client: EngineClient, tok, reward_pools: list | None = None):
+        """reward_pools: reward.models' served pools (cluster.reward_service.RewardPool),
+        in reward.models' order."""
         self.cfg, self.r, self.a = cfg, cfg.rollout, cfg.algo
         self.client, self.tok = client, tok
-        self.rewards = Rewards([function_source(*reward_spec(s)) for s in cfg.reward.functions])
+        rw = cfg.reward
+        models = (ModelEnsemble([f"rm{i}" for i in range(len(reward_pools))],
+                                [pool.score for pool in reward_pools], rw.ensemble,
+                                rw.ensemble_coef, rw.models_weight)
+                  if reward_pools else None)
+        self.rewards = Rewards([function_source(*reward_spec(s)) for s in rw.functions],
+                               models)
         self.env_factory = None
         self.codec = None
         self.stop_ids = None  # the engines' default: the model's end-of-sequence tokens
@@ -305,8 +315,8 @@ class EpisodeRunner:
                 counts: Counter, stats: Counter) -> list[tuple[int, list[RolloutRecord]]]:
         """[(rank, the group's records)] of the groups kept, in the order their prompts
         were read; the others counted as dropped: a group with a failed episode
-        (rollout.env_errors=skip) and, with algo.dynamic_sampling, one whose rewards
-        are all equal."""
+        (rollout.env_errors=skip), with algo.dynamic_sampling one whose rewards are all
+        equal, with reward.min_score/max_score one none of whose samples is within."""
         import torch
 
         groups: dict[tuple[int, int], list[RolloutRecord]] = {}
@@ -327,5 +337,25 @@ class EpisodeRunner:
                     torch.tensor([x.score for x in group]), len(group))[0]):
                 counts[DROP_UNIFORM] += 1
                 continue
+            if not self._within_thresholds(group, stats):
+                counts[DROP_OUTSIDE] += 1
+                continue
             out.append((key[0], sorted(group, key=lambda x: x.sample)))
         return out
+
+    def _within_thresholds(self, group: list[RolloutRecord], stats: Counter) -> bool:
+        """reward.min_score/max_score: the group's samples outside them leave the loss
+        (mask zeroed; they still count in the group's baseline), counted in `stats`;
+        False when none is left."""
+        rw = self.cfg.reward
+        if rw.min_score is None and rw.max_score is None:
+            return True
+        import torch
+
+        keep = within_thresholds(torch.tensor([x.score for x in group]), rw.min_score,
+                                 rw.max_score).tolist()
+        stats["outside_thresholds"] += keep.count(False)
+        for rec, k in zip(group, keep):
+            if not k:
+                rec.loss_mask = [0] * len(rec.loss_mask)
+        return any(keep)

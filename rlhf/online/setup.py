@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from cluster.models import load_tokenizer, resolve_model_path
+from cluster.ray_cluster import root_cause
+from cluster.reward_service import start_reward_pool
 from cluster.vllm_engines import VLLM_DTYPES, RolloutSettings, rollout_actor
 from cluster.weight_sync import shm_dir, weight_store
 from rlhf.config import ConfigError, PPOConfig
@@ -32,8 +34,11 @@ class OnlineRun:
         self.sync = weight_sync_path(cfg)
         self.weights_dir = shm_dir(f"{os.getpid()}-{int(time.time())}")
         self.coordinator = None
-        r = cfg.rollout
-        self.cpus = r.engines * r.cpus_per_engine  # for a local Ray this run starts
+        self.reward_pools: list = []
+        r, rw = cfg.rollout, cfg.reward
+        # for a local Ray this run starts: the engines and the served reward models
+        self.cpus = (r.engines * r.cpus_per_engine
+                     + len(rw.models) * rw.replicas * rw.cpus_per_replica)
 
     def setup(self, model_path: str, plan, pipes, total_steps: int, run_dir: Path) -> dict:
         """rlhf.train.driver.run_training's setup: after the pipelines, before training;
@@ -45,10 +50,11 @@ class OnlineRun:
                             "so the prompts must be chat messages (a list of {role, content} "
                             "in the prompt column) and the tokenizer needs a chat template.")
         engines = start_engines(cfg, model_path)
+        self.reward_pools = start_reward_models(cfg)
         store = weight_store() if self.sync == "store" else None
         self.coordinator = coordinator_actor(cfg, engines, self.sync, str(self.weights_dir),
                                              store, pipes.train, model_path, str(run_dir),
-                                             total_steps)
+                                             total_steps, self.reward_pools)
         print(f"starting {len(engines)} vLLM engine(s) ({r.placement}); weights reach them "
               f"through {self.sync}; rollouts at most {r.max_staleness} version(s) behind "
               "the policy", flush=True)
@@ -67,6 +73,8 @@ class OnlineRun:
                 ray.kill(self.coordinator)
             except Exception:  # noqa: BLE001 - best effort
                 pass
+        for pool in self.reward_pools if ray.is_initialized() else []:
+            pool.close()
         shutil.rmtree(self.weights_dir, ignore_errors=True)
 
 
@@ -114,6 +122,34 @@ def weight_sync_path(cfg: PPOConfig) -> str:
         raise ConfigError("rollout.weight_sync=shm needs the engines on the trainer's "
                           "machine; with rollout.placement=separate use store or broadcast.")
     return sync
+
+
+def start_reward_models(cfg: PPOConfig) -> list:
+    """reward.models, each served by reward.replicas actors (cluster.reward_service), up
+    and loaded when this returns: a path that is not a reward model fails here."""
+    rw = cfg.reward
+    pools = []
+    for i, spec in enumerate(rw.models):
+        path = resolve_model_path(spec, f"reward.models[{i}]")
+        if not (Path(path) / "rlhf_reward.json").is_file():
+            raise ConfigError(f"reward.models[{i}]={spec}: not a reward model exported by "
+                              "rlhf.rm (no rlhf_reward.json); train one with python -m "
+                              "rlhf.rm and give its run directory's model/.")
+        try:
+            pools.append(start_reward_pool(
+                path, replicas=rw.replicas, num_cpus=rw.cpus_per_replica,
+                num_gpus=rw.gpus_per_replica, dtype=cfg.model.dtype,
+                timeout_s=rw.timeout_s))
+        except Exception as e:  # noqa: BLE001 - the replica's own error, named
+            for pool in pools:
+                pool.close()
+            cause = root_cause(e)
+            raise ConfigError(f"reward.models[{i}]={spec}: cannot serve it "
+                              f"({type(cause).__name__}: {cause})") from None
+    if pools:
+        print(f"serving {len(pools)} reward model(s), {rw.replicas} replica(s) each"
+              + (f", combined by {rw.ensemble}" if len(pools) > 1 else ""), flush=True)
+    return pools
 
 
 def start_engines(cfg: PPOConfig, model_path: str) -> list:

@@ -74,7 +74,8 @@ class RLTask(SequenceTask):
             "value_loss", "value_clipped", "is_weight", "is_limited", "turns",
             "tool_calls", "tool_episodes", "partial", "staleness")
     MAXES = ("max:is_weight", "max:staleness", "max:gap")
-    BATCH_STATS = ("generate_s", "env_s", "env_failures")  # the coordinator's, per step
+    # the coordinator's, per step
+    BATCH_STATS = ("generate_s", "env_s", "env_failures", "outside_thresholds")
 
     @property
     def updates_per_step(self) -> int:
@@ -131,6 +132,9 @@ class RLTask(SequenceTask):
             names.append("environment")
         if cfg.reward.model:
             names.append("model")
+        if cfg.reward.models:  # served: each model, the combined score, the disagreement
+            names += [f"rm{i}" for i in range(len(cfg.reward.models))]
+            names += ["ensemble", "ensemble_std"]
         self.parts = names if len(names) > 1 else []
         self.sum_keys = self.SUMS + tuple(f"reward[{x}]" for x in self.parts)
         self.rollouts: dict[tuple, dict] = {}
@@ -462,7 +466,8 @@ class RLTask(SequenceTask):
                     "train/rollout_wait_s": self.wait_s,
                     "train/rollout_generate_s": b["generate_s"],
                     "train/rollout_env_s": b["env_s"],
-                    "train/env_failures": b["env_failures"]})
+                    "train/env_failures": b["env_failures"],
+                    "train/outside_thresholds": b["outside_thresholds"]})
         if self.cfg.algo.entropy_coef:
             out["train/entropy"] = sums["entropy"] / t
         if self.critic is not None:

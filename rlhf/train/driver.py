@@ -89,7 +89,7 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
     ray.data.DataContext.get_current().execution_options.preserve_order = \
         cfg.data.preserve_order
     try:
-        check_resources(cfg.cluster)
+        check_resources(cfg.cluster, extra_cpus)
         print(f"reading {task.rows.name} from "
               f"{redact_text(cfg.data.path) if dataset is None else 'memory'} ...", flush=True)
         pipes = data.build(plan, cfg.data, model_path, cfg.train.seed)

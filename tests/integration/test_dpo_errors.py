@@ -79,11 +79,16 @@ def test_empty_file_corrupt_file_and_missing_model(tmp_path, capsys):
     assert code == 2 and "no such model folder" in err
 
 
-def test_unknown_key_and_contradiction(tmp_path, capsys):
+def test_unknown_key_and_contradiction(ray_cluster, tmp_path, capsys):
     code, err = main(tmp_path, capsys, "train.lr=1e-5")
     assert code == 2 and "Unknown config key 'train.lr'" in err
     code, err = main(tmp_path, capsys, "train.global_batch_size=12")
     assert code == 2 and "multiple of" in err
+    # more than the (shared, 4-CPU) Ray has: said before anything starts, not a hang
+    code, err = main(tmp_path, capsys, "cluster.cpus_per_worker=2")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        "error: The local Ray cluster has 4 CPUs and 0 GPUs; 2 workers need 4 CPUs (+1 for "
+        "the data pipeline)"), err
 
 
 @pytest.mark.parametrize("entry", [e.module for e in ENTRY_POINTS.values() if e.name != "dpo"])

@@ -98,8 +98,9 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
     samples were generated while the step before trained, and the loss weights them by
     pi_prox / mu (tis). Under ZeRO-3, with the reference and a reward model (an
     untrained head, weighted low beside the task's function) as frozen engines sharded
-    in CPU memory. 12 steps on 2 workers, the weights through the object store (the
-    multi-node path) in ~10 buckets:
+    in CPU memory; the same reward model served beside the engines too (reward.models,
+    scored by the coordinator as samples are made). 12 steps on 2 workers, the weights
+    through the object store (the multi-node path) in ~10 buckets:
     - after step 2 the engine's process is SIGKILLed from outside (as when its node is
       lost): Ray restarts it and the coordinator re-syncs it before it serves;
     - at step 5 a training worker dies: Ray Train restarts the group from the step-4
@@ -114,7 +115,10 @@ def test_ppo_with_a_critic_learns_survives_faults_and_resumes_on_fewer_workers(
     earlier suites.)"""
     args = [*PPO, "output.name=f", "train.eval_every=0", "cluster.zero_stage=3",
             "cluster.offload_frozen=true", f"reward.model={reward_model_dir}",
-            "reward.model_weight=0.05", "rollout.max_staleness=1",
+            "reward.model_weight=0.05", f"reward.models=[{reward_model_dir}]",
+            # no CPU of its own: this 4-CPU Ray has 2 workers, the engine and the data
+            "reward.models_weight=0.02", "reward.cpus_per_replica=0",
+            "rollout.max_staleness=1",
             # any KL is above this target, so the coefficient grows x(1 + .2 x 64 / 100)
             # per step once the policy has moved (64 responses per step)
             "algo.kl_target=0.00001", "algo.kl_horizon=100", "rollout.sync_bucket_mb=0.25"]
@@ -149,10 +153,15 @@ def check_off_policy_rows(by_step: dict, steps: list[int], model_mb: float) -> l
     assert all(r["train/sync_mb"] == pytest.approx(model_mb, rel=0.01) for r in rows)
     assert all(r["train/clip_fraction"] > 0 for r in rows)  # updates 2-4 move the ratio
     assert all(r["train/generated_tokens_per_s"] > 0 for r in rows)
-    for r in rows:  # each source's own mean beside the weighted sum
+    for r in rows:  # each source's own mean beside the weighted sum: the same model on
+        # the trainers (reward.model) and served to the coordinator (reward.models) gives
+        # the same scores
         assert r["train/reward"] == pytest.approx(
-            r["train/reward[rlhf.core.tasks:demo_opening]"] + 0.05 * r["train/reward[model]"],
-            abs=1e-5)
+            r["train/reward[rlhf.core.tasks:demo_opening]"] + 0.05 * r["train/reward[model]"]
+            + 0.02 * r["train/reward[ensemble]"], abs=1e-5)
+        assert r["train/reward[rm0]"] == r["train/reward[ensemble]"]  # one model: itself
+        assert r["train/reward[rm0]"] == pytest.approx(r["train/reward[model]"], abs=1e-4)
+        assert r["train/reward[ensemble_std]"] == 0
     return rows
 
 

@@ -126,3 +126,118 @@ def test_sharded_scorer_gives_the_plain_scores(ray_cluster, tmp_path, reward_mod
                                                 [r for _, r in pairs])
     assert len(set(want)) == len(want)  # the inputs score apart, so order is checked
     assert got[0]["scores"] + got[1]["scores"] == pytest.approx(want, abs=1e-5)
+    from cluster.reward_service import start_reward_pool
+
+    pool = start_reward_pool(reward_model_dir, replicas=2, num_cpus=0.5, batch_size=3,
+                             timeout_s=3)
+    try:
+        check_the_served_pool(pool, pairs, want)
+        check_served_models_score_and_filter_samples(pool, reward_model_dir, pairs, tmp_path)
+    finally:
+        pool.close()
+
+
+def check_the_served_pool(pool, pairs: list, want: list[float]) -> None:
+    """The same model served by 2 replicas (cluster.reward_service): the same scores in
+    the same order, in batches of 3 over both; a replica SIGKILLed from outside (as when
+    its node is lost) is restarted by Ray and its batches sent again; one that hangs
+    (SIGSTOP) is restarted after the 3 s timeout, its batches answered by the other:
+    nothing lost or doubled."""
+    import os
+    import signal
+
+    prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+    assert pool.score(prompts, responses) == pytest.approx(want, abs=1e-5)
+    assert pool.stats["batches"] == 3 and not pool.stats["retried"]
+    first = pool.pids()
+    os.kill(first[0], signal.SIGKILL)
+    assert pool.score(prompts, responses) == pytest.approx(want, abs=1e-5)
+    second = pool.pids()
+    assert second[0] != first[0] and second[1] == first[1]  # restarted, reloaded
+    os.kill(second[1], signal.SIGSTOP)
+    assert pool.score(prompts, responses) == pytest.approx(want, abs=1e-5)
+    assert pool.stats["timeouts"] >= 1 and pool.pids()[1] != second[1]
+
+
+def check_served_models_score_and_filter_samples(pool, path: str, pairs: list, tmp_path
+                                                 ) -> None:
+    """rlhf.ppo's reward.models as the rollout side scores samples: two served models
+    (`pool`, and this model with its head negated, so they disagree by exactly twice the
+    score), combined by their minimum (WCO) with weight 2, each model's score, the
+    combined one and the disagreement kept in the record; then reward.min_score leaves
+    the samples under it out of the loss, and drops (counted) a prompt with none left.
+    Last, a replica that hangs with no retry left: the error names the fix."""
+    import json
+    import os
+    import shutil
+    import signal
+    from collections import Counter
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from cluster.models import load_tokenizer
+    from cluster.reward_service import start_reward_pool
+    from cluster.scoring import RewardScorer
+    from rlhf.config import ConfigError, PPOConfig, parse_args
+    from rlhf.core.rewards import RewardError
+    from rlhf.online.episodes import DROP_OUTSIDE, Episode, EpisodeRunner
+    from rlhf.online.setup import start_reward_models
+
+    negated = tmp_path / "negated"
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    with torch.no_grad():
+        model.score.weight.neg_()
+    model.save_pretrained(negated)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(f"{path}/{f}", negated / f)
+    with pytest.raises(ConfigError, match=r"reward.models\[0\]=.*negated: not a reward model "
+                                          r"exported by rlhf.rm \(no rlhf_reward.json\)"):
+        start_reward_models(parse_args(PPOConfig, [f"reward.models=[{negated}]"], "rlhf.ppo"))
+    shutil.copy(f"{path}/rlhf_reward.json", negated / "rlhf_reward.json")
+    cfg = parse_args(PPOConfig, [f"reward.models=[{path},{negated}]", "reward.ensemble=min",
+                                 "reward.models_weight=2", "reward.functions=[]",
+                                 "reward.cpus_per_replica=0.5"], "rlhf.ppo")
+    neg_pool = start_reward_pool(str(negated), num_cpus=0.5, timeout_s=3, retries=0)
+    pools = [pool, neg_pool]
+    try:
+        tok = load_tokenizer(path)
+        eps = [Episode(0, i // 2, i % 2, tok(p, add_special_tokens=False)["input_ids"], "{}",
+                       response_ids=ids, logprobs=[0.0] * len(ids), versions=[0] * len(ids),
+                       loss_mask=[1] * len(ids))
+               for i, (p, r) in enumerate(pairs)
+               for ids in [tok(r, add_special_tokens=False)["input_ids"]]]
+        runner = EpisodeRunner(cfg, None, tok, pools)
+        scored, failed = runner.score(eps, train=True)
+        recs = [rec for _, rec in scored]
+        s0 = RewardScorer(path).score([tok.decode(e.prompt_ids) for e in eps],
+                                      [tok.decode(e.response_ids, skip_special_tokens=True)
+                                       for e in eps])
+        assert not failed and len(set(s0)) == len(s0)
+        assert [r.parts["rm0"] for r in recs] == pytest.approx(s0, abs=1e-5)
+        assert [r.parts["rm1"] for r in recs] == pytest.approx([-x for x in s0], abs=1e-5)
+        assert [r.parts["ensemble"] for r in recs] == pytest.approx(
+            [-abs(x) for x in s0], abs=1e-5)
+        assert [r.parts["ensemble_std"] for r in recs] == pytest.approx(
+            [abs(x) for x in s0], abs=1e-5)
+        assert [r.score for r in recs] == pytest.approx([-2 * abs(x) for x in s0], abs=1e-5)
+        # the threshold between the scores: about half the samples fall under it
+        cut = sorted(r.score for r in recs)[len(recs) // 2] - 1e-9
+        cfg.reward.min_score = cut
+        counts, stats = Counter(), Counter()
+        kept = runner.filter(scored, [], counts, stats)
+        under = [r.score < cut for r in recs]
+        empty = {r.group for r in recs} - {r.group for r, u in zip(recs, under) if not u}
+        assert stats["outside_thresholds"] == sum(under) > 0
+        assert counts[DROP_OUTSIDE] == len(empty)
+        assert sorted(g[0].group for _, g in kept) == sorted({r.group for r in recs} - empty)
+        for _, group in kept:
+            for r in group:
+                assert (sum(r.loss_mask) == 0) == (r.score < cut)
+        json.dumps(recs[0].parts)  # the record's parts go to the ledger as they are
+        os.kill(neg_pool.pids()[0], signal.SIGSTOP)
+        with pytest.raises(RewardError, match=r"negated: a batch of 8 samples failed 1 times "
+                                              r"\(no answer in 3 s\).*raise reward.timeout_s"):
+            runner.score(eps, train=True)
+    finally:
+        neg_pool.close()

@@ -157,8 +157,10 @@ def _coordinator(cfg_args, model_path, rows, run_dir, weights_dir, engine, cls=N
     from rlhf.online.coordinator import RolloutCoordinator
     from rlhf.config import PPOConfig, parse_args
 
+    # the prompts in the rows' order (data.shuffle_buffer=0): the checks name which prompt
+    # was dropped and which replaced it
     cfg = parse_args(PPOConfig, [f"model.name_or_path={model_path}", "reward.functions=[]",
-                                 *cfg_args], "rlhf.ppo")
+                                 "data.shuffle_buffer=0", *cfg_args], "rlhf.ppo")
     ds = ray.data.from_items(rows)
     return (cls or RolloutCoordinator)(cfg, [engine], "shm", str(weights_dir), None, ds,
                                        model_path, str(run_dir), total_steps)

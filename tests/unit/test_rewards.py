@@ -9,10 +9,11 @@ import types
 import pytest
 import torch
 
-from rlhf.core.reward_ensemble import (aggregate, combine_models, disagreement, normalise,
-                                         within_thresholds)
-from rlhf.core.rewards import (RewardError, Rewards, call_function, function_source,
-                          load_function, shape_scores)
+from rlhf.config.ppo import ENSEMBLES as CONFIG_ENSEMBLES
+from rlhf.core.reward_ensemble import (ENSEMBLES, ModelEnsemble, aggregate, combine_models,
+                                        disagreement, normalise, within_thresholds)
+from rlhf.core.rewards import (RewardError, Rewards, RewardSource, call_function,
+                               function_source, load_function, shape_scores)
 
 
 @pytest.fixture
@@ -107,6 +108,7 @@ def test_ensemble_rules_by_hand():
         assert combine_models(one, how, 2.0).tolist() == pytest.approx([0.2, 1.0])
     with pytest.raises(ValueError, match="use one of mean, min, uwo, mean_minus_std"):
         combine_models(s, "median")
+    assert CONFIG_ENSEMBLES == ENSEMBLES  # the config's own copy (it loads without torch)
 
 
 def test_sources_summed_or_normalised_first_by_hand():
@@ -133,3 +135,15 @@ def test_reward_thresholds_keep_the_closed_interval():
     assert within_thresholds(r, 0.0, 1.0).tolist() == [False, True, True, True, False]
     assert within_thresholds(r, min_score=0.5).tolist() == [False, False, True, True, True]
     assert within_thresholds(r).all()
+
+
+def test_reward_models_join_the_sum_as_one_source():
+    """A function (weight 1) and two models combined by their minimum, weight 2: sample
+    0 scores 1 and 3 (min 1, std 1), sample 1 scores 2 and 0 (min 0, std 1)."""
+    models = ModelEnsemble(["rm0", "rm1"], [lambda p, r: [1.0, 2.0], lambda p, r: [3.0, 0.0]],
+                           "min", 0.0, 2.0)
+    rewards = Rewards([RewardSource("f", 1.0, lambda p, r, m: [10.0, 20.0])], models)
+    total, parts = rewards(["a", "b"], ["x", "y"])
+    assert total == [12.0, 20.0]
+    assert parts == {"f": [10.0, 20.0], "rm0": [1.0, 2.0], "rm1": [3.0, 0.0],
+                     "ensemble": [1.0, 0.0], "ensemble_std": [1.0, 1.0]}
