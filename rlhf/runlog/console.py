@@ -48,8 +48,11 @@ def verbose() -> bool:
 
 def log_path() -> Path:
     """The run's log file: run.log of the current run directory, or a file in the temp
-    folder before one exists."""
-    return _FILTER.path or Path(tempfile.gettempdir()) / f"rlhf-{LOG_NAME}"
+    folder before one exists, or once it is gone (a built-in model trained in a
+    temporary folder, then the run that needed it going on)."""
+    if _FILTER.path is not None and _FILTER.path.parent.is_dir():
+        return _FILTER.path
+    return Path(tempfile.gettempdir()) / f"rlhf-{LOG_NAME}"
 
 
 _LOCK = threading.Lock()  # Ray's printer thread and this process write the log

@@ -4,7 +4,7 @@ trackers are read back in tests/integration/test_trackers.py)."""
 
 import pytest
 
-from rlhf.runlog import trackers
+from rlhf.runlog import console, trackers
 from rlhf.runlog.redact import REDACTED, redact, redact_text, secret_name
 from rlhf.config import ConfigError, DPOConfig, OutputConfig, parse_args
 
@@ -229,3 +229,15 @@ def test_mlflow_tracker_against_no_server_fails_with_its_name(monkeypatch, tmp_p
     assert f"could not start the mlflow tracker: RuntimeError: MLflow at " \
            f"http://127.0.0.1:{port}" in str(e.value)
     assert "hunter2" not in str(e.value)
+
+
+def test_the_log_outlives_a_run_directory_that_is_gone(tmp_path, monkeypatch):
+    """Ray's records after a run whose folder was deleted (a built-in model trained in a
+    temporary folder, then the run that needed it going on) go to the temp folder's log,
+    not to an error in the middle of the logging call."""
+    run_log = tmp_path / "run" / "run.log"
+    run_log.parent.mkdir()
+    monkeypatch.setattr(console._FILTER, "path", run_log)
+    assert console.log_path() == run_log
+    run_log.parent.rmdir()
+    assert console.log_path().name == "rlhf-run.log" and console.log_path().parent.is_dir()
