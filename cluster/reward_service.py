@@ -56,26 +56,46 @@ class RewardPool:
                     list(responses[at:at + self.batch_size]))
                    for at in range(0, len(prompts), self.batch_size)]
         out: list[float] = [0.0] * len(prompts)
-        pending: dict[Any, tuple[int, int, float]] = {}  # ref -> (batch, replica, sent at)
+        pending: dict[Any, tuple[int, int, float]] = {}  # ref -> (batch, replica, try began)
+        later: list[tuple[float, int, int, float]] = []  # (when, batch, replica, try began)
         tries = Counter()
 
-        def send(b: int, replica: int) -> None:
+        def send(b: int, replica: int, began: float | None = None) -> None:
+            """A try of batch b begins now, unless `began` says it is one going on (a
+            replica found restarting is asked again until it is back, within the
+            timeout, without spending a retry)."""
             _, p, r = batches[b]
             ref = self.replicas[replica].score.remote(p, r)
-            pending[ref] = (b, replica, time.monotonic())
+            pending[ref] = (b, replica, began if began is not None else time.monotonic())
 
         for b in range(len(batches)):
             send(b, b % len(self.replicas))
         self.stats["requests"] += 1
         self.stats["batches"] += len(batches)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        while pending or later:
+            if pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            else:
+                ready = []
+                time.sleep(0.5)
             now = time.monotonic()
+            for item in [x for x in later if x[0] <= now]:
+                later.remove(item)
+                send(item[1], item[2], began=item[3])
             for ref in ready:
-                b, replica, _ = pending.pop(ref)
+                b, replica, began = pending.pop(ref)
                 try:
                     scores = ray.get(ref)
-                except ray.exceptions.RayActorError as e:  # died, or restarting: again
+                except ray.exceptions.ActorUnavailableError:
+                    # restarting (reloading its model): asked again in 0.5 s while the
+                    # try's timeout runs (then a retry, as for a replica that hangs)
+                    if now - began > self.timeout_s:
+                        self._retry(b, len(batches[b][1]), replica, tries,
+                                    f"its replica not back in {self.timeout_s:g} s", send)
+                    else:
+                        later.append((now + 0.5, b, replica, began))
+                    continue
+                except ray.exceptions.RayActorError as e:  # it died: the batch again
                     self._retry(b, len(batches[b][1]), replica, tries,
                                 f"its replica died ({type(e).__name__})", send)
                     continue

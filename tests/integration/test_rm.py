@@ -166,7 +166,8 @@ def check_served_models_score_and_filter_samples(pool, path: str, pairs: list, t
     score), combined by their minimum (WCO) with weight 2, each model's score, the
     combined one and the disagreement kept in the record; then reward.min_score leaves
     the samples under it out of the loss, and drops (counted) a prompt with none left.
-    Last, a replica that hangs with no retry left: the error names the fix."""
+    A one-replica model whose replica is killed scores again once Ray has restarted it;
+    one that hangs with no retry left ends with the error naming the fix."""
     import json
     import os
     import shutil
@@ -235,6 +236,13 @@ def check_served_models_score_and_filter_samples(pool, path: str, pairs: list, t
             for r in group:
                 assert (sum(r.loss_mask) == 0) == (r.score < cut)
         json.dumps(recs[0].parts)  # the record's parts go to the ledger as they are
+        # its only replica killed: the batch waits for Ray to bring it back (a replica
+        # found restarting spends no retry), then scores as before
+        neg_pool.timeout_s, neg_pool.retries = 120, 2
+        os.kill(neg_pool.pids()[0], signal.SIGKILL)
+        again = [rec for _, rec in runner.score(eps, train=True)[0]]
+        assert [r.parts["rm1"] for r in again] == pytest.approx([-x for x in s0], abs=1e-5)
+        neg_pool.timeout_s, neg_pool.retries = 3, 0
         os.kill(neg_pool.pids()[0], signal.SIGSTOP)
         with pytest.raises(RewardError, match=r"negated: a batch of 8 samples failed 1 times "
                                               r"\(no answer in 3 s\).*raise reward.timeout_s"):
