@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cluster.scoring import RewardScorer
+from cluster.vllm_engines import ROLLOUT_LABEL
 from rlhf.core.rewards import RewardError
 
 
@@ -149,14 +150,17 @@ class RewardPool:
 
 def start_reward_pool(path: str, *, replicas: int = 1, num_cpus: float = 1,
                       num_gpus: float = 0, dtype: str = "fp32", batch_size: int = 16,
-                      timeout_s: float = 120.0, retries: int = 2) -> RewardPool:
+                      timeout_s: float = 120.0, retries: int = 2,
+                      separate: bool = False) -> RewardPool:
     """`replicas` actors each holding the reward model at `path` (an rlhf.rm export), up
     and loaded when this returns. Ray restarts a replica that dies (max_restarts=-1);
-    the pool sends its batch again (at most `retries` times per batch)."""
+    the pool sends its batch again (at most `retries` times per batch). separate: only
+    on nodes labelled for rollouts, beside the engines (rollout.placement=separate)."""
     import ray
 
+    extra = {"label_selector": ROLLOUT_LABEL} if separate else {}
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
-                     max_task_retries=0)(ServedScorer)
+                     max_task_retries=0, **extra)(ServedScorer)
     handles = [cls.remote(path, dtype=dtype, batch_size=batch_size) for _ in range(replicas)]
     pool = RewardPool(path, handles, batch_size, timeout_s, retries)
     pool.pids()  # loaded (a bad path fails here, with the scorer's own message)

@@ -271,7 +271,8 @@ class Bundle:
 
 def resource_bundles(kind: str, cfg: Any) -> list[Bundle]:
     """What the run asks of Ray: one bundle per training worker, the data pipeline's
-    CPUs, and for PPO one bundle per vLLM engine (all its GPUs on one node)."""
+    CPUs, and for PPO one bundle per vLLM engine (all its GPUs on one node) and per
+    served reward model replica."""
     c = cfg.cluster
     out = [Bundle("training worker", c.cpus_per_worker, 1 if c.use_gpu else 0,
                   c.worker_range[1])]  # elastic: what the run grows to
@@ -279,6 +280,10 @@ def resource_bundles(kind: str, cfg: Any) -> list[Bundle]:
         r = cfg.rollout
         out.append(Bundle("vLLM engine", r.cpus_per_engine,
                           r.tensor_parallel_size if c.use_gpu else 0, r.engines, "rollout"))
+        rw = cfg.reward
+        if rw.models:  # served beside the engines (on rollout nodes when separate)
+            out.append(Bundle("reward model replica", rw.cpus_per_replica,
+                              rw.gpus_per_replica, len(rw.models) * rw.replicas, "rollout"))
     if kind in ("dpo", "kto") and cfg.loss.precompute_reference:
         out.append(Bundle("reference actor", 1, c.reference_gpus_per_actor,
                           c.reference_actors))

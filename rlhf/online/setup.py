@@ -139,7 +139,7 @@ def start_reward_models(cfg: PPOConfig) -> list:
             pools.append(start_reward_pool(
                 path, replicas=rw.replicas, num_cpus=rw.cpus_per_replica,
                 num_gpus=rw.gpus_per_replica, dtype=cfg.model.dtype,
-                timeout_s=rw.timeout_s))
+                timeout_s=rw.timeout_s, separate=cfg.rollout.placement == "separate"))
         except Exception as e:  # noqa: BLE001 - the replica's own error, named
             for pool in pools:
                 pool.close()

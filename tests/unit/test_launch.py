@@ -130,6 +130,13 @@ def test_separate_placement_plans_each_side_on_its_own_nodes():
     assert plan.fits["gpu-h100x8-rollout"].startswith("rollout side: yes")
     assert plan.fits["gpu-h100x8"].startswith("training side: yes")
     assert {b.side for b in plan.bundles} == {"training", "rollout"}
+    # served reward models: their replicas beside the engines, packed on rollout nodes
+    served, _ = plan_recipe(ROOT / "launch/recipes/ppo-async-llama3-8b.yaml",
+                            ["reward.models=[a,b]", "reward.replicas=2",
+                             "reward.gpus_per_replica=0.5"], CLUSTER, "meta-llama/Llama-3.1-8B")
+    replicas = [b for b in served.bundles if b.what == "reward model replica"]
+    assert [(b.count, b.gpus, b.side) for b in replicas] == [(4, 0.5, "rollout")]
+    assert served.ok and served.fits["gpu-h100x8-rollout"].startswith("rollout side: yes")
     no_rollout_nodes = [t for t in node_types(CLUSTER) if not t.rollout]
     plan = make_plan("ppo", cfg, plan.arch, no_rollout_nodes)
     assert not plan.ok and "no node type is labelled" in plan.fits["(rollout nodes)"]
