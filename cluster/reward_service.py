@@ -93,8 +93,9 @@ class RewardPool:
                     if now - began > self.timeout_s:
                         self._retry(b, len(batches[b][1]), replica, tries,
                                     f"its replica not back in {self.timeout_s:g} s", send)
-                    else:
-                        later.append((now + 0.5, b, replica, began))
+                    else:  # the next replica (with one: the same, once it is back)
+                        later.append((now + 0.5, b, (replica + 1) % len(self.replicas),
+                                      began))
                     continue
                 except ray.exceptions.RayActorError as e:  # it died: the batch again
                     self._retry(b, len(batches[b][1]), replica, tries,
@@ -129,17 +130,25 @@ class RewardPool:
 
     def pids(self, timeout_s: float = 300.0) -> list[int]:
         """Each replica's process id, once every one is up (a restarting replica is
-        waited for: it reloads its model)."""
+        waited for: it reloads its model); a RewardError after `timeout_s` (replicas
+        the cluster has no room for would otherwise be waited for for ever)."""
         import ray
 
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return ray.get([r.pid.remote() for r in self.replicas])
+                return ray.get([r.pid.remote() for r in self.replicas],
+                               timeout=max(1.0, deadline - time.monotonic()))
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+            except ray.exceptions.GetTimeoutError:
+                raise RewardError(
+                    f"reward model {self.name}: its {len(self.replicas)} replica(s) were not "
+                    f"up after {timeout_s:g} s. The cluster may have no room for them: lower "
+                    "reward.replicas, reward.cpus_per_replica or reward.gpus_per_replica, "
+                    "or add nodes.") from None
 
     def close(self) -> None:
         import ray

@@ -15,6 +15,7 @@ gathers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +111,10 @@ class ModelEnsemble:
                  ) -> tuple[list[float], dict[str, list[float]]]:
         """(B combined scores, {each model's name: its B scores, "ensemble": the
         combined, "ensemble_std": the models' disagreement})."""
-        per_model = [list(map(float, score(prompts, responses))) for score in self.scorers]
+        # the models at once (each call waits on its own served replicas)
+        with ThreadPoolExecutor(max_workers=len(self.scorers)) as pool:
+            per_model = list(pool.map(lambda score: list(map(float, score(prompts, responses))),
+                                      self.scorers))
         scores = torch.tensor(per_model, dtype=torch.float64).reshape(len(per_model), -1)
         combined = combine_models(scores, self.how, self.coef).tolist()
         parts = dict(zip(self.names, per_model))
