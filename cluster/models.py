@@ -315,3 +315,23 @@ def export_hf(state_dict: dict, path: str, out_dir: Path, model_cfg: Any, tokeni
     (out_dir / "rlhf_export.json").write_text(json.dumps({
         "base": path, "dtype": model_cfg.dtype, "lora": lora.enabled,
         "merged": (not lora.enabled) or lora.merge_on_export}, indent=2))
+
+
+FOREIGN_MAX_LENGTH = 2048  # tokens scored of a reward model not exported by rlhf.rm
+
+
+def is_reward_model(path: str) -> bool:
+    """Whether the folder at `path` is a reward model: exported by rlhf.rm
+    (rlhf_reward.json), or a Hugging Face sequence-classification model with a single
+    output (e.g. a reward model from the hub), which scores text with its own
+    tokenizer."""
+    folder = Path(path)
+    if (folder / "rlhf_reward.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    one_output = config.get("num_labels", len(config.get("id2label") or {"0": 0})) == 1
+    return one_output and any(a.endswith("ForSequenceClassification")
+                              for a in config.get("architectures") or [])

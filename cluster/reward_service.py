@@ -23,16 +23,25 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from cluster.judge_service import PairwiseJudge
 from cluster.scoring import RewardScorer
 from cluster.vllm_engines import ROLLOUT_LABEL
 from rlhf.core.rewards import RewardError
 
 
-class ServedScorer(RewardScorer):
-    """RewardScorer as a replica: its process id, for the pool's report."""
+class Replica:
+    """What a served model's actor adds: its process id, for the pool's report."""
 
     def pid(self) -> int:
         return os.getpid()
+
+
+class ServedScorer(RewardScorer, Replica):
+    """A reward model's replica."""
+
+
+class ServedJudge(PairwiseJudge, Replica):
+    """A pairwise judge's replica (score(prompts, [(response, baseline)]))."""
 
 
 class RewardPool:
@@ -160,16 +169,17 @@ class RewardPool:
 def start_reward_pool(path: str, *, replicas: int = 1, num_cpus: float = 1,
                       num_gpus: float = 0, dtype: str = "fp32", batch_size: int = 16,
                       timeout_s: float = 120.0, retries: int = 2,
-                      separate: bool = False) -> RewardPool:
-    """`replicas` actors each holding the reward model at `path` (an rlhf.rm export), up
-    and loaded when this returns. Ray restarts a replica that dies (max_restarts=-1);
-    the pool sends its batch again (at most `retries` times per batch). separate: only
-    on nodes labelled for rollouts, beside the engines (rollout.placement=separate)."""
+                      separate: bool = False, actor: type = ServedScorer) -> RewardPool:
+    """`replicas` actors each holding the reward model at `path` (a reward model, or with
+    actor=ServedJudge a causal LM as a pairwise judge), up and loaded when this returns.
+    Ray restarts a replica that dies (max_restarts=-1); the pool sends its batch again
+    (at most `retries` times per batch). separate: only on nodes labelled for rollouts,
+    beside the engines (rollout.placement=separate)."""
     import ray
 
     extra = {"label_selector": ROLLOUT_LABEL} if separate else {}
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1,
-                     max_task_retries=0, **extra)(ServedScorer)
+                     max_task_retries=0, **extra)(actor)
     handles = [cls.remote(path, dtype=dtype, batch_size=batch_size) for _ in range(replicas)]
     pool = RewardPool(path, handles, batch_size, timeout_s, retries)
     pool.pids()  # loaded (a bad path fails here, with the scorer's own message)

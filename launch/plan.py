@@ -17,7 +17,7 @@ training workers, T the LoRA parameters):
     overhead    2.5 GiB (CUDA context, NCCL) + 5% for allocator fragmentation
 Models on one worker hold their states together; activations peak with the largest one
 (they train one after the other).
-A frozen model (DPO's reference, PPO's reference and reward model) counts its weights
+A frozen model (DPO's reference, PPO's reference) counts its weights
 alone, /N under ZeRO-3 or cluster.offload_frozen, in host memory with offload; vLLM engines hold the weights / tensor_parallel_size and give the KV cache what
 rollout.kv_cache_fraction leaves. These are estimates to catch the run that cannot fit
 before it is launched, not a promise that one which fits will: leave a margin.
@@ -208,8 +208,6 @@ def memory_plan(kind: str, cfg: Any, arch: Arch) -> list[ModelMemory]:
             out.append(frozen_model("reference", arch, cfg, world))
         if cfg.algo.algorithm == "ppo":
             out.append(trained_model("critic", arch, cfg, world, tokens, logits=False))
-        if cfg.reward.model:  # counted at the policy's size: it shares its tokenizer
-            out.append(frozen_model("reward model", arch, cfg, world))
     return out
 
 
@@ -281,9 +279,10 @@ def resource_bundles(kind: str, cfg: Any) -> list[Bundle]:
         out.append(Bundle("vLLM engine", r.cpus_per_engine,
                           r.tensor_parallel_size if c.use_gpu else 0, r.engines, "rollout"))
         rw = cfg.reward
-        if rw.models:  # served beside the engines (on rollout nodes when separate)
+        models = rw.served_replicas()
+        if models:  # served beside the engines (on rollout nodes when separate)
             out.append(Bundle("reward model replica", rw.cpus_per_replica,
-                              rw.gpus_per_replica, len(rw.models) * rw.replicas, "rollout"))
+                              rw.gpus_per_replica, models, "rollout"))
     if kind in ("dpo", "kto") and cfg.loss.precompute_reference:
         out.append(Bundle("reference actor", 1, c.reference_gpus_per_actor,
                           c.reference_actors))

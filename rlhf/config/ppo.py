@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from rlhf.config.base import ConfigError, one_of
@@ -80,7 +81,10 @@ class RolloutConfig:
 class RLAlgoConfig:
     algorithm: str = "grpo"
     """grpo (group-normalised advantages), rloo (leave-one-out baseline), reinforce++
-    (batch-whitened returns), all without a critic; or ppo (GAE with a critic)."""
+    (batch-whitened returns), all without a critic; ppo (GAE with a critic); or
+    rejection (online rejection-sampling fine-tuning, RAFT / ReST: of each prompt's
+    samples the best-scoring one at or above reward.min_score is kept and trained with
+    the SFT loss, the others left out; a prompt with none is dropped and replaced)."""
     scale_rewards: bool = True
     """grpo: divide by the group's reward std (false: Dr. GRPO)."""
     ppo_epochs: int = 1
@@ -137,9 +141,10 @@ class RLAlgoConfig:
     """overlong=penalty: the penalty at the budget."""
 
 
-# reward.ensemble's rules (rlhf.core.reward_ensemble.ENSEMBLES; named here so that a
-# config loads without torch, unit/test_rewards.py checks the two agree)
+# reward.ensemble's and reward.aggregation's rules (rlhf.core.reward_ensemble's; named
+# here so that a config loads without torch, unit/test_rewards.py checks they agree)
 ENSEMBLES = ("mean", "min", "uwo", "mean_minus_std")
+AGGREGATIONS = ("sum_then_normalise", "normalise_then_sum")
 
 
 @dataclass
@@ -147,19 +152,24 @@ class RewardConfig:
     functions: list[str] = field(default_factory=lambda: ["rlhf.core.tasks:demo_opening"])
     """Reward functions as module:function or module:function=weight, summed."""
     model: str | None = None
-    """A reward model exported by rlhf.rm, added to the functions' sum."""
+    """One reward model (an rlhf.rm export, or any Hugging Face sequence-classification
+    model with one output): reward.models=[model] with weight reward.model_weight (the
+    name OpenRLHF's reward_pretrain maps to). Served like reward.models, not held by the
+    training workers."""
     model_weight: float = 1.0
-    """Weight of the reward model's score."""
+    """Weight of reward.model's score."""
     clip: float | None = None
     """Clip each response's total reward to [-clip, clip]."""
     models: list[str] = field(default_factory=list)
-    """Reward models served beside the engines (each an rlhf.rm export; a pool of
-    reward.replicas Ray actors per model), scored when a sample is made, so that every
-    filter (algo.dynamic_sampling, reward.min_score) sees their scores and the training
-    workers hold none of them. Several are one ensemble, combined by reward.ensemble;
-    the combined score joins the functions' sum with weight reward.models_weight. Each
-    model's score, the combined one and the models' disagreement (their std) are logged
-    per step as reward[rm<i>], reward[ensemble], reward[ensemble_std]."""
+    """Reward models served beside the engines (each an rlhf.rm export, or a Hugging Face
+    sequence-classification model with one output, which scores the decoded text with
+    its own tokenizer; a pool of reward.replicas Ray actors per model), scored when a
+    sample is made, so that every filter (algo.dynamic_sampling, reward.min_score) sees
+    their scores and the training workers hold none of them. Several are one ensemble,
+    combined by reward.ensemble; the combined score joins the functions' sum with weight
+    reward.models_weight. Each model's score, the combined one and the models'
+    disagreement (their std) are logged per step as reward[rm<i>], reward[ensemble],
+    reward[ensemble_std]."""
     models_weight: float = 1.0
     """Weight of reward.models' combined score in the sum of reward sources."""
     ensemble: str = "mean"
@@ -168,6 +178,13 @@ class RewardConfig:
     reward.ensemble_coef x their std, the penalty in the scores' own units)."""
     ensemble_coef: float = 0.5
     """The disagreement penalty's weight for ensemble=uwo and mean_minus_std."""
+    aggregation: str = "sum_then_normalise"
+    """How the sources (each function, the environment, the reward models, the remote
+    endpoint) become one reward: sum_then_normalise (their weighted sum; the algorithm's
+    own normalisation follows) or normalise_then_sum (each source first brought to zero
+    mean and unit std within the prompt's samples, then the weighted sum: a source on a
+    large scale does not drown one on a small scale; TRL's multi_objective_aggregation,
+    GDPO). Needs rollout.samples_per_prompt >= 2."""
     replicas: int = 1
     """Actors serving each of reward.models (requests are cut in batches over them)."""
     cpus_per_replica: float = 1.0
@@ -175,13 +192,57 @@ class RewardConfig:
     """GPUs per replica actor (fractions share a GPU); 0: on CPUs."""
     timeout_s: float = 120.0
     """A served model's batch with no answer by then is sent again (its replica is
-    restarted); twice more, then the run stops, naming the model."""
+    restarted); twice more, then the run stops, naming the model. Also a remote
+    endpoint's timeout per request."""
     min_score: float | None = None
     """Reward thresholds on the rollout-side reward (functions, environment, served
     reward models): a sample scoring below min_score or above max_score is left out of
     the loss (its loss mask zeroed) and counted per step (train/outside_thresholds); a
     prompt all of whose samples are outside is dropped, counted, and replaced."""
     max_score: float | None = None
+    remote_url: str = ""
+    """A reward served over HTTP (docs/rewards.md: POST {"prompts", "responses",
+    "metadata"} -> {"scores": one number per response}), scored in batches of
+    reward.remote_batch_size, reward.timeout_s per request, retried twice. Joins the sum
+    with weight reward.remote_weight, logged as reward[remote]."""
+    remote_weight: float = 1.0
+    remote_batch_size: int = 32
+    remote_auth_env: str = "RLHF_REWARD_TOKEN"
+    """The environment variable holding the endpoint's token, sent as "Authorization:
+    Bearer <token>" when set (never logged: the URL's own credentials are redacted too)."""
+    remote_errors: str = "skip"
+    """An answer that is not {"scores": [one finite number per response]}, or a batch
+    that fails all its tries: skip (its prompts' groups are dropped, counted, and
+    replaced) or stop (the run ends naming the endpoint and what it answered)."""
+    judge: str = ""
+    """A pairwise judge as a reward source: a causal LM (an instruction model, or a
+    local path) asked which of a sample and a baseline response is better, in both
+    orders to cancel position bias, its preference read from its own log-probs of the
+    letters A and B (no text parsed); the sample's score is P(sample better than the
+    baseline), in [0, 1]. Served like reward.models (reward.replicas actors), logged as
+    reward[judge], weighted by reward.judge_weight."""
+    judge_weight: float = 1.0
+    judge_baseline: str = ""
+    """The baseline the judge compares each sample with: a prompt column (the dataset's
+    reference answer, reaching the judge as metadata), or empty: the prompt's first
+    sample (so the others are scored against it, and it scores 0.5)."""
+    gold: str = ""
+    """A reward kept out of training, for the reward-hacking monitor: module:function, or
+    a reward model (served, one replica). Scored on the same samples, logged as
+    reward[gold]; a warning when the training reward rises while gold falls over
+    three evaluations."""
+
+    def served(self) -> tuple[list[str], float]:
+        """(the reward models to serve as one ensemble, its weight in the sum)."""
+        if self.model:
+            return [self.model], self.model_weight
+        return list(self.models), self.models_weight
+
+    def served_replicas(self) -> int:
+        """The actors serving this section: the reward models', the judge's (replicas
+        each) and the gold reward model's (one)."""
+        return ((len(self.served()[0]) + bool(self.judge)) * self.replicas
+                + bool(self.gold and not is_function(self.gold)))
 
 
 @dataclass
@@ -247,14 +308,25 @@ class PPOConfig:
             raise ConfigError("algo.dynamic_sampling drops prompts whose samples all score the "
                               "same, which carry no signal only for grpo and rloo.")
         rw = self.reward
-        filters = [name for name, on in (("algo.dynamic_sampling", a.dynamic_sampling),
-                                         ("reward.min_score", rw.min_score is not None),
-                                         ("reward.max_score", rw.max_score is not None)) if on]
-        if filters and rw.model:
-            raise ConfigError(f"{filters[0]} filters on rewards known when a sample is made "
-                              "(reward.functions, the environment, reward.models); "
-                              "reward.model scores on the trainers, after the filter. Serve "
-                              f"it instead: reward.models=[{rw.model}].")
+        if rw.model and rw.models:
+            raise ConfigError("reward.model and reward.models are both given: list every "
+                              f"reward model in reward.models (e.g. reward.models=[{rw.model}, "
+                              f"{rw.models[0]}]).")
+        one_of("reward.aggregation", rw.aggregation, AGGREGATIONS)
+        if rw.aggregation == "normalise_then_sum" and self.rollout.samples_per_prompt < 2:
+            raise ConfigError("reward.aggregation=normalise_then_sum normalises each source "
+                              "within a prompt's samples: set rollout.samples_per_prompt >= 2.")
+        one_of("reward.remote_errors", rw.remote_errors, ("skip", "stop"))
+        if rw.remote_url and not rw.remote_url.startswith(("http://", "https://")):
+            raise ConfigError(f"reward.remote_url={rw.remote_url!r}: give an http:// or "
+                              "https:// URL.")
+        if "@" in rw.remote_url.split("//", 1)[-1].split("/", 1)[0]:
+            raise ConfigError("reward.remote_url carries credentials (user:password@host): "
+                              "take them out and put the endpoint's token in the "
+                              f"environment variable ${rw.remote_auth_env} (sent as a Bearer "
+                              "token, never logged).")
+        if rw.remote_batch_size < 1:
+            raise ConfigError("reward.remote_batch_size must be at least 1.")
         one_of("reward.ensemble", rw.ensemble, ENSEMBLES)  # rlhf.core.reward_ensemble's
         if rw.replicas < 1 or rw.timeout_s <= 0:
             raise ConfigError(f"reward.replicas={rw.replicas} and reward.timeout_s="
@@ -265,9 +337,13 @@ class PPOConfig:
                               f"{rw.max_score}: no sample could be kept.")
         if a.overlong == "penalty" and a.overlong_buffer < 1:
             raise ConfigError("algo.overlong_buffer must be at least 1 token.")
-        one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo"))
+        one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo", "rejection"))
         one_of("algo.kl_penalty", a.kl_penalty, ("loss", "reward"))
-        if a.algorithm in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
+        if a.algorithm == "rejection" and a.kl_penalty == "reward":
+            raise ConfigError("algo.algorithm=rejection trains the SFT loss on the kept "
+                              "samples, which has no reward to put a KL penalty in: use "
+                              "algo.kl_penalty=loss (or algo.kl_coef=0).")
+        if a.algorithm in ("grpo", "rloo", "rejection") and self.rollout.samples_per_prompt < 2:
             raise ConfigError(f"rollout.samples_per_prompt must be at least 2: "
                               f"{a.algorithm} compares the samples of one prompt.")
         if a.ppo_epochs < 1 or a.mini_batches < 1:
@@ -281,13 +357,22 @@ class PPOConfig:
                     f"micro-batch(es) each of {world} workers runs per step "
                     f"(train.global_batch_size / (train.micro_batch_size x workers)): lower "
                     f"train.micro_batch_size or algo.mini_batches.")
-        if not (rw.functions or rw.model or rw.models or r.environment):
+        if not (rw.functions or rw.model or rw.models or r.environment or rw.remote_url):
             raise ConfigError("No reward: give reward.functions (module:function), "
-                              "reward.models (reward models exported by rlhf.rm) or "
-                              "rollout.environment (module:Class), or several.")
+                              "reward.models (reward models exported by rlhf.rm), "
+                              "reward.remote_url or rollout.environment (module:Class), or "
+                              "several.")
         if a.kl_target is not None and a.kl_penalty != "reward":
             raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "
                               "algo.kl_penalty=reward too.")
+
+
+def is_function(spec: str) -> bool:
+    """Whether a reward spec (reward.gold) names a function (module:function) rather
+    than a reward model (a folder, builtin:..., s3://..., a hub id)."""
+    module, sep, attr = spec.partition(":")
+    return bool(sep) and attr.isidentifier() and not spec.startswith("builtin:") \
+        and all(part.isidentifier() for part in module.split(".")) and not Path(spec).exists()
 
 
 def resolved_rollout_is(cfg: Any) -> str:

@@ -366,7 +366,7 @@ class ClusterConfig:
     offload_params: bool = False
     """Keep parameters in CPU memory between uses (ZeRO-3 only)."""
     offload_frozen: bool = False
-    """Keep the frozen models (reference, PPO's reward model) in CPU memory, streamed to
+    """Keep the frozen models (the reference) in CPU memory, streamed to
     the GPU layer by layer at each forward, whatever the policy's ZeRO stage: they only
     run forwards, so this frees their whole weights for the trained models' states at
     the cost of a host-to-GPU copy per forward."""

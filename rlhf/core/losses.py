@@ -462,6 +462,23 @@ class RLLossOutput:
     """The k3 KL estimate to the reference (zeros without a reference). Detached."""
 
 
+def kept_samples_loss(logprobs: torch.Tensor, mask: torch.Tensor,
+                      ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online rejection sampling's per-token loss (RAFT, Dong et al. 2023; ReST, Gulcehre
+    et al. 2023): the negative log-likelihood of the kept samples' tokens, + kl_coef x k3
+    KL to the reference when given. logprobs, mask, ref_logprobs: (B, T). Returns
+    (losses (B, T), the k3 KL (B, T), detached; zeros without a reference)."""
+    losses = -logprobs * mask
+    kl = torch.zeros_like(logprobs)
+    if ref_logprobs is not None:
+        log_ratio = logprobs - ref_logprobs.to(logprobs.device)
+        kl = (torch.expm1(-log_ratio) + log_ratio) * mask
+        if kl_coef:
+            losses = losses + kl_coef * kl
+    return losses, kl.detach()
+
+
 def online_rl_loss(logprobs: torch.Tensor, proximal: torch.Tensor, behaviour: torch.Tensor,
                    advantages: torch.Tensor, mask: torch.Tensor, *, clip_low: float = 0.2,
                    clip_high: float | None = None, rollout_is: str = "none",

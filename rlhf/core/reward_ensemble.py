@@ -62,25 +62,34 @@ def normalise(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def aggregate(scores: torch.Tensor, weights: Sequence[float],
-              how: str = "sum_then_normalise", normalise_sum: bool = False) -> torch.Tensor:
+              how: str = "sum_then_normalise", groups: Sequence[int] | None = None
+              ) -> torch.Tensor:
     """(S, B) scores of S sources (rule functions, environments, the reward-model
-    ensemble) -> (B,) the reward the policy is trained on.
+    ensemble, a remote endpoint) -> (B,) the reward the policy is trained on.
 
-    sum_then_normalise:  sum_s w_s r_s, then normalised over the batch when
-                         `normalise_sum` (what a single summed reward always did)
-    normalise_then_sum:  sum_s w_s norm(r_s): each source first brought to zero mean and
-                         unit std over the batch, so a source on a large scale (a reward
-                         model's logits) does not drown one on a small scale (a 0/1
-                         rule) (GDPO; TRL's multi_objective_aggregation)."""
+    sum_then_normalise:  sum_s w_s r_s (the algorithm's advantage estimator normalises
+                         what it needs)
+    normalise_then_sum:  sum_s w_s norm_g(r_s): each source first brought to zero mean
+                         and unit (population) std within each group g of samples (a
+                         prompt's samples: `groups` gives each sample's group; None: the
+                         whole batch is one group), so that a source on a large scale (a
+                         reward model's logits) does not drown one on a small scale (a 0/1
+                         rule) (GDPO; TRL's multi_objective_aggregation, which normalises
+                         per group the same way). A source constant within a group gives
+                         that group 0: it tells the group's samples nothing apart."""
     if how not in AGGREGATIONS:
         raise ValueError(f"aggregation {how!r}: use one of {', '.join(AGGREGATIONS)}")
     w = torch.as_tensor(list(weights), dtype=scores.dtype).unsqueeze(1)
     if w.shape[0] != scores.shape[0]:
         raise ValueError(f"{w.shape[0]} weights for {scores.shape[0]} sources")
-    if how == "normalise_then_sum":
-        return (w * normalise(scores)).sum(dim=0)
-    total = (w * scores).sum(dim=0)
-    return normalise(total) if normalise_sum else total
+    if how == "sum_then_normalise":
+        return (w * scores).sum(dim=0)
+    g = torch.as_tensor(list(groups) if groups is not None else [0] * scores.shape[1])
+    out = torch.empty_like(scores)
+    for key in g.unique():
+        cols = (g == key).nonzero().squeeze(1)
+        out[:, cols] = normalise(scores[:, cols])
+    return (w * out).sum(dim=0)
 
 
 def within_thresholds(rewards: torch.Tensor, min_score: float | None = None,

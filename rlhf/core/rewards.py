@@ -93,28 +93,49 @@ def function_source(spec: str, weight: float = 1.0) -> RewardSource:
 
 @dataclass
 class Rewards:
-    """The weighted sum of the sources, per response, and each source's own scores
-    (for the per-iteration report). `models`: reward models combined into one source
-    (rlhf.core.reward_ensemble.ModelEnsemble: its weight, each model's scores, the
-    combined score and the models' disagreement among the parts)."""
+    """The sources made one reward per response (their weighted sum, or each normalised
+    within its group first: `aggregation`, rlhf.core.reward_ensemble.aggregate), and each
+    source's own scores (for the per-step report). `models`: reward models combined into
+    one source (rlhf.core.reward_ensemble.ModelEnsemble: each model's scores, the
+    combined score and the models' disagreement among the parts). `gold`: a reward kept
+    out of the sum, scored for the reward-hacking monitor (parts["gold"])."""
 
     sources: list[RewardSource] = field(default_factory=list)
     models: ModelEnsemble | None = None
+    aggregation: str = "sum_then_normalise"
+    gold: Callable[[Sequence[str], Sequence[str], Sequence[dict]], list[float]] | None = None
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
-                 metadata: Sequence[dict] | None = None) -> tuple[list[float], dict]:
+                 metadata: Sequence[dict] | None = None, groups: Sequence[int] | None = None,
+                 extra: Sequence[tuple[str, float, list[float]]] = ()
+                 ) -> tuple[list[float], dict]:
+        """(B rewards, {source name: its B scores}). groups: each response's prompt (for
+        normalise_then_sum); extra: sources scored elsewhere, as (name, weight, scores)
+        (the environment's turn rewards). A source may give NaN for a response it could
+        not score (a remote endpoint's skipped batch): that response's reward is NaN."""
+        import torch
+
+        from rlhf.core.reward_ensemble import aggregate
+
         metadata = metadata if metadata is not None else [{} for _ in prompts]
-        total = [0.0] * len(responses)
-        parts = {}
+        terms: list[tuple[str, float, list[float]]] = []
+        parts: dict[str, list[float]] = {}
         for s in self.sources:
-            scores = s.score(prompts, responses, metadata)
-            parts[s.name] = scores
-            total = [t + s.weight * v for t, v in zip(total, scores)]
+            terms.append((s.name, s.weight, s.score(prompts, responses, metadata)))
+        terms += list(extra)
         if self.models is not None and responses:
             combined, model_parts = self.models(prompts, responses)
+            terms.append(("ensemble", self.models.weight, combined))
             parts.update(model_parts)
-            total = [t + self.models.weight * v for t, v in zip(total, combined)]
-        return total, parts
+        for name, _, scores in terms:
+            parts[name] = scores
+        if self.gold is not None and responses:
+            parts["gold"] = self.gold(prompts, responses, metadata)
+        if not terms or not responses:
+            return [0.0] * len(responses), parts
+        table = torch.tensor([list(map(float, sc)) for _, _, sc in terms], dtype=torch.float64)
+        total = aggregate(table, [w for _, w, _ in terms], self.aggregation, groups)
+        return total.tolist(), parts
 
 
 def shape_scores(scores, clip: float | None = None, normalise: bool = False,

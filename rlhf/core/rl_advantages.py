@@ -38,6 +38,9 @@ def assign_advantages(rollouts: list[dict], algo, samples_per_prompt: int, kl_co
             d["reward_kl"] = kl
             local[3] += float(kl.sum())
             local[4] += d["n_seqs"]
+        if a.algorithm == "rejection":  # the SFT loss on the kept samples: no advantage
+            d["adv"] = torch.ones_like(d["scores"])
+            continue
         if a.algorithm in ("grpo", "rloo"):
             s = d["scores"] - kl_coef * kl.sum(1) if kl is not None else d["scores"]
             d["adv"] = (grpo_advantages(s, n, scale=a.scale_rewards)

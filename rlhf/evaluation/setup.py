@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cluster.models import TORCH_DTYPES, load_tokenizer, resolve_model_path
+from cluster.models import TORCH_DTYPES, is_reward_model, load_tokenizer, resolve_model_path
 from rlhf.config import (BUILTIN_DATA, BUILTIN_MODEL, ConfigError, EvalConfig, EvalDataConfig,
                          PromptDataConfig)
 from rlhf.data import pipeline
@@ -176,9 +176,11 @@ def resolve(cfg: EvalConfig) -> Setup:
                           "rlhf.rm> or judge.model=<a causal LM to ask which response is "
                           "better>. (The built-in demo reward model only knows builtin:demo.)")
     if (judge_path != BUILTIN_RM and judge == "reward_model"
-            and not (Path(judge_path) / "rlhf_reward.json").is_file()):
-        raise ConfigError(f"judge.reward_model={judge_path}: not a reward model exported by "
-                          "rlhf.rm (no rlhf_reward.json). Train one with python -m rlhf.rm.")
+            and not is_reward_model(judge_path)):
+        raise ConfigError(f"judge.reward_model={judge_path}: not a reward model: neither "
+                          "exported by rlhf.rm (no rlhf_reward.json) nor a Hugging Face "
+                          "sequence-classification model with one output. Train one with "
+                          "python -m rlhf.rm.")
     return Setup(aligned, base, run_dir, data, plan_data(data), beta, seed, judge, judge_path,
                  demo and data.path == BUILTIN_DATA)
 

@@ -44,6 +44,7 @@ samples (equal digests: the same samples trained).
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -86,14 +87,14 @@ class RolloutCoordinator:
 
     def __init__(self, cfg, engines: list, sync: str, weights_dir: str, store,
                  train_dataset, model_path: str, run_dir: str, total_steps: int,
-                 reward_pools: list | None = None):
+                 reward_pools: list | None = None, gold_pool=None, judge_pool=None):
         import os
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.cfg, self.r, self.a = cfg, cfg.rollout, cfg.algo
         self.client = EngineClient(engines, sync, weights_dir, store)
         self.runner = EpisodeRunner(cfg, self.client, load_tokenizer(model_path),
-                                    reward_pools)
+                                    reward_pools, gold_pool, judge_pool)
         self.dataset, self.total_steps = train_dataset, total_steps
         self.ledger_path = f"{run_dir}/rollouts.jsonl"
         self.cond = threading.Condition()
@@ -195,7 +196,10 @@ class RolloutCoordinator:
             eps = runner.episodes(rank, rows, "eval")
             runner.run(eps, lambda ep: engine, "eval")
             scored, failed = runner.score(eps, train=False)
-        return {"records": [rec.__dict__ for _, rec in scored], "failed": len(failed)}
+        # a response the remote endpoint left unscored is left out, as a failed episode
+        kept = [rec for _, rec in scored if not math.isnan(rec.score)]
+        return {"records": [rec.__dict__ for rec in kept],
+                "failed": len(failed) + len(scored) - len(kept)}
 
     def snapshot(self) -> list[dict]:
         """For a checkpoint: the producer finishes the batches it is making and pauses;

@@ -15,6 +15,7 @@ observations are appended token in, token out (rlhf.core.environments.ChatCodec)
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import Counter
@@ -27,11 +28,15 @@ from cluster.vllm_engines import sample_seed
 from rlhf.core.advantages import overlong_penalty, uniform_groups
 from rlhf.core.environments import ChatCodec, call_all, checked_step, load_environment
 from rlhf.core.reward_ensemble import ModelEnsemble, within_thresholds
-from rlhf.core.rewards import Rewards, function_source, reward_spec
+from rlhf.core.rewards import (RewardError, Rewards, RewardSource, function_source,
+                               reward_spec)
 from rlhf.core.rollouts import OBSERVATION, RolloutRecord
+from rlhf.online.remote_reward import RemoteReward
 
 DROP_UNIFORM = "dropped: uniform rewards (algo.dynamic_sampling)"
 DROP_OUTSIDE = "dropped: every sample outside reward.min_score/max_score"
+DROP_NONE_KEPT = "dropped: no sample left to keep (algo.algorithm=rejection)"
+DROP_UNSCORED = "dropped: reward.remote_url gave no score (reward.remote_errors=skip)"
 
 
 @dataclass
@@ -65,18 +70,32 @@ class EpisodeRunner:
     """Generates, scores and filters episodes with the engines of `client` (see the module
     docstring). Thread-safe: batches made at once take the engines a round at a time."""
 
-    def __init__(self, cfg, client: EngineClient, tok, reward_pools: list | None = None):
-        """reward_pools: reward.models' served pools (cluster.reward_service.RewardPool),
-        in reward.models' order."""
+    def __init__(self, cfg, client: EngineClient, tok, reward_pools: list | None = None,
+                 gold_pool=None, judge_pool=None):
+        """reward_pools: the served reward models (cluster.reward_service.RewardPool), in
+        reward.models' order; gold_pool: reward.gold's when it is a reward model;
+        judge_pool: reward.judge's (score(prompts, [(response, baseline)]))."""
+        self.judge = judge_pool
         self.cfg, self.r, self.a = cfg, cfg.rollout, cfg.algo
         self.client, self.tok = client, tok
         rw = cfg.reward
         models = (ModelEnsemble([f"rm{i}" for i in range(len(reward_pools))],
                                 [pool.score for pool in reward_pools], rw.ensemble,
-                                rw.ensemble_coef, rw.models_weight)
+                                rw.ensemble_coef, rw.served()[1])
                   if reward_pools else None)
-        self.rewards = Rewards([function_source(*reward_spec(s)) for s in rw.functions],
-                               models)
+        sources = [function_source(*reward_spec(s)) for s in rw.functions]
+        self.remote = None
+        if rw.remote_url:
+            self.remote = RemoteReward(rw.remote_url, batch_size=rw.remote_batch_size,
+                                       timeout_s=rw.timeout_s, auth_env=rw.remote_auth_env,
+                                       errors=rw.remote_errors)
+            sources.append(RewardSource("remote", rw.remote_weight, self.remote))
+        gold = None
+        if gold_pool is not None:
+            gold = lambda p, r, m: gold_pool.score(p, r)  # noqa: E731
+        elif rw.gold:
+            gold = function_source(rw.gold).score
+        self.rewards = Rewards(sources, models, rw.aggregation, gold)
         self.env_factory = None
         self.codec = None
         self.stop_ids = None  # the engines' default: the model's end-of-sequence tokens
@@ -282,15 +301,20 @@ class EpisodeRunner:
         texts = [self.tok.decode(ep.prompt_ids) for ep in good]
         resp = [self.tok.decode(ep.response_ids, skip_special_tokens=True) for ep in good]
         meta = [json.loads(ep.metadata) for ep in good]
+        extra = ([("environment", 1.0, [sum(ep.turn_rewards) for ep in good])]
+                 if self.env_factory is not None else [])
+        keys: dict[tuple[int, int], int] = {}  # each sample's prompt, numbered
+        groups = [keys.setdefault((ep.rank, ep.group), len(keys)) for ep in good]
+        if self.judge is not None and good:
+            extra.append(("judge", self.cfg.reward.judge_weight,
+                          self._judged(texts, resp, meta, groups)))
         with self.reward_lock:
-            total, parts = self.rewards(texts, resp, meta)
+            total, parts = self.rewards(texts, resp, meta, groups=groups, extra=extra)
         recs = []
         a = self.a
         for i, ep in enumerate(good):
-            score = total[i] + sum(ep.turn_rewards) if ep.turn_rewards else total[i]
+            score = total[i]
             p = {name: parts[name][i] for name in parts}
-            if self.env_factory is not None:
-                p["environment"] = sum(ep.turn_rewards)
             mask = list(ep.loss_mask)
             if train and ep.finish_reason == "length" and a.overlong == "filter":
                 mask = [0] * len(mask)
@@ -311,12 +335,29 @@ class EpisodeRunner:
                 metadata=ep.metadata))
         return list(zip(good, recs)), [ep for ep in eps if ep.failure is not None]
 
+    def _judged(self, texts: list[str], resp: list[str], meta: list[dict],
+                groups: list[int]) -> list[float]:
+        """reward.judge's P(sample better than its baseline): the prompt's
+        reward.judge_baseline column, or its first sample (which then scores 0.5)."""
+        col = self.cfg.reward.judge_baseline
+        first: dict[int, str] = {}
+        for g, r in zip(groups, resp):
+            first.setdefault(g, r)
+        if col and any(col not in m for m in meta):
+            raise RewardError(f"reward.judge_baseline={col}: the prompts have no such column "
+                              f"(they have {sorted(meta[0])}); name one, or leave it empty "
+                              "to compare each sample with its prompt's first.")
+        base = [str(m[col]) for m in meta] if col else [first[g] for g in groups]
+        return self.judge.score(texts, list(zip(resp, base)))
+
     def filter(self, scored: list[tuple[Episode, RolloutRecord]], failed: list[Episode],
                 counts: Counter, stats: Counter) -> list[tuple[int, list[RolloutRecord]]]:
         """[(rank, the group's records)] of the groups kept, in the order their prompts
         were read; the others counted as dropped: a group with a failed episode
         (rollout.env_errors=skip), with algo.dynamic_sampling one whose rewards are all
-        equal, with reward.min_score/max_score one none of whose samples is within."""
+        equal, with reward.min_score/max_score one none of whose samples is within.
+        algo.algorithm=rejection keeps of each group its best sample within them (the
+        first of equals), the others counted as rejected."""
         import torch
 
         groups: dict[tuple[int, int], list[RolloutRecord]] = {}
@@ -333,6 +374,9 @@ class EpisodeRunner:
                 counts[f"dropped: environment {f.env} {f.kind}"] += 1
                 stats["env_failures"] += 1
                 continue
+            if any(math.isnan(x.score) for x in group):  # a remote batch skipped
+                counts[DROP_UNSCORED] += 1
+                continue
             if self.a.dynamic_sampling and bool(uniform_groups(
                     torch.tensor([x.score for x in group]), len(group))[0]):
                 counts[DROP_UNIFORM] += 1
@@ -340,7 +384,16 @@ class EpisodeRunner:
             if not self._within_thresholds(group, stats):
                 counts[DROP_OUTSIDE] += 1
                 continue
-            out.append((key[0], sorted(group, key=lambda x: x.sample)))
+            group = sorted(group, key=lambda x: x.sample)
+            if self.a.algorithm == "rejection":  # the best one within the thresholds
+                best = max((x for x in group if any(x.loss_mask)), key=lambda x: x.score,
+                           default=None)
+                if best is None:  # none has a token to train (all filtered as overlong)
+                    counts[DROP_NONE_KEPT] += 1
+                    continue
+                stats["rejected"] += len(group) - 1
+                group = [best]
+            out.append((key[0], group))
         return out
 
     def _within_thresholds(self, group: list[RolloutRecord], stats: Counter) -> bool:

@@ -15,12 +15,13 @@ import threading
 import time
 from pathlib import Path
 
-from cluster.models import load_tokenizer, resolve_model_path
+from cluster.models import is_reward_model, load_tokenizer, resolve_model_path
 from cluster.ray_cluster import root_cause
-from cluster.reward_service import start_reward_pool
+from cluster.reward_service import ServedJudge, ServedScorer, start_reward_pool
 from cluster.vllm_engines import VLLM_DTYPES, RolloutSettings, rollout_actor
 from cluster.weight_sync import shm_dir, weight_store
 from rlhf.config import ConfigError, PPOConfig
+from rlhf.config.ppo import is_function
 from rlhf.core.environments import load_environment
 from rlhf.data.pipeline import DataError
 from rlhf.online.coordinator import coordinator_actor
@@ -35,10 +36,11 @@ class OnlineRun:
         self.weights_dir = shm_dir(f"{os.getpid()}-{int(time.time())}")
         self.coordinator = None
         self.reward_pools: list = []
+        self.gold_pool = self.judge_pool = None
         r, rw = cfg.rollout, cfg.reward
         # for a local Ray this run starts: the engines and the served reward models
-        self.cpus = (r.engines * r.cpus_per_engine
-                     + len(rw.models) * rw.replicas * rw.cpus_per_replica)
+        served = rw.served_replicas()
+        self.cpus = r.engines * r.cpus_per_engine + served * rw.cpus_per_replica
 
     def setup(self, model_path: str, plan, pipes, total_steps: int, run_dir: Path) -> dict:
         """rlhf.train.driver.run_training's setup: after the pipelines, before training;
@@ -50,11 +52,12 @@ class OnlineRun:
                             "so the prompts must be chat messages (a list of {role, content} "
                             "in the prompt column) and the tokenizer needs a chat template.")
         engines = start_engines(cfg, model_path)
-        self.reward_pools = start_reward_models(cfg)
+        self.reward_pools, self.gold_pool, self.judge_pool = start_reward_models(cfg)
         store = weight_store() if self.sync == "store" else None
         self.coordinator = coordinator_actor(cfg, engines, self.sync, str(self.weights_dir),
                                              store, pipes.train, model_path, str(run_dir),
-                                             total_steps, self.reward_pools)
+                                             total_steps, self.reward_pools, self.gold_pool,
+                                             self.judge_pool)
         print(f"starting {len(engines)} vLLM engine(s) ({r.placement}); weights reach them "
               f"through {self.sync}; rollouts at most {r.max_staleness} version(s) behind "
               "the policy", flush=True)
@@ -73,8 +76,10 @@ class OnlineRun:
                 ray.kill(self.coordinator)
             except Exception:  # noqa: BLE001 - best effort
                 pass
-        for pool in self.reward_pools if ray.is_initialized() else []:
-            pool.close()
+        pools = [*self.reward_pools, self.gold_pool, self.judge_pool]
+        for pool in pools if ray.is_initialized() else []:
+            if pool is not None:
+                pool.close()
         shutil.rmtree(self.weights_dir, ignore_errors=True)
 
 
@@ -124,32 +129,46 @@ def weight_sync_path(cfg: PPOConfig) -> str:
     return sync
 
 
-def start_reward_models(cfg: PPOConfig) -> list:
-    """reward.models, each served by reward.replicas actors (cluster.reward_service), up
-    and loaded when this returns: a path that is not a reward model fails here."""
+def start_reward_models(cfg: PPOConfig) -> tuple[list, object, object]:
+    """(the served reward models (reward.models, or reward.model), each a pool of
+    reward.replicas actors; reward.gold's pool (one replica) when it is a reward model;
+    reward.judge's pool), up and loaded when this returns: a path that is not a reward
+    model fails here."""
     rw = cfg.reward
-    pools = []
-    for i, spec in enumerate(rw.models):
-        path = resolve_model_path(spec, f"reward.models[{i}]")
-        if not (Path(path) / "rlhf_reward.json").is_file():
-            raise ConfigError(f"reward.models[{i}]={spec}: not a reward model exported by "
-                              "rlhf.rm (no rlhf_reward.json); train one with python -m "
-                              "rlhf.rm and give its run directory's model/.")
+    specs = [(f"reward.models[{i}]", spec, rw.replicas, ServedScorer)
+             for i, spec in enumerate(rw.models)] if not rw.model else \
+        [("reward.model", rw.model, rw.replicas, ServedScorer)]
+    gold = bool(rw.gold and not is_function(rw.gold))
+    specs += [("reward.gold", rw.gold, 1, ServedScorer)] if gold else []
+    specs += [("reward.judge", rw.judge, rw.replicas, ServedJudge)] if rw.judge else []
+    pools: list = []
+    for what, spec, replicas, actor in specs:
+        path = resolve_model_path(spec, what)
+        if actor is ServedScorer and not is_reward_model(path):
+            raise ConfigError(f"{what}={spec}: not a reward model: neither exported by "
+                              "rlhf.rm (rlhf_reward.json) nor a Hugging Face "
+                              "sequence-classification model with one output. Train one "
+                              "with python -m rlhf.rm and give its run directory's model/.")
         try:
             pools.append(start_reward_pool(
-                path, replicas=rw.replicas, num_cpus=rw.cpus_per_replica,
+                path, replicas=replicas, num_cpus=rw.cpus_per_replica,
                 num_gpus=rw.gpus_per_replica, dtype=cfg.model.dtype,
-                timeout_s=rw.timeout_s, separate=cfg.rollout.placement == "separate"))
+                timeout_s=rw.timeout_s, separate=cfg.rollout.placement == "separate",
+                actor=actor))
         except Exception as e:  # noqa: BLE001 - the replica's own error, named
             for pool in pools:
                 pool.close()
             cause = root_cause(e)
-            raise ConfigError(f"reward.models[{i}]={spec}: cannot serve it "
+            raise ConfigError(f"{what}={spec}: cannot serve it "
                               f"({type(cause).__name__}: {cause})") from None
-    if pools:
+    judge = pools.pop() if rw.judge else None
+    gold_pool = pools.pop() if gold else None
+    if pools or judge:
         print(f"serving {len(pools)} reward model(s), {rw.replicas} replica(s) each"
-              + (f", combined by {rw.ensemble}" if len(pools) > 1 else ""), flush=True)
-    return pools
+              + (f", combined by {rw.ensemble}" if len(pools) > 1 else "")
+              + (", a pairwise judge" if judge else "")
+              + (", and the gold reward model" if gold_pool else ""), flush=True)
+    return pools, gold_pool, judge
 
 
 def start_engines(cfg: PPOConfig, model_path: str) -> list:

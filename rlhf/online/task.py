@@ -7,8 +7,9 @@ named, timed block (metrics time/<phase>_s), in this order:
     generate      `RolloutFeed` (rlhf/online/feed.py) takes this rank's micro-batches of
                   the step's batch from the coordinator (at max_staleness 0 it waits for
                   their generation; above, they were made while earlier steps trained)
-    score         the reward model (a frozen DeepSpeed engine like the reference) is
-                  added to the rollout-side reward; reward.clip
+    score         reward.clip on the rollout-side reward (functions, environment, the
+                  served reward models, a remote endpoint: scored when the sample was
+                  made; the training workers hold no reward model)
     reference     the frozen reference's per-token log-probs (for the KL)
     old_logprobs  with several updates per batch, or the KL in the reward, the proximal
                   policy's log-probs (the policy at the step's start) recomputed
@@ -37,15 +38,14 @@ from pathlib import Path
 import ray
 import torch
 
-from cluster.deepspeed import frozen_config_for
-from cluster.scoring import model_source, sharded_scorer
 from cluster.weight_sync import WeightPublisher
 from cluster.worker import all_sum, rank_world, say
 from rlhf.config import PPOConfig, resolved_rollout_is
 from rlhf.core.advantages import AdaptiveKLController, kl_estimate
 from rlhf.core.logprobs import (model_inputs, response_batch, right_padded, scored_positions,
                                 scored_token_logprobs)
-from rlhf.core.losses import entropy_from_logits, online_rl_loss
+from rlhf.core.losses import entropy_from_logits, kept_samples_loss, online_rl_loss
+from rlhf.core.reward_monitor import hacking_warnings, length_correlation, length_sums
 from rlhf.core.rewards import reward_spec, shape_scores
 from rlhf.core.rl_advantages import assign_advantages
 from rlhf.core.rollouts import RolloutRecord, record_tables, staleness_counts
@@ -63,7 +63,9 @@ class RLTask(SequenceTask):
     config_cls = PPOConfig
     prefix = "ppo"
     rows = PROMPTS
-    plot_keys = ("loss", "reward", "kl")
+    # the monitor's curves (gold, disagreement, length correlation) where the run has them
+    plot_keys = ("loss", "reward", "kl", "reward[gold]", "reward[ensemble_std]",
+                 "reward_length_corr")
     name = "prompts"
     eval_at_start = True  # the reward before training, to compare the end with
     train_from_shard = False  # the coordinator reads the prompts
@@ -72,10 +74,11 @@ class RLTask(SequenceTask):
     SUMS = ("loss", "kl", "tokens", "reward", "reward_sq", "responses", "response_tokens",
             "gap", "gap_tokens", "gap_fresh", "fresh_tokens", "clipped", "entropy",
             "value_loss", "value_clipped", "is_weight", "is_limited", "turns",
-            "tool_calls", "tool_episodes", "partial", "staleness")
+            "tool_calls", "tool_episodes", "partial", "staleness", "length", "length_sq",
+            "reward_length")
     MAXES = ("max:is_weight", "max:staleness", "max:gap")
     # the coordinator's, per step
-    BATCH_STATS = ("generate_s", "env_s", "env_failures", "outside_thresholds")
+    BATCH_STATS = ("generate_s", "env_s", "env_failures", "outside_thresholds", "rejected")
 
     @property
     def updates_per_step(self) -> int:
@@ -118,23 +121,22 @@ class RLTask(SequenceTask):
             self.critic = Critic(cfg, lc["critic_path"], world, accum,
                                  a.critic_learning_rate or lc["learning_rate"],
                                  lc["total_steps"] * self.updates_per_step, self.universal)
-        self.scorer = None
-        if cfg.reward.model:
-            # a frozen DeepSpeed engine like the reference: sharded under ZeRO-3, in CPU
-            # memory with cluster.offload_frozen
-            self.scorer = sharded_scorer(cfg.reward.model, frozen_config_for(cfg, world),
-                                         cfg.model.dtype)
-            # refuses a reward model whose tokenizer is not the policy's
-            model_source(cfg.reward.model, policy_path=lc["model_path"], scorer=self.scorer)
         # with several sources each one's unweighted mean is reported too
-        names = [reward_spec(s)[0] for s in cfg.reward.functions]
+        rw = cfg.reward
+        names = [reward_spec(x)[0] for x in rw.functions]
         if cfg.rollout.environment:
             names.append("environment")
-        if cfg.reward.model:
-            names.append("model")
-        if cfg.reward.models:  # served: each model, the combined score, the disagreement
-            names += [f"rm{i}" for i in range(len(cfg.reward.models))]
-            names += ["ensemble", "ensemble_std"]
+        if rw.remote_url:
+            names.append("remote")
+        if rw.judge:
+            names.append("judge")
+        models = rw.served()[0]
+        if len(models) > 1:  # served: each model, the combined score, the disagreement
+            names += [f"rm{i}" for i in range(len(models))] + ["ensemble", "ensemble_std"]
+        elif models:
+            names.append("rm0")
+        if rw.gold:  # never in the sum: the monitor's held-out reward
+            names.append("gold")
         self.parts = names if len(names) > 1 else []
         self.sum_keys = self.SUMS + tuple(f"reward[{x}]" for x in self.parts)
         self.rollouts: dict[tuple, dict] = {}
@@ -250,22 +252,11 @@ class RLTask(SequenceTask):
                     d[key] = forward(d["batch"], d["n_seqs"])
 
     def _score(self, d: dict | None) -> None:
-        """The reward model's scores (reward.model_weight) added to the rollout-side
-        rewards, then reward.clip; d None: the scorer's dummy forward."""
+        """reward.clip on the rollout-side rewards (d None: an empty micro-batch)."""
         if d is None:
-            if self.scorer is not None:
-                self.scorer.dummy_forward()  # where the others score their responses
             return
-        cfg, total = self.cfg, d["scores"]
-        if self.scorer is not None:
-            texts = [self.tok.decode(r.prompt_ids) for r in d["records"]]
-            resp = [self.tok.decode(r.response_ids, skip_special_tokens=True)
-                    for r in d["records"]]
-            rm = self.scorer.score(texts, resp)
-            total = [t + cfg.reward.model_weight * v for t, v in zip(total, rm)]
-            if "model" in d["parts"]:
-                d["parts"]["model"] = float(sum(rm))
-        d["scores"] = shape_scores(torch.tensor(total, dtype=torch.float32), cfg.reward.clip)
+        d["scores"] = shape_scores(torch.tensor(d["scores"], dtype=torch.float32),
+                                   self.cfg.reward.clip)
         d["parts"] = {f"reward[{x}]": v for x, v in d["parts"].items()}
 
     def _policy_tables(self, model_engine, batch: dict, n_seqs: int, entropy: bool = False):
@@ -334,18 +325,22 @@ class RLTask(SequenceTask):
             behaviour = d["behaviour"][:, :lp.shape[1]].to(lp.device)
             per_token = torch.zeros_like(lp)
             if grad:
+                in_loss = d["ref"] is not None and a.kl_penalty == "loss"
+                ref, coef = (d["ref"], self.kl_ctl.value) if in_loss else (None, 0.0)
+            if grad and a.algorithm == "rejection":  # the SFT loss on the kept samples
+                per_token, kl = kept_samples_loss(lp, mask, ref, coef)
+                sums.update({"clipped": 0.0, "is_weight": float(mask.sum()),
+                             "is_limited": 0.0, "max:is_weight": 1.0})
+            elif grad:
                 # With one update per batch the proximal policy is the current one: the
                 # ratio is 1 in value and the clip bounds nothing (GRPO's num_iterations
                 # = 1); the gradient is the advantage-weighted score function.
                 prox = d["old"] if d["old"] is not None else lp.detach()
-                in_loss = d["ref"] is not None and a.kl_penalty == "loss"
                 out = online_rl_loss(
                     lp, prox.to(lp.device), behaviour, d["adv"].to(lp.device), mask,
                     clip_low=a.clip_low, clip_high=a.clip_high, rollout_is=self.rollout_is,
-                    rollout_is_cap=a.rollout_is_cap,
-                    ref_logprobs=d["ref"] if in_loss else None,
-                    kl_coef=self.kl_ctl.value if in_loss else 0.0, entropy=ent,
-                    entropy_coef=a.entropy_coef)
+                    rollout_is_cap=a.rollout_is_cap, ref_logprobs=ref, kl_coef=coef,
+                    entropy=ent, entropy_coef=a.entropy_coef)
                 per_token = out.losses
                 kl = out.kl if in_loss else (d["reward_kl"].to(lp.device)
                                              if d["ref"] is not None else torch.zeros_like(lp))
@@ -387,7 +382,7 @@ class RLTask(SequenceTask):
                 "partial": float(sum(r.partial for r in recs)),
                 "staleness": float(sum(r.staleness(self.version) for r in recs)),
                 "max:staleness": float(max(r.staleness(self.version) for r in recs)),
-                **d["parts"]}
+                **length_sums(s, [len(r.response_ids) for r in recs]), **d["parts"]}
 
     def _eval_rollout(self, rows: list[dict]) -> dict | None:
         """A held-out micro-batch: rollouts with the current weights from the
@@ -434,6 +429,7 @@ class RLTask(SequenceTask):
                f"{split}/kl": sums["kl"] / t,
                f"{split}/response_length": sums["response_tokens"] / n,
                f"{split}/logprob_gap_vllm": sums["gap"] / max(sums["gap_tokens"], 1),
+               f"{split}/reward_length_corr": length_correlation(sums),
                **{f"{split}/reward[{x}]": sums[f"reward[{x}]"] / n for x in self.parts}}
         if self.cfg.rollout.environment:
             out.update({f"{split}/turns": sums["turns"] / n,
@@ -468,6 +464,8 @@ class RLTask(SequenceTask):
                     "train/rollout_env_s": b["env_s"],
                     "train/env_failures": b["env_failures"],
                     "train/outside_thresholds": b["outside_thresholds"]})
+        if self.cfg.algo.algorithm == "rejection":  # samples left out, the best kept
+            out["train/rejected"] = b["rejected"]
         if self.cfg.algo.entropy_coef:
             out["train/entropy"] = sums["entropy"] / t
         if self.critic is not None:
@@ -475,6 +473,10 @@ class RLTask(SequenceTask):
             out["train/value_clip_fraction"] = sums["value_clipped"] / t
         return out
 
+
+    @staticmethod
+    def watch(evaluations: list[dict], whole_run: bool = False) -> list[str]:
+        return hacking_warnings(evaluations, whole_run=whole_run)
 
     @staticmethod
     def summary_line(s: dict) -> str:

@@ -35,7 +35,7 @@ from rlhf.config import ConfigError, parse_args, resolved_learning_rate, to_dict
 from rlhf.data import pipeline as data
 from rlhf.data.pipeline import DataError
 from rlhf.runlog import console, trackers
-from rlhf.runlog.curves import plot_curves
+from rlhf.runlog.curves import plot_curves, read_metrics
 from rlhf.runlog.metrics_log import close_run_log, start_run_log
 from rlhf.runlog.redact import redact, redact_text
 from rlhf.runlog.run_dir import make_run_dir
@@ -149,6 +149,8 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
         if cut:  # before the end line, where the user looks
             print(cut, flush=True)
             summary["warnings"] = [*summary["warnings"], cut]
+        evals = [r for r in read_metrics(run_dir) if any(k.startswith("eval/") for k in r)]
+        summary["warnings"] += task.watch(evals, whole_run=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run_dir, task.plot_keys)
         if evaluate is not None:

@@ -69,6 +69,7 @@ class WorkerLoop:
         self.counts: Counter = Counter()  # dropped rows and flags of the finished epochs
         self.resumed = False
         self.done = self.epoch_finished = False
+        self.evaluations: list[dict] = []  # rank 0: the metrics rows with held-out figures
 
     # -------------------------------------------------------------------------- restore
 
@@ -221,6 +222,10 @@ class WorkerLoop:
             metrics.update(self.held_out())
         if self.rank == 0 and (self.step % t.log_every == 0 or last or evaluated):
             self.run_log.log.remote({"step": self.step, **metrics})
+        if self.rank == 0 and evaluated:
+            self.evaluations.append({"step": self.step, **metrics})
+            for warning in self.task.watch(self.evaluations):
+                say(f"warning: {warning}", err=True)
         if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
             save_checkpoint(engine, self.worker_state(False), {"step": self.step, **metrics},
                             self.step, extra=self.task.save_state)
@@ -239,6 +244,7 @@ class WorkerLoop:
         self.start_eval = {f"start/{k}": v for k, v in ev.items()}
         if self.rank == 0:
             self.run_log.log.remote({"step": 0, **ev})
+            self.evaluations.append({"step": 0, **ev})
 
     def merged_counts(self) -> dict:
         out = Counter(self.counts)

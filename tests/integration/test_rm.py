@@ -1,7 +1,8 @@
 """python -m rlhf.rm on a real local Ray cluster: the reward model learns the demo
 preferences, its export loads with transformers and scores through the scoring API
-(in process, as a Ray actor, and as a frozen DeepSpeed engine sharded across training
-workers as PPO holds it), under ZeRO-2 and ZeRO-3 + LoRA."""
+(in process, as a Ray actor, and served by a pool of replicas as rlhf.ppo uses it, with
+another project's sequence-classification model beside it), under ZeRO-2 and
+ZeRO-3 + LoRA."""
 
 import pytest
 
@@ -79,54 +80,18 @@ def test_zero3_lora_with_a_margin_column_exports_merged(ray_cluster, tmp_path):
     assert len(scores) == 1 and abs(scores[0]) < 1e6
 
 
-def _score_sharded(lc: dict) -> None:
-    """A Ray Train worker: the reward model as PPO's workers hold it, ZeRO-3 sharded
-    across the two ranks and offloaded, scoring uneven shares (rank 1 has nothing to
-    score in its second call and runs the dummy forward instead)."""
-    import json
-    from pathlib import Path
-
-    from cluster.deepspeed import frozen_config
-    from cluster.scoring import sharded_scorer
-    from cluster.worker import rank_world
-
-    rank, world = rank_world()
-    scorer = sharded_scorer(lc["rm"], frozen_config(
-        zero_stage=2, dtype="fp32", micro_batch_size=2, world_size=world,
-        offload_params=True), "fp32")
-    out = []
-    for calls in lc["shares"][rank]:
-        if calls:
-            out += scorer.score([p for p, _ in calls], [r for _, r in calls])
-        else:
-            scorer.dummy_forward()
-    stage = scorer.model.zero_optimization_stage()
-    Path(lc["out"], f"{rank}.json").write_text(json.dumps({"scores": out, "stage": stage}))
-
-
-def test_sharded_scorer_gives_the_plain_scores(ray_cluster, tmp_path, reward_model_dir):
-    """PPO's reward model is a frozen DeepSpeed engine (cluster.offload_frozen: ZeRO-3
-    sharded and in CPU memory, beside a ZeRO-2 policy). Its scores are the plain
-    model's, and a rank with nothing to score keeps the others' gathers going."""
-    import json
-
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def test_served_reward_model_scores_as_the_plain_model(ray_cluster, tmp_path,
+                                                       reward_model_dir):
+    """A reward model served by a pool of replicas (cluster.reward_service: what rlhf.ppo's
+    reward.model and reward.models are) scores as the model in this process does; the
+    rollout side combines, thresholds and survives its replicas' deaths."""
+    from cluster.reward_service import start_reward_pool
     from cluster.scoring import RewardScorer
 
     pairs = [(p["prompt"], p[k]) for p in _held_out(4) for k in ("chosen", "rejected")]
-    shares = [[pairs[:5], pairs[5:7]], [pairs[7:8], []]]
-    TorchTrainer(_score_sharded, scaling_config=ScalingConfig(num_workers=2),
-                 train_loop_config={"rm": reward_model_dir, "shares": shares,
-                                    "out": str(tmp_path)}).fit()
-    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
-    assert [g["stage"] for g in got] == [3, 3]
     want = RewardScorer(reward_model_dir).score([p for p, _ in pairs],
                                                 [r for _, r in pairs])
     assert len(set(want)) == len(want)  # the inputs score apart, so order is checked
-    assert got[0]["scores"] + got[1]["scores"] == pytest.approx(want, abs=1e-5)
-    from cluster.reward_service import start_reward_pool
 
     pool = start_reward_pool(reward_model_dir, replicas=2, num_cpus=0.5, batch_size=3,
                              timeout_s=3)
@@ -182,7 +147,7 @@ def check_served_models_score_and_filter_samples(pool, path: str, pairs: list, t
     from cluster.scoring import RewardScorer
     from rlhf.config import ConfigError, PPOConfig, parse_args
     from rlhf.core.rewards import RewardError
-    from rlhf.online.episodes import DROP_OUTSIDE, Episode, EpisodeRunner
+    from rlhf.online.episodes import DROP_OUTSIDE, DROP_UNIFORM, Episode, EpisodeRunner
     from rlhf.online.setup import start_reward_models
 
     negated = tmp_path / "negated"
@@ -192,10 +157,15 @@ def check_served_models_score_and_filter_samples(pool, path: str, pairs: list, t
     model.save_pretrained(negated)
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(f"{path}/{f}", negated / f)
-    with pytest.raises(ConfigError, match=r"reward.models\[0\]=.*negated: not a reward model "
-                                          r"exported by rlhf.rm \(no rlhf_reward.json\)"):
-        start_reward_models(parse_args(PPOConfig, [f"reward.models=[{negated}]"], "rlhf.ppo"))
-    shutil.copy(f"{path}/rlhf_reward.json", negated / "rlhf_reward.json")
+    # a causal LM is no reward model; the negated one, with no rlhf_reward.json, is
+    # another project's sequence-classification model: served all the same, it scores
+    # the decoded text with its own tokenizer and limits
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ConfigError, match=r"reward.models\[0\]=.*lm: not a reward model: "
+                                          r"neither exported by rlhf.rm"):
+        start_reward_models(parse_args(PPOConfig, [f"reward.models=[{lm}]"], "rlhf.ppo"))
     cfg = parse_args(PPOConfig, [f"reward.models=[{path},{negated}]", "reward.ensemble=min",
                                  "reward.models_weight=2", "reward.functions=[]",
                                  "reward.cpus_per_replica=0.5"], "rlhf.ppo")
@@ -236,6 +206,16 @@ def check_served_models_score_and_filter_samples(pool, path: str, pairs: list, t
             for r in group:
                 assert (sum(r.loss_mask) == 0) == (r.score < cut)
         json.dumps(recs[0].parts)  # the record's parts go to the ledger as they are
+        # dynamic sampling on the models' scores (a reward model could not feed it when
+        # it scored on the trainers): prompt 0's second sample made the same as its
+        # first scores the same, so the group carries no signal and is dropped
+        cfg.reward.min_score, cfg.algo.dynamic_sampling = None, True
+        twin = list(eps)
+        twin[1] = Episode(**{**eps[0].__dict__, "sample": 1})
+        counts = Counter()
+        kept = runner.filter(*runner.score(twin, train=True), counts, Counter())
+        assert counts == {DROP_UNIFORM: 1} and len(kept) == len({e.group for e in eps}) - 1
+        cfg.algo.dynamic_sampling = False
         # its only replica killed: the batch waits for Ray to bring it back (a replica
         # found restarting spends no retry), then scores as before
         neg_pool.timeout_s, neg_pool.retries = 120, 2

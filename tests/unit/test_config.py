@@ -101,9 +101,11 @@ def test_every_recipe_loads():
                "ppo": PPOConfig}[r.name.split("-")[0]]
         cfg = parse_args(cls, ["--config", str(r)], "x")
         assert cfg.train.learning_rate is not None, r
-        if cls is PPOConfig:  # 2 nodes x 8 GPUs: 8 training workers, 4 engines x TP 2
-            assert cfg.cluster.num_workers + cfg.rollout.engines * \
-                cfg.rollout.tensor_parallel_size == 16
+        if cls is PPOConfig:  # 2 nodes x 8 GPUs: 8 training workers, 3 engines x TP 2,
+            # 2 reward model replicas
+            r, rw = cfg.rollout, cfg.reward
+            assert cfg.cluster.num_workers + r.engines * r.tensor_parallel_size + \
+                rw.replicas * rw.gpus_per_replica == 16
 
 
 def test_reward_model_config():
@@ -165,6 +167,16 @@ def test_ppo_config_checks():
         parse_args(PPOConfig, ["algo.kl_target=0.1"], "x")
     with pytest.raises(ConfigError, match="No reward: give reward.functions"):
         parse_args(PPOConfig, ["reward.functions=[]"], "x")
+    # a reward model is served whatever it is called, so every filter can use its score
+    one = parse_args(PPOConfig, ["reward.model=rm", "reward.model_weight=0.5",
+                                 "algo.dynamic_sampling=true", "reward.min_score=0"], "x")
+    assert one.reward.served() == (["rm"], 0.5)
+    assert parse_args(PPOConfig, ["reward.models=[a, b]"], "x").reward.served() == \
+        (["a", "b"], 1.0)
+    from rlhf.config.ppo import is_function  # reward.gold: a function or a reward model
+
+    assert is_function("rlhf.core.tasks:demo_opening")
+    assert not any(map(is_function, ("builtin:demo-rm", "s3://b/rm", "org/model", "runs/m")))
     with pytest.raises(ConfigError, match="'a2c' is not one of grpo, rloo, reinforce"):
         parse_args(PPOConfig, ["algo.algorithm=a2c"], "x")
 
@@ -192,9 +204,13 @@ def test_async_and_environment_config_checks():
             (["algo.rollout_is=clip"], "auto, none, tis, mis"),
             (["algo.rollout_is_cap=0.5"], "above 1"),
             (["algo.dynamic_sampling=true", "algo.algorithm=reinforce++"], "grpo and rloo"),
-            (["algo.dynamic_sampling=true", "reward.model=rm"],
-             r"after the filter\. Serve it instead: reward.models=\[rm\]"),
-            (["reward.min_score=0", "reward.model=rm"], "reward.min_score filters"),
+            (["reward.model=a", "reward.models=[b]"], r"reward.models=\[a, b\]"),
+            (["reward.aggregation=normalise_then_sum", "rollout.samples_per_prompt=1",
+              "algo.algorithm=ppo"], "samples_per_prompt >= 2"),
+            (["reward.aggregation=product"], "sum_then_normalise, normalise_then_sum"),
+            (["reward.remote_url=localhost:8000"], "http:// or https://"),
+            (["reward.remote_url=https://u:p@rm.example.com/score"], r"\$RLHF_REWARD_TOKEN"),
+            (["reward.remote_errors=ignore"], "skip, stop"),
             (["reward.ensemble=median"], "mean, min, uwo, mean_minus_std"),
             (["reward.min_score=1", "reward.max_score=0"], "no sample could be kept"),
             (["reward.models=[rm]", "reward.replicas=0"], "at least 1 replica"),

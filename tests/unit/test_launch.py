@@ -66,25 +66,33 @@ def test_memory_model_by_hand():
 
 
 def test_ppo_frozen_models_shard_and_offload():
-    """PPO's reference and reward model are frozen engines: whole under ZeRO-2, /N under
-    ZeRO-3, in host memory with offload_frozen; the critic trains like the policy."""
+    """PPO's reference is a frozen engine: whole under ZeRO-2, /N under ZeRO-3, in host
+    memory with offload_frozen; the critic trains like the policy; the reward model is
+    served beside the engines (a bundle per replica, the gold one too), never on the
+    training workers."""
     from rlhf.config import PPOConfig
 
     arch = Arch(64, 2, 4, 4, 128, 1000, tied=True)
     args = ["model.dtype=bf16", "cluster.num_workers=4", "train.micro_batch_size=2",
             "train.global_batch_size=8", "algo.algorithm=ppo", "reward.model=rm"]
     roles = lambda ms: {m.role: m for m in ms}  # noqa: E731
-    z2 = roles(memory_plan("ppo", parse_args(PPOConfig, args, "x"), arch))
-    assert set(z2) == {"policy", "reference", "critic", "reward model"}
-    assert z2["reward model"].weights == z2["reference"].weights == 2 * 146_240
+    cfg = parse_args(PPOConfig, args, "x")
+    z2 = roles(memory_plan("ppo", cfg, arch))
+    assert set(z2) == {"policy", "reference", "critic"}
+    assert z2["reference"].weights == 2 * 146_240
     z3 = roles(memory_plan("ppo", parse_args(PPOConfig, [*args, "cluster.zero_stage=3"],
                                              "x"), arch))
-    assert z3["reward model"].weights == 2 * 146_240 / 4
+    assert z3["reference"].weights == 2 * 146_240 / 4
     off = roles(memory_plan("ppo", parse_args(PPOConfig, [*args, "cluster.offload_frozen=true"],
                                               "x"), arch))
-    assert off["reward model"].total == off["reference"].total == 0
-    assert off["reward model"].cpu == 2 * 146_240 / 4
+    assert off["reference"].total == 0 and off["reference"].cpu == 2 * 146_240 / 4
     assert off["critic"].weights == z2["critic"].weights  # the trained models stay
+    served = {b.what: b.count for b in resource_bundles("ppo", parse_args(
+        PPOConfig, [*args, "reward.replicas=2", "reward.gold=gold-rm"], "x"))}
+    assert served["reward model replica"] == 3
+    served = {b.what: b.count for b in resource_bundles("ppo", parse_args(  # + a judge
+        PPOConfig, [*args, "reward.replicas=2", "reward.judge=lm"], "x"))}
+    assert served["reward model replica"] == 4
 
 
 def test_elastic_plan_asks_for_max_and_sizes_memory_at_min():
@@ -130,9 +138,11 @@ def test_separate_placement_plans_each_side_on_its_own_nodes():
     assert plan.fits["gpu-h100x8-rollout"].startswith("rollout side: yes")
     assert plan.fits["gpu-h100x8"].startswith("training side: yes")
     assert {b.side for b in plan.bundles} == {"training", "rollout"}
-    # served reward models: their replicas beside the engines, packed on rollout nodes
+    # the served reward model: its replicas beside the engines, packed on rollout nodes
+    replicas = [b for b in plan.bundles if b.what == "reward model replica"]
+    assert [(b.count, b.gpus, b.side) for b in replicas] == [(2, 1, "rollout")]
     served, _ = plan_recipe(ROOT / "launch/recipes/ppo-async-llama3-8b.yaml",
-                            ["reward.models=[a,b]", "reward.replicas=2",
+                            ["reward.model=null", "reward.models=[a,b]", "reward.replicas=2",
                              "reward.gpus_per_replica=0.5"], CLUSTER, "meta-llama/Llama-3.1-8B")
     replicas = [b for b in served.bundles if b.what == "reward model replica"]
     assert [(b.count, b.gpus, b.side) for b in replicas] == [(4, 0.5, "rollout")]

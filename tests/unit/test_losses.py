@@ -226,3 +226,20 @@ def test_kto_by_hand():
     # the reference point: the mean mismatched log-ratio over the whole batch, >= 0
     assert kl_reference_point(1.2, 4) == pytest.approx(0.3)
     assert kl_reference_point(-1.2, 4) == 0.0 and kl_reference_point(0.0, 0) == 0.0
+
+
+def test_kept_samples_loss_is_the_nll_plus_k3_by_hand():
+    """Online rejection sampling trains the kept samples' tokens by their NLL: log-probs
+    [-1, -2 | -0.5, pad]; with a reference 0.5 above the policy on every token, k3 =
+    e^{0.5} - 1 - 0.5 per token, weighted 0.1."""
+    from rlhf.core.losses import kept_samples_loss
+
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    losses, kl = kept_samples_loss(lp, mask)
+    assert losses.tolist() == [[1.0, 2.0], [0.5, 0.0]] and not kl.any()
+    k3 = math.exp(0.5) - 1.5
+    losses, kl = kept_samples_loss(lp, mask, lp + 0.5, kl_coef=0.1)
+    assert kl.flatten().tolist() == pytest.approx([k3, k3, k3, 0.0])
+    assert losses.flatten().tolist() == pytest.approx(
+        [1 + 0.1 * k3, 2 + 0.1 * k3, 0.5 + 0.1 * k3, 0])

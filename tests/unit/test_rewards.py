@@ -9,8 +9,9 @@ import types
 import pytest
 import torch
 
+from rlhf.config.ppo import AGGREGATIONS as CONFIG_AGGREGATIONS
 from rlhf.config.ppo import ENSEMBLES as CONFIG_ENSEMBLES
-from rlhf.core.reward_ensemble import (ENSEMBLES, ModelEnsemble, aggregate, combine_models,
+from rlhf.core.reward_ensemble import (AGGREGATIONS, ENSEMBLES, ModelEnsemble, aggregate, combine_models,
                                         disagreement, normalise, within_thresholds)
 from rlhf.core.rewards import (RewardError, Rewards, RewardSource, call_function,
                                function_source, load_function, shape_scores)
@@ -69,24 +70,31 @@ def test_clip_and_normalise():
     assert shape_scores(torch.tensor([3.0]), normalise=True).tolist() == [3.0]
 
 
-def test_reward_model_source_scores_and_refuses_another_tokenizer(
-        tiny_model_path, reward_model_dir, other_tokenizer_dir):
-    """A reward-model folder as rlhf.rm exports it scores through the same checks,
-    whatever the batch size (one forward or several); a policy with another vocabulary
-    is refused."""
-    from cluster.scoring import model_source
+def test_reward_model_scores_whatever_the_batch_and_what_counts_as_one(
+        tiny_model_path, reward_model_dir, tmp_path):
+    """A reward-model folder as rlhf.rm exports it scores the same in batches of 2 or in
+    one forward; a causal LM is no reward model, another project's
+    sequence-classification model with one output is (it has no rlhf_reward.json)."""
+    import json
+    import shutil
+
+    from cluster.models import is_reward_model
     from cluster.scoring import RewardScorer
 
-    src = model_source(reward_model_dir, weight=1.0, policy_path=tiny_model_path)
     prompts = ["\n\nHuman: hi\n\nAssistant:"] * 3
     responses = [" Hello!", " Go away.", " What can I do for you today?"]
-    scores = src.score(prompts, responses, [{}] * 3)
+    scores = RewardScorer(reward_model_dir, batch_size=2).score(prompts, responses)
     assert len(scores) == 3 and scores[0] != scores[1]
     whole = RewardScorer(reward_model_dir, batch_size=None).score(prompts, responses)
     assert whole == pytest.approx(scores, abs=1e-5)
-
-    with pytest.raises(RewardError, match="another tokenizer than the policy"):
-        model_source(reward_model_dir, policy_path=other_tokenizer_dir)
+    assert is_reward_model(reward_model_dir) and not is_reward_model(tiny_model_path)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(reward_model_dir, foreign)
+    (foreign / "rlhf_reward.json").unlink()
+    assert is_reward_model(str(foreign))
+    config = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**config, "id2label": {0: "a", 1: "b"}}))
+    assert not is_reward_model(str(foreign))  # two outputs: a classifier, not a reward
 
 
 # ------------------------------------------------- ensembles, aggregation, thresholds
@@ -108,7 +116,8 @@ def test_ensemble_rules_by_hand():
         assert combine_models(one, how, 2.0).tolist() == pytest.approx([0.2, 1.0])
     with pytest.raises(ValueError, match="use one of mean, min, uwo, mean_minus_std"):
         combine_models(s, "median")
-    assert CONFIG_ENSEMBLES == ENSEMBLES  # the config's own copy (it loads without torch)
+    assert CONFIG_ENSEMBLES == ENSEMBLES  # the config's own copies (it loads without torch)
+    assert CONFIG_AGGREGATIONS == AGGREGATIONS
 
 
 def test_sources_summed_or_normalised_first_by_hand():
@@ -118,14 +127,17 @@ def test_sources_summed_or_normalised_first_by_hand():
     assert normalise(torch.tensor([5.0, 5.0])).tolist() == [0.0, 0.0]
     s = torch.tensor([[0.0, 1.0, 1.0], [10.0, 20.0, 30.0]], dtype=torch.float64)
     assert aggregate(s, [1, 0.1]).tolist() == pytest.approx([1.0, 3.0, 4.0])
-    # the sum [1, 3, 4]: mean 8/3, population std sqrt(14/9)
-    z = [(x - 8 / 3) / (14 / 9) ** 0.5 for x in (1.0, 3.0, 4.0)]
-    assert aggregate(s, [1, 0.1], normalise_sum=True).tolist() == pytest.approx(z)
     # each source first: the rule [0, 1, 1] -> [-sqrt 2, 1/sqrt 2, 1/sqrt 2], the model
     # [10, 20, 30] -> [-sqrt 1.5, 0, sqrt 1.5], then 1 x rule + 0.1 x model
     r, m = 2 ** 0.5, 1.5 ** 0.5
     assert aggregate(s, [1, 0.1], "normalise_then_sum").tolist() == pytest.approx(
         [-r - 0.1 * m, 1 / r, 1 / r + 0.1 * m])
+    # per group (two prompts' samples): group 0 = samples 0, 2; group 1 = samples 1, 3.
+    # Group 0: rule [0, 1] -> [-1, 1], model [10, 30] -> [-1, 1]; group 1: rule [1, 1]
+    # is constant -> [0, 0] (nothing told apart), model [20, 40] -> [-1, 1]
+    s4 = torch.tensor([[0.0, 1.0, 1.0, 1.0], [10.0, 20.0, 30.0, 40.0]], dtype=torch.float64)
+    got = aggregate(s4, [1, 0.1], "normalise_then_sum", groups=[0, 1, 0, 1]).tolist()
+    assert got == pytest.approx([-1.1, -0.1, 1.1, 0.1])
     with pytest.raises(ValueError, match="2 weights for 3 sources"):
         aggregate(torch.zeros(3, 2), [1, 1])
 
@@ -147,3 +159,69 @@ def test_reward_models_join_the_sum_as_one_source():
     assert total == [12.0, 20.0]
     assert parts == {"f": [10.0, 20.0], "rm0": [1.0, 2.0], "rm1": [3.0, 0.0],
                      "ensemble": [1.0, 0.0], "ensemble_std": [1.0, 1.0]}
+
+
+# ------------------------------------------------- the reward-hacking monitor
+
+def test_length_correlation_by_hand():
+    """Rewards [1, 2, 3] for lengths [10, 20, 30]: correlation 1; reversed: -1; a
+    constant reward: 0. The sums add over micro-batches and ranks."""
+    from rlhf.core.reward_monitor import length_correlation, length_sums
+
+    def corr(rewards, lengths):
+        r = torch.tensor(rewards)
+        return length_correlation({**length_sums(r, lengths), "reward": float(r.sum()),
+                                   "reward_sq": float((r ** 2).sum()), "responses": len(r)})
+
+    assert corr([1.0, 2.0, 3.0], [10, 20, 30]) == pytest.approx(1.0)
+    assert corr([3.0, 2.0, 1.0], [10, 20, 30]) == pytest.approx(-1.0)
+    assert corr([2.0, 2.0, 2.0], [10, 20, 30]) == 0.0
+    # [1, 0, 1, 0] against [1, 1, 3, 3]: covariance 0 -> 0; [0, 0, 1, 1]: cov 0.5,
+    # stds 0.5 and 1 -> 1
+    assert corr([1.0, 0.0, 1.0, 0.0], [1, 1, 3, 3]) == pytest.approx(0.0, abs=1e-9)
+    assert corr([0.0, 0.0, 1.0, 1.0], [1, 1, 3, 3]) == pytest.approx(1.0)
+
+
+def test_the_monitor_warns_when_the_proxy_rises_and_gold_falls():
+    """A constructed run: the training reward rises at every evaluation; gold rises, then
+    falls over the last three (steps 20-40); the ensemble's std grows from step 10 on."""
+    from rlhf.core.reward_monitor import hacking_warnings
+
+    reward = [0.1, 0.2, 0.3, 0.4, 0.5]
+    gold = [0.1, 0.2, 0.3, 0.25, 0.2]
+    std = [0.1, 0.1, 0.2, 0.3, 0.4]
+    rows = [{"step": 10 * i, "eval/reward": r, "eval/reward[gold]": g,
+             "eval/reward[ensemble_std]": s} for i, (r, g, s) in enumerate(zip(reward, gold, std))]
+    assert hacking_warnings(rows[:3]) == []  # gold still rising, std flat then up
+    got = hacking_warnings(rows)
+    assert len(got) == 2
+    assert "steps 20-40 the training reward rose (0.300 -> 0.500) while the gold reward " \
+           "(reward.gold) fell (0.300 -> 0.200)" in got[0]
+    assert "ensemble std 0.200 -> 0.400" in got[1]
+    # over the whole run each kind once, at its first window, in the order found (std:
+    # steps 10-30, then gold: 20-40)
+    whole = hacking_warnings(rows, whole_run=True)
+    assert len(whole) == 2 and "steps 10-30" in whole[0] and "ensemble std" in whole[0]
+    assert whole[1] == got[0]
+    # no warning while the reward falls, or with gold only flat
+    assert hacking_warnings([{**r, "eval/reward": -r["eval/reward"]} for r in rows]) == []
+    flat = [{"step": r["step"], "eval/reward": r["eval/reward"], "eval/reward[gold]": 0.2}
+            for r in rows]
+    assert hacking_warnings(flat, whole_run=True) == []
+
+
+def test_two_order_preference_cancels_position_bias_by_hand():
+    """P(a > b) from the judge's letter log-probs in both orders. A judge that answers A
+    whatever it is shown gives 0.5; one that means it gives the mean of the two
+    orders' renormalised probabilities."""
+    from rlhf.core.pairwise import two_order_preference
+
+    always_a = torch.log(torch.tensor([[0.9, 0.1]]))
+    assert two_order_preference(always_a, always_a).tolist() == pytest.approx([0.5])
+    # a first: p(A) 0.6, p(B) 0.2 (renormalised 0.75); b first: p(A) 0.3, p(B) 0.6 (a is
+    # B: 0.6 / 0.9 = 2/3) -> (0.75 + 2/3) / 2
+    got = two_order_preference(torch.log(torch.tensor([[0.6, 0.2]])),
+                               torch.log(torch.tensor([[0.3, 0.6]])))
+    assert got.tolist() == pytest.approx([(0.75 + 2 / 3) / 2])
+    with pytest.raises(ValueError, match="two \\(N, 2\\) tables"):
+        two_order_preference(torch.zeros(2, 2), torch.zeros(3, 2))

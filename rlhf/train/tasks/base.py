@@ -230,6 +230,13 @@ class Task(ABC):
     def summary_line(summary: dict) -> str:
         """The end of a run in one line, from its summary.json (held-out figures)."""
 
+    @staticmethod
+    def watch(evaluations: list[dict], whole_run: bool = False) -> list[str]:
+        """Warnings the metrics rows with held-out figures so far give (rank 0, after
+        each evaluation; whole_run: the driver, over the finished run, each warning
+        once). Online RL: the reward-hacking monitor."""
+        return []
+
 
 class PairTask(Task):
     """Preference pairs (DPO, the reward model): the dummy pair and a pair batch's token
