@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from rlhf.core.advantages import (discounted_returns, gae, grpo_advantages, masked_moments,
                                   rloo_advantages, token_rewards, whiten_with)
 

@@ -59,6 +59,28 @@ def test_grpo_default_learns_and_engines_follow_the_weights(ray_cluster, tmp_pat
     assert (run_dir / "model" / "config.json").is_file()
 
 
+def test_rejection_sampling_learns_with_a_served_pairwise_judge(ray_cluster, tmp_path):
+    """algo.algorithm=rejection (RAFT): of each prompt's 4 samples the best one scoring at
+    least 1 (the demo task's "Of course" opening) is trained with the SFT loss, the
+    other 3 counted as rejected; a prompt with none is dropped and replaced. A pairwise
+    judge (the tiny model, served by one replica) scores every sample against its
+    prompt's first, weighted 0.1: P in [0, 1], 0.5 for the first itself."""
+    run_dir = ppo(tmp_path, "algo.algorithm=rejection", "reward.min_score=1",
+                  "reward.judge=builtin:tiny-llama", "reward.judge_weight=0.1",
+                  "reward.cpus_per_replica=0", "train.max_steps=8", "train.eval_every=0")
+    s = summary(run_dir)
+    assert s["steps"] == 8
+    assert s["eval/reward"] > s["start/eval/reward"] + 0.05, s  # it learns
+    assert s["counts"]["dropped: every sample outside reward.min_score/max_score"] > 0
+    rows = [r for r in metrics(run_dir) if "train/reward" in r]
+    for r in rows:
+        assert r["train/rejected"] == 16 * 3  # 16 prompts kept, 3 samples of each left
+        assert r["train/reward[rlhf.core.tasks:demo_opening]"] == 1.0  # all kept are >= 1
+        assert 0 <= r["train/reward[judge]"] <= 1
+        assert r["train/reward"] == pytest.approx(1 + 0.1 * r["train/reward[judge]"])
+    assert rows[-1]["train/kl"] > 0  # the policy moved off the reference
+
+
 def _engine_killer(log, after_step: int):
     """A thread that SIGKILLs the (first live) engine's process from outside, as when its
     node is lost, once `log` (metrics.jsonl) shows step `after_step` trained."""

@@ -183,3 +183,9 @@ def test_advantage_dispatch_matches_the_pure_functions():
     assign_advantages([a, b], algo, 2, kl_coef=0.1, all_sum=lambda x: x)
     both = torch.cat([a["adv"], b["adv"]])  # returns 1 1 | 0 0 | 2 2 | 2 2, whitened
     assert abs(float(both.mean())) < 1e-6 and float(both.std()) == pytest.approx(1.0, abs=1e-4)
+    # rejection sampling: the kept samples' SFT loss has no advantage to compute (each
+    # micro-batch holds one sample per prompt); the weight is 1 per kept sample
+    algo.algorithm = "rejection"
+    a = micro([1.0, 0.5], a["old"], a["ref"])
+    assert assign_advantages([a], algo, 2, kl_coef=0.1, all_sum=lambda x: x) == (0.0, 0.0)
+    assert a["adv"].tolist() == [1.0, 1.0]

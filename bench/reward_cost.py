@@ -1,0 +1,108 @@
+"""What serving the reward models costs and frees: rlhf.ppo's step time and each training
+worker's peak memory with the reward model on the trainers (the code before it was served,
+run from a git worktree of --before), served (1 model), and served as an ensemble of 3.
+
+The embedded GRPO default (the tiny model after the built-in SFT, the demo task) with the
+built-in demo reward model (rlhf.rm on the demo pairs; the same size as the policy) added
+to the task's reward at weight 0.1; --steps steps, no evaluation, the served replicas
+sharing the engine's and workers' CPUs (reward.cpus_per_replica=0). Step time: the mean
+of train/step_time_s over the steps after the first (generation, scoring and training
+together); memory: train/peak_rss_mb of training rank 0 at the last step.
+
+    .venv/bin/python bench/reward_cost.py                 # ~8 min on 2 cores
+    .venv/bin/python bench/reward_cost.py --record        # also append to bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rlhf.builtin_models import builtin_reward_model  # noqa: E402
+
+BEFORE = "a12d7bf"  # the last commit whose trainers held reward.model
+
+
+def run(code: Path, out: Path, name: str, steps: int, args: list[str]) -> dict:
+    """rlhf.ppo from the source tree `code` (PYTHONPATH first, so Ray's workers import it
+    too); the metrics of its steps."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    cmd = [sys.executable, "-m", "rlhf.ppo", f"output.dir={out}", f"output.name={name}",
+           f"train.max_steps={steps}", "train.eval_every=0", *args]
+    done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise SystemExit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+    steps_rows = [r for r in rows if "train/step_time_s" in r]
+    return {"step_s": statistics.mean(r["train/step_time_s"] for r in steps_rows[1:]),
+            "rss_mb": steps_rows[-1]["train/peak_rss_mb"],
+            "keys": sorted(k for k in steps_rows[-1] if k.startswith("train/reward["))}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--before", default=BEFORE, help="the commit with trainer-side scoring")
+    p.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
+    a = p.parse_args(argv)
+    rm = builtin_reward_model()
+    tmp = Path(tempfile.mkdtemp(prefix="reward-cost-"))
+    before = tmp / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(before), a.before], cwd=ROOT,
+                   check=True, capture_output=True)
+    try:
+        copies = []
+        for i in range(3):  # an ensemble of 3 (the same weights: the cost is the point)
+            shutil.copytree(rm, tmp / f"rm{i}")
+            copies.append(str(tmp / f"rm{i}"))
+        common = ["reward.cpus_per_replica=0"]
+        rows = [
+            ("reward model on the trainers (before)", run(
+                before, tmp / "runs", "trainers", a.steps,
+                [f"reward.model={rm}", "reward.model_weight=0.1"])),
+            ("served, 1 model", run(ROOT, tmp / "runs", "served1", a.steps,
+                                    [f"reward.model={rm}", "reward.model_weight=0.1", *common])),
+            ("served, 3 models (mean)", run(
+                ROOT, tmp / "runs", "served3", a.steps,
+                [f"reward.models=[{','.join(copies)}]", "reward.models_weight=0.1", *common])),
+        ]
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT,
+                       capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    # the old code reports reward[model] (scored on the trainers), the new reward[rm0]
+    assert "train/reward[model]" in rows[0][1]["keys"], rows[0][1]["keys"]
+    assert "train/reward[rm0]" in rows[1][1]["keys"], rows[1][1]["keys"]
+    one = rows[1][1]
+    lines = ["| reward model | step time | vs served 1 | training worker peak RSS | vs served 1 |",
+             "|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['step_s']:.2f} s | {r['step_s'] / one['step_s']:.2f}x | "
+                     f"{r['rss_mb']:.0f} MB | {r['rss_mb'] - one['rss_mb']:+.0f} MB |")
+    print("\n".join(lines))
+    if a.record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(f"\n## {date.today()} - what serving the reward models costs and frees "
+                    f"(`bench/reward_cost.py`), {platform.machine()}, {os.cpu_count()} CPUs\n\n"
+                    f"`.venv/bin/python bench/reward_cost.py --steps {a.steps} --record`: "
+                    "rlhf.ppo's GRPO default with the built-in demo reward model (the "
+                    "policy's size) at weight 0.1, 2 training workers; 'before' is commit "
+                    f"{a.before} (the model a frozen engine on each training worker)\n\n"
+                    + "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
