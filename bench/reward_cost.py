@@ -2,9 +2,12 @@
 worker's peak memory with the reward model on the trainers (the code before it was served,
 run from a git worktree of --before), served (1 model), and served as an ensemble of 3.
 
-The embedded GRPO default (the tiny model after the built-in SFT, the demo task) with the
-built-in demo reward model (rlhf.rm on the demo pairs; the same size as the policy) added
-to the task's reward at weight 0.1; --steps steps, no evaluation, the served replicas
+The embedded GRPO default (the tiny model after the built-in SFT, the demo task) with a
+reward model added to the task's reward at weight 0.1: the built-in demo reward model's
+tokenizer and export, its body widened to --rm-hidden x --rm-layers (an untrained head:
+its scores are noise at weight 0.1; what is measured is what holding and running it
+costs; the built-in one, 2 MB, would vanish in the noise of a process's peak memory);
+--steps steps, no evaluation, the served replicas
 sharing the engine's and workers' CPUs (reward.cpus_per_replica=0). Step time: the mean
 of train/step_time_s over the steps after the first (generation, scoring and training
 together); memory: train/peak_rss_mb of training rank 0 at the last step.
@@ -51,14 +54,36 @@ def run(code: Path, out: Path, name: str, steps: int, args: list[str]) -> dict:
             "keys": sorted(k for k in steps_rows[-1] if k.startswith("train/reward["))}
 
 
+def wide_reward_model(out: Path, hidden: int, layers: int) -> str:
+    """The built-in demo reward model's tokenizer and rlhf_reward.json on a wider, deeper
+    body of the same architecture (random weights, seeded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    rm = Path(builtin_reward_model())
+    config = AutoConfig.from_pretrained(rm)
+    config.hidden_size, config.num_hidden_layers = hidden, layers
+    config.intermediate_size, config.num_attention_heads = 3 * hidden, hidden // 64
+    config.num_key_value_heads, config.head_dim = hidden // 64, 64
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    for f in rm.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return str(out)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rm-hidden", type=int, default=768)
+    p.add_argument("--rm-layers", type=int, default=8)
     p.add_argument("--before", default=BEFORE, help="the commit with trainer-side scoring")
     p.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     a = p.parse_args(argv)
-    rm = builtin_reward_model()
     tmp = Path(tempfile.mkdtemp(prefix="reward-cost-"))
+    rm = wide_reward_model(tmp / "rm", a.rm_hidden, a.rm_layers)
+    rm_mb = (Path(rm) / "model.safetensors").stat().st_size / 2**20
     before = tmp / "before"
     subprocess.run(["git", "worktree", "add", "--detach", str(before), a.before], cwd=ROOT,
                    check=True, capture_output=True)
@@ -97,9 +122,11 @@ def main(argv: list[str]) -> int:
             f.write(f"\n## {date.today()} - what serving the reward models costs and frees "
                     f"(`bench/reward_cost.py`), {platform.machine()}, {os.cpu_count()} CPUs\n\n"
                     f"`.venv/bin/python bench/reward_cost.py --steps {a.steps} --record`: "
-                    "rlhf.ppo's GRPO default with the built-in demo reward model (the "
-                    "policy's size) at weight 0.1, 2 training workers; 'before' is commit "
-                    f"{a.before} (the model a frozen engine on each training worker)\n\n"
+                    "rlhf.ppo's GRPO default (2 training workers, 1 engine) with a reward "
+                    f"model of {a.rm_layers} layers x {a.rm_hidden} ({rm_mb:.0f} MB of fp32 "
+                    "weights, the demo reward model's tokenizer, an untrained head) at "
+                    f"weight 0.1; 'before' is commit {a.before} (the model a frozen "
+                    "engine on each training worker)\n\n"
                     + "\n".join(lines) + "\n")
     return 0
 

@@ -9,8 +9,10 @@ and drift flags (rlhf/core/eval_metrics.py has the maths).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import fields
+from pathlib import Path
 
 from rlhf.config import EvalConfig
 from rlhf.core import eval_metrics as em
@@ -32,6 +34,17 @@ def win_rate(groups: list[list[int]], seed: int) -> dict:
     return {"rate": rate, "ci95": [lo, hi], "wins": flat.count(1), "ties": flat.count(0),
             "losses": flat.count(-1), "verdict": v,
             "says": em.VERDICT_TEXT[v] + em.interval_caveat(v, lo, hi)}
+
+
+def training_flags(run_dir: Path | None) -> list[dict]:
+    """The training run's own warnings worth a flag: the reward-hacking monitor's (online
+    RL; rlhf.core.reward_monitor), from its summary.json."""
+    summary = run_dir / "summary.json" if run_dir is not None else None
+    if summary is None or not summary.is_file():
+        return []
+    return [{"flag": "reward_hacking", "message": w}
+            for w in json.loads(summary.read_text()).get("warnings", [])
+            if w.startswith("possible reward hacking")]
 
 
 def summarise(cfg: EvalConfig, setup: Setup, items: list[dict], aligned: dict, base: dict,
@@ -95,6 +108,7 @@ def summarise(cfg: EvalConfig, setup: Setup, items: list[dict], aligned: dict, b
             aligned["chosen"], base["chosen"], aligned["rejected"], base["rejected"],
             setup.beta)}
     results["flags"] = em.drift_flags(sb, sa, kl_tok, cfg.max_kl_per_token)
+    results["flags"] += training_flags(setup.run_dir)
     if setup.demo:
         results["win_rate"]["says"] += DEMO_NOTE
     if results["flags"] and results["win_rate"]["verdict"] != "worse":

@@ -225,3 +225,16 @@ def test_two_order_preference_cancels_position_bias_by_hand():
     assert got.tolist() == pytest.approx([(0.75 + 2 / 3) / 2])
     with pytest.raises(ValueError, match="two \\(N, 2\\) tables"):
         two_order_preference(torch.zeros(2, 2), torch.zeros(3, 2))
+
+
+def test_the_runs_reward_hacking_warnings_become_evaluation_flags(tmp_path):
+    """rlhf.evaluate's report flags what the training run's monitor warned of."""
+    import json
+
+    from rlhf.evaluation.comparison import training_flags
+
+    assert training_flags(None) == [] and training_flags(tmp_path) == []
+    (tmp_path / "summary.json").write_text(json.dumps({"warnings": [
+        "possible reward hacking: over steps 8-24 ...", "12 responses were cut"]}))
+    assert training_flags(tmp_path) == [
+        {"flag": "reward_hacking", "message": "possible reward hacking: over steps 8-24 ..."}]
