@@ -1,12 +1,15 @@
 """Reward over-optimisation in miniature (Gao et al. 2022; Coste et al. 2023): GRPO
 against one proxy reward model, and against an ensemble of proxies (mean, worst case,
-uncertainty-weighted), scored all along by a gold reward model kept out of training.
+uncertainty-weighted), scored all along by a gold reward kept out of training.
 
-Gold: the built-in demo reward model (rlhf.rm on 800 demo pairs, held-out accuracy
-1.0). Proxies: --proxies reward models trained the same way on --pairs disjoint demo
-pairs each (imperfect by design: what they learnt from so few pairs is what the policy
-can exploit). The policy: the built-in SFT model on the demo prompts, rewarded by the
-proxies alone (reward.functions=[]), a KL coefficient of 0.001 (small enough not to
+Gold (--gold): the demo task's rule (rule: 1 for a response opening "Of course", the
+demo GRPO task's own reward) or the built-in demo reward model (rm: rlhf.rm on 800 demo
+pairs, held-out accuracy 1.0). Proxies: --proxies reward models trained from the tiny
+model on --pairs disjoint demo pairs each, --label-noise of them swapped (Coste et al.
+2023's 25%): they learn "polite beats rude" from every polite opening alike, so pushing
+one of them hard may settle on an opening the rule does not pay. The policy: the
+built-in SFT model on the demo prompts at learning rate --lr, rewarded by the proxies
+alone (reward.functions=[]), a KL coefficient of 0.001 (small enough not to
 hold it back, there so the KL to the reference is measured), --steps steps, held-out
 evaluation every --eval-every; --seeds seeds per setting. Reported: the gold and proxy
 reward at each evaluation against the KL from the reference, the gold reward at the end
@@ -52,16 +55,24 @@ def python(*args: str, timeout: int = 1800) -> None:
                          f"{done.stderr[-3000:]}")
 
 
-def train_proxies(tmp: Path, n: int, pairs: int, epochs: int) -> tuple[list[str], list[float]]:
-    """n reward models, each on its own `pairs` demo pairs (disjoint), evaluated on the
-    demo's held-out pairs; their paths and held-out accuracies."""
+def train_proxies(tmp: Path, n: int, pairs: int, epochs: int, noise: float
+                  ) -> tuple[list[str], list[float]]:
+    """n reward models, each on its own `pairs` demo pairs (disjoint), a `noise` share of
+    them with chosen and rejected swapped (Coste et al. 2023's 25% label noise: the demo
+    preference is too easy to learn wrongly otherwise), evaluated on the demo's held-out
+    pairs; their paths and held-out accuracies."""
+    import random
+
     paths, accs = [], []
     held_out = tmp / "held_out.jsonl"  # the demo's held-out topics, unseen by any proxy
     held_out.write_text("".join(json.dumps(demo_pair(i, "eval")) + "\n" for i in range(64)))
     for k in range(n):
         data = tmp / f"proxy{k}.jsonl"
-        data.write_text("".join(json.dumps(demo_pair(k * pairs + i)) + "\n"
-                                for i in range(pairs)))
+        rng = random.Random(k)
+        rows = [demo_pair(k * pairs + i) for i in range(pairs)]
+        for i in rng.sample(range(pairs), round(noise * pairs)):
+            rows[i] = {**rows[i], "chosen": rows[i]["rejected"], "rejected": rows[i]["chosen"]}
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         python("-m", "rlhf.rm", f"data.path={data}", f"data.eval_path={held_out}",
                f"train.epochs={epochs}", f"output.dir={tmp}", f"output.name=proxy{k}",
                "train.eval_every=0")
@@ -86,14 +97,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--proxies", type=int, default=4)
     p.add_argument("--pairs", type=int, default=24, help="demo pairs per proxy")
     p.add_argument("--proxy-epochs", type=int, default=2)
+    p.add_argument("--label-noise", type=float, default=0.25)
+    p.add_argument("--gold", choices=("rule", "rm"), default="rule")
+    p.add_argument("--lr", type=float, default=1e-3, help="the policy's learning rate")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--record", action="store_true", help="append to bench/RESULTS.md")
     a = p.parse_args(argv)
-    gold = builtin_reward_model()
+    gold = "rlhf.core.tasks:demo_opening" if a.gold == "rule" else builtin_reward_model()
     tmp = Path(tempfile.mkdtemp(prefix="overopt-"))
-    proxies, accs = train_proxies(tmp, a.proxies, a.pairs, a.proxy_epochs)
+    proxies, accs = train_proxies(tmp, a.proxies, a.pairs, a.proxy_epochs, a.label_noise)
     print(f"proxies' held-out accuracy: {', '.join(f'{x:.2f}' for x in accs)}", flush=True)
     curves: dict[str, list[list[dict]]] = {}
     for name, reward in SETTINGS:
@@ -103,6 +117,7 @@ def main(argv: list[str]) -> int:
                    "reward.functions=[]", *reward(proxies), f"reward.gold={gold}",
                    "reward.cpus_per_replica=0", "algo.kl_coef=0.001",
                    f"train.max_steps={a.steps}", f"train.eval_every={a.eval_every}",
+                   f"train.learning_rate={a.lr}",
                    f"train.seed={seed}")
             curves.setdefault(name, []).append(evaluations(tmp / run))
             last = curves[name][-1][-1]
@@ -134,13 +149,17 @@ def main(argv: list[str]) -> int:
             f.write(f"\n## {date.today()} - reward over-optimisation in miniature "
                     f"(`bench/overoptimisation.py`), {platform.machine()}, {os.cpu_count()} "
                     f"CPUs\n\n`.venv/bin/python bench/overoptimisation.py --proxies "
-                    f"{a.proxies} --pairs {a.pairs} --proxy-epochs {a.proxy_epochs} --steps "
+                    f"{a.proxies} --pairs {a.pairs} --proxy-epochs {a.proxy_epochs} "
+                    f"--label-noise {a.label_noise} --gold {a.gold} --lr {a.lr} --steps "
                     f"{a.steps} --eval-every {a.eval_every} --seeds {a.seeds} --record`: "
-                    f"{a.proxies} proxy reward models on {a.pairs} disjoint demo pairs each "
-                    f"(held-out accuracy {', '.join(f'{x:.2f}' for x in accs)}), gold = the "
-                    "built-in demo reward model (800 pairs); GRPO from the built-in SFT "
-                    f"model against the proxies only, kl_coef 0.001; {a.seeds} seeds; mean ± "
-                    "std over the seeds; curves in bench/overoptimisation.png\n\n"
+                    f"{a.proxies} proxy reward models on {a.pairs} disjoint demo pairs each, "
+                    f"{a.label_noise:.0%} of their labels swapped (held-out accuracy "
+                    f"{', '.join(f'{x:.2f}' for x in accs)}), gold = "
+                    + ("the demo task's rule" if a.gold == "rule" else
+                       "the built-in demo reward model (800 pairs)")
+                    + f"; GRPO from the built-in SFT model against the proxies only, lr "
+                    f"{a.lr:g}, kl_coef 0.001; {a.seeds} seeds; mean ± std over the seeds; "
+                    "curves in bench/overoptimisation.png\n\n"
                     + "\n".join(lines) + "\n")
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cluster.models import TORCH_DTYPES, load_tokenizer
+from rlhf.core.logprobs import pad_sequences
 from rlhf.core.pairwise import two_order_preference
 from rlhf.data.judge_question import judge_prompt
 from rlhf.data.pipeline import common_prefix_len
@@ -66,12 +67,8 @@ class PairwiseJudge:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         for at in range(0, len(seqs), self.batch_size):
             batch, first = seqs[at:at + self.batch_size], starts[at:at + self.batch_size]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, s in enumerate(batch):
-                ids[row, :len(s)] = torch.tensor(s)
-                mask[row, :len(s)] = 1
+            b = pad_sequences(batch, [()] * len(batch), pad)
+            ids, mask = b["input_ids"], b["attention_mask"]
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(self.device),
                                     attention_mask=mask.to(self.device)).logits.float()

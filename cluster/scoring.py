@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.models import FOREIGN_MAX_LENGTH, TORCH_DTYPES, is_reward_model
+from rlhf.core.logprobs import pad_sequences
 from rlhf.data.pipeline import tokenize_pair
 
 
@@ -87,12 +88,8 @@ class RewardScorer:
         """Right-padded token id lists -> the head's output at each one's last token."""
         import torch
 
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(seqs):
-            ids[row, :len(s)] = torch.tensor(s)
-            mask[row, :len(s)] = 1
+        b = pad_sequences(seqs, [()] * len(seqs), self.tok.pad_token_id)
+        ids, mask = b["input_ids"], b["attention_mask"]
         with torch.no_grad():
             logits = self.model(input_ids=ids.to(self.device),
                                 attention_mask=mask.to(self.device)).logits

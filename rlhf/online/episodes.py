@@ -306,8 +306,8 @@ class EpisodeRunner:
         keys: dict[tuple[int, int], int] = {}  # each sample's prompt, numbered
         groups = [keys.setdefault((ep.rank, ep.group), len(keys)) for ep in good]
         if self.judge is not None and good:
-            extra.append(("judge", self.cfg.reward.judge_weight,
-                          self._judged(texts, resp, meta, groups)))
+            extra.append(("judge", self.cfg.reward.judge_weight, self._judged(
+                texts, resp, meta, groups, [ep.sample for ep in good])))
         with self.reward_lock:
             total, parts = self.rewards(texts, resp, meta, groups=groups, extra=extra)
         recs = []
@@ -336,12 +336,12 @@ class EpisodeRunner:
         return list(zip(good, recs)), [ep for ep in eps if ep.failure is not None]
 
     def _judged(self, texts: list[str], resp: list[str], meta: list[dict],
-                groups: list[int]) -> list[float]:
+                groups: list[int], samples: list[int]) -> list[float]:
         """reward.judge's P(sample better than its baseline): the prompt's
         reward.judge_baseline column, or its first sample (which then scores 0.5)."""
         col = self.cfg.reward.judge_baseline
         first: dict[int, str] = {}
-        for g, r in zip(groups, resp):
+        for g, _, r in sorted(zip(groups, samples, resp)):  # each prompt's lowest sample
             first.setdefault(g, r)
         if col and any(col not in m for m in meta):
             raise RewardError(f"reward.judge_baseline={col}: the prompts have no such column "
