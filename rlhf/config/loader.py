@@ -137,7 +137,8 @@ PEER_FLAGS = {
     "packing": "data.packing", "packing_samples": "data.packing", "model_name_or_path": "model.name_or_path", "pretrain":
     "model.name_or_path", "ref_model": "model.ref_name_or_path", "ref_pretrain":
     "model.ref_name_or_path", "reward_pretrain": "reward.model", "reward_model":
-    "reward.model", "critic_pretrain": "algo.critic_model", "lora_r": "model.lora.r",
+    "reward.model", "remote_rm_url": "reward.remote_url", "reward_funcs": "reward.functions",
+    "multi_objective_aggregation": "reward.aggregation", "critic_pretrain": "algo.critic_model", "lora_r": "model.lora.r",
     "lora_rank": "model.lora.r", "lora_alpha": "model.lora.alpha", "lora_dropout":
     "model.lora.dropout", "lora_target_modules": "model.lora.target_modules",
     "target_modules": "model.lora.target_modules", "use_peft": "model.lora.enabled",
