@@ -83,8 +83,9 @@ class RLAlgoConfig:
     """grpo (group-normalised advantages), rloo (leave-one-out baseline), reinforce++
     (batch-whitened returns), all without a critic; ppo (GAE with a critic); or
     rejection (online rejection-sampling fine-tuning, RAFT / ReST: of each prompt's
-    samples the best-scoring one at or above reward.min_score is kept and trained with
-    the SFT loss, the others left out; a prompt with none is dropped and replaced)."""
+    samples the best-scoring one (at or above reward.min_score when given) is kept and
+    trained with the SFT loss, the others left out; a prompt with none is dropped and
+    replaced)."""
     scale_rewards: bool = True
     """grpo: divide by the group's reward std (false: Dr. GRPO)."""
     ppo_epochs: int = 1
@@ -201,7 +202,7 @@ class RewardConfig:
     prompt all of whose samples are outside is dropped, counted, and replaced."""
     max_score: float | None = None
     remote_url: str = ""
-    """A reward served over HTTP (docs/rewards.md: POST {"prompts", "responses",
+    """A reward served over HTTP (docs/online-rl.md: POST {"prompts", "responses",
     "metadata"} -> {"scores": one number per response}), scored in batches of
     reward.remote_batch_size, reward.timeout_s per request, retried twice. Joins the sum
     with weight reward.remote_weight, logged as reward[remote]."""
@@ -209,7 +210,7 @@ class RewardConfig:
     remote_batch_size: int = 32
     remote_auth_env: str = "RLHF_REWARD_TOKEN"
     """The environment variable holding the endpoint's token, sent as "Authorization:
-    Bearer <token>" when set (never logged: the URL's own credentials are redacted too)."""
+    Bearer <token>" when set (never logged; a URL with user:password@ is refused)."""
     remote_errors: str = "skip"
     """An answer that is not {"scores": [one finite number per response]}, or a batch
     that fails all its tries: skip (its prompts' groups are dropped, counted, and
@@ -337,7 +338,8 @@ class PPOConfig:
                               f"{rw.max_score}: no sample could be kept.")
         if a.overlong == "penalty" and a.overlong_buffer < 1:
             raise ConfigError("algo.overlong_buffer must be at least 1 token.")
-        one_of("algo.algorithm", a.algorithm, ("grpo", "rloo", "reinforce++", "ppo", "rejection"))
+        one_of("algo.algorithm", a.algorithm,
+               ("grpo", "rloo", "reinforce++", "ppo", "rejection"))
         one_of("algo.kl_penalty", a.kl_penalty, ("loss", "reward"))
         if a.algorithm == "rejection" and a.kl_penalty == "reward":
             raise ConfigError("algo.algorithm=rejection trains the SFT loss on the kept "
@@ -357,11 +359,12 @@ class PPOConfig:
                     f"micro-batch(es) each of {world} workers runs per step "
                     f"(train.global_batch_size / (train.micro_batch_size x workers)): lower "
                     f"train.micro_batch_size or algo.mini_batches.")
-        if not (rw.functions or rw.model or rw.models or r.environment or rw.remote_url):
+        if not (rw.functions or rw.model or rw.models or r.environment or rw.remote_url
+                or rw.judge):
             raise ConfigError("No reward: give reward.functions (module:function), "
                               "reward.models (reward models exported by rlhf.rm), "
-                              "reward.remote_url or rollout.environment (module:Class), or "
-                              "several.")
+                              "reward.judge, reward.remote_url or rollout.environment "
+                              "(module:Class), or several.")
         if a.kl_target is not None and a.kl_penalty != "reward":
             raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "
                               "algo.kl_penalty=reward too.")
