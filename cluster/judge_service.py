@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cluster.models import TORCH_DTYPES, load_tokenizer
-from rlhf.core.logprobs import pad_sequences
+from rlhf.core.logprobs import pad_sequences, sequence_logprobs
 from rlhf.core.pairwise import two_order_preference
 from rlhf.data.judge_question import judge_prompt
 from rlhf.data.pipeline import common_prefix_len
@@ -67,14 +67,13 @@ class PairwiseJudge:
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         for at in range(0, len(seqs), self.batch_size):
             batch, first = seqs[at:at + self.batch_size], starts[at:at + self.batch_size]
-            b = pad_sequences(batch, [()] * len(batch), pad)
-            ids, mask = b["input_ids"], b["attention_mask"]
+            # the letters' tokens are the scored ones (a loss mask of 1 from `start` on)
+            scored = [[0] * s + [1] * (len(q) - s) for q, s in zip(batch, first)]
+            b = pad_sequences(batch, scored, pad)
             with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device),
-                                    attention_mask=mask.to(self.device)).logits.float()
-            token_lp = torch.log_softmax(logits[:, :-1], -1).gather(
-                -1, ids[:, 1:].unsqueeze(-1).to(logits.device)).squeeze(-1).cpu()
-            # token t is predicted at position t - 1
-            out += [float(token_lp[row, s - 1:len(seq) - 1].sum())
-                    for row, (seq, s) in enumerate(zip(batch, first))]
+                logits = self.model(input_ids=b["input_ids"].to(self.device),
+                                    attention_mask=b["attention_mask"].to(self.device)).logits
+            sums, _ = sequence_logprobs(logits, b["input_ids"].to(logits.device),
+                                        b["loss_mask"].to(logits.device))
+            out += sums.tolist()
         return out

@@ -45,7 +45,8 @@ class ServedJudge(PairwiseJudge, Replica):
 
 
 class RewardPool:
-    """Client of `replicas` ServedScorer actors serving the reward model `name`."""
+    """Client of `replicas` actors (ServedScorer, or ServedJudge) serving the model
+    `name`."""
 
     def __init__(self, name: str, replicas: list, batch_size: int, timeout_s: float,
                  retries: int):

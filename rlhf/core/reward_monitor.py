@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 
 WINDOW = 3  # evaluations over which a trend must hold before it is reported
+# every warning's start: the evaluation report finds them in a run's summary by it
+PREFIX = "possible reward hacking"
 
 
 def length_sums(scores: torch.Tensor, lengths: Sequence[int]) -> dict[str, float]:
@@ -80,14 +82,14 @@ def _window_warnings(rows: list[dict]) -> list[tuple[str, str]]:
     out = []
     if all("eval/reward[gold]" in r for r in rows) and \
             _trend([r["eval/reward[gold]"] for r in rows]) == -1:
-        out.append(("gold", f"possible reward hacking: over {span} the training reward rose "
+        out.append(("gold", f"{PREFIX}: over {span} the training reward rose "
                     f"({rise}) while the gold reward (reward.gold) fell "
                     f"({rows[0]['eval/reward[gold]']:.3f} -> {rows[-1]['eval/reward[gold]']:.3f}"
                     "). Keep an earlier checkpoint, raise algo.kl_coef, or train against an "
                     "ensemble (reward.models with reward.ensemble=min or uwo)."))
     if all("eval/reward[ensemble_std]" in r for r in rows) and \
             _trend([r["eval/reward[ensemble_std]"] for r in rows]) == 1:
-        out.append(("disagreement", f"possible reward hacking: over {span} the training "
+        out.append(("disagreement", f"{PREFIX}: over {span} the training "
                     f"reward rose ({rise}) while the reward models disagreed more and more "
                     f"(ensemble std {rows[0]['eval/reward[ensemble_std]']:.3f} -> "
                     f"{rows[-1]['eval/reward[ensemble_std]']:.3f}): the policy is leaving what "

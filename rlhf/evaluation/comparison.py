@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rlhf.config import EvalConfig
 from rlhf.core import eval_metrics as em
+from rlhf.core import reward_monitor
 from rlhf.evaluation.setup import Setup
 
 DEMO_NOTE = (" (The demo: a tiny model that starts from random weights, on the project's "
@@ -44,7 +45,7 @@ def training_flags(run_dir: Path | None) -> list[dict]:
         return []
     return [{"flag": "reward_hacking", "message": w}
             for w in json.loads(summary.read_text()).get("warnings", [])
-            if w.startswith("possible reward hacking")]
+            if w.startswith(reward_monitor.PREFIX)]
 
 
 def summarise(cfg: EvalConfig, setup: Setup, items: list[dict], aligned: dict, base: dict,

@@ -135,13 +135,13 @@ def start_reward_models(cfg: PPOConfig) -> tuple[list, object, object]:
     reward.judge's pool), up and loaded when this returns: a path that is not a reward
     model fails here."""
     rw = cfg.reward
-    specs = [(f"reward.models[{i}]", spec, rw.replicas, ServedScorer)
-             for i, spec in enumerate(rw.models)] if not rw.model else \
-        [("reward.model", rw.model, rw.replicas, ServedScorer)]
-    gold = bool(rw.gold and not is_function(rw.gold))
-    specs += [("reward.gold", rw.gold, 1, ServedScorer)] if gold else []
-    specs += [("reward.judge", rw.judge, rw.replicas, ServedJudge)] if rw.judge else []
-    pools: list = []
+    specs = [("reward.model" if rw.model else f"reward.models[{i}]", spec, rw.replicas,
+              ServedScorer) for i, spec in enumerate(rw.served()[0])]
+    if rw.gold and not is_function(rw.gold):
+        specs.append(("reward.gold", rw.gold, 1, ServedScorer))
+    if rw.judge:
+        specs.append(("reward.judge", rw.judge, rw.replicas, ServedJudge))
+    served: dict = {}  # setting -> its pool
     for what, spec, replicas, actor in specs:
         path = resolve_model_path(spec, what)
         if actor is ServedScorer and not is_reward_model(path):
@@ -150,19 +150,19 @@ def start_reward_models(cfg: PPOConfig) -> tuple[list, object, object]:
                               "sequence-classification model with one output. Train one "
                               "with python -m rlhf.rm and give its run directory's model/.")
         try:
-            pools.append(start_reward_pool(
+            served[what] = start_reward_pool(
                 path, replicas=replicas, num_cpus=rw.cpus_per_replica,
                 num_gpus=rw.gpus_per_replica, dtype=cfg.model.dtype,
                 timeout_s=rw.timeout_s, separate=cfg.rollout.placement == "separate",
-                actor=actor))
+                actor=actor)
         except Exception as e:  # noqa: BLE001 - the replica's own error, named
-            for pool in pools:
+            for pool in served.values():
                 pool.close()
             cause = root_cause(e)
             raise ConfigError(f"{what}={spec}: cannot serve it "
                               f"({type(cause).__name__}: {cause})") from None
-    judge = pools.pop() if rw.judge else None
-    gold_pool = pools.pop() if gold else None
+    gold_pool, judge = served.pop("reward.gold", None), served.pop("reward.judge", None)
+    pools = list(served.values())  # the reward models, in reward.models' order
     if pools or judge:
         print(f"serving {len(pools)} reward model(s), {rw.replicas} replica(s) each"
               + (f", combined by {rw.ensemble}" if len(pools) > 1 else "")

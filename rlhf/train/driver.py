@@ -149,8 +149,7 @@ def run_training(cfg: Any, task: type[Task], *, dataset: Any = None,
         if cut:  # before the end line, where the user looks
             print(cut, flush=True)
             summary["warnings"] = [*summary["warnings"], cut]
-        evals = [r for r in read_metrics(run_dir) if any(k.startswith("eval/") for k in r)]
-        summary["warnings"] += task.watch(evals, whole_run=True)
+        summary["warnings"] += task.watch(read_metrics(run_dir), whole_run=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curves(run_dir, task.plot_keys)
         if evaluate is not None:

@@ -232,9 +232,9 @@ class Task(ABC):
 
     @staticmethod
     def watch(evaluations: list[dict], whole_run: bool = False) -> list[str]:
-        """Warnings the metrics rows with held-out figures so far give (rank 0, after
-        each evaluation; whole_run: the driver, over the finished run, each warning
-        once). Online RL: the reward-hacking monitor."""
+        """Warnings the metrics rows so far give, from their held-out figures (rank 0,
+        after each evaluation; whole_run: the driver, over the finished run's rows, each
+        warning once). Online RL: the reward-hacking monitor."""
         return []
 
 
