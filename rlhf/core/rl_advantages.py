@@ -40,7 +40,7 @@ def assign_advantages(rollouts: list[dict], algo, samples_per_prompt: int, kl_co
             d["reward_kl"] = kl
             local[3] += float(kl.sum())
             local[4] += d["n_seqs"]
-        if a.algorithm == "rejection":  # the SFT loss on the kept samples: no advantage
+        if a.algorithm in ("rejection", "online_dpo"):  # losses without an advantage
             d["adv"] = torch.ones_like(d["scores"])
             continue
         if a.algorithm in ("grpo", "rloo"):

@@ -67,6 +67,9 @@ class RolloutRecord:
     epoch: int = 0
     metadata: str = "{}"
     """The prompt row's other columns (JSON), as reward functions receive them."""
+    role: str = ""
+    """algo.algorithm=online_dpo: "chosen" or "rejected"; a group's records then come as
+    consecutive (chosen, rejected) pairs, a sample in several pairs repeated."""
 
     def __post_init__(self) -> None:
         t = len(self.response_ids)

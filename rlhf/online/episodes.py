@@ -14,8 +14,10 @@ observations are appended token in, token out (rlhf.core.environments.ChatCodec)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import random
 import threading
 import time
 from collections import Counter
@@ -27,6 +29,7 @@ from cluster.engine_client import EngineClient, EngineNeedsSync
 from cluster.vllm_engines import sample_seed
 from rlhf.core.advantages import overlong_penalty, uniform_groups
 from rlhf.core.environments import ChatCodec, call_all, checked_step, load_environment
+from rlhf.core.pairwise import select_pairs
 from rlhf.core.reward_ensemble import ModelEnsemble, within_thresholds
 from rlhf.core.rewards import (RewardError, Rewards, RewardSource, function_source,
                                reward_spec)
@@ -36,6 +39,7 @@ from rlhf.online.remote_reward import RemoteReward
 DROP_UNIFORM = "dropped: uniform rewards (algo.dynamic_sampling)"
 DROP_OUTSIDE = "dropped: every sample outside reward.min_score/max_score"
 DROP_NONE_KEPT = "dropped: no sample left to keep (algo.algorithm=rejection)"
+DROP_NO_PAIR = "dropped: no pair apart by algo.min_pair_gap (algo.algorithm=online_dpo)"
 DROP_UNSCORED = "dropped: reward.remote_url gave no score (reward.remote_errors=skip)"
 
 
@@ -357,7 +361,8 @@ class EpisodeRunner:
         (rollout.env_errors=skip), with algo.dynamic_sampling one whose rewards are all
         equal, with reward.min_score/max_score one none of whose samples is within.
         algo.algorithm=rejection keeps of each group its best sample within them (the
-        first of equals), the others counted as rejected."""
+        first of equals), the others counted as rejected; online_dpo makes of each group
+        its pairs (algo.pairs) of samples within them, the pairs not made counted."""
         import torch
 
         groups: dict[tuple[int, int], list[RolloutRecord]] = {}
@@ -393,8 +398,33 @@ class EpisodeRunner:
                     continue
                 stats["rejected"] += len(group) - 1
                 group = [best]
+            if self.a.algorithm == "online_dpo":
+                group = self._pairs(group, stats)
+                if not group:
+                    counts[DROP_NO_PAIR] += 1
+                    continue
             out.append((key[0], group))
         return out
+
+    def _pairs(self, group: list[RolloutRecord], stats: Counter) -> list[RolloutRecord]:
+        """online_dpo: the group as consecutive (chosen, rejected) records, of the
+        samples with tokens to train (within the thresholds, not filtered as overlong);
+        stats["pairs"] counts the pairs made, stats["pairs_dropped"] those not (a group's
+        possible pairs under algo.pairs: 1, or n (n - 1) / 2 for all), and
+        stats["paired_groups_reward"] sums every sample's score."""
+        live = [x for x in group if any(x.loss_mask)]
+        rng = random.Random(f"{self.cfg.train.seed}-{group[0].group}")
+        chosen = select_pairs([x.score for x in live], self.a.pairs, self.a.min_pair_gap,
+                              rng)
+        n = len(group)
+        # the policy's reward: every sample of the groups that reached pairing, not just
+        # those paired (a best-against-worst pair's mean says nothing of the policy)
+        stats["paired_groups_reward"] += sum(x.score for x in group)
+        stats["paired_groups_samples"] += n
+        stats["pairs"] += len(chosen)
+        stats["pairs_dropped"] += (n * (n - 1) // 2 if self.a.pairs == "all" else 1) - len(chosen)
+        return [dataclasses.replace(live[k], role=role)
+                for i, j in chosen for k, role in ((i, "chosen"), (j, "rejected"))]
 
     def _within_thresholds(self, group: list[RolloutRecord], stats: Counter) -> bool:
         """reward.min_score/max_score: the group's samples outside them leave the loss

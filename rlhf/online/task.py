@@ -21,7 +21,11 @@ named, timed block (metrics time/<phase>_s), in this order:
                   ratio to the proximal policy, weighted by the rollout correction
                   pi_prox / mu (algo.rollout_is: tis, mis or none) against the engine's
                   behaviour log-probs, + k3 KL - entropy bonus, the token mean over the
-                  (mini-)batch; observation tokens masked out
+                  (mini-)batch; observation tokens masked out. rejection: the SFT
+                  loss on the kept samples; online_dpo: the DPO loss of algo.dpo_loss on
+                  the coordinator's (chosen, rejected) pairs against the reference, the
+                  mean over the global batch's pairs (stale pairs need no correction:
+                  DPO's loss is defined for pairs from any policy)
     sync          the weights are published for the engines (rollout.weight_sync); the
                   coordinator loads them when its staleness bound asks for them (on the
                   broadcast path rank 0 pushes them into the engines itself)
@@ -44,7 +48,7 @@ from rlhf.config import PPOConfig, resolved_rollout_is
 from rlhf.core.advantages import AdaptiveKLController, kl_estimate
 from rlhf.core.logprobs import (model_inputs, response_batch, right_padded, scored_positions,
                                 scored_token_logprobs)
-from rlhf.core.losses import entropy_from_logits, kept_samples_loss, online_rl_loss
+from rlhf.core.losses import dpo_loss, entropy_from_logits, kept_samples_loss, online_rl_loss
 from rlhf.core.reward_monitor import hacking_warnings, length_correlation, length_sums
 from rlhf.core.rewards import reward_spec, shape_scores
 from rlhf.core.rl_advantages import assign_advantages
@@ -52,13 +56,15 @@ from rlhf.core.rollouts import RolloutRecord, record_tables, staleness_counts
 from rlhf.data.prompts import PROMPTS
 from rlhf.online.critic import Critic
 from rlhf.online.feed import RolloutFeed
+from rlhf.train.moving_reference import MovingReference
 from rlhf.train.tasks.base import SequenceTask
 
 BUFFER_FILE = "rollout_buffer.json"
 
 
 class RLTask(SequenceTask):
-    """Online RL from the coordinator's rollouts (rlhf.ppo): GRPO, RLOO, REINFORCE++, PPO."""
+    """Online RL from the coordinator's rollouts (rlhf.ppo): GRPO, RLOO, REINFORCE++, PPO,
+    rejection sampling, online DPO."""
 
     config_cls = PPOConfig
     prefix = "ppo"
@@ -75,10 +81,12 @@ class RLTask(SequenceTask):
             "gap", "gap_tokens", "gap_fresh", "fresh_tokens", "clipped", "entropy",
             "value_loss", "value_clipped", "is_weight", "is_limited", "turns",
             "tool_calls", "tool_episodes", "partial", "staleness", "length", "length_sq",
-            "reward_length")
+            "reward_length", "pairs", "pair_loss", "pair_accuracy", "pair_margin",
+            "pair_score_gap")
     MAXES = ("max:is_weight", "max:staleness", "max:gap")
     # the coordinator's, per step
-    BATCH_STATS = ("generate_s", "env_s", "env_failures", "outside_thresholds", "rejected")
+    BATCH_STATS = ("generate_s", "env_s", "env_failures", "outside_thresholds", "rejected",
+                   "pairs", "pairs_dropped", "paired_groups_reward", "paired_groups_samples")
 
     @property
     def updates_per_step(self) -> int:
@@ -108,8 +116,14 @@ class RLTask(SequenceTask):
         self.publisher = WeightPublisher(cfg, self.rank, lc["sync"], lc["weights_dir"],
                                          lc["store"], lc["engines"])
         self.rollout_is = resolved_rollout_is(cfg)
+        self.dpo = a.algorithm == "online_dpo"
+        # DPO's log-probs are the model's own (temperature 1), whatever sampled the pairs
+        self.logit_temperature = 1.0 if self.dpo else cfg.rollout.temperature
+        needs_ref = a.kl_coef or (self.dpo and a.dpo_loss != "simpo")
         self.ref_engine = (self.frozen_reference(lc["model_path"], world)
-                           if a.kl_coef else None)
+                           if needs_ref else None)
+        self.moving = MovingReference(self.ref_engine, a.reference_sync_every if self.dpo
+                                      else 0, a.reference_mixup)
         # The proximal policy, recomputed: the ratio's denominator once the policy has
         # moved (several updates per batch), and the KL in the reward. With one update
         # it is the current policy, detached: no forward of its own.
@@ -164,6 +178,7 @@ class RLTask(SequenceTask):
         all_sum([0.0])  # nobody asks for a batch before the coordinator is started
 
     def save_state(self, folder: Path) -> None:
+        self.moving.save(folder)
         if self.critic is not None:
             self.critic.save(folder)
         if self.rank == 0:
@@ -173,6 +188,7 @@ class RLTask(SequenceTask):
                 (folder / BUFFER_FILE).write_text(json.dumps(buffer))
 
     def load_state(self, folder: Path) -> None:
+        self.moving.load(folder)
         if self.critic is not None:
             self.critic.load(folder)
         state = folder / "rl_state.json"
@@ -263,7 +279,7 @@ class RLTask(SequenceTask):
         """(log-probs (S, T), mask (S, T), entropy (S, T) or None) of the response
         positions at the sampling temperature."""
         out = model_engine(**model_inputs(batch, model_engine.device))
-        logits = out.logits / self.cfg.rollout.temperature
+        logits = out.logits / self.logit_temperature
         vals, seq = scored_token_logprobs(logits, batch)
         lp, mask = right_padded(vals, seq, n_seqs)
         ent = None
@@ -283,6 +299,7 @@ class RLTask(SequenceTask):
         records = [r for d in ds for r in d["records"]]
         hist = staleness_counts(records, self.version)
         out = {"samples": len(records), "tokens": p + resp, "unique_tokens": p + resp,
+               "pairs": sum(r.role == "chosen" for r in records),
                "response_tokens": resp,
                **{f"staleness/{k}": float(hist.get(k, 0))
                   for k in range(self.cfg.rollout.max_staleness + 1)},
@@ -309,6 +326,8 @@ class RLTask(SequenceTask):
         d["passes"] += 1
         # the token mean over the global batch (or its mini-batch), however it was split
         k = self.world * self.accum / max(totals["response_tokens"], 1) if totals else 0.0
+        if totals and self.dpo:  # the mean over the global batch's pairs
+            k = self.world * self.accum / max(totals["pairs"], 1)
         if totals is not None and self.critic is not None:
             # the critic's update first: its graph is gone before the policy's is built
             sums["value_loss"], sums["value_clipped"] = self.critic.update(
@@ -327,7 +346,9 @@ class RLTask(SequenceTask):
             if grad:
                 in_loss = d["ref"] is not None and a.kl_penalty == "loss"
                 ref, coef = (d["ref"], self.kl_ctl.value) if in_loss else (None, 0.0)
-            if grad and a.algorithm == "rejection":  # the SFT loss on the kept samples
+            if grad and self.dpo:
+                per_token, kl = self._pair_loss(lp, d, mask, sums)
+            elif grad and a.algorithm == "rejection":  # the SFT loss on the kept samples
                 per_token, kl = kept_samples_loss(lp, mask, ref, coef)
                 sums.update({"clipped": 0.0, "is_weight": float(mask.sum()),
                              "is_limited": 0.0, "max:is_weight": 1.0})
@@ -361,6 +382,34 @@ class RLTask(SequenceTask):
         if totals is None:
             return None, sums
         return per_token.sum() * k, sums
+
+    def _pair_loss(self, lp, d: dict, mask, sums: dict):
+        """online_dpo: the micro-batch's records are (chosen, rejected) pairs in turn ->
+        (each pair's loss as a (P, 1) table, whose sum is the micro-batch's loss; the
+        k3 KL to the reference per token, reported); the pairs' metrics into `sums`."""
+        a = self.cfg.algo
+        roles = [r.role for r in d["records"]]
+        if len(roles) % 2 or roles != ["chosen", "rejected"] * (len(roles) // 2):
+            raise RuntimeError(f"online DPO got records that are not (chosen, rejected) "
+                               f"pairs: {roles}")
+        lengths = mask.sum(1)
+        pol = (lp * mask).sum(1)
+        ref = (d["ref"].to(lp.device) * mask).sum(1) if d["ref"] is not None else None
+        out = dpo_loss(pol[0::2], pol[1::2], None if ref is None else ref[0::2],
+                       None if ref is None else ref[1::2], loss_type=a.dpo_loss,
+                       beta=a.beta, chosen_lengths=lengths[0::2],
+                       rejected_lengths=lengths[1::2])
+        margin = (out.chosen_rewards - out.rejected_rewards).detach()
+        scores = d["scores"]
+        sums.update({"pairs": float(len(margin)), "pair_loss": float(out.losses.detach().sum()),
+                     "pair_accuracy": float((margin > 0).sum()),
+                     "pair_margin": float(margin.sum()),
+                     "pair_score_gap": float((scores[0::2] - scores[1::2]).sum()),
+                     "clipped": 0.0, "is_weight": float(mask.sum()), "is_limited": 0.0,
+                     "max:is_weight": 1.0})
+        kl = (kl_estimate(lp.detach(), d["ref"].to(lp.device), "k3") * mask
+              if d["ref"] is not None else torch.zeros_like(lp))
+        return out.losses.unsqueeze(1), kl
 
     def _sample_sums(self, d: dict, lp, behaviour, mask) -> dict:
         """Per-sample sums of a micro-batch: rewards, the engine/trainer log-prob gap
@@ -414,6 +463,8 @@ class RLTask(SequenceTask):
         """The new weights are published for the engines (and, broadcasting, pushed into
         them); the coordinator hears of them."""
         self.rollouts = {}
+        if self.moving.step(engine, step) and timer:  # online DPO's TR-DPO reference
+            timer.mark("reference_sync")
         self.publisher.publish(engine, step)
         self.version = step
         if self.rank == 0:
@@ -466,6 +517,16 @@ class RLTask(SequenceTask):
                     "train/outside_thresholds": b["outside_thresholds"]})
         if self.cfg.algo.algorithm == "rejection":  # samples left out, the best kept
             out["train/rejected"] = b["rejected"]
+        if self.dpo:  # per pair: the loss as trained, DPO's implicit-reward metrics
+            pairs = max(sums["pairs"], 1)
+            # train/reward: every sample's, not only the paired ones' (best and worst)
+            out.update({"train/reward": b["paired_groups_reward"]
+                        / max(b["paired_groups_samples"], 1),
+                        "train/loss": sums["pair_loss"] / pairs,
+                        "train/rewards/accuracy": sums["pair_accuracy"] / pairs,
+                        "train/rewards/margin": sums["pair_margin"] / pairs,
+                        "train/pair_score_gap": sums["pair_score_gap"] / pairs,
+                        "train/pairs": b["pairs"], "train/pairs_dropped": b["pairs_dropped"]})
         if self.cfg.algo.entropy_coef:
             out["train/entropy"] = sums["entropy"] / t
         if self.critic is not None:

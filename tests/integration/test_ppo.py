@@ -81,6 +81,29 @@ def test_rejection_sampling_learns_with_a_served_pairwise_judge(ray_cluster, tmp
     assert rows[-1]["train/kl"] > 0  # the policy moved off the reference
 
 
+def test_online_dpo_learns_one_step_off_policy_with_a_moving_reference(ray_cluster, tmp_path):
+    """algo.algorithm=online_dpo: each prompt's 4 samples scored by the demo rule (1 for
+    "Of course"), the best against the worst trained with DPO's loss against a reference
+    moved towards the policy every 4 steps (TR-DPO); a prompt whose samples all score
+    the same has no pair: dropped, counted, replaced. One step off-policy."""
+    run_dir = ppo(tmp_path, "algo.algorithm=online_dpo", "algo.reference_sync_every=4",
+                  "rollout.max_staleness=1", "train.max_steps=8", "train.eval_every=0")
+    s = summary(run_dir)
+    assert s["steps"] == 8
+    assert s["eval/reward"] > s["start/eval/reward"] + 0.05, s  # it learns
+    assert s["counts"]["dropped: no pair apart by algo.min_pair_gap (algo.algorithm="
+                       "online_dpo)"] > 0
+    rows = [r for r in metrics(run_dir) if "train/reward" in r]
+    for r in rows:
+        assert r["train/pairs"] == 16  # one pair per prompt, the batch kept full
+        assert r["train/pair_score_gap"] == 1.0  # "Of course" against another opening
+        assert r["train/staleness_max"] <= 1
+    assert rows[0]["train/rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # policy = ref
+    assert rows[-1]["train/rewards/accuracy"] > 0.5 and rows[-1]["train/kl"] > 0
+    moved = [r["step"] for r in rows if "time/reference_sync_s" in r]
+    assert moved == [4, 8]
+
+
 def _engine_killer(log, after_step: int):
     """A thread that SIGKILLs the (first live) engine's process from outside, as when its
     node is lost, once `log` (metrics.jsonl) shows step `after_step` trained."""

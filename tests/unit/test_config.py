@@ -217,9 +217,22 @@ def test_async_and_environment_config_checks():
             (["reward.functions=[]"], "No reward: give reward.functions"),
             (["algo.overlong=cut"], "none, filter, penalty"),
             (["rollout.placement=spread"], "colocated, separate"),
-            (["rollout.partial_rollouts=true", "rollout.chunk_tokens=0"], "chunk_tokens")):
+            (["rollout.partial_rollouts=true", "rollout.chunk_tokens=0"], "chunk_tokens"),
+            (["algo.algorithm=online_dpo", "algo.dpo_loss=orpo"], "sigmoid, hinge, ipo"),
+            (["algo.algorithm=online_dpo", "algo.pairs=worst"], "best_worst, best_random"),
+            (["algo.algorithm=online_dpo", "algo.beta=0"], "beta=0.0 must be positive"),
+            (["algo.algorithm=online_dpo", "algo.kl_penalty=reward"], "no reward to shape"),
+            (["algo.algorithm=online_dpo", "algo.ppo_epochs=2"], "one update per batch"),
+            (["algo.algorithm=online_dpo", "algo.reference_sync_every=4",
+              "algo.dpo_loss=simpo"], "there is none"),
+            (["algo.algorithm=online_dpo", "rollout.samples_per_prompt=1"],
+             "at least 2: online_dpo")):
         with pytest.raises(ConfigError, match=why):
             cfg(*argv)
+    dpo = cfg("algo.algorithm=online_dpo", "algo.pairs=all", "algo.min_pair_gap=0.5",
+              "algo.dpo_loss=ipo", "algo.reference_sync_every=4")
+    assert (dpo.algo.pairs, dpo.algo.dpo_loss, dpo.algo.reference_sync_every) == \
+        ("all", "ipo", 4)
     # engines on nodes of their own cannot read the trainer's /dev/shm
     assert weight_sync_path(cfg("rollout.placement=separate")) == "store"
     with pytest.raises(ConfigError, match="weight_sync=shm needs the engines"):

@@ -189,3 +189,7 @@ def test_advantage_dispatch_matches_the_pure_functions():
     a = micro([1.0, 0.5], a["old"], a["ref"])
     assert assign_advantages([a], algo, 2, kl_coef=0.1, all_sum=lambda x: x) == (0.0, 0.0)
     assert a["adv"].tolist() == [1.0, 1.0]
+    algo.algorithm = "online_dpo"  # nor does online DPO's pair loss
+    a = micro([1.0, 0.5], a["old"], a["ref"])
+    assign_advantages([a], algo, 2, kl_coef=0.1, all_sum=lambda x: x)
+    assert a["adv"].tolist() == [1.0, 1.0]

@@ -227,6 +227,32 @@ def test_two_order_preference_cancels_position_bias_by_hand():
         two_order_preference(torch.zeros(2, 2), torch.zeros(3, 2))
 
 
+def test_pairs_from_a_prompts_scores_by_hand():
+    """Online DPO's (and rlhf.sample's) pairs: best against worst (first of the best,
+    last of the worst), a random other, or every pair; ties and gaps below min_gap never
+    paired. The config's copy of the pairings is the module's."""
+    import random
+
+    from rlhf.config.ppo import PAIRINGS as CONFIG_PAIRINGS
+    from rlhf.core.pairwise import PAIRINGS, select_pairs
+
+    assert CONFIG_PAIRINGS == PAIRINGS
+    s = [0.2, 0.9, 0.5, 0.1]
+    assert select_pairs(s, "best_worst") == [(1, 3)]
+    assert select_pairs([1, 0, 1, 0], "best_worst") == [(0, 3)]
+    assert select_pairs([0.3, 0.3], "best_worst") == []  # a tie says nothing
+    assert select_pairs(s, "best_worst", min_gap=0.81) == []  # 0.9 - 0.1 = 0.8
+    assert select_pairs([0.7], "all") == []
+    assert select_pairs(s, "all") == [(1, 0), (2, 0), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert select_pairs(s, "all", min_gap=0.35) == [(1, 0), (1, 2), (1, 3), (2, 3)]
+    # best_random: the best against one of those at least min_gap below it
+    draws = {select_pairs(s, "best_random", 0.35, random.Random(k))[0] for k in range(50)}
+    assert draws == {(1, 0), (1, 2), (1, 3)}
+    assert select_pairs(s, "best_random", 0.81) == []
+    with pytest.raises(ValueError, match="best_worst, best_random, all"):
+        select_pairs(s, "worst")
+
+
 def test_the_runs_reward_hacking_warnings_become_evaluation_flags(tmp_path):
     """rlhf.evaluate's report flags what the training run's monitor warned of."""
     import json

@@ -246,3 +246,43 @@ def test_the_pairwise_judge_reads_both_orders_of_a_tiny_model(tiny_model_path):
     back = judge.prefer(prompts, b, a)
     assert [g + k for g, k in zip(got, back)] == pytest.approx([1.0, 1.0], abs=1e-9)
     assert judge.score(prompts[:1], [(a[0], a[0])]) == pytest.approx([0.5], abs=1e-9)
+
+
+@pytest.mark.parametrize("pairs,gap,want,dropped", [
+    # reward = the number of x's: prompt 0 scores [1, 2, 0], prompt 1 [1, 0, 1], prompt
+    # 2 [0, 0, 0] (no pair: dropped)
+    ("best_worst", 0.0, [[(1, 2)], [(0, 1)]], 1),
+    ("best_worst", 1.5, [[(1, 2)]], 2),  # prompt 1's gap of 1 is too small
+    ("all", 0.0, [[(1, 0), (0, 2), (1, 2)], [(0, 1), (2, 1)]], 1 + 3),
+])
+def test_online_dpo_makes_each_prompts_pairs(tiny_model_path, monkeypatch, pairs, gap, want,
+                                             dropped):
+    """algo.algorithm=online_dpo: each prompt's samples as consecutive (chosen, rejected)
+    records, ties never paired, a prompt with no pair dropped and counted; the pairs
+    not made are counted per step (1 per prompt for best_worst, 3 for all with 3
+    samples, less those made)."""
+    import sys
+    import types
+
+    from rlhf.config import PPOConfig, parse_args
+    from rlhf.online.episodes import DROP_NO_PAIR, EpisodeRunner
+
+    m = types.ModuleType("pair_test_rewards")
+    m.xs = lambda p, r, meta: [float(x.count("x")) for x in r]
+    monkeypatch.setitem(sys.modules, "pair_test_rewards", m)
+    cfg = parse_args(PPOConfig, [
+        f"model.name_or_path={tiny_model_path}", "reward.functions=[pair_test_rewards:xs]",
+        "algo.algorithm=online_dpo", f"algo.pairs={pairs}", f"algo.min_pair_gap={gap}",
+        "rollout.samples_per_prompt=3"], "rlhf.ppo")
+    tok, episodes = made_up_episodes(tiny_model_path, ["x", "xx", "y", "x a", "y", "x b",
+                                                       "y", "z", "w"], 3)
+    runner = EpisodeRunner(cfg, None, tok)
+    counts, stats = Counter(), Counter()
+    kept = runner.filter(*runner.score(episodes(), train=True), counts, stats)
+    got = [[(g[i].sample, g[i + 1].sample) for i in range(0, len(g), 2)] for _, g in kept]
+    assert got == want
+    assert all([r.role for r in g] == ["chosen", "rejected"] * (len(g) // 2) for _, g in kept)
+    assert all(g[i].score > g[i + 1].score for _, g in kept for i in range(0, len(g), 2))
+    assert counts == {DROP_NO_PAIR: 3 - len(want)}
+    assert stats["pairs"] == sum(map(len, want)) and stats["pairs_dropped"] == dropped
+    assert (stats["paired_groups_reward"], stats["paired_groups_samples"]) == (5, 9)

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import torch
 
-from cluster.checkpoints import gather_state_dict
-from cluster.deepspeed import blend_parameters, load_parameters
 from rlhf.config import DPOConfig
 from rlhf.core.logprobs import split_pairs
 from rlhf.core.losses import dpo_loss, sft_weight
+from rlhf.train.moving_reference import MovingReference
 from rlhf.train.reference import PAIR_REFERENCE, streamed_logps
 from rlhf.train.tasks.base import PairTask, reference_logps, response_logps
 
-REFERENCE_FILE = "reference.pt"  # a TR-DPO reference, saved with the checkpoint once moved
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy",
                "rewards/margin", "logps/chosen", "logps/rejected", "nll")
 
@@ -73,7 +71,7 @@ class DPOTask(PairTask):
 
     def prepare(self, engine, lc: dict, world: int, accum: int) -> None:
         super().prepare(engine, lc, world, accum)
-        self.synced_at, lo = 0, self.cfg.loss
+        lo = self.cfg.loss
         # the whole weight of the chosen NLL in the loss as trained and as reported:
         # RPO's / CPO's / ORPO's, plus an "sft" type's
         self.nll_weight = lo.nll_weight + sft_weight(lo.type, lo.weights)
@@ -84,39 +82,20 @@ class DPOTask(PairTask):
             none_because=(f"none (loss.type={lo.type[0]} needs none)" if lo.reference_free
                           else "none here: its log-probs come with the pairs"
                           if lo.precompute_reference else ""), note=moving)
+        self.moving = MovingReference(self.ref_engine, lo.reference_sync_every,
+                                      lo.reference_mixup)
 
-    # ------------------------------------------------ TR-DPO: a reference that moves
+    # TR-DPO: a reference that moves (rlhf/train/moving_reference.py)
 
     def end_step(self, engine, step: int, timer) -> None:
-        """Every loss.reference_sync_every steps the reference moves towards the policy:
-        ref = mixup * policy + (1 - mixup) * ref (Gorbatovski et al. 2024, eq. 6). After
-        a restore (step == the restored step) it is not moved again: load_state brought
-        it back as it was."""
-        every = self.cfg.loss.reference_sync_every
-        if self.ref_engine is None or not every or step <= self.synced_at or step % every:
-            return
-        blend_parameters(self.ref_engine, engine, self.cfg.loss.reference_mixup)
-        self.synced_at = step
-        if timer:
+        if self.moving.step(engine, step) and timer:
             timer.mark("reference_sync")
 
     def save_state(self, folder: Path) -> None:
-        """A moved reference is part of the run's state (it is a mixture of past
-        policies): its full weights are saved beside the policy's."""
-        if self.ref_engine is None or not self.synced_at:
-            return
-        full = gather_state_dict(self.ref_engine, self.ref_engine.zero_optimization_stage())
-        if full is not None:
-            torch.save({"synced_at": self.synced_at, "weights": full},
-                       folder / REFERENCE_FILE)
+        self.moving.save(folder)
 
     def load_state(self, folder: Path) -> None:
-        path = folder / REFERENCE_FILE
-        if self.ref_engine is None or not path.is_file():
-            return  # never moved: the reference loaded from its path is the right one
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        load_parameters(self.ref_engine, saved["weights"])
-        self.synced_at = saved["synced_at"]
+        self.moving.load(folder)
 
     def micro_step(self, engine, rows: list[dict], totals: dict | None, grad: bool, timer):
         cfg = self.cfg
