@@ -12,7 +12,7 @@ that says what to change.
 
 The modules: base (ConfigError, built-in names), sections (what the entry points share:
 model, data, loss, train, cluster, output), one per entry point (dpo, rm, sft, ppo,
-evaluate), loader (parse, build, help, suggestions), entry_points (the table of entry
+sample, evaluate), loader (parse, build, help, suggestions), entry_points (the table of entry
 points). This package imports nothing else of the project, and nothing heavier than
 dataclasses and yaml: every layer above may import it.
 """
@@ -27,6 +27,7 @@ from rlhf.config.kto import KTOColumnsConfig, KTOConfig, KTODataConfig, KTOLossC
 from rlhf.config.ppo import (PPOConfig, RewardConfig, RLAlgoConfig, RolloutConfig,
                              resolved_rollout_is)
 from rlhf.config.rm import RMConfig, RMLossConfig
+from rlhf.config.sample import SampleConfig, SamplingConfig
 from rlhf.config.sections import (AfterTrainingConfig, ClusterConfig, ColumnsConfig,
                                   DataConfig, LoraConfig, LossConfig, ModelConfig,
                                   OutputConfig, PromptDataConfig, SFTColumnsConfig,
@@ -44,4 +45,5 @@ __all__ = [
     "AfterTrainingConfig", "ClusterConfig", "ColumnsConfig", "DataConfig", "LoraConfig",
     "LossConfig", "ModelConfig", "OutputConfig", "PromptDataConfig", "SFTColumnsConfig",
     "SFTDataConfig", "SourceConfig", "TrainConfig", "resolved_learning_rate", "SFTConfig",
+    "SampleConfig", "SamplingConfig",
 ]

@@ -13,6 +13,7 @@ from rlhf.config.evaluate import EvalConfig
 from rlhf.config.kto import KTOConfig
 from rlhf.config.ppo import PPOConfig
 from rlhf.config.rm import RMConfig
+from rlhf.config.sample import SampleConfig
 from rlhf.config.sft import SFTConfig
 
 
@@ -39,6 +40,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {e.name: e for e in (
     EntryPoint("rm", RMConfig, True, "a reward model on pairs (Bradley-Terry)"),
     EntryPoint("sft", SFTConfig, True, "supervised fine-tuning on examples"),
     EntryPoint("ppo", PPOConfig, True, "online RL with vLLM rollouts (PPO, GRPO, RLOO, ...)"),
+    EntryPoint("sample", SampleConfig, False, "best-of-n samples, scored: SFT data, pairs"),
     EntryPoint("evaluate", EvalConfig, False, "an aligned model against its base"),
 )}
 

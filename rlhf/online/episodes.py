@@ -30,11 +30,9 @@ from cluster.vllm_engines import sample_seed
 from rlhf.core.advantages import overlong_penalty, uniform_groups
 from rlhf.core.environments import ChatCodec, call_all, checked_step, load_environment
 from rlhf.core.pairwise import select_pairs
-from rlhf.core.reward_ensemble import ModelEnsemble, within_thresholds
-from rlhf.core.rewards import (RewardError, Rewards, RewardSource, function_source,
-                               reward_spec)
+from rlhf.core.reward_ensemble import within_thresholds
 from rlhf.core.rollouts import OBSERVATION, RolloutRecord
-from rlhf.online.remote_reward import RemoteReward
+from rlhf.online.reward_sources import build_rewards, judge_scores
 
 DROP_UNIFORM = "dropped: uniform rewards (algo.dynamic_sampling)"
 DROP_OUTSIDE = "dropped: every sample outside reward.min_score/max_score"
@@ -82,24 +80,9 @@ class EpisodeRunner:
         self.judge = judge_pool
         self.cfg, self.r, self.a = cfg, cfg.rollout, cfg.algo
         self.client, self.tok = client, tok
-        rw = cfg.reward
-        models = (ModelEnsemble([f"rm{i}" for i in range(len(reward_pools))],
-                                [pool.score for pool in reward_pools], rw.ensemble,
-                                rw.ensemble_coef, rw.served()[1])
-                  if reward_pools else None)
-        sources = [function_source(*reward_spec(s)) for s in rw.functions]
-        self.remote = None
-        if rw.remote_url:
-            self.remote = RemoteReward(rw.remote_url, batch_size=rw.remote_batch_size,
-                                       timeout_s=rw.timeout_s, auth_env=rw.remote_auth_env,
-                                       errors=rw.remote_errors)
-            sources.append(RewardSource("remote", rw.remote_weight, self.remote))
-        gold = None
-        if gold_pool is not None:
-            gold = lambda p, r, m: gold_pool.score(p, r)  # noqa: E731
-        elif rw.gold:
-            gold = function_source(rw.gold).score
-        self.rewards = Rewards(sources, models, rw.aggregation, gold)
+        self.rewards, self.remote = build_rewards(
+            cfg.reward, [pool.score for pool in reward_pools or []],
+            gold_pool.score if gold_pool is not None else None)
         self.env_factory = None
         self.codec = None
         self.stop_ids = None  # the engines' default: the model's end-of-sequence tokens
@@ -310,8 +293,9 @@ class EpisodeRunner:
         keys: dict[tuple[int, int], int] = {}  # each sample's prompt, numbered
         groups = [keys.setdefault((ep.rank, ep.group), len(keys)) for ep in good]
         if self.judge is not None and good:
-            extra.append(("judge", self.cfg.reward.judge_weight, self._judged(
-                texts, resp, meta, groups, [ep.sample for ep in good])))
+            extra.append(("judge", self.cfg.reward.judge_weight, judge_scores(
+                self.judge.score, self.cfg.reward.judge_baseline, texts, resp, meta, groups,
+                [ep.sample for ep in good])))
         with self.reward_lock:
             total, parts = self.rewards(texts, resp, meta, groups=groups, extra=extra)
         recs = []
@@ -338,21 +322,6 @@ class EpisodeRunner:
                 tool_calls=getattr(ep.env, "calls", 0) if ep.env is not None else 0,
                 metadata=ep.metadata))
         return list(zip(good, recs)), [ep for ep in eps if ep.failure is not None]
-
-    def _judged(self, texts: list[str], resp: list[str], meta: list[dict],
-                groups: list[int], samples: list[int]) -> list[float]:
-        """reward.judge's P(sample better than its baseline): the prompt's
-        reward.judge_baseline column, or its first sample (which then scores 0.5)."""
-        col = self.cfg.reward.judge_baseline
-        first: dict[int, str] = {}
-        for g, _, r in sorted(zip(groups, samples, resp)):  # each prompt's lowest sample
-            first.setdefault(g, r)
-        if col and any(col not in m for m in meta):
-            raise RewardError(f"reward.judge_baseline={col}: the prompts have no such column "
-                              f"(they have {sorted(meta[0])}); name one, or leave it empty "
-                              "to compare each sample with its prompt's first.")
-        base = [str(m[col]) for m in meta] if col else [first[g] for g in groups]
-        return self.judge.score(texts, list(zip(resp, base)))
 
     def filter(self, scored: list[tuple[Episode, RolloutRecord]], failed: list[Episode],
                 counts: Counter, stats: Counter) -> list[tuple[int, list[RolloutRecord]]]:

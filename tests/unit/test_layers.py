@@ -5,7 +5,7 @@ imports itself back through others (no cycles). Function-local imports count as 
 top-level ones: they run too.
 
     launch/                          9  how a person starts it
-    rlhf/{dpo,kto,rm,sft,ppo,evaluate}.py  8  entry points (+ rlhf/builtin_models.py, which
+    rlhf/{dpo,kto,rm,sft,ppo,sample,evaluate}.py  8  entry points (+ rlhf/builtin_models.py, which
                                         the demo's entry points share)
     rlhf/online/                     7  the online-RL flow (its task is a training task)
     rlhf/train/  rlhf/evaluation/    6  the training loop, driver, tasks, export | the
@@ -23,8 +23,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ENTRY_POINTS = ("rlhf.dpo", "rlhf.kto", "rlhf.rm", "rlhf.sft", "rlhf.ppo", "rlhf.evaluate",
-                "rlhf.builtin_models")
+ENTRY_POINTS = ("rlhf.dpo", "rlhf.kto", "rlhf.rm", "rlhf.sft", "rlhf.ppo", "rlhf.sample",
+                "rlhf.evaluate", "rlhf.builtin_models")
 LAYERS = [  # (name, level, module prefixes)
     ("config", 1, ("rlhf.config",)),
     ("core", 2, ("rlhf.core",)),
