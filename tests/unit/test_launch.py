@@ -194,3 +194,19 @@ def test_cluster_file_is_valid_for_ray_and_keeps_ports_private():
     for secret in ("AWS_SECRET", "aws_secret_access_key", "WANDB_API_KEY", "HF_TOKEN",
                    "hf_", "RAY_AUTH_TOKEN="):
         assert secret not in text
+
+
+def test_iterative_dpo_scores_each_round_by_gold(tmp_path):
+    """launch.iterate's per-round gold figures from rlhf.evaluate's samples.jsonl, by hand:
+    the demo rule's mean on each side and the aligned model's win rate by it (a tie
+    counts half)."""
+    import json
+
+    from launch.iterate import gold_of
+
+    rows = [{"prompt": "p1", "aligned": [" Of course.", " No."], "base": [" Sure!", " No."]},
+            {"prompt": "p2", "aligned": [" Sure!"], "base": [" Of course!"]}]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = gold_of(tmp_path, "rlhf.core.tasks:demo_opening")
+    # aligned 1, 0, 0 against base 0, 0, 1: a win, a tie, a loss
+    assert got == {"gold": 1 / 3, "gold_base": 1 / 3, "gold_win_rate": 0.5}
