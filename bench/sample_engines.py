@@ -57,6 +57,11 @@ def main(argv: list[str]) -> int:
         lines.append(f"| {engines} | {r['tokens']} | {r['steady']:,.0f} | "
                      f"{r['end_to_end']:,.0f} ({r['wall']} s) |")
         print(lines[-1], flush=True)
+    parts = [[f.read_text() for f in sorted((tmp / f"engines-{k}" / "scored").glob("part-*"))]
+             for k in (1, 2)]
+    same = "identical, row for row" if parts[0] == parts[1] else "DIFFERENT"
+    lines.append(f"\nThe two jobs' parts are {same} (each prompt's samples are seeded by its "
+                 "row id; the parts keep read order).")
     print("\n".join(lines))
     if a.record:
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:

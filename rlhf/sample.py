@@ -50,7 +50,6 @@ from rlhf.runlog.run_dir import make_run_dir
 def run(cfg: SampleConfig) -> Path:
     """Sample, score, write; returns the run directory (its summary.json has the counts;
     the data is in sample.output, or in the run directory)."""
-    import ray  # deferred: --help and config errors stay fast
     import yaml
 
     t0 = time.time()
@@ -84,7 +83,7 @@ def run(cfg: SampleConfig) -> Path:
               f"{s.engines} engine(s) from {policy}"
               + (f"; resuming: {len(done)} prompts in {part} part(s) already written"
                  if done else "") + f"\n  writing {', '.join(s.write)} to {out_uri}", flush=True)
-        rows = _pipeline(ray, ds, done, cfg, policy, models, gold, judge)
+        rows = _pipeline(ds, done, cfg, policy, models, gold, judge)
         totals = _write_parts(rows, writer, part, totals, usable, s.shard_prompts, cfg, t0)
     finally:
         quiet_workers()
@@ -117,15 +116,13 @@ def _fingerprint(cfg: SampleConfig, policy: str) -> dict[str, Any]:
             "write": sorted(s.write)}
 
 
-def _pipeline(ray, ds, done: set[int], cfg: SampleConfig, policy: str, models: list[str],
+def _pipeline(ds, done: set[int], cfg: SampleConfig, policy: str, models: list[str],
               gold: str | None, judge: str | None):
     """The usable prompts not yet written, in read order, through the two actor pools;
     an iterator of numpy batches (rlhf/online/sample_stages.py's columns)."""
     import numpy as np
 
     s, rw = cfg.sample, cfg.reward
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # parts hold the prompts in read order
     skip = np.array(sorted(done), dtype=np.int64)
 
     def todo(batch: dict) -> dict:
@@ -141,7 +138,7 @@ def _pipeline(ray, ds, done: set[int], cfg: SampleConfig, policy: str, models: l
     gpus = rw.gpus_per_replica
     # blocks of one engine call each: results stream back (and parts are committed) as
     # the engines finish them, not once a whole input block is through
-    return (ds.map_batches(todo, batch_format="numpy")
+    pipe = (ds.map_batches(todo, batch_format="numpy")
             .repartition(target_num_rows_per_block=s.batch_prompts)
             .map_batches(GenerateStage, batch_format="numpy", batch_size=s.batch_prompts,
                          concurrency=s.engines, num_cpus=s.cpus_per_engine,
@@ -152,8 +149,12 @@ def _pipeline(ray, ds, done: set[int], cfg: SampleConfig, policy: str, models: l
                          concurrency=rw.replicas, num_cpus=rw.cpus_per_replica,
                          num_gpus=gpus,
                          fn_constructor_args=(rw, models, gold, judge, cfg.model.dtype,
-                                              "cuda" if gpus else "cpu"))
-            .iter_batches(batch_format="numpy", batch_size=None))
+                                              "cuda" if gpus else "cpu")))
+    # parts hold the prompts in read order whatever the number of engines, so a job
+    # resumed with another number writes the parts an uninterrupted one would have. A
+    # dataset keeps the context it was made with: set on this one, not the current.
+    pipe.context.execution_options.preserve_order = True
+    return pipe.iter_batches(batch_format="numpy", batch_size=None)
 
 
 def _write_parts(batches, writer: PartWriter, part: int, totals: Counter, usable: int,
