@@ -80,6 +80,23 @@ def check_resources(cluster_cfg: Any, extra_cpus: float = 0.0) -> None:
             + ".")
 
 
+def user_error(exc: BaseException) -> BaseException:
+    """The outermost error of ours (or the user's code) in the chain Ray wraps around a
+    failed task: a Ray Data stage's error reaches the driver as UserCodeException ->
+    (our error) -> (what it wraps); the first link not from Ray itself is the one that
+    names what went wrong. `exc` itself where every link is Ray's."""
+    from ray.exceptions import RayError
+
+    seen, link = set(), exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        # RayTaskError(X) is a class Ray makes on the fly: its module says nothing
+        if not isinstance(link, RayError) and not type(link).__module__.startswith("ray"):
+            return link
+        link = link.__cause__ or getattr(link, "cause", None)
+    return exc
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The innermost user-facing error of a failed Ray Train run."""
     seen = set()

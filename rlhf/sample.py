@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.models import is_reward_model, resolve_model_path
-from cluster.ray_cluster import check_resources, connect
+from cluster.ray_cluster import check_resources, connect, user_error
 from cluster.vllm_engines import VLLM_DTYPES
 from rlhf.builtin_models import builtin_sft_model
 from rlhf.config import BUILTIN_MODEL, ConfigError, SampleConfig, parse_args, to_dict
@@ -84,7 +84,15 @@ def run(cfg: SampleConfig) -> Path:
               + (f"; resuming: {len(done)} prompts in {part} part(s) already written"
                  if done else "") + f"\n  writing {', '.join(s.write)} to {out_uri}", flush=True)
         rows = _pipeline(ds, done, cfg, policy, models, gold, judge)
-        totals = _write_parts(rows, writer, part, totals, usable, s.shard_prompts, cfg, t0)
+        try:
+            totals = _write_parts(rows, writer, part, totals, usable, s.shard_prompts, cfg, t0)
+        except SampleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. an engine that could not start
+            cause = user_error(e)
+            raise SampleError(f"{type(cause).__name__}: {cause}. The parts written so far "
+                              "are kept: run the job again with the same output to resume "
+                              "once the cause is fixed.") from e
     finally:
         quiet_workers()
     dropped = {k: v for k, v in counts.items() if k}
@@ -94,6 +102,11 @@ def run(cfg: SampleConfig) -> Path:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(describe(summary), flush=True)
     return run_dir
+
+
+class SampleError(RuntimeError):
+    """An engine, a reward source or the writer failed mid-job (the parts committed
+    before it stay)."""
 
 
 def _reward_model(spec: str, key: str) -> str:
@@ -203,6 +216,10 @@ def _write_parts(batches, writer: PartWriter, part: int, totals: Counter, usable
                  if left and rate else ""), flush=True)
 
     for batch in batches:
+        if len(batch["id"]) and batch["error"][0]:
+            raise SampleError(f"{batch['error'][0]}. The parts written so far are kept: run "
+                              "the job again with the same output to resume once the cause "
+                              "is fixed.")
         for i in range(len(batch["id"])):
             pending.append({"id": int(batch["id"][i]), "prompt": str(batch["prompt"][i]),
                             "chat": bool(batch["chat"][i]), "drop": str(batch["drop"][i]),
@@ -233,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         console.fail(e)  # the traceback to the run's run.log, the message last
         return 2
+    except SampleError as e:
+        console.fail(e, "error: sampling failed: ")
+        return 1
     return 0
 
 

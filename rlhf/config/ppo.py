@@ -154,7 +154,9 @@ class RLAlgoConfig:
     counted per step (train/pairs_dropped)."""
     dpo_loss: str = "sigmoid"
     """online_dpo: the loss on each pair, any of rlhf.dpo's loss.type family (sigmoid =
-    DPO, ipo, hinge, robust, bco_pair, ..., or simpo, which needs no reference)."""
+    DPO, ipo, hinge, robust, bco_pair, ..., or simpo, which needs no reference). The
+    reference is loaded for it whatever algo.kl_coef says (the KL is DPO's own: kl_coef
+    and rollout_is play no part; the KL to the reference is still reported)."""
     beta: float = 0.1
     """online_dpo: the DPO beta."""
     reference_sync_every: int = 0

@@ -14,6 +14,9 @@ Rows between them (one per prompt; lists travel as JSON text):
     responses                               JSON [n texts]
     response_tokens, cut                    tokens generated; samples cut at the budget
     scores, parts                           JSON [n floats]; JSON [n {source: score}]
+    error                                   "" or, where a stage failed on the block,
+                                            "<type>: <message>" (the driver stops with it:
+                                            Ray Data would hand it over only as text)
 A prompt too long for data.max_prompt_length, or (reward.remote_errors=skip) one whose
 samples the endpoint did not score, carries its reason in `drop` and no samples.
 """
@@ -46,6 +49,12 @@ class GenerateStage:
         self.s, self.max_prompt_length = sampling, max_prompt_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return self._generate(batch)
+        except Exception as e:  # noqa: BLE001 - handed to the driver, which stops with it
+            return failed(batch, e, "responses", "prompt_text")
+
+    def _generate(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s = self.s
         rows = len(batch["id"])
         drops = [str(d) for d in batch["drop"]]
@@ -71,7 +80,8 @@ class GenerateStage:
                 "prompt_text": np.array([self.tok.decode(x) for x in ids], dtype=object),
                 "responses": np.array([json.dumps(r) for r in responses], dtype=object),
                 "response_tokens": np.array(tokens, dtype=np.int64),
-                "cut": np.array(cut, dtype=np.int64)}
+                "cut": np.array(cut, dtype=np.int64),
+                "error": np.array([""] * rows, dtype=object)}
 
 
 class ScoreStage:
@@ -88,6 +98,14 @@ class ScoreStage:
         self.cfg = reward_cfg
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if any(batch["error"]):  # the engine failed on this block: passed on as it is
+            return failed(batch, None, "scores", "parts")
+        try:
+            return self._score(batch)
+        except Exception as e:  # noqa: BLE001 - handed to the driver, which stops with it
+            return failed(batch, e, "scores", "parts")
+
+    def _score(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = len(batch["id"])
         responses = [json.loads(r) for r in batch["responses"]]
         texts, resp, meta, groups, samples = [], [], [], [], []
@@ -116,3 +134,17 @@ class ScoreStage:
         return {**batch, "drop": np.array(drops, dtype=object),
                 "scores": np.array([json.dumps(x) for x in scores], dtype=object),
                 "parts": np.array([json.dumps(x) for x in each], dtype=object)}
+
+
+def failed(batch: dict[str, np.ndarray], e: Exception | None, *columns: str
+           ) -> dict[str, np.ndarray]:
+    """The block as a stage that failed on it hands it on: `error` set (to e, or kept
+    from an earlier stage), the stage's own columns empty, the engine's counts zero."""
+    rows = len(batch["id"])
+    out = {**batch, **{c: np.array(["[]"] * rows, dtype=object) for c in columns}}
+    out.setdefault("response_tokens", np.zeros(rows, dtype=np.int64))
+    out.setdefault("cut", np.zeros(rows, dtype=np.int64))
+    if e is not None:
+        out["error"] = np.array([f"{type(e).__name__}: {e}"] * rows, dtype=object)
+    return out
+

@@ -25,6 +25,10 @@ def slow_opening(prompts, responses, metadata):
     return demo_opening(prompts, responses, metadata)
 
 
+def broken(prompts, responses, metadata):
+    raise ValueError("the reward server is down")
+
+
 ARGS = ["data.demo_pairs=48", "sample.batch_prompts=8", "sample.shard_prompts=8",
         "reward.functions=[tests.integration.test_sample:slow_opening]"]
 
@@ -76,6 +80,22 @@ def test_killed_job_resumes_to_the_same_rows_and_they_read_back(ray_cluster, tmp
         run(parse_args(SampleConfig, ARGS + [f"sample.output={killed}", "sample.temperature=0.7",
                                               f"output.dir={tmp_path / 'runs'}"], "x"))
     check_read_back(whole, s)
+
+
+def test_a_failing_reward_stops_the_job_with_its_own_message(ray_cluster, tmp_path, capfd):
+    """A reward source that raises in a scoring actor: the job stops with the source's
+    name and error as the last line (Ray Data would pass it on only as text), exit 1."""
+    from rlhf.sample import main
+
+    capfd.readouterr()
+    code = main(["data.demo_pairs=8", f"output.dir={tmp_path}",
+                 "reward.functions=[tests.integration.test_sample:broken]"])
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and last == (
+        "error: sampling failed: RewardError: reward function "
+        "tests.integration.test_sample:broken raised ValueError: the reward server is down. "
+        "The parts written so far are kept: run the job again with the same output to "
+        "resume once the cause is fixed."), last
 
 
 def check_read_back(out: Path, s: dict) -> None:
