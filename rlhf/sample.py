@@ -119,9 +119,13 @@ def _reward_model(spec: str, key: str) -> str:
 
 
 def _fingerprint(cfg: SampleConfig, policy: str) -> dict[str, Any]:
-    """What decides the written rows: a resumed job must agree on all of it."""
+    """What decides the written rows: a resumed job must agree on all of it (how many
+    engines and scoring actors, and where, may change)."""
     s = cfg.sample
-    return {"model": policy, "data": to_dict(cfg.data), "reward": to_dict(cfg.reward),
+    placement = ("replicas", "cpus_per_replica", "gpus_per_replica", "timeout_s")
+    reward = {k: v for k, v in to_dict(cfg.reward).items() if k not in placement}
+    return {"model": policy, "dtype": cfg.model.dtype, "data": to_dict(cfg.data),
+            "reward": reward,
             **{k: getattr(s, k) for k in ("samples_per_prompt", "temperature", "top_p",
                                            "max_new_tokens", "seed", "shard_prompts",
                                            "pairs", "min_pair_gap", "sft_min_score",
