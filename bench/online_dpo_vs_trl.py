@@ -82,18 +82,20 @@ def distinct_words(prompts, responses, metadata):
     return [len(set(r.split())) / max(len(r.split()), 1) for r in responses]
 
 
-def ours(base: str, steps: int, tmp: Path, new_tokens: int, reward: str) -> dict:
+def ours(base: str, steps: int, tmp: Path, new_tokens: int, reward: str,
+         staleness: int = 0) -> dict:
     done = subprocess.run(
         [sys.executable, "-m", "rlhf.ppo", "algo.algorithm=online_dpo",
+         f"rollout.max_staleness={staleness}",
          f"model.name_or_path={base}", "rollout.samples_per_prompt=2",
          f"rollout.max_new_tokens={new_tokens}", f"reward.functions=[{reward}]",
          "train.global_batch_size=8", "train.micro_batch_size=4", f"train.max_steps={steps}",
          "train.eval_every=0", "train.learning_rate=2e-4", "eval.after_training=false",
-         f"output.dir={tmp}", "output.name=ours"],
+         f"output.dir={tmp}", f"output.name=ours-{staleness}"],
         cwd=ROOT, capture_output=True, text=True, timeout=1800)
     if done.returncode:
         raise SystemExit(f"rlhf.ppo failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    run = tmp / "ours"
+    run = tmp / f"ours-{staleness}"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "train/step_time_s" in r]
     ledger = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
@@ -104,7 +106,8 @@ def ours(base: str, steps: int, tmp: Path, new_tokens: int, reward: str) -> dict
             "trained": [2 * r["train/pairs"] for r in steps]}
 
 
-def trl(base: str, steps: int, tmp: Path, new_tokens: int, reward: str) -> dict:
+def trl(base: str, steps: int, tmp: Path, new_tokens: int, reward: str,
+        staleness: int = 0) -> dict:
     done = subprocess.run([sys.executable, "-c", TRL_SCRIPT, base, str(steps), str(tmp / "trl"),
                            str(new_tokens), reward],
                           cwd=ROOT, capture_output=True, text=True, timeout=3600,
@@ -121,6 +124,9 @@ def main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--max-staleness", type=int, nargs="+", default=[0],
+                   help="ours: one run per rollout.max_staleness given (1: the next step's "
+                   "samples generated while this one trains)")
     p.add_argument("--shape", choices=("tiny", "gen"), default="tiny",
                    help="tiny: the built-in SFT model, 48 new tokens, the demo rule; gen: "
                    "bench/dpo_vs_trl.py's Llama (hidden 512, 8 layers, random init), 128 "
@@ -140,9 +146,11 @@ def main(argv: list[str]) -> int:
     rates, trained = {}, {}
     lines = ["| trainer | s/step (after the first) | samples generated /s | ratio | samples "
              "trained /s | ratio |", "|---|---|---|---|---|---|"]
-    for name, fn in (("TRL 1.16 OnlineDPOTrainer", trl), ("rlhf.ppo online_dpo", ours)):
+    runs = [("TRL 1.16 OnlineDPOTrainer", trl, 0)] + [
+        (f"rlhf.ppo online_dpo, max_staleness {k}", ours, k) for k in a.max_staleness]
+    for name, fn, staleness in runs:
         t0 = time.time()
-        got = fn(base, a.steps, tmp, new_tokens, reward)
+        got = fn(base, a.steps, tmp, new_tokens, reward, staleness)
         s, n = got["step_s"][1:], got["samples"][1:]
         rates[name] = sum(n) / sum(s)
         trained[name] = sum(got["trained"][1:]) / sum(s)
@@ -158,7 +166,8 @@ def main(argv: list[str]) -> int:
             f.write(f"\n## {date.today()} - online DPO against TRL's OnlineDPOTrainer "
                     f"(`bench/online_dpo_vs_trl.py`), {platform.machine()}, {os.cpu_count()} "
                     f"CPUs\n\n`.venv/bin/python bench/online_dpo_vs_trl.py --steps {a.steps} "
-                    f"--shape {a.shape} --record`: "
+                    f"--shape {a.shape} --max-staleness "
+                    f"{' '.join(map(str, a.max_staleness))} --record`: "
                     + ("the built-in SFT tiny Llama, 48 new tokens, the demo rule"
                        if a.shape == "tiny" else "bench/dpo_vs_trl.py's Llama (hidden 512, "
                        "8 layers, random init: every sample runs to its 128 new tokens), the "
