@@ -40,6 +40,11 @@ def two_order_preference(a_first: torch.Tensor, b_first: torch.Tensor) -> torch.
     return 0.5 * (first + second)
 
 
+def best_index(scores: Sequence[float]) -> int:
+    """The index of the highest score, the first of equals (best-of-n's choice)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
 def select_pairs(scores: Sequence[float], how: str = "best_worst", min_gap: float = 0.0,
                  rng: random.Random | None = None) -> list[tuple[int, int]]:
     """One prompt's n sample scores -> [(chosen index, rejected index)]; a pair whose
@@ -68,7 +73,7 @@ def select_pairs(scores: Sequence[float], how: str = "best_worst", min_gap: floa
         return [(i, j) if s[i] > s[j] else (j, i)
                 for i in range(len(s)) for j in range(i + 1, len(s))
                 if apart(i, j) or apart(j, i)]
-    best = max(range(len(s)), key=lambda i: (s[i], -i))  # the first of the highest
+    best = best_index(s)
     if how == "best_worst":
         worst = min(range(len(s)), key=lambda i: (s[i], -i))  # the last of the lowest
         return [(best, worst)] if apart(best, worst) else []

@@ -20,7 +20,7 @@ import random
 import statistics
 from typing import Any
 
-from rlhf.core.pairwise import select_pairs
+from rlhf.core.pairwise import best_index, select_pairs
 
 
 def _answer(text: str, chat: bool) -> Any:
@@ -44,7 +44,7 @@ def prompt_rows(prompt: Any, chat: bool, prompt_id: int, responses: list[str],
     out: dict[str, list[dict]] = {"sft": [], "pairs": [], "scored": []}
     if not n:
         return out
-    best = max(range(n), key=lambda i: (scores[i], -i))
+    best = best_index(scores)
     if sft_min_score is None or scores[best] >= sft_min_score:
         out["sft"].append({"prompt": prompt, "completion": _answer(responses[best], chat),
                            "score": scores[best], "prompt_id": prompt_id})

@@ -29,7 +29,7 @@ from cluster.engine_client import EngineClient, EngineNeedsSync
 from cluster.vllm_engines import sample_seed
 from rlhf.core.advantages import overlong_penalty, uniform_groups
 from rlhf.core.environments import ChatCodec, call_all, checked_step, load_environment
-from rlhf.core.pairwise import select_pairs
+from rlhf.core.pairwise import best_index, select_pairs
 from rlhf.core.reward_ensemble import within_thresholds
 from rlhf.core.rollouts import OBSERVATION, RolloutRecord
 from rlhf.online.reward_sources import build_rewards, judge_scores
@@ -360,13 +360,12 @@ class EpisodeRunner:
                 continue
             group = sorted(group, key=lambda x: x.sample)
             if self.a.algorithm == "rejection":  # the best one within the thresholds
-                best = max((x for x in group if any(x.loss_mask)), key=lambda x: x.score,
-                           default=None)
-                if best is None:  # none has a token to train (all filtered as overlong)
+                live = [x for x in group if any(x.loss_mask)]
+                if not live:  # none has a token to train (all filtered as overlong)
                     counts[DROP_NONE_KEPT] += 1
                     continue
                 stats["rejected"] += len(group) - 1
-                group = [best]
+                group = [live[best_index([x.score for x in live])]]
             if self.a.algorithm == "online_dpo":
                 group = self._pairs(group, stats)
                 if not group:

@@ -346,10 +346,11 @@ class RLTask(SequenceTask):
             if grad:
                 in_loss = d["ref"] is not None and a.kl_penalty == "loss"
                 ref, coef = (d["ref"], self.kl_ctl.value) if in_loss else (None, 0.0)
-            if grad and self.dpo:
-                per_token, kl = self._pair_loss(lp, d, mask, sums)
-            elif grad and a.algorithm == "rejection":  # the SFT loss on the kept samples
-                per_token, kl = kept_samples_loss(lp, mask, ref, coef)
+            if grad and (self.dpo or a.algorithm == "rejection"):
+                # DPO's pair loss, or the SFT loss on the kept samples: no ratio to clip
+                # and no rollout correction (every token at weight 1)
+                per_token, kl = (self._pair_loss(lp, d, mask, sums) if self.dpo
+                                 else kept_samples_loss(lp, mask, ref, coef))
                 sums.update({"clipped": 0.0, "is_weight": float(mask.sum()),
                              "is_limited": 0.0, "max:is_weight": 1.0})
             elif grad:
@@ -404,9 +405,7 @@ class RLTask(SequenceTask):
         sums.update({"pairs": float(len(margin)), "pair_loss": float(out.losses.detach().sum()),
                      "pair_accuracy": float((margin > 0).sum()),
                      "pair_margin": float(margin.sum()),
-                     "pair_score_gap": float((scores[0::2] - scores[1::2]).sum()),
-                     "clipped": 0.0, "is_weight": float(mask.sum()), "is_limited": 0.0,
-                     "max:is_weight": 1.0})
+                     "pair_score_gap": float((scores[0::2] - scores[1::2]).sum())})
         kl = (kl_estimate(lp.detach(), d["ref"].to(lp.device), "k3") * mask
               if d["ref"] is not None else torch.zeros_like(lp))
         return out.losses.unsqueeze(1), kl
