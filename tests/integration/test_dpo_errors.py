@@ -126,3 +126,11 @@ def test_nan_loss_stops_with_advice_and_keeps_last_checkpoint(ray_cluster, tmp_p
     assert "learning rate too high" in err
     ckpts = list((tmp_path / "runs" / "nan" / "checkpoints").glob("step_*"))
     assert ckpts  # the steps before the NaN were checkpointed and kept
+
+
+def test_resume_without_a_run_is_an_error(tmp_path):
+    from rlhf.config import ConfigError, DPOConfig, parse_args
+    from rlhf.dpo import run
+
+    with pytest.raises(ConfigError, match="no earlier dpo run"):
+        run(parse_args(DPOConfig, [f"output.dir={tmp_path}", "train.resume=true"], "x"))

@@ -1,8 +1,8 @@
 """The same global batch gives the same losses however it is computed: micro-batch x
 accumulation splits, packing on/off, one or two workers, ZeRO 0/2/3, ZeRO-3 with the
 optimizer and parameters offloaded to CPU (DeepSpeed's CPU Adam), reference on the fly
-or precomputed; and with a weighted loss mix, LD-DPO and a moving (TR-DPO) reference,
-through a lost worker and a restart.
+or precomputed (stopped and resumed with train.resume); and with a weighted loss mix,
+LD-DPO and a moving (TR-DPO) reference, through a lost worker and a restart.
 
 Across worker counts Ray's streaming split hands rows to workers dynamically, so which
 pairs make up step k could differ from run to run; here the data set is exactly one
@@ -39,10 +39,18 @@ def test_same_losses_however_the_batch_is_computed(ray_cluster, tmp_path):
     # mis-gathered under ZeRO-3, or misaligned when precomputed, would not give it)
     assert base[0] == pytest.approx(math.log(2), abs=1e-6)
     # two workers (the base is one worker, micro 8, packed), ZeRO-0, the reference's
-    # log-probs precomputed in a pass before training
-    _, got = losses(tmp_path, "two_workers_precomputed_zero0", "train.micro_batch_size=4",
-                    "cluster.zero_stage=0", "loss.precompute_reference=true")
+    # log-probs precomputed in a pass before training and streamed in with the pairs;
+    # stopped after step 2 and resumed (train.resume) for step 3: the restored run's
+    # rows must carry their own reference values again
+    pre = ["train.micro_batch_size=4", "cluster.zero_stage=0",
+           "loss.precompute_reference=true", "output.name=pre"]
+    first, got = losses(tmp_path, "two_workers_precomputed_zero0", *pre,
+                        "train.max_steps=2", "train.checkpoint_every=2")
     assert got[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert got == pytest.approx(base[:2], rel=1e-4, abs=1e-6)
+    resumed, got = losses(tmp_path, "two_workers_precomputed_zero0", *pre,
+                          "train.resume=true")
+    assert resumed == first
     assert got == pytest.approx(base, rel=1e-4, abs=1e-6)
 
     # A weighted mix of two DPO losses (MPO), LD-DPO's length weighting and TR-DPO's

@@ -1,7 +1,7 @@
 """loss.precompute_reference: reference log-probs from a Ray Data actor pool equal a
 direct forward of the reference, row by row. That they line up with their pairs in
-training (step 1's loss is log 2) is checked in test_dpo_resume and
-test_dpo_invariance."""
+training (step 1's loss is log 2, and a resumed run's losses are an uninterrupted run's)
+is checked in test_dpo_invariance."""
 
 import pytest
 import torch
