@@ -17,19 +17,23 @@ from rlhf.data.tokenizer import auto_tokenizer
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _transformers_without_sklearn() -> None:
+def _transformers_without_sklearn_or_scipy() -> None:
     """Where scikit-learn is installed (lm-eval brings it), transformers imports it, and
     scipy with it, when its model classes are first imported: for assisted generation's
     confidence threshold (generation/candidate_generator.py), which nothing here uses.
-    That is ~2.5 s of one core in every process that loads a model (each training
-    worker of each run, each reward scorer); transformers is told it is absent. Imports
-    of sklearn by anyone else (lm-eval's metrics, a user's reward function) still work."""
+    Without it, scipy.optimize still comes, for the object-detection losses' Hungarian
+    matcher (transformers/loss/loss_for_object_detection.py), which no language model
+    uses. That is ~2.5 s and ~0.6 s of one core in every process that loads a model
+    (each training worker of each run, each reward scorer): transformers is told both
+    are absent. Imports of them by anyone else (lm-eval's metrics, a user's reward
+    function) still work; only transformers' vision and detection models lose them."""
     import transformers.utils
 
     transformers.utils.is_sklearn_available = lambda: False
+    transformers.utils.is_scipy_available = lambda: False
 
 
-_transformers_without_sklearn()
+_transformers_without_sklearn_or_scipy()
 
 
 def resolve_model_path(name_or_path: str, key: str = "model.name_or_path") -> str:
