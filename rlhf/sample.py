@@ -90,9 +90,7 @@ def run(cfg: SampleConfig) -> Path:
             raise
         except Exception as e:  # noqa: BLE001 - e.g. an engine that could not start
             cause = user_error(e)
-            raise SampleError(f"{type(cause).__name__}: {cause}. The parts written so far "
-                              "are kept: run the job again with the same output to resume "
-                              "once the cause is fixed.") from e
+            raise SampleError(f"{type(cause).__name__}: {cause}. {KEPT}") from e
     finally:
         quiet_workers()
     dropped = {k: v for k, v in counts.items() if k}
@@ -107,6 +105,10 @@ def run(cfg: SampleConfig) -> Path:
 class SampleError(RuntimeError):
     """An engine, a reward source or the writer failed mid-job (the parts committed
     before it stay)."""
+
+
+KEPT = ("The parts written so far are kept: run the job again with the same output to "
+        "resume once the cause is fixed.")
 
 
 def _reward_model(spec: str, key: str) -> str:
@@ -221,9 +223,7 @@ def _write_parts(batches, writer: PartWriter, part: int, totals: Counter, usable
 
     for batch in batches:
         if len(batch["id"]) and batch["error"][0]:
-            raise SampleError(f"{batch['error'][0]}. The parts written so far are kept: run "
-                              "the job again with the same output to resume once the cause "
-                              "is fixed.")
+            raise SampleError(f"{batch['error'][0]}. {KEPT}")
         for i in range(len(batch["id"])):
             pending.append({"id": int(batch["id"][i]), "prompt": str(batch["prompt"][i]),
                             "chat": bool(batch["chat"][i]), "drop": str(batch["drop"][i]),

@@ -147,4 +147,3 @@ def failed(batch: dict[str, np.ndarray], e: Exception | None, *columns: str
     if e is not None:
         out["error"] = np.array([f"{type(e).__name__}: {e}"] * rows, dtype=object)
     return out
-
